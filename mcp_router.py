@@ -1,0 +1,1964 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "mcp>=2.3,<3",
+#     "pyyaml>=6",
+# ]
+# ///
+"""mcp-router: one MCP server in front of many, with namespaces and resilience.
+
+Connects to many backend MCP servers (stdio subprocesses, streamable HTTP, SSE),
+exposes all their tools, resources and prompts under namespace prefixes, and keeps
+serving when backends crash, hang or flap (health checks, circuit breakers,
+retries with backoff, self-healing connections).
+
+Run it any of three ways:
+
+    uv run mcp_router.py --config backends.yaml
+    pipx run mcp_router.py --config backends.yaml
+    python mcp_router.py --config backends.yaml      # with mcp and pyyaml installed
+
+A minimal backends.yaml:
+
+    backends:
+      - name: time
+        command: uvx
+        args: [mcp-server-time]
+      - name: docs
+        url: https://example.com/mcp
+
+SPDX-License-Identifier: MIT
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Final, Literal, TypeAlias, cast
+from urllib.parse import urlsplit
+
+import anyio
+import mcp_types as types
+import yaml
+from mcp.client.session import ClientSession
+from mcp.client.sse import sse_client
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server import Server
+from mcp.server.caching import CACHEABLE_METHODS, CacheHint
+from mcp.server.lowlevel.server import NotificationOptions
+from mcp.server.models import InitializationOptions
+from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp.shared.uri_template import UriTemplate
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND, REQUEST_TIMEOUT
+
+__version__ = "0.1.0"
+__all__ = [
+    "BackendConfig",
+    "Catalogue",
+    "CircuitBreaker",
+    "Config",
+    "ConfigError",
+    "Router",
+    "Settings",
+    "backoff_delay",
+    "build_catalogue",
+    "build_server",
+    "expose_name",
+    "load_config",
+    "main",
+    "parse_config",
+]
+
+# ---------------------------------------------------------------------------- constants
+
+log = logging.getLogger("mcp_router")
+
+SEPARATOR: Final = "__"
+"""Joins namespace and name: `github` + `search` -> `github__search`."""
+MAX_NAME_LENGTH: Final = 64
+NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_META_PREFIX: Final = "io.modelcontextprotocol/"
+PAGE_SIZE: Final = 1000
+"""Items per page of tools/prompts/resources lists toward the client."""
+BACKEND_UNAVAILABLE: Final = -32050
+"""JSON-RPC server-error code for 'the backend is down or its circuit is open'."""
+RESTART_INITIAL_DELAY: Final = 0.5
+RETRY_INITIAL_DELAY: Final = 0.1
+JITTER: Final = 0.2
+"""Each backoff delay is scaled into [1 - JITTER, 1] so retries do not march in step."""
+CONFIG_FILE_NAME: Final = "backends.yaml"
+MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health")
+
+# ---------------------------------------------------------------------------- errors
+
+
+class RouterError(Exception):
+    """Base of every error the router raises on purpose."""
+
+
+class ConfigError(RouterError):
+    """A configuration that cannot be used; `problems` lists every one found."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class BackendUnavailable(RouterError):
+    """No backend could take the request; nothing was sent."""
+
+
+# ---------------------------------------------------------------------------- config
+
+Transport: TypeAlias = Literal["stdio", "http", "sse"]
+Strategy: TypeAlias = Literal["path", "capability", "fallback"]
+STRATEGIES: Final = ("path", "capability", "fallback")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheckConfig:
+    enabled: bool = True
+    interval_seconds: float = 30.0
+    timeout_seconds: float = 5.0
+    endpoint: str | None = None
+    """Extra HTTP GET path, relative to the backend URL, checked beside MCP ping."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitBreakerConfig:
+    failure_threshold: int = 5
+    timeout_seconds: float = 60.0
+    half_open_attempts: int = 1
+    """Trial requests admitted while half-open; all must succeed to close."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    pattern: str
+    strategy: Strategy
+    fallback_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendConfig:
+    name: str
+    transport: Transport
+    namespace: str
+    url: str | None = None
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 10
+    routes: tuple[RouteConfig, ...] = ()
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    timeout: float | None = None
+    enabled: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in output: env values, headers, URL credentials."""
+        found = [*self.env.values(), *self.headers.values()]
+        if self.url:
+            parts = urlsplit(self.url)
+            found += [p for p in (parts.password, parts.username) if p]
+        return [s for s in found if len(s) >= 3]
+
+    def public_target(self) -> str:
+        """What to show of where this backend lives: URL without credentials or query, or the command."""
+        if self.url:
+            parts = urlsplit(self.url)
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+            return f"{parts.scheme}://{host}{port}{parts.path}"
+        return " ".join([self.command or "", *(a for a in self.args[:1])]).strip()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    server_name: str = "mcp-router"
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+    default_strategy: Strategy = "capability"
+    enable_namespaces: bool = True
+    cache_ttl: float = 300.0
+    request_timeout: float = 30.0
+    max_retries: int = 3
+    retry_backoff: float = 2.0
+    max_backoff: float = 10.0
+    health_check_interval: float = 30.0
+    health_check_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One router setting: where it is read from, and what it means."""
+
+    field: str
+    yaml_path: str
+    env: str
+    flag: str | None
+    kind: type | tuple[str, ...]
+    help: str
+
+
+SETTINGS: Final = (
+    Setting("server_name", "server.name", "MCP_SERVER_NAME", "--name", str, "name the router reports to clients"),
+    Setting("transport", "server.transport", "MCP_TRANSPORT", "--transport", ("stdio", "http"), "how clients reach the router"),
+    Setting("host", "server.host", "MCP_HOST", "--host", str, "HTTP bind address"),
+    Setting("port", "server.port", "MCP_PORT", "--port", int, "HTTP port"),
+    Setting("log_level", "server.log_level", "MCP_LOG_LEVEL", "--log-level", LOG_LEVELS, "stderr log level"),
+    Setting(
+        "default_strategy",
+        "routing.default_strategy",
+        "MCP_DEFAULT_STRATEGY",
+        None,
+        STRATEGIES,
+        "routing strategy for names no route matches",
+    ),
+    Setting(
+        "enable_namespaces",
+        "routing.enable_namespace_prefixing",
+        "MCP_ENABLE_NAMESPACES",
+        "--namespaces",
+        bool,
+        "prefix tool and prompt names with the backend namespace",
+    ),
+    Setting(
+        "cache_ttl",
+        "routing.capability_cache_ttl_seconds",
+        "MCP_CACHE_TTL",
+        None,
+        float,
+        "seconds a backend's listing is trusted before it is re-listed (0: only on list_changed)",
+    ),
+    Setting(
+        "request_timeout",
+        "routing.request_timeout_seconds",
+        "MCP_REQUEST_TIMEOUT",
+        "--request-timeout",
+        float,
+        "seconds a forwarded request may take, retries included",
+    ),
+    Setting(
+        "max_retries",
+        "routing.retry.max_attempts",
+        "MCP_MAX_RETRIES",
+        None,
+        int,
+        "attempts per request that is safe to retry, the first included",
+    ),
+    Setting(
+        "retry_backoff",
+        "routing.retry.backoff_multiplier",
+        "MCP_RETRY_BACKOFF",
+        None,
+        float,
+        "growth factor between retry and restart delays",
+    ),
+    Setting(
+        "max_backoff",
+        "routing.retry.max_backoff_seconds",
+        "MCP_MAX_BACKOFF",
+        None,
+        float,
+        "longest delay between retries and between restarts",
+    ),
+    Setting(
+        "health_check_interval",
+        "health_check.interval_seconds",
+        "MCP_HEALTH_CHECK_INTERVAL",
+        None,
+        float,
+        "default seconds between health checks",
+    ),
+    Setting(
+        "health_check_timeout",
+        "health_check.timeout_seconds",
+        "MCP_HEALTH_CHECK_TIMEOUT",
+        None,
+        float,
+        "default seconds a health check may take",
+    ),
+)
+
+_POSITIVE: Final = {"request_timeout", "health_check_interval", "health_check_timeout", "retry_backoff", "max_backoff"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    settings: Settings = Settings()
+    backends: tuple[BackendConfig, ...] = ()
+    source: str | None = None
+
+
+class _Problems:
+    """Collects config problems so they can be reported together."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def unknown_keys(self, mapping: Mapping[str, Any], known: Iterable[str], path: str) -> None:
+        known = list(known)
+        for key in mapping:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(known)})"
+                self.add(_join(path, str(key)), f"unknown key{hint}")
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+_ENV_REF: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], path: str, problems: _Problems) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string of a YAML tree."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.add(path, f"environment variable {name} is not set and has no default (write ${{{name}:-default}})")
+            return ""
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, _join(path, str(k)), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, _join(path, i), problems) for i, v in enumerate(value)]
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check(value: Any, kind: type | tuple[str, ...], path: str, problems: _Problems) -> Any:
+    """Return `value` as `kind`, or None after recording what was expected."""
+    if isinstance(kind, tuple):
+        if isinstance(value, str) and value in kind:
+            return value
+        if isinstance(value, str) and value.upper() in kind:
+            return value.upper()
+        problems.add(path, f"expected one of {', '.join(kind)}, got {_describe(value)}")
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        problems.add(path, f"expected true or false, got {_describe(value)}")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        problems.add(path, f"expected a whole number >= 0, got {_describe(value)}")
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+            return float(value)
+        problems.add(path, f"expected a number >= 0, got {_describe(value)}")
+    elif kind is str:
+        if isinstance(value, str) and value:
+            return value
+        problems.add(path, f"expected a non-empty string, got {_describe(value)}")
+    return None
+
+
+def _from_text(text: str, kind: type | tuple[str, ...]) -> Any:
+    """Turn an env var or CLI string into the setting's kind (validated afterwards by `_check`)."""
+    if kind is bool:
+        lowered = text.strip().lower()
+        return {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}.get(lowered, text)
+    if kind in (int, float):
+        try:
+            return int(text) if kind is int else float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], overrides: Mapping[str, Any], problems: _Problems) -> Settings:
+    """Precedence: CLI > environment > YAML > default."""
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.field in overrides and overrides[s.field] is not None:
+            where, value = s.flag or s.field, overrides[s.field]
+        elif s.env in env:
+            where, value = s.env, _from_text(env[s.env], s.kind)
+        elif (yaml_value := _lookup(raw, s.yaml_path)) is not None:
+            where, value = s.yaml_path, yaml_value
+        else:
+            continue
+        checked = _check(value, s.kind, where, problems)
+        if checked is None:
+            continue
+        if s.field in _POSITIVE and checked <= 0:
+            problems.add(where, f"expected a number > 0, got {_describe(value)}")
+            continue
+        if s.field == "max_retries" and checked < 1:
+            problems.add(where, "expected at least 1 attempt")
+            continue
+        if s.field == "port" and not 0 < checked < 65536:
+            problems.add(where, f"expected a TCP port 1-65535, got {checked}")
+            continue
+        values[s.field] = checked
+    return Settings(**values)
+
+
+_TOP_KEYS: Final = ("backends", "mcpServers", "routing", "server", "health_check")
+_ROUTING_KEYS: Final = (
+    "default_strategy",
+    "enable_namespace_prefixing",
+    "capability_cache_ttl_seconds",
+    "request_timeout_seconds",
+    "retry",
+)
+_BACKEND_KEYS: Final = (
+    "name", "url", "command", "args", "env", "cwd", "transport", "headers", "namespace", "priority", "routes",
+    "health_check", "circuit_breaker", "timeout", "enabled", "include", "exclude",
+)  # fmt: skip
+_MCP_SERVERS_EXTRA_KEYS: Final = ("type", "disabled")
+"""Keys of the Claude Desktop / Claude Code / Cursor `mcpServers` format beside ours."""
+
+
+def _check_sections(raw: Mapping[str, Any], problems: _Problems) -> None:
+    problems.unknown_keys(raw, _TOP_KEYS, "")
+    for section, keys in (
+        ("server", ("name", "transport", "host", "port", "log_level")),
+        ("routing", _ROUTING_KEYS),
+        ("health_check", ("interval_seconds", "timeout_seconds")),
+    ):
+        block = raw.get(section)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            problems.add(section, f"expected a mapping, got {_describe(block)}")
+            continue
+        problems.unknown_keys(block, keys, section)
+    retry = _lookup(raw, "routing.retry")
+    if isinstance(retry, dict):
+        problems.unknown_keys(retry, ("max_attempts", "backoff_multiplier", "max_backoff_seconds"), "routing.retry")
+    elif retry is not None:
+        problems.add("routing.retry", f"expected a mapping, got {_describe(retry)}")
+
+
+def _str_list(value: Any, path: str, problems: _Problems) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
+        return tuple(str(v) for v in value)
+    problems.add(path, f"expected a list of strings, got {_describe(value)}")
+    return ()
+
+
+def _str_map(value: Any, path: str, problems: _Problems) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, dict) and all(isinstance(v, str | int | float | bool) for v in value.values()):
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+    problems.add(path, "expected a mapping of names to strings")
+    return {}
+
+
+def _block(value: Any, cls: type, kinds: Mapping[str, type], path: str, problems: _Problems) -> Any:
+    """Build a small frozen config block (health_check, circuit_breaker) from a mapping."""
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        problems.add(path, f"expected a mapping, got {_describe(value)}")
+        return cls()
+    problems.unknown_keys(value, kinds, path)
+    values = {}
+    for key, kind in kinds.items():
+        if key in value and value[key] is not None:
+            checked = _check(value[key], kind, _join(path, key), problems)
+            if checked is not None:
+                values[key] = checked
+    return cls(**values)
+
+
+def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems, *, foreign_keys: bool) -> BackendConfig | None:
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping with name and url or command, got {_describe(raw)}")
+        return None
+    if foreign_keys:
+        ignored = [k for k in raw if k not in _BACKEND_KEYS and k not in _MCP_SERVERS_EXTRA_KEYS]
+        if ignored:
+            log.warning("%s: %s: ignoring keys used by other MCP clients: %s", problems.source, path, ", ".join(map(str, ignored)))
+    else:
+        problems.unknown_keys(raw, _BACKEND_KEYS, path)
+    before = len(problems.items)
+    name = _check(raw.get("name"), str, _join(path, "name"), problems)
+    if name is not None and not NAME_PATTERN.match(name):
+        problems.add(_join(path, "name"), f"expected letters, digits, '_' or '-' (at most 64), got {name!r}")
+    url, command = raw.get("url"), raw.get("command")
+    declared = raw.get("transport", raw.get("type"))
+    transport: Transport = "stdio" if command is not None else "http"
+    if declared is not None:
+        aliases = {"stdio": "stdio", "http": "http", "streamable-http": "http", "streamableHttp": "http", "sse": "sse"}
+        if declared in aliases:
+            transport = cast(Transport, aliases[declared])
+        else:
+            problems.add(_join(path, "transport"), f"expected stdio, http or sse, got {_describe(declared)}")
+    if url is not None and command is not None:
+        problems.add(path, "expected either url or command, not both")
+    elif url is None and command is None:
+        problems.add(path, "expected url (an http(s) URL) or command (a program to run)")
+    elif url is not None:
+        if not (isinstance(url, str) and re.match(r"^https?://[^/\s]+", url)):
+            problems.add(_join(path, "url"), f"expected an http(s) URL, got {_describe(url)}")
+        if transport == "stdio":
+            problems.add(_join(path, "transport"), "expected http or sse for a url backend")
+    else:
+        _check(command, str, _join(path, "command"), problems)
+        if transport != "stdio":
+            problems.add(_join(path, "transport"), "expected stdio for a command backend")
+    namespace = raw.get("namespace", name)
+    if namespace is not None and (not isinstance(namespace, str) or not NAME_PATTERN.match(namespace)):
+        problems.add(_join(path, "namespace"), f"expected letters, digits, '_' or '-', got {_describe(namespace)}")
+    priority = _check(raw.get("priority", 10), int, _join(path, "priority"), problems)
+    timeout = raw.get("timeout")
+    if timeout is not None and _check(timeout, float, _join(path, "timeout"), problems) == 0:
+        problems.add(_join(path, "timeout"), "expected a number of seconds > 0")
+    enabled = raw.get("enabled", not raw.get("disabled", False))
+    _check(enabled, bool, _join(path, "enabled"), problems)
+    routes: list[RouteConfig] = []
+    raw_routes = raw.get("routes") or []
+    if not isinstance(raw_routes, list):
+        problems.add(_join(path, "routes"), "expected a list of {pattern, strategy, fallback_to}")
+        raw_routes = []
+    for i, r in enumerate(raw_routes):
+        rpath = _join(_join(path, "routes"), i)
+        if not isinstance(r, dict):
+            problems.add(rpath, f"expected a mapping with pattern and strategy, got {_describe(r)}")
+            continue
+        problems.unknown_keys(r, ("pattern", "strategy", "fallback_to"), rpath)
+        pattern = _check(r.get("pattern"), str, _join(rpath, "pattern"), problems)
+        strategy = _check(r.get("strategy", settings.default_strategy), STRATEGIES, _join(rpath, "strategy"), problems)
+        fallback_to = r.get("fallback_to")
+        if fallback_to is not None:
+            _check(fallback_to, str, _join(rpath, "fallback_to"), problems)
+        if pattern and strategy:
+            routes.append(RouteConfig(pattern=pattern, strategy=strategy, fallback_to=fallback_to))
+    health = _block(
+        raw.get("health_check"),
+        HealthCheckConfig,
+        {"enabled": bool, "interval_seconds": float, "timeout_seconds": float, "endpoint": str},
+        _join(path, "health_check"),
+        problems,
+    )
+    defaults = {}
+    if not (isinstance(raw.get("health_check"), dict) and "interval_seconds" in raw["health_check"]):
+        defaults["interval_seconds"] = settings.health_check_interval
+    if not (isinstance(raw.get("health_check"), dict) and "timeout_seconds" in raw["health_check"]):
+        defaults["timeout_seconds"] = settings.health_check_timeout
+    health = dataclasses.replace(health, **defaults)
+    breaker = _block(
+        raw.get("circuit_breaker"),
+        CircuitBreakerConfig,
+        {"failure_threshold": int, "timeout_seconds": float, "half_open_attempts": int},
+        _join(path, "circuit_breaker"),
+        problems,
+    )
+    if breaker.failure_threshold < 1 or breaker.half_open_attempts < 1:
+        problems.add(_join(path, "circuit_breaker"), "expected failure_threshold and half_open_attempts of at least 1")
+    args = _str_list(raw.get("args"), _join(path, "args"), problems)
+    env = _str_map(raw.get("env"), _join(path, "env"), problems)
+    headers = _str_map(raw.get("headers"), _join(path, "headers"), problems)
+    include = _str_list(raw.get("include"), _join(path, "include"), problems)
+    exclude = _str_list(raw.get("exclude"), _join(path, "exclude"), problems)
+    cwd = raw.get("cwd")
+    if cwd is not None:
+        _check(cwd, str, _join(path, "cwd"), problems)
+    if len(problems.items) > before:
+        return None
+    return BackendConfig(
+        name=name,
+        transport=transport,
+        namespace=namespace,
+        url=url,
+        command=command,
+        args=args,
+        env=env,
+        cwd=cwd,
+        headers=headers,
+        priority=priority,
+        routes=tuple(routes),
+        health_check=health,
+        circuit_breaker=breaker,
+        timeout=float(timeout) if timeout is not None else None,
+        enabled=enabled,
+        include=include,
+        exclude=exclude,
+    )
+
+
+def parse_config(
+    raw: Any,
+    env: Mapping[str, str],
+    *,
+    source: str = CONFIG_FILE_NAME,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Validate a parsed YAML/JSON document; raise ConfigError listing every problem."""
+    problems = _Problems(source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.add("", f"expected a mapping with a 'backends' list or an 'mcpServers' mapping, got {_describe(raw)}")
+        raise ConfigError(problems.items)
+    raw = _expand(raw, env, "", problems)
+    _check_sections(raw, problems)
+    settings = _parse_settings(raw, env, overrides or {}, problems)
+    entries: list[tuple[str, Any, bool]] = []
+    if "backends" in raw:
+        listed = raw["backends"]
+        if not isinstance(listed, list) or not listed:
+            problems.add("backends", "expected a non-empty list of backends")
+        else:
+            entries += [(f"backends[{i}]", b, False) for i, b in enumerate(listed)]
+    if "mcpServers" in raw:
+        servers = raw["mcpServers"]
+        if not isinstance(servers, dict) or not servers:
+            problems.add("mcpServers", "expected a non-empty mapping of server names to settings")
+        else:
+            for name, body in servers.items():
+                entry = {"name": name, **body} if isinstance(body, dict) else body
+                entries.append((f"mcpServers.{name}", entry, True))
+    backends = [
+        b for path, entry, foreign in entries if (b := _parse_backend(entry, path, settings, problems, foreign_keys=foreign)) is not None
+    ]
+    seen: dict[str, str] = {}
+    for b in backends:
+        if b.name in seen:
+            problems.add(f"backend {b.name!r}", "duplicate backend name; names must be unique")
+        seen[b.name] = b.name
+    for b in backends:
+        for r in b.routes:
+            if r.fallback_to is not None and r.fallback_to not in seen:
+                close = difflib.get_close_matches(r.fallback_to, list(seen), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.add(f"backend {b.name!r}: routes", f"fallback_to names unknown backend {r.fallback_to!r}{hint}")
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Config(settings=settings, backends=tuple(backends), source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Config:
+    """Find, read and parse the config file: --config, else MCP_BACKENDS_CONFIG, else ./backends.yaml.
+
+    With no file anywhere the router runs with no backends (zero-config).
+    """
+    explicit = path or env.get("MCP_BACKENDS_CONFIG")
+    candidate = Path(explicit) if explicit else Path(CONFIG_FILE_NAME)
+    if not explicit and not candidate.exists():
+        return parse_config({}, env, source="(no config)", overrides=overrides)
+    source = str(candidate)
+    try:
+        text = candidate.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"{source}: cannot read: {err.strerror or err}"]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{source}: not UTF-8 text: {err.reason}"]) from err
+    try:
+        raw = yaml.safe_load(text)  # JSON is YAML, so .mcp.json files load too
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"{source}: invalid YAML: {where}{problem}"]) from err
+    return parse_config(raw, env, source=source, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------- pure core
+# Rules for this section: no await, no I/O, time is passed in. Everything here is
+# deterministic given its arguments, so tests drive it with fake clocks and rngs.
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def expose_name(namespace: str | None, name: str, taken: Mapping[str, object] | set[str] | frozenset[str] = frozenset()) -> str:
+    """The client-facing name for a backend's tool or prompt: `namespace__name`.
+
+    Clients reject names outside ^[A-Za-z0-9_-]{1,64}$, so illegal characters
+    become '_' and a name that is too long, was changed, or collides with one
+    already taken gets a short hash of the full original, which keeps it unique
+    and deterministic. The mapping back is kept in the catalogue, never re-parsed.
+    """
+    full = f"{namespace}{SEPARATOR}{name}" if namespace else name
+    clean = re.sub(r"[^A-Za-z0-9_-]", "_", full)
+    if clean == full and len(clean) <= MAX_NAME_LENGTH and clean not in taken:
+        return clean
+    suffix = "_" + _short_hash(full)
+    candidate = clean[: MAX_NAME_LENGTH - len(suffix)] + suffix
+    salt = 0
+    while candidate in taken:  # a hash collision: vanishingly rare, still handled
+        salt += 1
+        suffix = "_" + _short_hash(f"{full}#{salt}")
+        candidate = clean[: MAX_NAME_LENGTH - len(suffix)] + suffix
+    return candidate
+
+
+def strip_reserved_meta(item: dict[str, Any]) -> dict[str, Any]:
+    """Drop protocol-reserved `_meta` keys a backend set; they belong to the router's own hop."""
+    meta = item.get("_meta")
+    if meta and any(k.startswith(RESERVED_META_PREFIX) for k in meta):
+        kept = {k: v for k, v in meta.items() if not k.startswith(RESERVED_META_PREFIX)}
+        item = {**item, "_meta": kept} if kept else {k: v for k, v in item.items() if k != "_meta"}
+    return item
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What one backend offers, as the raw wire dicts it sent (after include/exclude)."""
+
+    tools: tuple[dict[str, Any], ...] = ()
+    resources: tuple[dict[str, Any], ...] = ()
+    templates: tuple[dict[str, Any], ...] = ()
+    prompts: tuple[dict[str, Any], ...] = ()
+    instructions: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A backend as the catalogue sees it."""
+
+    name: str
+    namespace: str
+    priority: int
+    listing: Listing
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Where an exposed name goes: the pool of backends that offer it, and its original name."""
+
+    exposed: str
+    original: str
+    pool: tuple[str, ...]
+    retry_safe: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    tools: Mapping[str, Entry] = field(default_factory=dict)
+    prompts: Mapping[str, Entry] = field(default_factory=dict)
+    resources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    templates: tuple[tuple[UriTemplate | None, tuple[str, ...]], ...] = ()
+    tool_items: tuple[dict[str, Any], ...] = ()
+    prompt_items: tuple[dict[str, Any], ...] = ()
+    resource_items: tuple[dict[str, Any], ...] = ()
+    template_items: tuple[dict[str, Any], ...] = ()
+    conflicts: tuple[str, ...] = ()
+    instructions: str | None = None
+
+
+def _is_retry_safe(tool: Mapping[str, Any]) -> bool:
+    annotations = tool.get("annotations") or {}
+    return bool(annotations.get("readOnlyHint") or annotations.get("idempotentHint"))
+
+
+def _expose_items(
+    members: Sequence[Member],
+    items_of: Callable[[Listing], Sequence[dict[str, Any]]],
+    namespaced: bool,
+    reserved: set[str],
+    kind: str,
+    conflicts: list[str],
+) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
+    entries: dict[str, Entry] = {}
+    items: list[dict[str, Any]] = []
+    by_key: dict[tuple[str | None, str], str] = {}
+    for m in members:
+        for item in items_of(m.listing):
+            original = item.get("name")
+            if not isinstance(original, str):
+                continue
+            key = (m.namespace if namespaced else None, original)
+            if key in by_key:  # a replica, or a collision with namespaces off: one pool
+                exposed = by_key[key]
+                entry = entries[exposed]
+                entries[exposed] = dataclasses.replace(entry, pool=(*entry.pool, m.name))
+                if not namespaced:
+                    conflicts.append(f"{kind} {original!r} is offered by {', '.join(entries[exposed].pool)}; routed by priority")
+                continue
+            exposed = expose_name(key[0], original, reserved | entries.keys())
+            by_key[key] = exposed
+            entries[exposed] = Entry(exposed, original, (m.name,), retry_safe=kind == "tool" and _is_retry_safe(item))
+            items.append(strip_reserved_meta({**item, "name": exposed}))
+    return entries, items
+
+
+def build_catalogue(members: Sequence[Member], *, namespaced: bool = True, reserved: Iterable[str] = MANAGEMENT_TOOLS) -> Catalogue:
+    """Merge backends' listings into the names the client sees.
+
+    Members come in priority order (lower number first); a name offered by
+    several backends becomes one entry whose pool lists them in that order.
+    """
+    members = sorted(members, key=lambda m: m.priority)
+    conflicts: list[str] = []
+    reserved_names = set(reserved)
+    tools, tool_items = _expose_items(members, lambda lst: lst.tools, namespaced, reserved_names, "tool", conflicts)
+    prompts, prompt_items = _expose_items(members, lambda lst: lst.prompts, namespaced, set(), "prompt", conflicts)
+    resources: dict[str, tuple[str, ...]] = {}
+    resource_items: list[dict[str, Any]] = []
+    templates: list[tuple[UriTemplate | None, tuple[str, ...]]] = []
+    template_items: list[dict[str, Any]] = []
+    template_index: dict[str, int] = {}
+    for m in members:
+        for res in m.listing.resources:
+            uri = res.get("uri")
+            if not isinstance(uri, str):
+                continue
+            if uri in resources:
+                resources[uri] = (*resources[uri], m.name)
+                continue
+            resources[uri] = (m.name,)
+            resource_items.append(strip_reserved_meta(res))
+        for tpl in m.listing.templates:
+            text = tpl.get("uriTemplate")
+            if not isinstance(text, str):
+                continue
+            if text in template_index:
+                i = template_index[text]
+                templates[i] = (templates[i][0], (*templates[i][1], m.name))
+                continue
+            try:
+                parsed: UriTemplate | None = UriTemplate.parse(text)
+            except ValueError:
+                parsed = None
+            template_index[text] = len(templates)
+            templates.append((parsed, (m.name,)))
+            template_items.append(strip_reserved_meta(tpl))
+    instructions = "\n\n".join(
+        f"## {m.namespace if namespaced else m.name}\n{m.listing.instructions.strip()}" for m in members if m.listing.instructions
+    )
+    return Catalogue(
+        tools=tools,
+        prompts=prompts,
+        resources=resources,
+        templates=tuple(templates),
+        tool_items=tuple(tool_items),
+        prompt_items=tuple(prompt_items),
+        resource_items=tuple(resource_items),
+        template_items=tuple(template_items),
+        conflicts=tuple(dict.fromkeys(conflicts)),
+        instructions=instructions or None,
+    )
+
+
+def resource_pool(catalogue: Catalogue, uri: str) -> tuple[str, ...] | None:
+    """Which backends serve `uri`: the one that listed it, else the owner of a matching template."""
+    pool = catalogue.resources.get(uri)
+    if pool is not None:
+        return pool
+    for template, owners in catalogue.templates:
+        if template is not None and template.match(uri) is not None:
+            return owners
+    return None
+
+
+def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: int = PAGE_SIZE) -> dict[str, Any]:
+    """One page of a list result; the cursor is the offset, opaque to clients."""
+    start = 0
+    if cursor is not None:
+        if not cursor.isdigit() or int(cursor) > len(items):
+            raise MCPError(INVALID_PARAMS, f"Invalid cursor: {cursor!r}")
+        start = int(cursor)
+    end = start + size
+    result: dict[str, Any] = {key: list(items[start:end]), "resultType": "complete"}
+    if end < len(items):
+        result["nextCursor"] = str(end)
+    return result
+
+
+def filter_tools(tools: Iterable[dict[str, Any]], include: Sequence[str], exclude: Sequence[str]) -> tuple[dict[str, Any], ...]:
+    """Keep tools whose name matches an include glob (all, when none are given) and no exclude glob."""
+
+    def wanted(name: str) -> bool:
+        if include and not any(fnmatchcase(name, g) for g in include):
+            return False
+        return not any(fnmatchcase(name, g) for g in exclude)
+
+    return tuple(t for t in tools if isinstance(t.get("name"), str) and wanted(t["name"]))
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    initial: float,
+    multiplier: float,
+    cap: float,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before retry number `attempt` (1-based): initial * multiplier**(attempt-1), capped, with jitter."""
+    base = min(cap, initial * multiplier ** max(0, attempt - 1))
+    return base * (1.0 - JITTER * rng())
+
+
+BreakerState: TypeAlias = Literal["closed", "open", "half_open"]
+
+
+@dataclass(slots=True)
+class CircuitBreaker:
+    """Per-backend circuit breaker; state is derived from the clock on read.
+
+    closed: requests flow; `failure_threshold` consecutive failures open it.
+    open: requests are rejected at once until `reset_timeout` has passed.
+    half_open: up to `half_open_attempts` trial requests are admitted one at a
+    time; when that many have succeeded it closes, and any failure re-opens it.
+    `record_*` return the transition ("open", "closed", ...) or None, so the
+    caller logs once per transition, never per request.
+    """
+
+    name: str
+    failure_threshold: int = 5
+    reset_timeout: float = 60.0
+    half_open_attempts: int = 1
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    last_error: str | None = None
+    opened_at: float | None = None
+    trial_in_flight: bool = False
+    trial_successes: int = 0
+
+    @property
+    def state(self) -> BreakerState:
+        if self.opened_at is None:
+            return "closed"
+        if self.clock() - self.opened_at >= self.reset_timeout:
+            return "half_open"
+        return "open"
+
+    @property
+    def retry_at(self) -> float | None:
+        """Clock time when an open breaker will admit a trial request."""
+        return None if self.opened_at is None else self.opened_at + self.reset_timeout
+
+    def allow(self) -> bool:
+        """May a request go through now? In half-open, admits one trial at a time."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open" or self.trial_in_flight:
+            return False
+        self.trial_in_flight = True
+        return True
+
+    def record_success(self) -> BreakerState | None:
+        self.failures = 0
+        if self.opened_at is None:
+            return None
+        self.trial_in_flight = False
+        self.trial_successes += 1
+        if self.trial_successes < self.half_open_attempts:
+            return None
+        self.opened_at = None
+        self.trial_successes = 0
+        return "closed"
+
+    def record_failure(self, error: str) -> BreakerState | None:
+        self.failures += 1
+        self.last_error = error
+        self.trial_in_flight = False
+        self.trial_successes = 0
+        if self.opened_at is not None or self.failures >= self.failure_threshold:
+            was_open = self.opened_at is not None
+            self.opened_at = self.clock()
+            return None if was_open and self.failures > self.failure_threshold else "open"
+        return None
+
+    def open_error(self) -> str:
+        wait = max(0.0, (self.retry_at or 0.0) - self.clock())
+        return (
+            f"backend {self.name!r} is unavailable: circuit open after {self.failures} consecutive failures "
+            f"(last error: {self.last_error}); retrying in {wait:.1f}s"
+        )
+
+
+def is_transport_failure(exc: BaseException) -> bool:
+    """Failures that say the backend (not the caller) is in trouble: they feed breakers and retries."""
+    if isinstance(exc, MCPError):
+        return exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
+    return isinstance(exc, Exception)
+
+
+def choose_backend(pool: Sequence[Backend]) -> Backend:
+    """The one place a backend is chosen for a request.
+
+    Today a pool is the backends that offer one name (replicas share a
+    namespace), in priority order: the first that is up and whose breaker
+    admits the request wins. Routing strategies plug in here.
+    """
+    reasons = []
+    for backend in pool:
+        if backend.session is None:
+            reasons.append(f"backend {backend.name!r} is {backend.state}" + (f" ({backend.last_error})" if backend.last_error else ""))
+        elif backend.breaker.allow():
+            return backend
+        else:
+            reasons.append(backend.breaker.open_error())
+    raise BackendUnavailable("; ".join(reasons) or "no backend offers this")
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line account of a failure: the innermost cause of an exception group, typed."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, MCPError):
+        return exc.message
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- I/O shell: backends
+
+BackendState: TypeAlias = Literal["connecting", "ready", "down", "disabled", "stopped"]
+Streams: TypeAlias = tuple[Any, Any]
+Connector: TypeAlias = Callable[[], AbstractAsyncContextManager[Streams]]
+
+
+class _WatchedDispatcher(JSONRPCDispatcher[Any]):
+    """A JSON-RPC dispatcher that says when its connection has ended."""
+
+    def __init__(self, read_stream: Any, write_stream: Any) -> None:
+        super().__init__(read_stream, write_stream)
+        self.ended = anyio.Event()
+
+    async def run(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().run(*args, **kwargs)
+        finally:
+            self.ended.set()
+
+
+@dataclass(slots=True)
+class HealthRecord:
+    last_success: float | None = None
+    last_failure: float | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    checks: int = 0
+    failed_checks: int = 0
+    last_latency_ms: float | None = None
+
+
+def _connector_for(config: BackendConfig) -> Connector:
+    """The transport context manager that opens a connection to `config`'s backend."""
+    if config.transport == "stdio":
+        params = StdioServerParameters(command=config.command or "", args=list(config.args), env=dict(config.env) or None, cwd=config.cwd)
+        return lambda: stdio_client(params)
+    if config.transport == "sse":
+        return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
+
+    @asynccontextmanager
+    async def http() -> AsyncIterator[Streams]:
+        import httpx2
+
+        timeout = httpx2.Timeout(30.0, read=300.0)
+        async with httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout) as client:
+            async with streamable_http_client(config.url or "", http_client=client) as streams:
+                yield streams
+
+    return http
+
+
+class Backend:
+    """One backend: its connection, supervisor, breaker and health.
+
+    `run()` is the supervisor: it connects, lists, serves until the connection
+    ends, and reconnects with backoff, forever, in its own task so a backend's
+    failure never reaches another's.
+    """
+
+    def __init__(self, config: BackendConfig, router: Router, connector: Connector | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.router = router
+        self.settings = router.settings
+        self.connector = connector or _connector_for(config)
+        cb = config.circuit_breaker
+        self.breaker = CircuitBreaker(config.name, cb.failure_threshold, cb.timeout_seconds, cb.half_open_attempts, router.clock)
+        self.timeout = config.timeout or router.settings.request_timeout
+        self.state: BackendState = "connecting" if config.enabled else "disabled"
+        self.session: ClientSession | None = None
+        self.dispatcher: _WatchedDispatcher | None = None
+        self.listing = Listing()
+        self.health = HealthRecord()
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.connected_at: float | None = None
+        self.next_attempt_at: float | None = None
+        self.first_attempt_done = anyio.Event()
+        self.secrets = config.secrets()
+        self._headers: dict[str, str] = {}
+        self._stop_scope: anyio.CancelScope | None = None
+
+    # -- supervision
+
+    async def run(self) -> None:
+        attempt = 0
+        with anyio.CancelScope() as self._stop_scope:
+            while True:
+                if attempt:
+                    self.restarts += 1
+                self.connected_at = None
+                try:
+                    await self._connect_and_serve()
+                    self._note_down("connection closed")
+                except Exception as exc:  # noqa: BLE001 - any failure of one backend is contained here
+                    self._note_down(describe_error(exc))
+                attempt = 1 if self._was_stable() else attempt + 1
+                delay = backoff_delay(
+                    attempt, initial=RESTART_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff
+                )
+                self.next_attempt_at = self.router.clock() + delay
+                await anyio.sleep(delay)
+                self.next_attempt_at = None
+
+    def stop(self) -> None:
+        if self._stop_scope is not None:
+            self._stop_scope.cancel()
+
+    def _was_stable(self) -> bool:
+        """A connection that lived a while resets the restart backoff."""
+        return self.connected_at is not None and self.router.clock() - self.connected_at > self.settings.max_backoff
+
+    def _note_down(self, error: str) -> None:
+        error = redact(error, self.secrets)
+        was_ready = self.state == "ready"
+        self.session = self.dispatcher = None
+        self.state = "down"
+        self.last_error = error
+        self.first_attempt_done.set()
+        if was_ready:
+            log.warning("backend %s: connection lost: %s; reconnecting", self.name, error)
+        else:
+            log.warning("backend %s: cannot connect: %s; retrying", self.name, error)
+
+    async def _connect_and_serve(self) -> None:
+        self.state = "connecting"
+        async with AsyncExitStack() as stack:
+            read, write = await stack.enter_async_context(self.connector())
+            dispatcher = _WatchedDispatcher(read, write)
+            session = ClientSession(
+                dispatcher=dispatcher,
+                read_timeout_seconds=self.timeout,
+                message_handler=self._on_message,
+                client_info=types.Implementation(name="mcp-router", version=__version__),
+            )
+            await stack.enter_async_context(session)
+            with anyio.fail_after(self.timeout):
+                init = await session.initialize()
+            if self.config.transport != "stdio":
+                self._headers = {"mcp-protocol-version": init.protocol_version}
+            self.session, self.dispatcher = session, dispatcher
+            listing = await self._fetch_listing(init.instructions)
+            self.connected_at = self.router.clock()
+            self.state = "ready"
+            self.last_error = None
+            self.breaker.record_success()
+            log.info(
+                "backend %s: ready (%d tools, %d resources, %d prompts)",
+                self.name,
+                len(listing.tools),
+                len(listing.resources),
+                len(listing.prompts),
+            )
+            self.router.set_listing(self, listing)
+            self.first_attempt_done.set()
+            async with anyio.create_task_group() as tg:
+                if self.config.health_check.enabled:
+                    tg.start_soon(self._health_loop)
+                if self.settings.cache_ttl > 0:
+                    tg.start_soon(self._refresh_loop)
+                await dispatcher.ended.wait()
+                tg.cancel_scope.cancel()
+
+    async def _fetch_all(self, method: str, key: str) -> list[dict[str, Any]]:
+        """Every item of a paginated list, following cursors to the end."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        seen: set[str] = set()
+        while True:
+            result = await self.request(method, {"cursor": cursor} if cursor else None, self.timeout, guarded=False)
+            items.extend(result.get(key) or [])
+            cursor = result.get("nextCursor")
+            if not cursor or cursor in seen:
+                return items
+            seen.add(cursor)
+
+    async def _fetch_listing(self, instructions: str | None = None) -> Listing:
+        assert self.session is not None
+        caps = self.session.server_capabilities or types.ServerCapabilities()
+        tools = await self._fetch_all("tools/list", "tools") if caps.tools else []
+        resources = await self._fetch_all("resources/list", "resources") if caps.resources else []
+        templates = await self._fetch_all("resources/templates/list", "resourceTemplates") if caps.resources else []
+        prompts = await self._fetch_all("prompts/list", "prompts") if caps.prompts else []
+        return Listing(
+            tools=filter_tools(tools, self.config.include, self.config.exclude),
+            resources=tuple(resources),
+            templates=tuple(templates),
+            prompts=tuple(prompts),
+            instructions=instructions if instructions is not None else self.listing.instructions,
+        )
+
+    async def refresh(self) -> None:
+        """Re-list this backend and publish the result if it changed."""
+        try:
+            listing = await self._fetch_listing()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("backend %s: re-listing failed: %s", self.name, redact(describe_error(exc), self.secrets))
+            return
+        self.router.set_listing(self, listing)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.cache_ttl)
+            await self.refresh()
+
+    async def _on_message(self, message: Any) -> None:
+        if isinstance(message, types.ServerNotification) and isinstance(
+            message, types.ToolListChangedNotification | types.PromptListChangedNotification | types.ResourceListChangedNotification
+        ):
+            await self.refresh()
+
+    # -- health
+
+    async def _health_loop(self) -> None:
+        check = self.config.health_check
+        while True:
+            await anyio.sleep(check.interval_seconds)
+            await self.check_health()
+
+    async def check_health(self) -> bool:
+        """One health check: MCP ping (a cheap list where ping is not served), plus the optional HTTP endpoint."""
+        check = self.config.health_check
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(check.timeout_seconds):
+                try:
+                    await self.request("ping", None, check.timeout_seconds, guarded=False)
+                except MCPError as err:
+                    if err.code != METHOD_NOT_FOUND:
+                        raise
+                    await self.request("tools/list", None, check.timeout_seconds, guarded=False)
+                if check.endpoint and self.config.url:
+                    await self._check_endpoint(check.endpoint, check.timeout_seconds)
+        except Exception as exc:  # noqa: BLE001
+            error = redact(
+                "health check failed: "
+                + (describe_error(exc) if not isinstance(exc, TimeoutError) else f"no answer within {check.timeout_seconds}s"),
+                self.secrets,
+            )
+            self._record_health(ok=False, error=error, latency=time.perf_counter() - started)
+            self._breaker_event(self.breaker.record_failure(error))
+            return False
+        self._record_health(ok=True, error=None, latency=time.perf_counter() - started)
+        self._breaker_event(self.breaker.record_success())
+        return True
+
+    async def _check_endpoint(self, endpoint: str, timeout: float) -> None:
+        import httpx2
+
+        base = (self.config.url or "").rstrip("/")
+        root = base.rsplit("/", 1)[0] if endpoint.startswith("/") else base
+        async with httpx2.AsyncClient(headers=dict(self.config.headers), timeout=timeout) as client:
+            response = await client.get(root + "/" + endpoint.lstrip("/"))
+        if response.status_code >= 400:
+            raise RouterError(f"health endpoint answered HTTP {response.status_code}")
+
+    def _record_health(self, *, ok: bool, error: str | None, latency: float) -> None:
+        h = self.health
+        h.checks += 1
+        h.last_latency_ms = round(latency * 1000, 2)
+        if ok:
+            h.last_success = time.time()
+            h.consecutive_failures = 0
+        else:
+            h.last_failure = time.time()
+            h.last_error = error
+            h.failed_checks += 1
+            h.consecutive_failures += 1
+
+    def _breaker_event(self, transition: BreakerState | None) -> None:
+        if transition == "open":
+            log.warning("backend %s: circuit opened after %d failures: %s", self.name, self.breaker.failures, self.breaker.last_error)
+        elif transition == "closed":
+            log.info("backend %s: circuit closed; backend healthy again", self.name)
+
+    # -- requests
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        timeout: float,
+        *,
+        on_progress: Any = None,
+        guarded: bool = True,
+    ) -> dict[str, Any]:
+        """Send one request; transport failures feed the breaker, answered errors do not."""
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            raise BackendUnavailable(f"backend {self.name!r} is {self.state}" + (f" ({self.last_error})" if self.last_error else ""))
+        opts: dict[str, Any] = {"timeout": timeout}
+        if self._headers:
+            opts["headers"] = self._headers
+        if on_progress is not None:
+            opts["on_progress"] = on_progress
+        try:
+            result = await dispatcher.send_raw_request(method, params, cast(Any, opts))
+        except MCPError as err:
+            if guarded:
+                if err.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
+                    self._breaker_event(self.breaker.record_failure(err.message))
+                else:
+                    self._breaker_event(self.breaker.record_success())
+            raise
+        except Exception as exc:
+            if guarded:
+                self._breaker_event(self.breaker.record_failure(redact(describe_error(exc), self.secrets)))
+            raise
+        except BaseException:
+            self.breaker.trial_in_flight = False  # a cancelled trial must not wedge a half-open breaker
+            raise
+        if guarded:
+            self._breaker_event(self.breaker.record_success())
+        return result
+
+    # -- visibility
+
+    def status(self, *, detail: bool = False) -> dict[str, Any]:
+        """What list_backends and get_backend_health show. Never env values, headers or URL credentials."""
+        b = self.breaker
+        state = b.state
+        now_wall, now = time.time(), self.router.clock()
+        retry_in = None if b.retry_at is None or state != "open" else round(max(0.0, b.retry_at - now), 1)
+        info: dict[str, Any] = {
+            "name": self.name,
+            "namespace": self.config.namespace,
+            "transport": self.config.transport,
+            "target": self.config.public_target(),
+            "state": self.state,
+            "healthy": self.state == "ready" and state == "closed",
+            "circuit_state": state,
+            "consecutive_failures": b.failures,
+            "tools": len(self.listing.tools),
+            "resources": len(self.listing.resources) + len(self.listing.templates),
+            "prompts": len(self.listing.prompts),
+            "restarts": self.restarts,
+            "last_error": redact(self.last_error or b.last_error or "", self.secrets) or None,
+            "next_retry_in_seconds": retry_in,
+        }
+        if detail:
+            h = self.health
+            info |= {
+                "priority": self.config.priority,
+                "uptime_seconds": round(now - self.connected_at, 1) if self.connected_at is not None and self.state == "ready" else None,
+                "reconnect_in_seconds": round(max(0.0, self.next_attempt_at - now), 1) if self.next_attempt_at else None,
+                "health_checks": {
+                    "enabled": self.config.health_check.enabled,
+                    "interval_seconds": self.config.health_check.interval_seconds,
+                    "total": h.checks,
+                    "failed": h.failed_checks,
+                    "consecutive_failures": h.consecutive_failures,
+                    "last_latency_ms": h.last_latency_ms,
+                    "last_success_ago_seconds": round(now_wall - h.last_success, 1) if h.last_success else None,
+                    "last_error": h.last_error,
+                },
+            }
+        return info
+
+
+# ---------------------------------------------------------------------------- I/O shell: the router
+
+
+class Router:
+    """Owns the backends, the catalogue, and the request path between them."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        connectors: Mapping[str, Connector] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.clock = clock
+        self.sleep = sleep
+        connectors = connectors or {}
+        self.backends: dict[str, Backend] = {b.name: Backend(b, self, connectors.get(b.name)) for b in config.backends}
+        self.catalogue = Catalogue()
+        self._rebuild()
+        self.ready = anyio.Event()
+        self._connections: set[Any] = set()
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle (the supervisor)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Router]:
+        """Start every enabled backend concurrently; stop them all, concurrently, on exit."""
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            for backend in self.backends.values():
+                self._start(backend)
+            tg.start_soon(self._mark_ready)
+            try:
+                yield self
+            finally:
+                tg.cancel_scope.cancel()
+        self._task_group = None
+
+    def _start(self, backend: Backend) -> None:
+        if backend.config.enabled and self._task_group is not None:
+            self._task_group.start_soon(backend.run, name=f"backend {backend.name}")
+        else:
+            backend.first_attempt_done.set()
+
+    def add_backend(self, config: BackendConfig, connector: Connector | None = None) -> Backend:
+        """Add and start a backend while serving."""
+        backend = Backend(config, self, connector)
+        self.backends[config.name] = backend
+        self._start(backend)
+        return backend
+
+    def remove_backend(self, name: str) -> None:
+        backend = self.backends.pop(name)
+        backend.stop()
+        self._rebuild()
+
+    async def _mark_ready(self) -> None:
+        """Lists wait for every backend's first connection attempt, bounded by the request timeout."""
+        with anyio.move_on_after(self.settings.request_timeout):
+            for backend in list(self.backends.values()):
+                await backend.first_attempt_done.wait()
+        self.ready.set()
+
+    async def wait_ready(self) -> None:
+        if not self.ready.is_set():
+            await self.ready.wait()
+
+    # -- catalogue
+
+    def set_listing(self, backend: Backend, listing: Listing) -> None:
+        if listing == backend.listing:
+            return
+        backend.listing = listing
+        old = self.catalogue
+        self._rebuild()
+        new = self.catalogue
+        changed = [
+            kind
+            for kind, a, b in (
+                ("tools", old.tool_items, new.tool_items),
+                ("prompts", old.prompt_items, new.prompt_items),
+                ("resources", old.resource_items + old.template_items, new.resource_items + new.template_items),
+            )
+            if a != b
+        ]
+        if changed and self._task_group is not None:
+            self._task_group.start_soon(self._notify_changed, changed)
+
+    def _rebuild(self) -> None:
+        members = [Member(b.name, b.config.namespace, b.config.priority, b.listing) for b in self.backends.values()]
+        catalogue = build_catalogue(members, namespaced=self.settings.enable_namespaces)
+        catalogue = dataclasses.replace(catalogue, tool_items=MANAGEMENT_TOOL_ITEMS + catalogue.tool_items)
+        for conflict in set(catalogue.conflicts) - set(self.catalogue.conflicts):
+            log.warning("name collision: %s", conflict)
+        self.catalogue = catalogue
+
+    def register_connection(self, connection: Any) -> None:
+        """Remember a client connection so list changes reach it; forgotten when it closes."""
+        if connection in self._connections:
+            return
+        self._connections.add(connection)
+        connection.exit_stack.callback(self._connections.discard, connection)
+
+    async def _notify_changed(self, kinds: Sequence[str]) -> None:
+        for connection in list(self._connections):
+            for kind in kinds:
+                try:
+                    if kind == "tools":
+                        await connection.send_tool_list_changed()
+                    elif kind == "prompts":
+                        await connection.send_prompt_list_changed()
+                    else:
+                        await connection.send_resource_list_changed()
+                except Exception:  # noqa: BLE001 - a gone client must not stop the others
+                    self._connections.discard(connection)
+                    break
+
+    # -- the request path
+
+    def pool(self, names: Sequence[str]) -> list[Backend]:
+        return [self.backends[n] for n in names if n in self.backends]
+
+    async def forward(
+        self,
+        method: str,
+        pool: Sequence[str],
+        params: Mapping[str, Any],
+        *,
+        retry_safe: bool,
+        on_progress: Any = None,
+    ) -> dict[str, Any]:
+        """Send a request to the pool's chosen backend, retrying what is safe to retry."""
+        backends = self.pool(pool)
+        settings = self.settings
+        deadline = self.clock() + settings.request_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            reached = False
+            try:
+                backend = choose_backend(backends)
+                reached = True
+                return await backend.request(
+                    method, params, min(backend.timeout, max(0.001, deadline - self.clock())), on_progress=on_progress
+                )
+            except BackendUnavailable as exc:
+                error: Exception = exc
+            except MCPError as exc:
+                if not is_transport_failure(exc):
+                    raise
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - transport errors of any kind
+                error = exc
+            may_retry = (not reached or retry_safe) and attempt < settings.max_retries
+            delay = backoff_delay(attempt, initial=RETRY_INITIAL_DELAY, multiplier=settings.retry_backoff, cap=settings.max_backoff)
+            if not may_retry or self.clock() + delay >= deadline:
+                raise _as_mcp_error(error, backends) from None
+            log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
+            await self.sleep(delay)
+
+
+def _as_mcp_error(error: Exception, pool: Sequence[Backend]) -> MCPError:
+    """The client-facing error for a request that failed in transport: names the backend, leaks nothing."""
+    if isinstance(error, BackendUnavailable):
+        return MCPError(BACKEND_UNAVAILABLE, str(error))
+    names = ", ".join(repr(b.name) for b in pool) or "none"
+    secrets = [s for b in pool for s in b.secrets]
+    if isinstance(error, MCPError) and error.code == REQUEST_TIMEOUT:
+        return MCPError(REQUEST_TIMEOUT, f"backend {names} did not answer in time ({error.message})")
+    return MCPError(BACKEND_UNAVAILABLE, f"backend {names} failed: {redact(describe_error(error), secrets)}")
+
+
+# ---------------------------------------------------------------------------- MCP wiring
+
+_OUTPUT_BACKEND: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "transport": {"type": "string"},
+        "target": {"type": "string"},
+        "state": {"type": "string"},
+        "healthy": {"type": "boolean"},
+        "circuit_state": {"type": "string"},
+        "consecutive_failures": {"type": "integer"},
+        "tools": {"type": "integer"},
+        "resources": {"type": "integer"},
+        "prompts": {"type": "integer"},
+        "restarts": {"type": "integer"},
+        "last_error": {"type": ["string", "null"]},
+        "next_retry_in_seconds": {"type": ["number", "null"]},
+    },
+    "required": ["name", "state", "healthy", "circuit_state"],
+}
+
+MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
+    {
+        "name": "list_backends",
+        "title": "List backends",
+        "description": "Every backend of this router: transport, state, circuit breaker, tool/resource/prompt counts and last error.",
+        "inputSchema": {"type": "object", "properties": {}},
+        "outputSchema": {
+            "type": "object",
+            "properties": {
+                "backends": {"type": "array", "items": _OUTPUT_BACKEND},
+                "conflicts": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["backends"],
+        },
+        "annotations": {"readOnlyHint": True, "openWorldHint": False},
+    },
+    {
+        "name": "get_backend_health",
+        "title": "Backend health",
+        "description": "Health detail for one backend: breaker state, failures, last error, next retry, restarts, uptime and health-check history.",
+        "inputSchema": {"type": "object", "properties": {"name": {"type": "string", "description": "backend name"}}, "required": ["name"]},
+        "outputSchema": _OUTPUT_BACKEND,
+        "annotations": {"readOnlyHint": True, "openWorldHint": False},
+    },
+)
+
+
+def _management_result(payload: dict[str, Any], text: str) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": text}], "structuredContent": payload, "resultType": "complete"}
+
+
+def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    if name == "list_backends":
+        rows = [b.status() for b in router.backends.values()]
+        lines = [
+            f"{r['name']}: {r['state']}, circuit {r['circuit_state']}, {r['tools']} tools, {r['resources']} resources, {r['prompts']} prompts"
+            + (f", last error: {r['last_error']}" if r["last_error"] else "")
+            for r in rows
+        ] or ["no backends configured; add some to backends.yaml (see backends.example.yaml)"]
+        return _management_result({"backends": rows, "conflicts": list(router.catalogue.conflicts)}, "\n".join(lines))
+    wanted = arguments.get("name")
+    backend = router.backends.get(wanted) if isinstance(wanted, str) else None
+    if backend is None:
+        known = ", ".join(router.backends) or "none"
+        return {"content": [{"type": "text", "text": f"unknown backend {wanted!r}; known backends: {known}"}], "isError": True, "resultType": "complete"}
+    info = backend.status(detail=True)
+    return _management_result(info, json.dumps(info, indent=2))
+
+
+def _passthrough(result: dict[str, Any]) -> dict[str, Any]:
+    """A backend's result as the client gets it: reserved `_meta` keys dropped, resultType for 2026 clients."""
+    result = strip_reserved_meta(result)
+    result.setdefault("resultType", "complete")  # the SDK drops it again on handshake-era connections
+    return result
+
+
+def _progress_forwarder(ctx: Any) -> Any:
+    meta = ctx.meta
+    if meta and meta.get("progress_token") is not None:
+        return ctx.session.report_progress
+    return None
+
+
+def _forwarded_meta(raw_params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A client's own `_meta` keys, minus the protocol's reserved ones and its progress token."""
+    meta = raw_params.get("_meta") if raw_params else None
+    if not meta:
+        return None
+    kept = {k: v for k, v in meta.items() if k != "progressToken" and not k.startswith(RESERVED_META_PREFIX)}
+    return kept or None
+
+
+class RouterServer(Server[Any]):
+    """The router's MCP face: advertises listChanged, carries the backends' instructions."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        options = notification_options or NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        return super().create_initialization_options(options, experimental_capabilities, extensions)
+
+
+def build_server(router: Router) -> RouterServer:
+    """The low-level SDK Server whose handlers forward to the router."""
+
+    def unknown(kind: str, name: str) -> MCPError:
+        return MCPError(INVALID_PARAMS, f"Unknown {kind}: {name!r}")
+
+    def track(ctx: Any) -> None:
+        connection = getattr(ctx.session, "_connection", None)  # the SDK exposes no public handle for this
+        if connection is not None:
+            router.register_connection(connection)
+
+    async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
+        track(ctx)
+        await router.wait_ready()
+        return page(router.catalogue.tool_items, params.cursor if params else None, "tools")
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
+        name = params.name
+        entry = router.catalogue.tools.get(name)
+        if entry is None:
+            if name in MANAGEMENT_TOOLS:
+                return _management_call(router, name, params.arguments or {})
+            await router.wait_ready()
+            entry = router.catalogue.tools.get(name)
+            if entry is None:
+                raise unknown("tool", name)
+        out: dict[str, Any] = {"name": entry.original}
+        if params.arguments is not None:
+            out["arguments"] = params.arguments
+        if (meta := _forwarded_meta(ctx.params)) is not None:
+            out["_meta"] = meta
+        result = await router.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, on_progress=_progress_forwarder(ctx))
+        return _passthrough(result)
+
+    async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
+        track(ctx)
+        await router.wait_ready()
+        return page(router.catalogue.prompt_items, params.cursor if params else None, "prompts")
+
+    async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> dict[str, Any]:
+        entry = router.catalogue.prompts.get(params.name)
+        if entry is None:
+            await router.wait_ready()
+            entry = router.catalogue.prompts.get(params.name)
+            if entry is None:
+                raise unknown("prompt", params.name)
+        out: dict[str, Any] = {"name": entry.original}
+        if params.arguments is not None:
+            out["arguments"] = params.arguments
+        result = await router.forward("prompts/get", entry.pool, out, retry_safe=True, on_progress=_progress_forwarder(ctx))
+        return _passthrough(result)
+
+    async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
+        track(ctx)
+        await router.wait_ready()
+        return page(router.catalogue.resource_items, params.cursor if params else None, "resources")
+
+    async def list_templates(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
+        await router.wait_ready()
+        return page(router.catalogue.template_items, params.cursor if params else None, "resourceTemplates")
+
+    async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        uri = str(params.uri)
+        pool = resource_pool(router.catalogue, uri)
+        if pool is None:
+            await router.wait_ready()
+            pool = resource_pool(router.catalogue, uri)
+            if pool is None:
+                raise MCPError(-32002, f"Resource not found: {uri!r}")
+        result = await router.forward("resources/read", pool, {"uri": uri}, retry_safe=True, on_progress=_progress_forwarder(ctx))
+        return _passthrough(result)
+
+    async def complete(ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
+        ref = params.ref
+        out = params.model_dump(by_alias=True, mode="json", exclude_none=True, exclude={"meta"})
+        if isinstance(ref, types.PromptReference):
+            entry = router.catalogue.prompts.get(ref.name)
+            if entry is None:
+                raise unknown("prompt", ref.name)
+            out["ref"] = {**out["ref"], "name": entry.original}
+            pool = entry.pool
+        else:
+            found = next((owners for tpl, owners in router.catalogue.templates if tpl is not None and str(tpl) == ref.uri), None)
+            if found is None:
+                raise MCPError(-32002, f"Resource template not found: {ref.uri!r}")
+            pool = found
+        return _passthrough(await router.forward("completion/complete", pool, out, retry_safe=True))
+
+    server = RouterServer(
+        router.settings.server_name,
+        version=__version__,
+        cache_hints=dict.fromkeys(CACHEABLE_METHODS, CacheHint(ttl_ms=0, scope="private")),
+        on_list_tools=_guard(list_tools),
+        on_call_tool=_guard(call_tool),
+        on_list_prompts=_guard(list_prompts),
+        on_get_prompt=_guard(get_prompt),
+        on_list_resources=_guard(list_resources),
+        on_list_resource_templates=_guard(list_templates),
+        on_read_resource=_guard(read_resource),
+        on_completion=_guard(complete),
+    )
+    return server
+
+
+def _guard(handler: Callable[..., Awaitable[Any]]) -> Any:
+    """No Python exception text reaches a client: anything unexpected is logged and becomes a plain internal error."""
+
+    async def guarded(ctx: Any, params: Any) -> Any:
+        try:
+            return await handler(ctx, params)
+        except MCPError:
+            raise
+        except Exception:
+            log.exception("internal error handling %s", getattr(ctx, "method", "request"))
+            raise MCPError(INTERNAL_ERROR, "internal router error; see the router's log") from None
+
+    guarded.__name__ = handler.__name__
+    return guarded
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+async def serve_stdio(server: Server[Any]) -> None:
+    from mcp.server.stdio import stdio_server
+
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())
+
+
+def http_app(router: Router, server: RouterServer) -> Any:
+    """The Starlette app serving streamable HTTP at /mcp."""
+    return server.streamable_http_app(streamable_http_path="/mcp", host=router.settings.host)
+
+
+async def serve_http(router: Router, server: RouterServer, stop: anyio.Event) -> None:
+    import uvicorn
+
+    class _Uvicorn(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the router owns signals, so shutdown is ours to order
+            yield
+
+    settings = router.settings
+    config = uvicorn.Config(http_app(router, server), host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    web = _Uvicorn(config)
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            await stop.wait()
+            web.should_exit = True
+
+        tg.start_soon(stop_on_signal)
+        await web.serve()
+        tg.cancel_scope.cancel()
+    if not web.started:
+        raise RouterError(f"cannot serve HTTP on {settings.host}:{settings.port} (is the port in use?)")
+
+
+async def run_router(config: Config) -> None:
+    """Start the backends and serve until the client leaves or a signal arrives."""
+    router = Router(config)
+    server = build_server(router)
+    if not config.backends:
+        log.info(
+            "no backends configured: serving the management tools only; add backends in backends.yaml (see backends.example.yaml) or pass --config"
+        )
+    stop = anyio.Event()
+    async with router.running(), anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("received %s; shutting down", signal.Signals(signum).name)
+                    stop.set()
+                    if config.settings.transport == "stdio":
+                        tg.cancel_scope.cancel()
+
+        async def keep_instructions() -> None:
+            await router.wait_ready()
+            server.instructions = router.catalogue.instructions
+
+        tg.start_soon(watch_signals)
+        tg.start_soon(keep_instructions)
+        if config.settings.transport == "http":
+            log.info("serving streamable HTTP on http://%s:%d/mcp", config.settings.host, config.settings.port)
+            await serve_http(router, server, stop)
+        else:
+            await serve_stdio(server)
+        tg.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-router",
+        description="One MCP server in front of many: namespaced tools, resources and prompts, with health checks, circuit breakers and retries.",
+        epilog=(
+            "examples:\n"
+            "  mcp_router.py --config backends.yaml                 serve over stdio (for Claude Desktop, Cursor, ...)\n"
+            "  mcp_router.py --config backends.yaml --transport http --port 8000\n"
+            "\n"
+            "settings also come from MCP_* environment variables and the YAML file; "
+            "precedence: flags > environment > YAML > defaults."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        help="backends file (YAML, or JSON with mcpServers); default: $MCP_BACKENDS_CONFIG, else ./backends.yaml",
+    )
+    for s in SETTINGS:
+        if s.flag is None:
+            continue
+        if s.kind is bool:
+            parser.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
+        elif isinstance(s.kind, tuple):
+            parser.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
+        else:
+            parser.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS}
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, os.environ, overrides)
+    except ConfigError as err:
+        print("mcp-router: configuration error:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.settings.log_level)
+    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        anyio.run(run_router, config)
+    except KeyboardInterrupt:
+        pass
+    except RouterError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
