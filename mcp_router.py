@@ -63,7 +63,7 @@ from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
-from mcp.server.caching import CACHEABLE_METHODS, CacheHint
+from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
 from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.models import InitializationOptions
 from mcp.shared.exceptions import MCPError
@@ -1004,15 +1004,15 @@ class CircuitBreaker:
         return "closed"
 
     def record_failure(self, error: str) -> BreakerState | None:
+        state = self.state
         self.failures += 1
         self.last_error = error
         self.trial_in_flight = False
         self.trial_successes = 0
-        if self.opened_at is not None or self.failures >= self.failure_threshold:
-            was_open = self.opened_at is not None
+        if state == "half_open" or (state == "closed" and self.failures >= self.failure_threshold):
             self.opened_at = self.clock()
-            return None if was_open and self.failures > self.failure_threshold else "open"
-        return None
+            return "open"
+        return None  # still closed, or a straggler failing while already open
 
     def open_error(self) -> str:
         wait = max(0.0, (self.retry_at or 0.0) - self.clock())
@@ -1096,10 +1096,24 @@ class HealthRecord:
     last_latency_ms: float | None = None
 
 
+INHERITED_ENV: Final = re.compile(
+    r"(HTTPS?_PROXY|NO_PROXY|ALL_PROXY|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|NODE_EXTRA_CA_CERTS"
+    r"|LANG|TMPDIR|(UV|PIP|NPM_CONFIG|XDG|LC)_\w+)",
+    re.IGNORECASE,
+)
+"""Beyond the SDK's minimal child environment (HOME, PATH, ...): what `uvx`/`npx` need behind proxies and private CAs."""
+
+
+def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
+    """A stdio backend's extra environment: network and locale settings of the router's, then its own `env`."""
+    return {k: v for k, v in parent.items() if INHERITED_ENV.fullmatch(k)} | dict(own)
+
+
 def _connector_for(config: BackendConfig) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend."""
     if config.transport == "stdio":
-        params = StdioServerParameters(command=config.command or "", args=list(config.args), env=dict(config.env) or None, cwd=config.cwd)
+        env = child_environment(os.environ, config.env)
+        params = StdioServerParameters(command=config.command or "", args=list(config.args), env=env, cwd=config.cwd)
         return lambda: stdio_client(params)
     if config.transport == "sse":
         return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
@@ -1109,9 +1123,11 @@ def _connector_for(config: BackendConfig) -> Connector:
         import httpx2
 
         timeout = httpx2.Timeout(30.0, read=300.0)
-        async with httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout) as client:
-            async with streamable_http_client(config.url or "", http_client=client) as streams:
-                yield streams
+        async with (
+            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout) as client,
+            streamable_http_client(config.url or "", http_client=client) as streams,
+        ):
+            yield streams
 
     return http
 
@@ -1201,8 +1217,16 @@ class Backend:
                 client_info=types.Implementation(name="mcp-router", version=__version__),
             )
             await stack.enter_async_context(session)
-            with anyio.fail_after(self.timeout):
-                init = await session.initialize()
+            try:
+                with anyio.fail_after(self.timeout):
+                    init = await session.initialize()
+            except TimeoutError:
+                raise RouterError(f"no answer to initialize within {self.timeout:g}s") from None
+            except MCPError as err:
+                if err.code != CONNECTION_CLOSED:
+                    raise
+                hint = " (did the command exit? its stderr is in the router's log)" if self.config.transport == "stdio" else ""
+                raise RouterError(f"connection closed during the MCP handshake{hint}") from None
             if self.config.transport != "stdio":
                 self._headers = {"mcp-protocol-version": init.protocol_version}
             self.session, self.dispatcher = session, dispatcher
@@ -1799,7 +1823,7 @@ def build_server(router: Router) -> RouterServer:
     server = RouterServer(
         router.settings.server_name,
         version=__version__,
-        cache_hints=dict.fromkeys(CACHEABLE_METHODS, CacheHint(ttl_ms=0, scope="private")),
+        cache_hints=dict.fromkeys(cast("frozenset[CacheableMethod]", CACHEABLE_METHODS), CacheHint(ttl_ms=0, scope="private")),
         on_list_tools=_guard(list_tools),
         on_call_tool=_guard(call_tool),
         on_list_prompts=_guard(list_prompts),

@@ -1,0 +1,940 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "mcp>=2.3,<3",
+#     "pyyaml>=6",
+#     "pytest>=8",
+# ]
+# ///
+"""The whole test suite of mcp_router.py.
+
+Run it with `uv run test_mcp_router.py` (or `pytest test_mcp_router.py`).
+Backends are real `mcp.server.Server` objects, in process or as subprocesses
+(`python test_mcp_router.py --fake-backend ...` runs one over stdio or HTTP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mcp_types as types
+import pytest
+import yaml
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.server import Server
+from mcp.shared.exceptions import MCPError
+from mcp.shared.memory import create_client_server_memory_streams
+
+import mcp_router as mr
+
+HERE = Path(__file__).resolve().parent
+ROUTER = HERE / "mcp_router.py"
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# ---------------------------------------------------------------------------- fakes
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand; it refuses to go backwards."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "time does not go backwards"
+        self.now += seconds
+
+
+class RecordingSleep:
+    """An async sleep that records delays and moves a FakeClock instead of waiting."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        self.clock.advance(seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+@dataclass
+class FakeBackend:
+    """A real MCP Server with chosen tools, resources and prompts, and failure modes.
+
+    Tools: `echo` (returns its text), `fail` (an MCP error), `broken` (isError),
+    `hang` (never answers until `release` is set), `count` (counts calls), plus
+    `fillers` numbered tools; listings are paginated by `page_size`.
+    """
+
+    name: str
+    fillers: int = 0
+    page_size: int = 0
+    extra_tools: list[types.Tool] = field(default_factory=list)
+    resources: list[types.Resource] = field(default_factory=list)
+    templates: list[types.ResourceTemplate] = field(default_factory=list)
+    prompts: list[types.Prompt] = field(default_factory=list)
+    instructions: str | None = None
+    result_for: dict[str, types.CallToolResult] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    release: anyio.Event = field(default_factory=anyio.Event)
+    hang_started: anyio.Event = field(default_factory=anyio.Event)
+    cancelled: anyio.Event = field(default_factory=anyio.Event)
+
+    def tools(self) -> list[types.Tool]:
+        schema = {"type": "object", "properties": {"text": {"type": "string"}}}
+        base = [types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in ("echo", "fail", "broken", "hang", "count")]
+        base[4] = types.Tool(name="count", input_schema=schema, annotations=types.ToolAnnotations(idempotent_hint=True))
+        fill = [types.Tool(name=f"tool_{i}", input_schema={"type": "object"}) for i in range(self.fillers)]
+        return base + self.extra_tools + fill
+
+    def _page(self, items: list[Any], params: types.PaginatedRequestParams | None) -> tuple[list[Any], str | None]:
+        if not self.page_size:
+            return items, None
+        start = int(params.cursor) if params and params.cursor else 0
+        end = start + self.page_size
+        return items[start:end], (str(end) if end < len(items) else None)
+
+    def server(self) -> Server[Any]:
+        async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+            items, cursor = self._page(self.tools(), params)
+            return types.ListToolsResult(tools=items, next_cursor=cursor)
+
+        async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+            self.calls.append(params.name)
+            args = params.arguments or {}
+            if params.name in self.result_for:
+                return self.result_for[params.name]
+            if params.name == "fail":
+                raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
+            if params.name == "broken":
+                return types.CallToolResult(content=[types.TextContent(text="tool-level failure")], is_error=True)
+            if params.name == "hang":
+                self.hang_started.set()
+                try:
+                    await self.release.wait()
+                except anyio.get_cancelled_exc_class():
+                    self.cancelled.set()
+                    raise
+            if params.name == "progress":
+                for i in range(3):
+                    await ctx.session.report_progress(i + 1, 3, f"step {i + 1}")
+            text = f"{self.name}:{params.name}:{args.get('text', '')}"
+            return types.CallToolResult(content=[types.TextContent(text=text)])
+
+        async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
+            return types.ListResourcesResult(resources=self.resources)
+
+        async def list_templates(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourceTemplatesResult:
+            return types.ListResourceTemplatesResult(resource_templates=self.templates)
+
+        async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+            uri = str(params.uri)
+            return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, text=f"{self.name} reads {uri}", mime_type="text/plain")])
+
+        async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
+            return types.ListPromptsResult(prompts=self.prompts)
+
+        async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+            text = f"{self.name} prompt {params.name} {params.arguments or {}}"
+            return types.GetPromptResult(description="d", messages=[types.PromptMessage(role="user", content=types.TextContent(text=text))])
+
+        async def complete(ctx: Any, params: types.CompleteRequestParams) -> types.CompleteResult:
+            return types.CompleteResult(completion=types.Completion(values=[f"{self.name}-{params.argument.value}"]))
+
+        return Server(
+            self.name,
+            instructions=self.instructions,
+            on_list_tools=list_tools,
+            on_call_tool=call_tool,
+            on_list_resources=list_resources,
+            on_list_resource_templates=list_templates,
+            on_read_resource=read_resource,
+            on_list_prompts=list_prompts,
+            on_get_prompt=get_prompt,
+            on_completion=complete,
+        )
+
+
+class InProcess:
+    """A connector to an in-process backend whose connection the test can cut."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+        self.server = backend.server()
+        self.connects = 0
+        self.refuse = False
+        self._cut: Callable[[], Any] | None = None
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[Any]:
+        self.connects += 1
+        if self.refuse:
+            raise ConnectionRefusedError("fake backend refuses connections")
+        async with create_client_server_memory_streams() as (client_streams, server_streams), anyio.create_task_group() as tg:
+            tg.start_soon(self.server.run, server_streams[0], server_streams[1], self.server.create_initialization_options())
+            self._cut = tg.cancel_scope.cancel
+            try:
+                yield client_streams
+            finally:
+                tg.cancel_scope.cancel()
+
+    def cut(self) -> None:
+        """Drop the connection, as a crashed backend would."""
+        assert self._cut is not None
+        self._cut()
+
+
+def config_for(*names: str, settings: dict[str, Any] | None = None, **backend_keys: Any) -> mr.Config:
+    raw: dict[str, Any] = {"backends": [{"name": n, "command": "unused", **backend_keys} for n in names]}
+    raw |= settings or {}
+    return mr.parse_config(raw, {})
+
+
+@asynccontextmanager
+async def routed(
+    *fakes: FakeBackend,
+    settings: dict[str, Any] | None = None,
+    mode: str = "legacy",
+    clock: Callable[[], float] | None = None,
+    sleep: Any = None,
+    **backend_keys: Any,
+) -> AsyncIterator[tuple[Client, mr.Router, dict[str, InProcess]]]:
+    """A router over in-process fakes, and a client connected to it."""
+    config = config_for(*(f.name for f in fakes), settings=settings, **backend_keys)
+    connectors = {f.name: InProcess(f) for f in fakes}
+    extra: dict[str, Any] = {}
+    if clock is not None:
+        extra["clock"] = clock
+    if sleep is not None:
+        extra["sleep"] = sleep
+    router = mr.Router(config, connectors=connectors, **extra)
+    with anyio.fail_after(20):
+        async with router.running():
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode=mode, cache=None) as client:
+                yield client, router, connectors
+
+
+async def call(client: Client, name: str, arguments: dict[str, Any] | None = None) -> types.CallToolResult:
+    return await client.session.send_request(
+        types.CallToolRequest(params=types.CallToolRequestParams(name=name, arguments=arguments or {})), types.CallToolResult
+    )
+
+
+def text_of(result: types.CallToolResult) -> str:
+    block = result.content[0]
+    assert isinstance(block, types.TextContent)
+    return block.text
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def problems_of(raw: Any, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(mr.ConfigError) as info:
+        mr.parse_config(raw, env or {}, source="backends.yaml")
+    return info.value.problems
+
+
+def test_config_baseline_schema_loads_with_every_key() -> None:
+    raw = yaml.safe_load(
+        """
+        backends:
+          - name: database
+            url: http://localhost:8001/mcp
+            namespace: db
+            priority: 5
+            routes:
+              - {pattern: "*_user", strategy: path}
+              - {pattern: "analyze_*", strategy: fallback, fallback_to: api}
+            health_check: {enabled: true, interval_seconds: 15, timeout_seconds: 2, endpoint: /health}
+            circuit_breaker: {failure_threshold: 3, timeout_seconds: 20, half_open_attempts: 2}
+          - name: api
+            url: http://localhost:8002/mcp
+        routing:
+          default_strategy: path
+          enable_namespace_prefixing: false
+          capability_cache_ttl_seconds: 60
+          request_timeout_seconds: 12
+          retry: {max_attempts: 4, backoff_multiplier: 3, max_backoff_seconds: 7}
+        """
+    )
+    config = mr.parse_config(raw, {})
+    db, api = config.backends
+    assert (db.namespace, db.priority, db.transport) == ("db", 5, "http")
+    assert db.routes[1] == mr.RouteConfig(pattern="analyze_*", strategy="fallback", fallback_to="api")
+    assert db.health_check == mr.HealthCheckConfig(enabled=True, interval_seconds=15, timeout_seconds=2, endpoint="/health")
+    assert db.circuit_breaker == mr.CircuitBreakerConfig(failure_threshold=3, timeout_seconds=20, half_open_attempts=2)
+    assert (api.namespace, api.priority) == ("api", 10)
+    s = config.settings
+    assert (s.default_strategy, s.enable_namespaces, s.cache_ttl, s.request_timeout) == ("path", False, 60, 12)
+    assert (s.max_retries, s.retry_backoff, s.max_backoff) == (4, 3, 7)
+
+
+def test_config_stdio_backend_with_env_cwd_and_filters() -> None:
+    raw = {"backends": [{"name": "t", "command": "uvx", "args": ["mcp-server-time"], "env": {"TZ": "UTC"}, "cwd": "/tmp", "include": ["get_*"], "exclude": ["*_secret"], "timeout": 3, "enabled": False}]}
+    (b,) = mr.parse_config(raw, {}).backends
+    assert (b.transport, b.command, b.args, dict(b.env), b.cwd) == ("stdio", "uvx", ("mcp-server-time",), {"TZ": "UTC"}, "/tmp")
+    assert (b.include, b.exclude, b.timeout, b.enabled) == (("get_*",), ("*_secret",), 3.0, False)
+
+
+def test_config_reports_every_problem_with_path_and_expectation() -> None:
+    problems = problems_of(
+        {
+            "backends": [
+                {"name": "ok", "url": "http://localhost:1/mcp"},
+                {"name": "ok", "url": "http://localhost:2/mcp"},
+                {"name": "bad", "url": "localhost:8000"},
+                {"name": "typo", "command": "x", "priortiy": 3},
+                {"name": "types", "command": "x", "priority": "high", "args": "not-a-list", "circuit_breaker": {"failure_threshold": -1}},
+                {"name": "neither"},
+            ],
+            "routing": {"request_timeout_seconds": "soon", "retry": {"max_attempts": 0}},
+            "extra": 1,
+        }
+    )
+    text = "\n".join(problems)
+    assert "backends.yaml: backends[2].url: expected an http(s) URL, got 'localhost:8000'" in problems
+    assert "backends[3].priortiy: unknown key (did you mean 'priority'?)" in text
+    assert "backends[4].priority: expected a whole number >= 0, got 'high'" in text
+    assert "backends[4].args: expected a list of strings" in text
+    assert "backends[4].circuit_breaker.failure_threshold: expected a whole number >= 0" in text
+    assert "backends[5]: expected url (an http(s) URL) or command" in text
+    assert "duplicate backend name" in text and "'ok'" in text
+    assert "routing.request_timeout_seconds: expected a number >= 0, got 'soon'" in text
+    assert "routing.retry.max_attempts: expected at least 1 attempt" in text
+    assert "backends.yaml: extra: unknown key" in text
+    assert all(p.startswith("backends.yaml: ") for p in problems)
+
+
+def test_config_empty_backends_list_is_an_error() -> None:
+    assert problems_of({"backends": []}) == ["backends.yaml: backends: expected a non-empty list of backends"]
+
+
+def test_config_expands_environment_variables_and_reports_missing_ones() -> None:
+    raw = {"backends": [{"name": "gh", "url": "https://${HOST}/mcp", "headers": {"Authorization": "Bearer ${TOKEN}"}, "env": {"MODE": "${MODE:-fast}"}}]}
+    (b,) = mr.parse_config(raw, {"HOST": "api.example.com", "TOKEN": "s3cret"}).backends
+    assert b.url == "https://api.example.com/mcp"
+    assert b.headers["Authorization"] == "Bearer s3cret"
+    assert b.env["MODE"] == "fast"
+    problems = problems_of(raw, {"HOST": "h"})
+    assert problems == ["backends.yaml: backends[0].headers.Authorization: environment variable TOKEN is not set and has no default (write ${TOKEN:-default})"]
+
+
+def test_config_accepts_the_mcp_servers_format_of_claude_and_cursor(tmp_path: Path) -> None:
+    path = tmp_path / ".mcp.json"
+    path.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "time": {"command": "uvx", "args": ["mcp-server-time"], "env": {"TZ": "UTC"}},
+                    "remote": {"type": "http", "url": "https://example.com/mcp", "headers": {"X-Key": "k"}},
+                    "legacy": {"type": "sse", "url": "https://example.com/sse", "disabled": True, "autoApprove": []},
+                }
+            }
+        )
+    )
+    config = mr.load_config(path, {})
+    by_name = {b.name: b for b in config.backends}
+    assert by_name["time"].transport == "stdio"
+    assert by_name["remote"].transport == "http" and by_name["remote"].headers == {"X-Key": "k"}
+    assert by_name["legacy"].transport == "sse" and by_name["legacy"].enabled is False
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "backends.yaml"
+    bad.write_text("backends:\n  - name: a\n    url: [unclosed\n")
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(bad, {})
+    assert info.value.problems[0].startswith(f"{bad}: invalid YAML: line ")
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(tmp_path / "missing.yaml", {})
+    assert "cannot read" in info.value.problems[0]
+
+
+def test_config_precedence_is_cli_then_env_then_yaml_then_default() -> None:
+    raw = {"routing": {"request_timeout_seconds": 5, "retry": {"max_attempts": 2}}, "server": {"port": 9000, "name": "yaml-name"}}
+    env = {"MCP_REQUEST_TIMEOUT": "7", "MCP_PORT": "9001", "MCP_ENABLE_NAMESPACES": "false"}
+    s = mr.parse_config(raw, env, overrides={"request_timeout": 9.0}).settings
+    assert s.request_timeout == 9.0  # CLI
+    assert s.port == 9001 and s.enable_namespaces is False  # env
+    assert s.max_retries == 2 and s.server_name == "yaml-name"  # YAML
+    assert s.max_backoff == 10.0 and s.health_check_interval == 30.0  # defaults
+
+
+def test_config_bad_environment_value_names_the_variable() -> None:
+    assert problems_of({}, {"MCP_PORT": "eighty"}) == ["backends.yaml: MCP_PORT: expected a whole number >= 0, got 'eighty'"]
+
+
+def test_config_health_defaults_come_from_the_router_settings() -> None:
+    config = mr.parse_config({"backends": [{"name": "a", "command": "x"}]}, {"MCP_HEALTH_CHECK_INTERVAL": "12", "MCP_HEALTH_CHECK_TIMEOUT": "2"})
+    assert config.backends[0].health_check.interval_seconds == 12
+    assert config.backends[0].health_check.timeout_seconds == 2
+
+
+def test_zero_config_starts_with_no_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert mr.load_config(None, {}).backends == ()
+
+
+def test_dependency_lists_agree_between_script_headers_and_pyproject() -> None:
+    def header_deps(path: Path) -> list[str]:
+        block = re.search(r"# /// script\n(.*?)# ///", path.read_text(), re.S)
+        assert block, path
+        return tomllib.loads("\n".join(line[2:] for line in block.group(1).splitlines()))["dependencies"]
+
+    project = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+    assert header_deps(ROUTER) == project["dependencies"]
+    assert header_deps(HERE / "test_mcp_router.py") == [*project["dependencies"], *project["optional-dependencies"]["test"]]
+
+
+def test_readme_documents_every_setting_and_key() -> None:
+    readme = (HERE / "README.md").read_text()
+    for s in mr.SETTINGS:
+        row = next((line for line in readme.splitlines() if f"`{s.env}`" in line), None)
+        assert row is not None, f"README lacks {s.env}"
+        assert f"`{s.yaml_path}`" in row, f"README row for {s.env} lacks {s.yaml_path}"
+        default = getattr(mr.Settings(), s.field)
+        assert f"`{str(default).lower() if isinstance(default, bool) else default}`" in row, f"README default for {s.env}"
+    for key in mr._BACKEND_KEYS:
+        assert f"`{key}`" in readme, f"README lacks backend key {key}"
+
+
+def test_example_config_is_valid() -> None:
+    config = mr.load_config(HERE / "backends.example.yaml", {})
+    assert config.backends
+
+
+# ---------------------------------------------------------------------------- naming and catalogue
+
+
+def test_exposed_names_are_namespaced_and_legal() -> None:
+    assert mr.expose_name("github", "search") == "github__search"
+    dotted = mr.expose_name("fs", "read.file")
+    assert re.fullmatch(r"fs__read_file_[0-9a-f]{8}", dotted)
+    long = mr.expose_name("a_very_long_namespace_name", "and_an_even_longer_tool_name_that_goes_on_and_on")
+    assert len(long) == 64 and mr.NAME_PATTERN.match(long)
+    assert long == mr.expose_name("a_very_long_namespace_name", "and_an_even_longer_tool_name_that_goes_on_and_on")
+    assert mr.expose_name("ns", "x", {"ns__x"}) != "ns__x"
+
+
+def test_catalogue_keeps_a_table_and_never_reparses_names() -> None:
+    tools = ({"name": "read.file", "inputSchema": {}}, {"name": "read_file", "inputSchema": {}})
+    cat = mr.build_catalogue([mr.Member("fs", "fs", 10, mr.Listing(tools=tools))])
+    originals = {e.original for e in cat.tools.values()}
+    assert originals == {"read.file", "read_file"}
+    assert all(mr.NAME_PATTERN.match(n) for n in cat.tools)
+
+
+def test_catalogue_with_namespaces_off_reports_collisions_and_prefers_priority() -> None:
+    a = mr.Member("a", "a", 20, mr.Listing(tools=({"name": "search", "inputSchema": {}},)))
+    b = mr.Member("b", "b", 5, mr.Listing(tools=({"name": "search", "inputSchema": {}},)))
+    cat = mr.build_catalogue([a, b], namespaced=False)
+    assert cat.tools["search"].pool == ("b", "a")
+    assert cat.conflicts == ("tool 'search' is offered by b, a; routed by priority",)
+
+
+def test_include_and_exclude_filter_a_backends_tools() -> None:
+    tools = [{"name": n} for n in ("get_time", "get_secret", "convert")]
+    kept = mr.filter_tools(tools, ["get_*"], ["*secret"])
+    assert [t["name"] for t in kept] == ["get_time"]
+
+
+def test_page_rejects_a_bad_cursor() -> None:
+    items = [{"name": str(i)} for i in range(5)]
+    assert mr.page(items, None, "tools", size=2)["nextCursor"] == "2"
+    assert "nextCursor" not in mr.page(items, "4", "tools", size=2)
+    with pytest.raises(MCPError):
+        mr.page(items, "nope", "tools")
+
+
+async def test_aggregates_three_backends_with_colliding_tool_names() -> None:
+    fakes = [FakeBackend(n) for n in ("alpha", "beta", "gamma")]
+    async with routed(*fakes) as (client, _, _):
+        names = {t.name for t in (await client.list_tools()).tools}
+        for n in ("alpha", "beta", "gamma"):
+            assert {f"{n}__echo", f"{n}__fail", f"{n}__count"} <= names
+        assert {"list_backends", "get_backend_health"} <= names
+        assert text_of(await call(client, "beta__echo", {"text": "hi"})) == "beta:echo:hi"
+        assert text_of(await call(client, "gamma__echo", {"text": "yo"})) == "gamma:echo:yo"
+
+
+async def test_pagination_is_followed_to_the_end_and_offered_to_the_client() -> None:
+    big = FakeBackend("big", fillers=1500, page_size=100)
+    async with routed(big) as (client, _, _):
+        first = await client.session.list_tools()
+        assert len(first.tools) == mr.PAGE_SIZE and first.next_cursor
+        second = await client.session.list_tools(params=types.PaginatedRequestParams(cursor=first.next_cursor))
+        assert second.next_cursor is None
+        names = [t.name for t in first.tools + second.tools]
+        assert len(names) == len(set(names)) == 1500 + 5 + 2
+        assert "big__tool_1499" in names
+
+
+async def test_with_namespaces_off_names_pass_through_and_collisions_route_by_priority() -> None:
+    a, b = FakeBackend("a"), FakeBackend("b")
+    async with routed(a, b, settings={"routing": {"enable_namespace_prefixing": False}}) as (client, _, _):
+        names = [t.name for t in (await client.list_tools()).tools]
+        assert names.count("echo") == 1
+        assert text_of(await call(client, "echo", {"text": "x"})) == "a:echo:x"
+        listed = await call(client, "list_backends")
+        assert listed.structured_content and "tool 'echo' is offered by a, b; routed by priority" in listed.structured_content["conflicts"]
+
+
+# ---------------------------------------------------------------------------- passthrough fidelity
+
+RICH_TOOL = types.Tool(
+    name="rich",
+    title="Rich tool",
+    description="exercises every field",
+    input_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+    output_schema={"type": "object", "properties": {"total": {"type": "integer"}}},
+    annotations=types.ToolAnnotations(title="Rich", read_only_hint=True, open_world_hint=False),
+    icons=[types.Icon(src="https://example.com/icon.png", mime_type="image/png")],
+    _meta={"vendor/flag": True, "io.modelcontextprotocol/secret": "reserved"},
+)
+RICH_RESULT = types.CallToolResult(
+    content=[
+        types.TextContent(text="text", annotations=types.Annotations(audience=["user"], priority=0.5)),
+        types.ImageContent(data="aGVsbG8=", mime_type="image/png"),
+        types.AudioContent(data="aGVsbG8=", mime_type="audio/wav"),
+        types.EmbeddedResource(resource=types.TextResourceContents(uri="file:///a.txt", text="embedded", mime_type="text/plain")),
+        types.ResourceLink(uri="file:///b.bin", name="b", mime_type="application/octet-stream"),
+    ],
+    structured_content={"total": 3},
+    _meta={"vendor/trace": "abc"},
+)
+
+
+def rich_backend(name: str = "rich") -> FakeBackend:
+    return FakeBackend(
+        name,
+        extra_tools=[RICH_TOOL],
+        result_for={"rich": RICH_RESULT},
+        resources=[types.Resource(uri="file:///a.txt", name="a", title="A", mime_type="text/plain", size=8)],
+        templates=[types.ResourceTemplate(uri_template="notes://{id}", name="note")],
+        prompts=[types.Prompt(name="greet", title="Greet", arguments=[types.PromptArgument(name="who", required=True)])],
+        instructions="Use rich tools wisely.",
+    )
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_parity_router_changes_nothing_but_names(mode: str) -> None:
+    fake = rich_backend()
+    async with Client(fake.server(), mode=mode, cache=None) as direct, routed(fake, mode=mode) as (client, _, _):
+        d_tool = next(t for t in (await direct.list_tools()).tools if t.name == "rich")
+        r_tool = next(t for t in (await client.list_tools()).tools if t.name == "rich__rich")
+        d_dump, r_dump = d_tool.model_dump(exclude={"name"}), r_tool.model_dump(exclude={"name"})
+        assert d_dump.pop("meta") == {"vendor/flag": True, "io.modelcontextprotocol/secret": "reserved"}
+        assert r_dump.pop("meta") == {"vendor/flag": True}  # reserved protocol keys belong to each hop
+        assert r_dump == d_dump
+
+        d_result = await call(direct, "rich", {"n": 1})
+        r_result = await call(client, "rich__rich", {"n": 1})
+        assert r_result.model_dump(exclude={"meta"}) == d_result.model_dump(exclude={"meta"})
+        assert (r_result.meta or {}).get("vendor/trace") == "abc"
+
+        assert (await client.list_resources()).resources == (await direct.list_resources()).resources
+        assert (await client.list_resource_templates()).resource_templates == (await direct.list_resource_templates()).resource_templates
+        for uri in ("file:///a.txt", "notes://42"):
+            assert (await client.read_resource(uri)) .contents == (await direct.read_resource(uri)).contents
+
+        r_prompt = (await client.list_prompts()).prompts[0]
+        assert r_prompt.name == "rich__greet" and r_prompt.model_dump(exclude={"name"}) == (await direct.list_prompts()).prompts[0].model_dump(exclude={"name"})
+        got = await client.get_prompt("rich__greet", {"who": "Ada"})
+        assert got.messages == (await direct.get_prompt("greet", {"who": "Ada"})).messages
+
+        done = await client.complete(types.PromptReference(name="rich__greet"), {"name": "who", "value": "A"})
+        assert done.completion.values == ["rich-A"]
+
+
+async def test_backend_results_pass_through_byte_for_byte_when_large() -> None:
+    blob = "x" * (5 * 1024 * 1024)
+    fake = FakeBackend("big", result_for={"echo": types.CallToolResult(content=[types.TextContent(text=blob)])})
+    async with routed(fake) as (client, _, _):
+        assert text_of(await call(client, "big__echo")) == blob
+
+
+async def test_instructions_of_backends_are_combined_under_their_namespace() -> None:
+    fake = rich_backend()
+    async with routed(fake) as (_, router, _):
+        assert router.catalogue.instructions == "## rich\nUse rich tools wisely."
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+async def test_errors_are_clear_mcp_errors_and_the_router_keeps_serving() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake) as (client, _, _):
+        with pytest.raises(MCPError) as info:
+            await call(client, "svc__nope")
+        assert info.value.code == types.INVALID_PARAMS and "Unknown tool: 'svc__nope'" in info.value.message
+        with pytest.raises(MCPError) as info:
+            await call(client, "svc__fail")
+        assert (info.value.code, info.value.message, info.value.data) == (-32042, "the fake refuses", {"why": "asked to"})
+        broken = await call(client, "svc__broken")
+        assert broken.is_error and text_of(broken) == "tool-level failure"
+        with pytest.raises(MCPError) as info:
+            await client.get_prompt("svc__missing")
+        assert "Unknown prompt" in info.value.message
+        with pytest.raises(MCPError):
+            await client.read_resource("nowhere://x")
+        assert text_of(await call(client, "svc__echo", {"text": "still here"})) == "svc:echo:still here"
+
+
+async def test_a_down_backend_is_a_clear_error_naming_it() -> None:
+    up, down = FakeBackend("up"), FakeBackend("down")
+    config = config_for("up", "down")
+    connectors = {"up": InProcess(up), "down": InProcess(down)}
+    router = mr.Router(config, connectors=connectors)
+    with anyio.fail_after(10):
+        async with router.running():
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                connectors["down"].refuse = True
+                connectors["down"].cut()
+                while router.backends["down"].state == "ready":
+                    await anyio.lowlevel.checkpoint()
+                with pytest.raises(MCPError) as info:
+                    await call(client, "down__echo")
+                assert info.value.code == mr.BACKEND_UNAVAILABLE and "'down'" in info.value.message
+                assert text_of(await call(client, "up__echo", {"text": "ok"})) == "up:echo:ok"
+
+
+async def test_no_python_exception_text_reaches_the_client() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake) as (client, router, _):
+        router.catalogue = None  # type: ignore[assignment]  # sabotage the router itself
+        with pytest.raises(MCPError) as info:
+            await call(client, "svc__echo")
+        assert info.value.message == "internal router error; see the router's log"
+        assert "NoneType" not in str(info.value.data or "")
+
+
+# ---------------------------------------------------------------------------- management tools
+
+
+async def test_management_tools_report_backends_without_secrets() -> None:
+    fake = FakeBackend("gh")
+    secret_env = {"TOKEN": "tok-123456", "PASS": "pw-987654"}
+    raw = {"backends": [{"name": "gh", "url": "https://user:${PASS}@api.example.com/mcp?key=${TOKEN}", "headers": {"Authorization": "Bearer ${TOKEN}"}}]}
+    config = mr.parse_config(raw, secret_env)
+    router = mr.Router(config, connectors={"gh": InProcess(fake)})
+    with anyio.fail_after(10):
+        async with router.running():
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                listed = await call(client, "list_backends")
+                health = await call(client, "get_backend_health", {"name": "gh"})
+                unknown = await call(client, "get_backend_health", {"name": "nope"})
+    assert listed.structured_content is not None and health.structured_content is not None
+    row = listed.structured_content["backends"][0]
+    assert (row["name"], row["transport"], row["state"], row["tools"]) == ("gh", "http", "ready", 5)
+    assert row["target"] == "https://api.example.com/mcp"
+    assert health.structured_content["circuit_state"] == "closed"
+    assert "health_checks" in health.structured_content and "restarts" in health.structured_content
+    assert unknown.is_error and "known backends: gh" in text_of(unknown)
+    everything = json.dumps([listed.model_dump(), health.model_dump()])
+    for secret in ("tok-123456", "pw-987654", "user:"):
+        assert secret not in everything
+
+
+# ---------------------------------------------------------------------------- pure core: breaker and backoff
+
+
+def test_breaker_opens_at_threshold_and_half_opens_after_reset_timeout() -> None:
+    clock = FakeClock()
+    breaker = mr.CircuitBreaker("db", failure_threshold=3, reset_timeout=60, half_open_attempts=1, clock=clock)
+    assert [breaker.record_failure("boom") for _ in range(3)] == [None, None, "open"]
+    assert breaker.state == "open" and not breaker.allow()
+    assert "backend 'db'" in breaker.open_error() and "3 consecutive failures" in breaker.open_error()
+    assert "boom" in breaker.open_error() and "retrying in 60.0s" in breaker.open_error()
+    clock.advance(59.9)
+    assert breaker.state == "open"
+    clock.advance(0.1)
+    assert breaker.state == "half_open"
+    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    assert breaker.record_success() == "closed" and breaker.state == "closed"
+
+
+def test_breaker_reopens_when_a_trial_fails() -> None:
+    clock = FakeClock()
+    breaker = mr.CircuitBreaker("db", failure_threshold=1, reset_timeout=10, clock=clock)
+    assert breaker.record_failure("x") == "open"
+    clock.advance(10)
+    assert breaker.allow()
+    assert breaker.record_failure("still broken") == "open"
+    assert breaker.state == "open" and breaker.retry_at == clock() + 10
+
+
+def test_breaker_needs_every_half_open_attempt_to_succeed() -> None:
+    clock = FakeClock()
+    breaker = mr.CircuitBreaker("db", failure_threshold=1, reset_timeout=1, half_open_attempts=3, clock=clock)
+    breaker.record_failure("x")
+    clock.advance(1)
+    for expected in (None, None, "closed"):
+        assert breaker.allow()
+        assert breaker.record_success() == expected
+
+
+def test_backoff_grows_by_the_multiplier_up_to_the_cap_with_bounded_jitter() -> None:
+    delays = [mr.backoff_delay(n, initial=0.5, multiplier=2, cap=3, rng=lambda: 0.0) for n in range(1, 6)]
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+    jittered = mr.backoff_delay(2, initial=0.5, multiplier=2, cap=3, rng=lambda: 1.0)
+    assert jittered == pytest.approx(1.0 * (1 - mr.JITTER))
+
+
+# ---------------------------------------------------------------------------- resilience through the router
+
+
+async def test_a_hung_backend_times_out_while_others_answer() -> None:
+    slow, fast = FakeBackend("slow"), FakeBackend("fast")
+    async with routed(slow, fast, settings={"routing": {"request_timeout_seconds": 0.5}}) as (client, _, _):
+        async with anyio.create_task_group() as tg:
+            errors: list[MCPError] = []
+
+            async def hang() -> None:
+                try:
+                    await call(client, "slow__hang")
+                except MCPError as err:
+                    errors.append(err)
+
+            tg.start_soon(hang)
+            await slow.hang_started.wait()
+            for i in range(5):
+                assert text_of(await call(client, "fast__echo", {"text": str(i)})) == f"fast:echo:{i}"
+        assert errors and errors[0].code == types.REQUEST_TIMEOUT and "'slow'" in errors[0].message
+        with anyio.fail_after(5):
+            await slow.cancelled.wait()  # the timeout cancelled the call at the backend too
+
+
+async def test_a_timed_out_non_idempotent_call_is_not_retried() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake, settings={"routing": {"request_timeout_seconds": 0.3, "retry": {"max_attempts": 3}}}) as (client, _, _):
+        with pytest.raises(MCPError):
+            await call(client, "svc__hang")
+    assert fake.calls.count("hang") == 1
+
+
+async def test_breaker_opens_after_failures_and_rejects_without_touching_the_backend() -> None:
+    clock = FakeClock()
+    fake = FakeBackend("svc")
+    settings = {"routing": {"request_timeout_seconds": 0.2, "retry": {"max_attempts": 1}}}
+    async with routed(fake, settings=settings, clock=clock, circuit_breaker={"failure_threshold": 2, "timeout_seconds": 30}) as (client, router, _):
+        for _ in range(2):
+            with pytest.raises(MCPError):
+                await call(client, "svc__hang")
+        assert router.backends["svc"].breaker.state == "open"
+        calls_before = len(fake.calls)
+        with pytest.raises(MCPError) as info:
+            await call(client, "svc__echo")
+        assert info.value.code == mr.BACKEND_UNAVAILABLE and "circuit open after 2 consecutive failures" in info.value.message
+        assert len(fake.calls) == calls_before
+        clock.advance(30)
+        assert text_of(await call(client, "svc__echo", {"text": "back"})) == "svc:echo:back"
+        assert router.backends["svc"].breaker.state == "closed"
+
+
+async def test_unavailable_backend_is_retried_with_the_configured_backoff() -> None:
+    clock = FakeClock()
+    sleep = RecordingSleep(clock)
+    fake = FakeBackend("svc")
+    settings = {"routing": {"retry": {"max_attempts": 4, "backoff_multiplier": 3, "max_backoff_seconds": 0.5}}}
+    async with routed(fake, settings=settings, clock=clock, sleep=sleep) as (client, router, connectors):
+        connectors["svc"].refuse = True
+        connectors["svc"].cut()
+        while router.backends["svc"].state == "ready":
+            await anyio.lowlevel.checkpoint()
+        with pytest.raises(MCPError):
+            await call(client, "svc__echo")
+    assert len(sleep.delays) == 3  # four attempts, three waits between them
+    bases = [0.1, 0.3, 0.5]
+    for delay, base in zip(sleep.delays, bases, strict=True):
+        assert base * (1 - mr.JITTER) <= delay <= base
+
+
+async def test_idempotent_tools_are_retried_after_a_transport_failure() -> None:
+    clock = FakeClock()
+    sleep = RecordingSleep(clock)
+    fake = FakeBackend("svc")
+    settings = {"routing": {"request_timeout_seconds": 0.3, "retry": {"max_attempts": 2}}}
+    async with routed(fake, settings=settings, clock=clock, sleep=sleep) as (client, router, _):
+        backend = router.backends["svc"]
+        real_request = backend.request
+        failures = [MCPError(types.CONNECTION_CLOSED, "Connection closed")]
+
+        async def flaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            if failures:
+                raise failures.pop()
+            return await real_request(*args, **kwargs)
+
+        backend.request = flaky  # type: ignore[method-assign]
+        assert text_of(await call(client, "svc__count", {"text": "n"})) == "svc:count:n"
+        failures.append(MCPError(types.CONNECTION_CLOSED, "Connection closed"))
+        with pytest.raises(MCPError):
+            await call(client, "svc__echo")  # not annotated: may have run, so never re-sent
+    assert len(sleep.delays) == 1
+
+
+async def test_a_lost_connection_is_reestablished_and_listed_again() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake, settings={"routing": {"retry": {"max_backoff_seconds": 0.05}}}) as (client, router, connectors):
+        connectors["svc"].cut()
+        with anyio.fail_after(5):
+            while connectors["svc"].connects < 2 or router.backends["svc"].state != "ready":
+                await anyio.sleep(0.01)
+        assert text_of(await call(client, "svc__echo", {"text": "again"})) == "svc:echo:again"
+        assert router.backends["svc"].restarts == 1
+
+
+# ---------------------------------------------------------------------------- end to end: real processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fake_backend_command(*args: str) -> dict[str, Any]:
+    return {"command": sys.executable, "args": [str(Path(__file__).resolve()), "--fake-backend", *args]}
+
+
+def write_config(tmp_path: Path, backends: list[dict[str, Any]], **extra: Any) -> Path:
+    path = tmp_path / "backends.yaml"
+    path.write_text(yaml.safe_dump({"backends": backends, **extra}))
+    return path
+
+
+def router_params(config: Path, *extra: str) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable, args=[str(ROUTER), "--config", str(config), "--log-level", "WARNING", *extra])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def pids_from(client_result: types.CallToolResult) -> int:
+    return int(text_of(client_result).rsplit(":", 1)[1])
+
+
+async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command()}])
+    with anyio.fail_after(30):
+        async with Client(router_params(config), mode="legacy", cache=None) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert {"one__echo", "two__echo", "one__pid", "list_backends"} <= names
+            assert text_of(await call(client, "two__echo", {"text": "hello"})) == "fake:echo:hello"
+            pid = pids_from(await call(client, "one__pid"))
+            assert alive(pid)
+        # stdin EOF shut the router down; its children went with it
+        while alive(pid):
+            await anyio.sleep(0.05)
+
+
+async def test_end_to_end_over_http(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    proc = subprocess.Popen([sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"])
+    try:
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                        assert "one__echo" in {t.name for t in (await client.list_tools()).tools}
+                        assert text_of(await call(client, "one__echo", {"text": "web"})) == "fake:echo:web"
+                        pid = pids_from(await call(client, "one__pid"))
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    await anyio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(15):
+            while proc.poll() is None:
+                await anyio.sleep(0.05)
+        assert proc.returncode == 0
+        assert not alive(pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "a", "url": "localhost:8000"}, {"name": "a", "command": "x", "prio": 1}])
+    proc = subprocess.run([sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"{config}: backends[0].url: expected an http(s) URL, got 'localhost:8000'" in proc.stderr
+    assert "backends[1].prio: unknown key (did you mean 'priority'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------- the fake backend as a program
+
+
+def run_fake_backend(argv: list[str]) -> None:
+    """`--fake-backend [--http PORT]`: a FakeBackend (plus a `pid` tool) over stdio or HTTP."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fake-backend", action="store_true")
+    parser.add_argument("--http", type=int)
+    parser.add_argument("--fillers", type=int, default=0)
+    args = parser.parse_args(argv)
+    fake = FakeBackend("fake", fillers=args.fillers, extra_tools=[types.Tool(name="pid", input_schema={"type": "object"})])
+    fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
+    server = fake.server()
+
+    async def serve() -> None:
+        if args.http:
+            import uvicorn
+
+            app = server.streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
+            await uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.http, log_level="warning")).serve()
+        else:
+            from mcp.server.stdio import stdio_server
+
+            async with stdio_server() as (read, write):
+                await server.run(read, write, server.create_initialization_options())
+
+    anyio.run(serve)
+
+
+if __name__ == "__main__":
+    if "--fake-backend" in sys.argv:
+        run_fake_backend(sys.argv[1:])
+    else:
+        # a fresh interpreter, so pytest can rewrite the asserts of modules this one already imported
+        raise SystemExit(subprocess.call([sys.executable, "-m", "pytest", __file__, *sys.argv[1:]]))
