@@ -1691,7 +1691,11 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
     backend = router.backends.get(wanted) if isinstance(wanted, str) else None
     if backend is None:
         known = ", ".join(router.backends) or "none"
-        return {"content": [{"type": "text", "text": f"unknown backend {wanted!r}; known backends: {known}"}], "isError": True, "resultType": "complete"}
+        return {
+            "content": [{"type": "text", "text": f"unknown backend {wanted!r}; known backends: {known}"}],
+            "isError": True,
+            "resultType": "complete",
+        }
     info = backend.status(detail=True)
     return _management_result(info, json.dumps(info, indent=2))
 

@@ -107,7 +107,9 @@ class FakeBackend:
 
     def tools(self) -> list[types.Tool]:
         schema = {"type": "object", "properties": {"text": {"type": "string"}}}
-        base = [types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in ("echo", "fail", "broken", "hang", "count")]
+        base = [
+            types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in ("echo", "fail", "broken", "hang", "count")
+        ]
         base[4] = types.Tool(name="count", input_schema=schema, annotations=types.ToolAnnotations(idempotent_hint=True))
         fill = [types.Tool(name=f"tool_{i}", input_schema={"type": "object"}) for i in range(self.fillers)]
         return base + self.extra_tools + fill
@@ -154,7 +156,9 @@ class FakeBackend:
 
         async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
             uri = str(params.uri)
-            return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, text=f"{self.name} reads {uri}", mime_type="text/plain")])
+            return types.ReadResourceResult(
+                contents=[types.TextResourceContents(uri=uri, text=f"{self.name} reads {uri}", mime_type="text/plain")]
+            )
 
         async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
             return types.ListPromptsResult(prompts=self.prompts)
@@ -297,7 +301,21 @@ def test_config_baseline_schema_loads_with_every_key() -> None:
 
 
 def test_config_stdio_backend_with_env_cwd_and_filters() -> None:
-    raw = {"backends": [{"name": "t", "command": "uvx", "args": ["mcp-server-time"], "env": {"TZ": "UTC"}, "cwd": "/tmp", "include": ["get_*"], "exclude": ["*_secret"], "timeout": 3, "enabled": False}]}
+    raw = {
+        "backends": [
+            {
+                "name": "t",
+                "command": "uvx",
+                "args": ["mcp-server-time"],
+                "env": {"TZ": "UTC"},
+                "cwd": "/tmp",
+                "include": ["get_*"],
+                "exclude": ["*_secret"],
+                "timeout": 3,
+                "enabled": False,
+            }
+        ]
+    }
     (b,) = mr.parse_config(raw, {}).backends
     assert (b.transport, b.command, b.args, dict(b.env), b.cwd) == ("stdio", "uvx", ("mcp-server-time",), {"TZ": "UTC"}, "/tmp")
     assert (b.include, b.exclude, b.timeout, b.enabled) == (("get_*",), ("*_secret",), 3.0, False)
@@ -337,13 +355,19 @@ def test_config_empty_backends_list_is_an_error() -> None:
 
 
 def test_config_expands_environment_variables_and_reports_missing_ones() -> None:
-    raw = {"backends": [{"name": "gh", "url": "https://${HOST}/mcp", "headers": {"Authorization": "Bearer ${TOKEN}"}, "env": {"MODE": "${MODE:-fast}"}}]}
+    raw = {
+        "backends": [
+            {"name": "gh", "url": "https://${HOST}/mcp", "headers": {"Authorization": "Bearer ${TOKEN}"}, "env": {"MODE": "${MODE:-fast}"}}
+        ]
+    }
     (b,) = mr.parse_config(raw, {"HOST": "api.example.com", "TOKEN": "s3cret"}).backends
     assert b.url == "https://api.example.com/mcp"
     assert b.headers["Authorization"] == "Bearer s3cret"
     assert b.env["MODE"] == "fast"
     problems = problems_of(raw, {"HOST": "h"})
-    assert problems == ["backends.yaml: backends[0].headers.Authorization: environment variable TOKEN is not set and has no default (write ${TOKEN:-default})"]
+    assert problems == [
+        "backends.yaml: backends[0].headers.Authorization: environment variable TOKEN is not set and has no default (write ${TOKEN:-default})"
+    ]
 
 
 def test_config_accepts_the_mcp_servers_format_of_claude_and_cursor(tmp_path: Path) -> None:
@@ -392,7 +416,9 @@ def test_config_bad_environment_value_names_the_variable() -> None:
 
 
 def test_config_health_defaults_come_from_the_router_settings() -> None:
-    config = mr.parse_config({"backends": [{"name": "a", "command": "x"}]}, {"MCP_HEALTH_CHECK_INTERVAL": "12", "MCP_HEALTH_CHECK_TIMEOUT": "2"})
+    config = mr.parse_config(
+        {"backends": [{"name": "a", "command": "x"}]}, {"MCP_HEALTH_CHECK_INTERVAL": "12", "MCP_HEALTH_CHECK_TIMEOUT": "2"}
+    )
     assert config.backends[0].health_check.interval_seconds == 12
     assert config.backends[0].health_check.timeout_seconds == 2
 
@@ -562,10 +588,12 @@ async def test_parity_router_changes_nothing_but_names(mode: str) -> None:
         assert (await client.list_resources()).resources == (await direct.list_resources()).resources
         assert (await client.list_resource_templates()).resource_templates == (await direct.list_resource_templates()).resource_templates
         for uri in ("file:///a.txt", "notes://42"):
-            assert (await client.read_resource(uri)) .contents == (await direct.read_resource(uri)).contents
+            assert (await client.read_resource(uri)).contents == (await direct.read_resource(uri)).contents
 
         r_prompt = (await client.list_prompts()).prompts[0]
-        assert r_prompt.name == "rich__greet" and r_prompt.model_dump(exclude={"name"}) == (await direct.list_prompts()).prompts[0].model_dump(exclude={"name"})
+        assert r_prompt.name == "rich__greet" and r_prompt.model_dump(exclude={"name"}) == (await direct.list_prompts()).prompts[
+            0
+        ].model_dump(exclude={"name"})
         got = await client.get_prompt("rich__greet", {"who": "Ada"})
         assert got.messages == (await direct.get_prompt("greet", {"who": "Ada"})).messages
 
@@ -643,7 +671,11 @@ async def test_no_python_exception_text_reaches_the_client() -> None:
 async def test_management_tools_report_backends_without_secrets() -> None:
     fake = FakeBackend("gh")
     secret_env = {"TOKEN": "tok-123456", "PASS": "pw-987654"}
-    raw = {"backends": [{"name": "gh", "url": "https://user:${PASS}@api.example.com/mcp?key=${TOKEN}", "headers": {"Authorization": "Bearer ${TOKEN}"}}]}
+    raw = {
+        "backends": [
+            {"name": "gh", "url": "https://user:${PASS}@api.example.com/mcp?key=${TOKEN}", "headers": {"Authorization": "Bearer ${TOKEN}"}}
+        ]
+    }
     config = mr.parse_config(raw, secret_env)
     router = mr.Router(config, connectors={"gh": InProcess(fake)})
     with anyio.fail_after(10):
@@ -746,7 +778,11 @@ async def test_breaker_opens_after_failures_and_rejects_without_touching_the_bac
     clock = FakeClock()
     fake = FakeBackend("svc")
     settings = {"routing": {"request_timeout_seconds": 0.2, "retry": {"max_attempts": 1}}}
-    async with routed(fake, settings=settings, clock=clock, circuit_breaker={"failure_threshold": 2, "timeout_seconds": 30}) as (client, router, _):
+    async with routed(fake, settings=settings, clock=clock, circuit_breaker={"failure_threshold": 2, "timeout_seconds": 30}) as (
+        client,
+        router,
+        _,
+    ):
         for _ in range(2):
             with pytest.raises(MCPError):
                 await call(client, "svc__hang")
@@ -868,7 +904,9 @@ async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) ->
 async def test_end_to_end_over_http(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
-    proc = subprocess.Popen([sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"])
+    proc = subprocess.Popen(
+        [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    )
     try:
         with anyio.fail_after(30):
             while True:
