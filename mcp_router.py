@@ -1109,11 +1109,45 @@ def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict
     return {k: v for k, v in parent.items() if INHERITED_ENV.fullmatch(k)} | dict(own)
 
 
+REAPER: Final = """
+import ctypes, os, signal, sys, time
+def stop(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0): time.sleep(0.05)
+        except ChildProcessError: break
+    os.killpg(0, signal.SIGKILL)
+signal.signal(signal.SIGTERM, stop)
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the router's death, even by SIGKILL, reaches us
+if os.getppid() != int(sys.argv[1]): stop()
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try: os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as e: print(f"mcp-router: cannot run {sys.argv[2]!r}: {e.strerror}", file=sys.stderr); os._exit(127)
+while True:
+    try: _, status = os.waitpid(pid, 0); break
+    except InterruptedError: continue
+os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+"""Runs a stdio backend on Linux: the backend's process group (npx/uvx grandchildren too) dies with the router."""
+
+
+def stdio_parameters(config: BackendConfig) -> StdioServerParameters:
+    """How to start a stdio backend: behind the reaper where the platform has a parent-death signal."""
+    command, args = config.command or "", list(config.args)
+    if sys.platform == "linux":
+        command, args = sys.executable, ["-S", "-c", REAPER, str(os.getpid()), command, *args]
+    return StdioServerParameters(command=command, args=args, env=child_environment(os.environ, config.env), cwd=config.cwd)
+
+
 def _connector_for(config: BackendConfig) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend."""
     if config.transport == "stdio":
-        env = child_environment(os.environ, config.env)
-        params = StdioServerParameters(command=config.command or "", args=list(config.args), env=env, cwd=config.cwd)
+        params = stdio_parameters(config)
         return lambda: stdio_client(params)
     if config.transport == "sse":
         return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)

@@ -930,6 +930,92 @@ async def test_end_to_end_over_http(tmp_path: Path) -> None:
             proc.wait()
 
 
+async def wait_for_http_router(port: int) -> None:
+    with anyio.fail_after(30):
+        while True:
+            try:
+                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                    await client.list_tools()
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                await anyio.sleep(0.1)
+
+
+async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path: Path) -> None:
+    port = free_port()
+    nested = {"command": "sh", "args": ["-c", f"{sys.executable} {Path(__file__).resolve()} --fake-backend; exit 0"]}
+    config = write_config(tmp_path, [{"name": "direct", **fake_backend_command()}, {"name": "nested", **nested}])
+    proc = subprocess.Popen(
+        [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    )
+    try:
+        await wait_for_http_router(port)
+        async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+            pids = [pids_from(await call(client, "direct__pid")), pids_from(await call(client, "nested__pid"))]
+        assert all(alive(p) for p in pids)
+        proc.kill()
+        proc.wait()
+        with anyio.fail_after(10):
+            while any(alive(p) for p in pids):
+                await anyio.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_sigkilled_stdio_backend_comes_back_while_the_others_keep_answering(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        [{"name": "victim", **fake_backend_command()}, {"name": "steady", **fake_backend_command()}],
+        routing={"retry": {"max_backoff_seconds": 0.5}},
+    )
+    with anyio.fail_after(30):
+        async with Client(router_params(config), mode="legacy", cache=None) as client:
+            old_pid = pids_from(await call(client, "victim__pid"))
+            answers: list[str] = []
+
+            async def keep_calling() -> None:
+                for i in range(50):
+                    answers.append(text_of(await call(client, "steady__echo", {"text": str(i)})))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep_calling)
+                os.kill(old_pid, signal.SIGKILL)
+            assert answers == [f"fake:echo:{i}" for i in range(50)]
+            while True:  # back within max_backoff plus start-up: the test's fail_after bounds it
+                try:
+                    new_pid = pids_from(await call(client, "victim__pid"))
+                    break
+                except MCPError:
+                    await anyio.sleep(0.05)
+            assert new_pid != old_pid
+            assert "victim__echo" in {t.name for t in (await client.list_tools()).tools}
+            health = await call(client, "get_backend_health", {"name": "victim"})
+            assert health.structured_content and health.structured_content["restarts"] >= 1
+
+
+async def test_broken_backends_are_reported_and_the_others_served(tmp_path: Path) -> None:
+    broken = [
+        {"name": "garbage", "command": "sh", "args": ["-c", "echo this is not json-rpc; sleep 30"], "timeout": 1},
+        {"name": "early-exit", "command": "sh", "args": ["-c", "exit 3"]},
+        {"name": "silent", "command": "sh", "args": ["-c", "sleep 30"], "timeout": 1},
+        {"name": "missing", "command": "/nonexistent/mcp-server"},
+    ]
+    config = write_config(tmp_path, [{"name": "good", **fake_backend_command()}, *broken])
+    with anyio.fail_after(30):
+        async with Client(router_params(config), mode="legacy", cache=None) as client:
+            assert text_of(await call(client, "good__echo", {"text": "fine"})) == "fake:echo:fine"
+            listed = await call(client, "list_backends")
+    assert listed.structured_content
+    rows = {r["name"]: r for r in listed.structured_content["backends"]}
+    assert rows["good"]["state"] == "ready"
+    assert "no answer to initialize within 1s" in rows["garbage"]["last_error"]
+    assert "no answer to initialize within 1s" in rows["silent"]["last_error"]
+    assert "handshake" in rows["early-exit"]["last_error"] and "handshake" in rows["missing"]["last_error"]
+    assert all(rows[b["name"]]["state"] != "ready" for b in broken)
+
+
 def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "a", "url": "localhost:8000"}, {"name": "a", "command": "x", "prio": 1}])
     proc = subprocess.run([sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30)
