@@ -66,10 +66,20 @@ from mcp.server import Server
 from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
 from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.models import InitializationOptions
-from mcp.shared.exceptions import MCPError
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ResourceUpdated,
+    ToolsListChanged,
+)
+from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.uri_template import UriTemplate
-from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, METHOD_NOT_FOUND, REQUEST_TIMEOUT
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, REQUEST_TIMEOUT
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 __version__ = "0.1.0"
 __all__ = [
@@ -108,6 +118,11 @@ JITTER: Final = 0.2
 """Each backoff delay is scaled into [1 - JITTER, 1] so retries do not march in step."""
 CONFIG_FILE_NAME: Final = "backends.yaml"
 MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health")
+LOG_SEVERITY: Final = {
+    level: i for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
+}
+STARTUP_GRACE: Final = 5.0
+"""Seconds a client's initialize may wait for backends, so its first tool list and instructions are complete."""
 
 # ---------------------------------------------------------------------------- errors
 
@@ -1193,6 +1208,8 @@ class Backend:
         self.connected_at: float | None = None
         self.next_attempt_at: float | None = None
         self.first_attempt_done = anyio.Event()
+        self.inflight: list[Any] = []
+        """Request contexts of the client calls now running on this backend, newest last."""
         self.secrets = config.secrets()
         self._headers: dict[str, str] = {}
         self._stop_scope: anyio.CancelScope | None = None
@@ -1248,6 +1265,11 @@ class Backend:
                 dispatcher=dispatcher,
                 read_timeout_seconds=self.timeout,
                 message_handler=self._on_message,
+                logging_callback=self._on_log,
+                # Advertised always, so backends show every tool; a client lacking one gets a clear error.
+                sampling_callback=self._on_sampling,
+                elicitation_callback=self._on_elicitation,
+                list_roots_callback=self._on_list_roots,
                 client_info=types.Implementation(name="mcp-router", version=__version__),
             )
             await stack.enter_async_context(session)
@@ -1264,6 +1286,8 @@ class Backend:
             if self.config.transport != "stdio":
                 self._headers = {"mcp-protocol-version": init.protocol_version}
             self.session, self.dispatcher = session, dispatcher
+            if self.router.log_level is not None and init.capabilities.logging is not None:
+                await self.request("logging/setLevel", {"level": self.router.log_level}, self.timeout, guarded=False)
             listing = await self._fetch_listing(init.instructions)
             self.connected_at = self.router.clock()
             self.state = "ready"
@@ -1329,10 +1353,27 @@ class Backend:
             await self.refresh()
 
     async def _on_message(self, message: Any) -> None:
-        if isinstance(message, types.ServerNotification) and isinstance(
+        if isinstance(
             message, types.ToolListChangedNotification | types.PromptListChangedNotification | types.ResourceListChangedNotification
         ):
             await self.refresh()
+        elif isinstance(message, types.ResourceUpdatedNotification):
+            await self.router.resource_updated(str(message.params.uri))
+
+    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
+        await self.router.forward_log(self, params)
+
+    # -- requests from the backend to the client behind the call that caused them
+
+    async def _on_sampling(self, context: Any, params: types.CreateMessageRequestParams) -> Any:
+        result_type = types.CreateMessageResultWithTools if params.tools else types.CreateMessageResult
+        return await self.router.ask_client(self, "sampling", types.CreateMessageRequest(params=params), result_type)
+
+    async def _on_elicitation(self, context: Any, params: Any) -> Any:
+        return await self.router.ask_client(self, "elicitation", types.ElicitRequest(params=params), types.ElicitResult)
+
+    async def _on_list_roots(self, context: Any) -> Any:
+        return await self.router.ask_client(self, "roots", types.ListRootsRequest(), types.ListRootsResult)
 
     # -- health
 
@@ -1505,7 +1546,12 @@ class Router:
         self.catalogue = Catalogue()
         self._rebuild()
         self.ready = anyio.Event()
-        self._connections: set[Any] = set()
+        self.log_level: str | None = None
+        self.events = InMemorySubscriptionBus()
+        """Change events for 2026-era clients, which hear them on `subscriptions/listen`."""
+        self._connections: dict[Any, None] = {}
+        """Handshake-era client connections, oldest first: where list changes and logs go."""
+        self._subscribers: dict[str, dict[Any, None]] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle (the supervisor)
@@ -1583,25 +1629,113 @@ class Router:
         self.catalogue = catalogue
 
     def register_connection(self, connection: Any) -> None:
-        """Remember a client connection so list changes reach it; forgotten when it closes."""
+        """Remember a client connection so notifications reach it; forgotten when it closes."""
         if connection in self._connections:
             return
-        self._connections.add(connection)
-        connection.exit_stack.callback(self._connections.discard, connection)
+        self._connections[connection] = None
+        connection.exit_stack.callback(self._forget, connection)
+
+    def _forget(self, connection: Any) -> None:
+        self._connections.pop(connection, None)
+        for uri, subscribers in list(self._subscribers.items()):
+            if subscribers.pop(connection, False) is None and not subscribers and self._task_group is not None:
+                self._task_group.start_soon(self._unsubscribe_backend, uri)
+
+    async def _each_connection(self, send: Callable[[Any], Awaitable[None]], connections: Iterable[Any] | None = None) -> None:
+        for connection in list(self._connections if connections is None else connections):
+            try:
+                await send(connection)
+            except Exception:  # noqa: BLE001 - a gone client must not stop the others
+                self._forget(connection)
 
     async def _notify_changed(self, kinds: Sequence[str]) -> None:
-        for connection in list(self._connections):
-            for kind in kinds:
-                try:
-                    if kind == "tools":
-                        await connection.send_tool_list_changed()
-                    elif kind == "prompts":
-                        await connection.send_prompt_list_changed()
-                    else:
-                        await connection.send_resource_list_changed()
-                except Exception:  # noqa: BLE001 - a gone client must not stop the others
-                    self._connections.discard(connection)
-                    break
+        for kind in kinds:
+            if kind == "tools":
+                await self._each_connection(lambda c: c.send_tool_list_changed())
+                await self.events.publish(ToolsListChanged())
+            elif kind == "prompts":
+                await self._each_connection(lambda c: c.send_prompt_list_changed())
+                await self.events.publish(PromptsListChanged())
+            else:
+                await self._each_connection(lambda c: c.send_resource_list_changed())
+                await self.events.publish(ResourcesListChanged())
+
+    # -- notifications and requests that cross the router
+
+    async def resource_updated(self, uri: str) -> None:
+        await self._each_connection(lambda c: c.send_resource_updated(uri), self._subscribers.get(uri, ()))
+        await self.events.publish(ResourceUpdated(uri=uri))
+
+    async def subscribe(self, connection: Any, uri: str) -> None:
+        pool = resource_pool(self.catalogue, uri)
+        if pool is None:
+            raise MCPError(-32002, f"Resource not found: {uri!r}")
+        subscribers = self._subscribers.setdefault(uri, {})
+        if not subscribers:
+            await self.forward("resources/subscribe", pool, {"uri": uri}, retry_safe=True)
+        subscribers[connection] = None
+
+    async def unsubscribe(self, connection: Any, uri: str) -> None:
+        subscribers = self._subscribers.get(uri, {})
+        subscribers.pop(connection, None)
+        if not subscribers:
+            await self._unsubscribe_backend(uri)
+
+    async def _unsubscribe_backend(self, uri: str) -> None:
+        if self._subscribers.get(uri) or (pool := resource_pool(self.catalogue, uri)) is None:
+            return
+        self._subscribers.pop(uri, None)
+        with contextlib.suppress(MCPError):
+            await self.forward("resources/unsubscribe", pool, {"uri": uri}, retry_safe=True)
+
+    async def set_log_level(self, level: str) -> None:
+        """A client's logging/setLevel, applied to every backend that logs (and to those that connect later)."""
+        self.log_level = level
+        for backend in self.backends.values():
+            caps = backend.session.server_capabilities if backend.session else None
+            if caps is not None and caps.logging is not None:
+                with contextlib.suppress(Exception):
+                    await backend.request("logging/setLevel", {"level": level}, backend.timeout, guarded=False)
+
+    async def forward_log(self, backend: Backend, params: types.LoggingMessageNotificationParams) -> None:
+        """A backend's log message, to every client, tagged with the backend's name."""
+        if self.log_level is not None and LOG_SEVERITY.get(params.level, 0) < LOG_SEVERITY.get(self.log_level, 0):
+            return
+        logger = f"{backend.name}/{params.logger}" if params.logger else backend.name
+        await self._each_connection(lambda c: c.log(params.level, params.data, logger=logger))
+
+    async def roots_changed(self) -> None:
+        for backend in self.backends.values():
+            if backend.dispatcher is not None:
+                with contextlib.suppress(Exception):
+                    await backend.dispatcher.notify("notifications/roots/list_changed", None)
+
+    async def ask_client(self, backend: Backend, capability: str, request: Any, result_type: type[Any]) -> Any:
+        """Carry a backend's sampling, elicitation or roots request to the client whose call caused it.
+
+        Backend connections are shared, so the newest client call running on
+        that backend is taken as the cause; roots, asked outside any call, go
+        to the newest client connection.
+        """
+        ctx = backend.inflight[-1] if backend.inflight else None
+        connection = next(reversed(self._connections)) if self._connections else None
+        if ctx is not None:
+            capabilities = ctx.session.client_capabilities
+        elif capability == "roots" and connection is not None:
+            capabilities = connection.client_capabilities
+        else:
+            return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: no client request is in progress to carry {request.method}")
+        if capabilities is None or getattr(capabilities, capability) is None:
+            return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: the client does not support {capability}")
+        try:
+            if ctx is None:
+                assert connection is not None
+                return result_type.model_validate(await connection.send_raw_request(request.method, None))
+            return await ctx.session.send_request(request, result_type, metadata=ServerMessageMetadata(related_request_id=ctx.request_id))
+        except NoBackChannelError:
+            return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: the client's connection cannot carry {request.method}")
+        except MCPError as err:
+            return err.error
 
     # -- the request path
 
@@ -1615,9 +1749,14 @@ class Router:
         params: Mapping[str, Any],
         *,
         retry_safe: bool,
-        on_progress: Any = None,
+        ctx: Any = None,
     ) -> dict[str, Any]:
-        """Send a request to the pool's chosen backend, retrying what is safe to retry."""
+        """Send a request to the pool's chosen backend, retrying what is safe to retry.
+
+        `ctx` is the client's request context: progress flows back to it, and
+        requests the backend makes while serving this one go to its client.
+        """
+        on_progress = _progress_forwarder(ctx)
         backends = self.pool(pool)
         settings = self.settings
         deadline = self.clock() + settings.request_timeout
@@ -1628,9 +1767,12 @@ class Router:
             try:
                 backend = choose_backend(backends)
                 reached = True
-                return await backend.request(
-                    method, params, min(backend.timeout, max(0.001, deadline - self.clock())), on_progress=on_progress
-                )
+                backend.inflight.append(ctx)
+                try:
+                    timeout = min(backend.timeout, max(0.001, deadline - self.clock()))
+                    return await backend.request(method, params, timeout, on_progress=on_progress)
+                finally:
+                    backend.inflight.remove(ctx)
             except BackendUnavailable as exc:
                 error: Exception = exc
             except MCPError as exc:
@@ -1742,7 +1884,7 @@ def _passthrough(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _progress_forwarder(ctx: Any) -> Any:
-    meta = ctx.meta
+    meta = ctx.meta if ctx is not None else None
     if meta and meta.get("progress_token") is not None:
         return ctx.session.report_progress
     return None
@@ -1760,6 +1902,16 @@ def _forwarded_meta(raw_params: Mapping[str, Any] | None) -> dict[str, Any] | No
 class RouterServer(Server[Any]):
     """The router's MCP face: advertises listChanged, carries the backends' instructions."""
 
+    router: Router | None = None
+
+    @property
+    def instructions(self) -> str | None:
+        return self.router.catalogue.instructions if self.router is not None else None
+
+    @instructions.setter
+    def instructions(self, value: str | None) -> None:
+        """Ignored: the instructions are the backends', under their namespaces."""
+
     def create_initialization_options(
         self,
         notification_options: NotificationOptions | None = None,
@@ -1776,13 +1928,7 @@ def build_server(router: Router) -> RouterServer:
     def unknown(kind: str, name: str) -> MCPError:
         return MCPError(INVALID_PARAMS, f"Unknown {kind}: {name!r}")
 
-    def track(ctx: Any) -> None:
-        connection = getattr(ctx.session, "_connection", None)  # the SDK exposes no public handle for this
-        if connection is not None:
-            router.register_connection(connection)
-
     async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-        track(ctx)
         await router.wait_ready()
         return page(router.catalogue.tool_items, params.cursor if params else None, "tools")
 
@@ -1801,11 +1947,10 @@ def build_server(router: Router) -> RouterServer:
             out["arguments"] = params.arguments
         if (meta := _forwarded_meta(ctx.params)) is not None:
             out["_meta"] = meta
-        result = await router.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, on_progress=_progress_forwarder(ctx))
+        result = await router.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, ctx=ctx)
         return _passthrough(result)
 
     async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-        track(ctx)
         await router.wait_ready()
         return page(router.catalogue.prompt_items, params.cursor if params else None, "prompts")
 
@@ -1819,11 +1964,10 @@ def build_server(router: Router) -> RouterServer:
         out: dict[str, Any] = {"name": entry.original}
         if params.arguments is not None:
             out["arguments"] = params.arguments
-        result = await router.forward("prompts/get", entry.pool, out, retry_safe=True, on_progress=_progress_forwarder(ctx))
+        result = await router.forward("prompts/get", entry.pool, out, retry_safe=True, ctx=ctx)
         return _passthrough(result)
 
     async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-        track(ctx)
         await router.wait_ready()
         return page(router.catalogue.resource_items, params.cursor if params else None, "resources")
 
@@ -1839,7 +1983,7 @@ def build_server(router: Router) -> RouterServer:
             pool = resource_pool(router.catalogue, uri)
             if pool is None:
                 raise MCPError(-32002, f"Resource not found: {uri!r}")
-        result = await router.forward("resources/read", pool, {"uri": uri}, retry_safe=True, on_progress=_progress_forwarder(ctx))
+        result = await router.forward("resources/read", pool, {"uri": uri}, retry_safe=True, ctx=ctx)
         return _passthrough(result)
 
     async def complete(ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
@@ -1856,7 +2000,22 @@ def build_server(router: Router) -> RouterServer:
             if found is None:
                 raise MCPError(-32002, f"Resource template not found: {ref.uri!r}")
             pool = found
-        return _passthrough(await router.forward("completion/complete", pool, out, retry_safe=True))
+        return _passthrough(await router.forward("completion/complete", pool, out, retry_safe=True, ctx=ctx))
+
+    async def subscribe(ctx: Any, params: types.SubscribeRequestParams) -> dict[str, Any]:
+        await router.subscribe(_connection_of(ctx), str(params.uri))
+        return {}
+
+    async def unsubscribe(ctx: Any, params: types.UnsubscribeRequestParams) -> dict[str, Any]:
+        await router.unsubscribe(_connection_of(ctx), str(params.uri))
+        return {}
+
+    async def set_level(ctx: Any, params: types.SetLevelRequestParams) -> dict[str, Any]:
+        await router.set_log_level(params.level)
+        return {}
+
+    async def roots_changed(ctx: Any, params: Any) -> None:
+        await router.roots_changed()
 
     server = RouterServer(
         router.settings.server_name,
@@ -1870,8 +2029,35 @@ def build_server(router: Router) -> RouterServer:
         on_list_resource_templates=_guard(list_templates),
         on_read_resource=_guard(read_resource),
         on_completion=_guard(complete),
+        on_subscribe_resource=_guard(subscribe),
+        on_unsubscribe_resource=_guard(unsubscribe),
+        on_subscriptions_listen=ListenHandler(router.events),
     )
+    server.router = router
+    # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.
+    server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, _guard(set_level))
+    server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
+    server.middleware.append(_ConnectionTracker(router))
     return server
+
+
+def _connection_of(ctx: Any) -> Any:
+    return ctx.session._connection  # the SDK offers no public handle on a request's connection
+
+
+class _ConnectionTracker:
+    """Server middleware: remembers each handshake-era client connection, and lets initialize wait briefly for backends."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS or ctx.method == "initialize":
+            self.router.register_connection(_connection_of(ctx))
+        if ctx.method == "initialize" and not self.router.ready.is_set():
+            with anyio.move_on_after(min(STARTUP_GRACE, self.router.settings.request_timeout)):
+                await self.router.ready.wait()
+        return await call_next(ctx)
 
 
 def _guard(handler: Callable[..., Awaitable[Any]]) -> Any:
@@ -1948,12 +2134,7 @@ async def run_router(config: Config) -> None:
                     if config.settings.transport == "stdio":
                         tg.cancel_scope.cancel()
 
-        async def keep_instructions() -> None:
-            await router.wait_ready()
-            server.instructions = router.catalogue.instructions
-
         tg.start_soon(watch_signals)
-        tg.start_soon(keep_instructions)
         if config.settings.transport == "http":
             log.info("serving streamable HTTP on http://%s:%d/mcp", config.settings.host, config.settings.port)
             await serve_http(router, server, stop)

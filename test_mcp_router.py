@@ -101,15 +101,30 @@ class FakeBackend:
     instructions: str | None = None
     result_for: dict[str, types.CallToolResult] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    subscribed: list[str] = field(default_factory=list)
+    log_levels: list[str] = field(default_factory=list)
     release: anyio.Event = field(default_factory=anyio.Event)
     hang_started: anyio.Event = field(default_factory=anyio.Event)
     cancelled: anyio.Event = field(default_factory=anyio.Event)
 
     def tools(self) -> list[types.Tool]:
         schema = {"type": "object", "properties": {"text": {"type": "string"}}}
-        base = [
-            types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in ("echo", "fail", "broken", "hang", "count")
-        ]
+        names = (
+            "echo",
+            "fail",
+            "broken",
+            "hang",
+            "count",
+            "progress",
+            "sample",
+            "elicit",
+            "roots",
+            "add_tool",
+            "log",
+            "touch",
+            "was_cancelled",
+        )
+        base = [types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in names]
         base[4] = types.Tool(name="count", input_schema=schema, annotations=types.ToolAnnotations(idempotent_hint=True))
         fill = [types.Tool(name=f"tool_{i}", input_schema={"type": "object"}) for i in range(self.fillers)]
         return base + self.extra_tools + fill
@@ -145,6 +160,28 @@ class FakeBackend:
             if params.name == "progress":
                 for i in range(3):
                     await ctx.session.report_progress(i + 1, 3, f"step {i + 1}")
+            if params.name == "sample":
+                message = types.SamplingMessage(role="user", content=types.TextContent(text=args.get("text", "")))
+                sampled = await ctx.session.create_message([message], max_tokens=10, related_request_id=ctx.request_id)
+                assert isinstance(sampled.content, types.TextContent)
+                return types.CallToolResult(content=[types.TextContent(text=f"sampled:{sampled.content.text}")])
+            if params.name == "elicit":
+                schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+                answer = await ctx.session.elicit_form("Who?", schema, related_request_id=ctx.request_id)
+                return types.CallToolResult(content=[types.TextContent(text=f"elicited:{answer.action}:{answer.content}")])
+            if params.name == "roots":
+                roots = await ctx.session.send_request(types.ListRootsRequest(), types.ListRootsResult)
+                return types.CallToolResult(content=[types.TextContent(text="roots:" + ",".join(str(r.uri) for r in roots.roots))])
+            if params.name == "add_tool":
+                self.extra_tools.append(types.Tool(name=args.get("text", "added"), input_schema={"type": "object"}))
+                await ctx.session.send_tool_list_changed()
+            if params.name == "log":
+                for level in ("debug", "info", "warning"):
+                    await ctx.session.send_log_message(level, f"{level} from {self.name}", logger="fake")
+            if params.name == "was_cancelled":
+                return types.CallToolResult(content=[types.TextContent(text=f"cancelled:{self.cancelled.is_set()}")])
+            if params.name == "touch":
+                await ctx.session.send_resource_updated(args.get("text", "file:///a.txt"))
             text = f"{self.name}:{params.name}:{args.get('text', '')}"
             return types.CallToolResult(content=[types.TextContent(text=text)])
 
@@ -170,9 +207,23 @@ class FakeBackend:
         async def complete(ctx: Any, params: types.CompleteRequestParams) -> types.CompleteResult:
             return types.CompleteResult(completion=types.Completion(values=[f"{self.name}-{params.argument.value}"]))
 
-        return Server(
+        async def subscribe(ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
+            self.subscribed.append(str(params.uri))
+            return types.EmptyResult()
+
+        async def unsubscribe(ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+            self.subscribed.remove(str(params.uri))
+            return types.EmptyResult()
+
+        async def set_level(ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
+            self.log_levels.append(params.level)
+            return types.EmptyResult()
+
+        server = Server(
             self.name,
             instructions=self.instructions,
+            on_subscribe_resource=subscribe,
+            on_unsubscribe_resource=unsubscribe,
             on_list_tools=list_tools,
             on_call_tool=call_tool,
             on_list_resources=list_resources,
@@ -182,6 +233,8 @@ class FakeBackend:
             on_get_prompt=get_prompt,
             on_completion=complete,
         )
+        server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
+        return server
 
 
 class InProcess:
@@ -518,7 +571,7 @@ async def test_pagination_is_followed_to_the_end_and_offered_to_the_client() -> 
         second = await client.session.list_tools(params=types.PaginatedRequestParams(cursor=first.next_cursor))
         assert second.next_cursor is None
         names = [t.name for t in first.tools + second.tools]
-        assert len(names) == len(set(names)) == 1500 + 5 + 2
+        assert len(names) == len(set(names)) == 1500 + len(FakeBackend("x").tools()) + 2
         assert "big__tool_1499" in names
 
 
@@ -614,6 +667,151 @@ async def test_instructions_of_backends_are_combined_under_their_namespace() -> 
         assert router.catalogue.instructions == "## rich\nUse rich tools wisely."
 
 
+# ---------------------------------------------------------------------------- protocol fidelity
+
+
+async def test_progress_reaches_the_client_in_order(mode: str = "legacy") -> None:
+    """In process only the handshake era carries progress tokens; the end-to-end tests cover 2026-07-28."""
+    fake = FakeBackend("svc")
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with routed(fake, mode=mode) as (client, _, _):
+        result = await client.session.send_request(
+            types.CallToolRequest(params=types.CallToolRequestParams(name="svc__progress", arguments={})),
+            types.CallToolResult,
+            progress_callback=on_progress,
+        )
+    assert text_of(result) == "svc:progress:"
+    assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_client_cancel_cancels_the_backend_call(mode: str) -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake, mode=mode) as (client, _, _):
+        with anyio.move_on_after(0.2):  # the client gives up: the SDK cancels the request
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, client, "svc__hang")
+                await fake.hang_started.wait()
+                tg.cancel_scope.cancel()
+        with anyio.fail_after(5):
+            await fake.cancelled.wait()
+        assert text_of(await call(client, "svc__echo", {"text": "after"})) == "svc:echo:after"
+
+
+async def test_a_backends_new_tool_reaches_a_connected_client() -> None:
+    fake = FakeBackend("svc")
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    async with (
+        routed(fake) as (_, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client,
+    ):
+        assert client.server_capabilities.tools and client.server_capabilities.tools.list_changed
+        await client.list_tools()
+        await call(client, "svc__add_tool", {"text": "brand_new"})
+        with anyio.fail_after(1):
+            await changed.wait()
+        assert "svc__brand_new" in {t.name for t in (await client.list_tools()).tools}
+
+
+async def test_resource_updates_reach_only_subscribed_clients() -> None:
+    fake = rich_backend("res")
+    updates: dict[str, list[str]] = {"a": [], "b": []}
+
+    def handler(who: str) -> Any:
+        async def on_message(message: Any) -> None:
+            if isinstance(message, types.ResourceUpdatedNotification):
+                updates[who].append(str(message.params.uri))
+
+        return on_message
+
+    async with routed(fake) as (_, router, _):
+        server = mr.build_server(router)
+        async with (
+            Client(server, mode="legacy", cache=None, message_handler=handler("a")) as a,
+            Client(server, mode="legacy", cache=None, message_handler=handler("b")) as b,
+        ):
+            await a.list_tools()
+            await b.list_tools()
+            await a.subscribe_resource("file:///a.txt")
+            assert fake.subscribed == ["file:///a.txt"]
+            await call(b, "res__touch", {"text": "file:///a.txt"})
+            with anyio.fail_after(1):
+                while not updates["a"]:
+                    await anyio.sleep(0.01)
+            await a.unsubscribe_resource("file:///a.txt")
+            assert fake.subscribed == []
+    assert updates == {"a": ["file:///a.txt"], "b": []}
+
+
+async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client() -> None:
+    fake = FakeBackend("svc")
+
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        block = params.messages[0].content
+        assert isinstance(block, types.TextContent)
+        return types.CreateMessageResult(role="assistant", content=types.TextContent(text=block.text.upper()), model="fake-llm")
+
+    async def elicitation(context: Any, params: Any) -> types.ElicitResult:
+        return types.ElicitResult(action="accept", content={"name": "Ada"})
+
+    async def roots(context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri="file:///work")])
+
+    async with routed(fake) as (bare, router, _):
+        async with Client(
+            mr.build_server(router),
+            mode="legacy",
+            cache=None,
+            sampling_callback=sampling,
+            elicitation_callback=elicitation,
+            list_roots_callback=roots,
+        ) as client:
+            assert text_of(await call(client, "svc__sample", {"text": "hi"})) == "sampled:HI"
+            assert text_of(await call(client, "svc__elicit")) == "elicited:accept:{'name': 'Ada'}"
+            assert text_of(await call(client, "svc__roots")) == "roots:file:///work"
+        with pytest.raises(MCPError) as info:  # a client without sampling gets a clear error, not a hang
+            await call(bare, "svc__sample", {"text": "hi"})
+        assert "does not support sampling" in info.value.message
+
+
+async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
+    fake = FakeBackend("svc")
+    logs: list[tuple[str, str | None, Any]] = []
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append((params.level, params.logger, params.data))
+
+    async with (
+        routed(fake) as (_, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
+    ):
+        await client.set_logging_level("info")
+        assert fake.log_levels == ["info"]
+        await call(client, "svc__log")
+        with anyio.fail_after(1):
+            while len(logs) < 2:
+                await anyio.sleep(0.01)
+    assert logs == [("info", "svc/fake", "info from svc"), ("warning", "svc/fake", "warning from svc")]
+
+
+async def test_both_protocol_eras_use_one_router_at_once() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake) as (legacy, router, _), Client(mr.build_server(router), cache=None) as modern:
+        assert modern.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+        assert text_of(await call(modern, "svc__echo", {"text": "new"})) == "svc:echo:new"
+        assert text_of(await call(legacy, "svc__echo", {"text": "old"})) == "svc:echo:old"
+        assert modern.instructions == legacy.instructions
+
+
 # ---------------------------------------------------------------------------- errors
 
 
@@ -687,7 +885,7 @@ async def test_management_tools_report_backends_without_secrets() -> None:
                 unknown = await call(client, "get_backend_health", {"name": "nope"})
     assert listed.structured_content is not None and health.structured_content is not None
     row = listed.structured_content["backends"][0]
-    assert (row["name"], row["transport"], row["state"], row["tools"]) == ("gh", "http", "ready", 5)
+    assert (row["name"], row["transport"], row["state"], row["tools"]) == ("gh", "http", "ready", len(fake.tools()))
     assert row["target"] == "https://api.example.com/mcp"
     assert health.structured_content["circuit_state"] == "closed"
     assert "health_checks" in health.structured_content and "restarts" in health.structured_content
@@ -941,6 +1139,69 @@ async def wait_for_http_router(port: int) -> None:
                 await anyio.sleep(0.1)
 
 
+@asynccontextmanager
+async def router_process(tmp_path: Path, transport: str, mode: str, **client_args: Any) -> AsyncIterator[Client]:
+    """The router as a real subprocess over stdio or HTTP, one real stdio backend behind it, and a client."""
+    config = write_config(tmp_path, [{"name": "svc", **fake_backend_command()}])
+    if transport == "stdio":
+        async with Client(router_params(config), mode=mode, cache=None, **client_args) as client:
+            yield client
+        return
+    port = free_port()
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    proc = subprocess.Popen(args)
+    try:
+        await wait_for_http_router(port)
+        async with Client(f"http://127.0.0.1:{port}/mcp", mode=mode, cache=None, **client_args) as client:
+            yield client
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_progress_cancel_and_list_changed_end_to_end(tmp_path: Path, transport: str, mode: str) -> None:
+    changes: list[types.ToolListChangedNotification] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changes.append(message)
+
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    with anyio.fail_after(40):
+        async with router_process(tmp_path, transport, mode, message_handler=on_message) as client:
+            await client.session.send_request(
+                types.CallToolRequest(params=types.CallToolRequestParams(name="svc__progress", arguments={})),
+                types.CallToolResult,
+                progress_callback=on_progress,
+            )
+            assert seen == [1, 2, 3]
+
+            with anyio.move_on_after(0.5):
+                await call(client, "svc__hang")
+            while text_of(await call(client, "svc__was_cancelled")) != "cancelled:True":
+                await anyio.sleep(0.02)
+
+            if mode == "legacy":
+                await client.list_tools()
+                changes.clear()  # the router may announce its first listing too
+                await call(client, "svc__add_tool", {"text": "late_tool"})
+                while not changes:
+                    await anyio.sleep(0.01)
+            else:
+                async with client.listen(tools_list_changed=True) as events:
+                    await call(client, "svc__add_tool", {"text": "late_tool"})
+                    async for event in events:
+                        assert isinstance(event, mr.ToolsListChanged)
+                        break
+            assert "svc__late_tool" in {t.name for t in (await client.list_tools()).tools}
+
+
 async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path: Path) -> None:
     port = free_port()
     nested = {"command": "sh", "args": ["-c", f"{sys.executable} {Path(__file__).resolve()} --fake-backend; exit 0"]}
@@ -996,7 +1257,7 @@ async def test_a_sigkilled_stdio_backend_comes_back_while_the_others_keep_answer
 
 
 async def test_broken_backends_are_reported_and_the_others_served(tmp_path: Path) -> None:
-    broken = [
+    broken: list[dict[str, Any]] = [
         {"name": "garbage", "command": "sh", "args": ["-c", "echo this is not json-rpc; sleep 30"], "timeout": 1},
         {"name": "early-exit", "command": "sh", "args": ["-c", "exit 3"]},
         {"name": "silent", "command": "sh", "args": ["-c", "sleep 30"], "timeout": 1},

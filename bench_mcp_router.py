@@ -1,0 +1,975 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "mcp>=2.3,<3",
+#     "pyyaml>=6",
+# ]
+# ///
+"""Benchmark for mcp-router: what the router costs, measured against real backend processes.
+
+Run it from the repository root:
+
+    uv run bench_mcp_router.py                    # full run, a few minutes
+    uv run bench_mcp_router.py --quick            # reduced run, under a minute
+    uv run bench_mcp_router.py --json out.json    # also write the results as JSON, to compare commits
+    uv run bench_mcp_router.py --strict           # exit 1 when a target is missed
+    uv run bench_mcp_router.py --only overhead,hang --router ../other-checkout/mcp_router.py
+
+Every backend is a real process (this same file, see "fake backend" below), everything listens on
+127.0.0.1, and every router is started through its CLI, exactly as users start it.
+
+What is measured, one scenario each (`--only` takes their names):
+
+overhead  The `echo` tool called directly on a backend and through the router, side by side, over
+          stdio (stdio client -> router -> stdio backend) and over streamable HTTP (HTTP client ->
+          router -> HTTP backend): p50, p99 and calls/s with one caller and with 32 concurrent
+          callers sharing one session, and the ratio routed/direct. Direct and routed are measured
+          in alternating rounds so that drift on a busy machine hits both alike.
+scale     tools/list through the router (every page, catalogue warm) with 1, 10 and 50 backends of
+          50 tools each and with one backend of 5,000 tools; and the router's resident memory
+          (VmRSS from /proc) with 0, 10 and 50 backends. With --quick the 50 backends are 50
+          connections to one shared HTTP backend process instead of 50 stdio processes.
+startup   Time from launching the router until all of 10 stdio backends are listed, against the
+          slowest of those backends started alone. The backends wait 0.1..1.0 x a start-up delay
+          before serving, as slow servers (npx, uvx, remote setup) do. For context it also shows
+          the 10 backends started directly in parallel (no router) and the router with no backends.
+hang      p99 of calls to a healthy backend, normally and while 16 background callers keep calling a
+          tool of another backend that never answers, each call ending in the router's (short)
+          request timeout. The hanging backend's circuit breaker threshold is raised so that its
+          calls keep reaching it and timing out throughout, instead of being rejected at once.
+
+Calls use `session.send_request(CallToolRequest)`, the same on both sides, after a warm-up; latencies
+are time.perf_counter() around each call; p50/p99 are nearest-rank percentiles of all samples.
+
+The fake backend: `python bench_mcp_router.py --fake-backend [--tools N] [--http PORT] [--hang]
+[--startup-delay S]` serves `echo` (returns its `text` argument) plus fillers `tool_1..tool_{N-1}`
+(N tools in all), 100 per tools/list page, over stdio or, with --http, streamable HTTP with JSON
+responses at http://127.0.0.1:PORT/mcp. `--hang` adds a `hang` tool that never answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import anyio
+import mcp_types as types
+import yaml
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.server import Server
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
+
+# ---------------------------------------------------------------------------- settings
+
+HERE: Final = Path(__file__).resolve().parent
+THIS_FILE: Final = Path(__file__).resolve()
+DEFAULT_ROUTER: Final = HERE / "mcp_router.py"
+HOST: Final = "127.0.0.1"
+SEPARATOR: Final = "__"
+"""How the router joins namespace and tool name: `b0` + `echo` -> `b0__echo`."""
+
+CONCURRENT_CALLERS: Final = 32
+HANG_CALLERS: Final = 16
+FAKE_PAGE_SIZE: Final = 100
+CLIENT_TIMEOUT: Final = 30.0
+"""Client-side read timeout for every request the benchmark sends."""
+READY_TIMEOUT: Final = 120.0
+"""Longest wait for a router to list all its backends' tools (50 stdio backends on 2 cores take a while)."""
+SCENARIO_TIMEOUT: Final = 600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Profile:
+    """How much of everything to do: --quick trades precision for time."""
+
+    name: str
+    warmup_calls: int
+    rounds: int
+    """Alternating direct/routed rounds in the overhead scenario, normal/hanging rounds in the hang scenario."""
+    sequential_calls: int
+    """Calls per side per round with one caller."""
+    calls_per_caller: int
+    """Calls per caller per round with 32 concurrent callers."""
+    scale_cases: tuple[tuple[int, int], ...]
+    """(backends, tools per backend) for the scale scenario."""
+    shared_http_from: int | None
+    """Scale cases with at least this many backends use one shared HTTP backend process (None: never)."""
+    list_samples: int
+    startup_delay: float
+    """Start-up delay of the slowest of the 10 start-up backends; the others wait 0.1..0.9 of it."""
+    startup_repeats: int
+    hang_timeout: float
+    """The router's request timeout in the hang scenario. Also bounds the router's handshake with each backend."""
+    hang_calls: int
+    """Healthy calls per phase per round in the hang scenario."""
+
+
+FULL: Final = Profile(
+    name="full",
+    warmup_calls=100,
+    rounds=4,
+    sequential_calls=500,
+    calls_per_caller=25,
+    scale_cases=((0, 0), (1, 50), (10, 50), (50, 50), (1, 5000)),
+    shared_http_from=None,
+    list_samples=100,
+    startup_delay=2.0,
+    startup_repeats=3,
+    hang_timeout=2.0,
+    hang_calls=1500,
+)
+QUICK: Final = Profile(
+    name="quick",
+    warmup_calls=50,
+    rounds=2,
+    sequential_calls=200,
+    calls_per_caller=10,
+    scale_cases=((0, 0), (1, 50), (10, 50), (50, 50), (1, 5000)),
+    shared_http_from=50,
+    list_samples=20,
+    startup_delay=1.0,
+    startup_repeats=1,
+    hang_timeout=2.0,
+    hang_calls=600,
+)
+
+# ---------------------------------------------------------------------------- the fake backend
+
+ECHO_SCHEMA: Final = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+FILLER_SCHEMA: Final = {"type": "object", "properties": {"value": {"type": "string", "description": "any text"}}}
+
+
+def fake_tools(count: int, *, hang: bool) -> list[types.Tool]:
+    """`echo`, then fillers up to `count` tools, then `hang` if asked."""
+    tools = [types.Tool(name="echo", description="Return the `text` argument.", input_schema=ECHO_SCHEMA)]
+    tools += [types.Tool(name=f"tool_{i}", description=f"Filler tool number {i}.", input_schema=FILLER_SCHEMA) for i in range(1, count)]
+    if hang:
+        tools.append(types.Tool(name="hang", description="Never answers.", input_schema={"type": "object"}))
+    return tools
+
+
+def text_result(text: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(text=text)])
+
+
+def fake_backend_server(tools: Sequence[types.Tool]) -> Server[Any]:
+    names = {t.name for t in tools}
+
+    async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        start = int(params.cursor) if params is not None and params.cursor else 0
+        end = start + FAKE_PAGE_SIZE
+        return types.ListToolsResult(tools=list(tools[start:end]), next_cursor=str(end) if end < len(tools) else None)
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        if params.name not in names:
+            raise MCPError(INVALID_PARAMS, f"unknown tool {params.name!r}")
+        if params.name == "echo":
+            return text_result(str((params.arguments or {}).get("text", "")))
+        if params.name == "hang":
+            await anyio.sleep_forever()
+        return text_result("ok")
+
+    return Server("bench-fake-backend", version="1.0", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+def run_fake_backend(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench_mcp_router.py --fake-backend")
+    parser.add_argument("--fake-backend", action="store_true")
+    parser.add_argument("--tools", type=int, default=1, help="tools in all, `echo` included")
+    parser.add_argument("--http", type=int, metavar="PORT", help="serve streamable HTTP on this port instead of stdio")
+    parser.add_argument("--hang", action="store_true", help="add a `hang` tool that never answers")
+    parser.add_argument("--startup-delay", type=float, default=0.0, metavar="S", help="seconds to wait before serving")
+    args = parser.parse_args(argv)
+    server = fake_backend_server(fake_tools(args.tools, hang=args.hang))
+    time.sleep(args.startup_delay)
+
+    async def serve() -> None:
+        if args.http:
+            import uvicorn
+
+            app = server.streamable_http_app(streamable_http_path="/mcp", json_response=True, host=HOST)
+            await uvicorn.Server(uvicorn.Config(app, host=HOST, port=args.http, log_level="warning")).serve()
+        else:
+            from mcp.server.stdio import stdio_server
+
+            async with stdio_server() as (read, write):
+                await server.run(read, write, server.create_initialization_options())
+
+    anyio.run(serve)
+
+
+def fake_backend_argv(*, tools: int = 1, http: int | None = None, hang: bool = False, startup_delay: float = 0.0) -> list[str]:
+    argv = [str(THIS_FILE), "--fake-backend", "--tools", str(tools)]
+    if http is not None:
+        argv += ["--http", str(http)]
+    if hang:
+        argv.append("--hang")
+    if startup_delay:
+        argv += ["--startup-delay", str(startup_delay)]
+    return argv
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+class BenchError(Exception):
+    """Something the benchmark needs did not happen (a process died, a listing never completed)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Terminate, wait, kill."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Until something accepts connections on the port, or the process has died."""
+    with anyio.fail_after(timeout):
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"process {proc.args!r} exited with code {proc.returncode} before listening on port {port}")
+            try:
+                stream = await anyio.connect_tcp(HOST, port)
+            except OSError:
+                await anyio.sleep(0.05)
+            else:
+                await stream.aclose()
+                return
+
+
+def child_pid(marker: str) -> int:
+    """The pid of this process's one child whose command line contains `marker` (Linux /proc)."""
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # fields after "(comm)": state, ppid, ...
+        if ppid == me and marker in cmdline:
+            found.append(int(entry.name))
+    if len(found) != 1:
+        raise BenchError(f"expected one child process running {marker}, found {len(found)}")
+    return found[0]
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024  # kB
+    return {"rss_mb": round(values["VmRSS"], 1), "hwm_mb": round(values["VmHWM"], 1)}
+
+
+class Lab:
+    """The run's scratch directory (configs, logs) and the programs under test."""
+
+    def __init__(self, root: Path, router: Path) -> None:
+        self.root = root
+        self.router = router
+        self.logs: list[Path] = []
+        self._files: list[TextIO] = []
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def log(self, label: str) -> TextIO:
+        """A fresh file to send a process's stderr to."""
+        path = self.root / f"{label}-{len(self.logs)}.log"
+        self.logs.append(path)
+        f = path.open("w")
+        self._files.append(f)
+        return f
+
+    def tails(self, since: int, lines: int = 25) -> str:
+        """The last lines of every log opened since `since` (an earlier len(self.logs))."""
+        out = []
+        for path in self.logs[since:]:
+            text = path.read_text(errors="replace").splitlines() if path.exists() else []
+            if text:
+                out.append(f"--- {path.name} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))
+        return "\n".join(out)
+
+    def write_config(self, label: str, backends: Sequence[Mapping[str, Any]], routing: Mapping[str, Any] | None = None) -> Path:
+        path = self.root / f"{label}.yaml"
+        document: dict[str, Any] = {"backends": list(backends)} if backends else {}
+        document["routing"] = {"request_timeout_seconds": CLIENT_TIMEOUT, **(routing or {})}
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        return path
+
+    @contextmanager
+    def spawn(self, label: str, argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
+        """A background process (HTTP backend or router) in its own session, stopped on the way out."""
+        proc = subprocess.Popen(
+            [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log(label), start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            stop_process(proc)
+
+
+# ---------------------------------------------------------------------------- router configs and clients
+
+
+def stdio_backend(name: str, **options: Any) -> dict[str, Any]:
+    """A config entry for a fake stdio backend; options go to fake_backend_argv."""
+    return {"name": name, "command": sys.executable, "args": fake_backend_argv(**options)}
+
+
+def http_backend(name: str, url: str) -> dict[str, Any]:
+    return {"name": name, "url": url}
+
+
+def mcp_client(target: Any) -> Client:
+    return Client(target, mode="legacy", read_timeout_seconds=CLIENT_TIMEOUT, cache=None)
+
+
+@asynccontextmanager
+async def stdio_client_of(lab: Lab, label: str, argv: Sequence[str]) -> AsyncIterator[Client]:
+    """A client of a program launched over stdio (the SDK stops it on the way out)."""
+    params = StdioServerParameters(command=sys.executable, args=list(argv))
+    async with mcp_client(stdio_client(params, errlog=lab.log(label))) as client:
+        yield client
+
+
+def router_argv(lab: Lab, config: Path, *extra: str) -> list[str]:
+    return [str(lab.router), "--config", str(config), "--log-level", "WARNING", *extra]
+
+
+@asynccontextmanager
+async def stdio_router(
+    lab: Lab, label: str, backends: Sequence[Mapping[str, Any]], routing: Mapping[str, Any] | None = None
+) -> AsyncIterator[Client]:
+    """A router over stdio, launched through its CLI; the client is connected, the backends maybe not yet."""
+    config = lab.write_config(label, backends, routing)
+    async with stdio_client_of(lab, label, router_argv(lab, config)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def http_fake_backend(lab: Lab, label: str, tools: int = 1) -> AsyncIterator[str]:
+    """A fake backend serving streamable HTTP; yields its URL."""
+    port = free_port()
+    with lab.spawn(label, fake_backend_argv(tools=tools, http=port)) as proc:
+        await wait_for_port(port, proc)
+        yield f"http://{HOST}:{port}/mcp"
+
+
+@asynccontextmanager
+async def http_router(lab: Lab, label: str, backends: Sequence[Mapping[str, Any]]) -> AsyncIterator[Client]:
+    """A router serving streamable HTTP, launched through its CLI, and a client of it."""
+    config = lab.write_config(label, backends)
+    port = free_port()
+    with lab.spawn(label, router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port))) as proc:
+        await wait_for_port(port, proc)
+        async with mcp_client(f"http://{HOST}:{port}/mcp") as client:
+            yield client
+
+
+async def list_all_tools(client: Client) -> tuple[list[types.Tool], int]:
+    """Every tool, following cursors; and how many pages that took."""
+    tools: list[types.Tool] = []
+    cursor: str | None = None
+    for pages in range(1, 1001):
+        request = types.ListToolsRequest(params=types.PaginatedRequestParams(cursor=cursor) if cursor else None)
+        result = await client.session.send_request(request, types.ListToolsResult)
+        tools += result.tools
+        cursor = result.next_cursor
+        if cursor is None:
+            return tools, pages
+    raise BenchError("tools/list did not end after 1000 pages")
+
+
+async def wait_for_tools(client: Client, expected: Mapping[str, int], timeout: float = READY_TIMEOUT) -> int:
+    """Poll tools/list until each namespace lists its expected number of tools; return the total listed."""
+    counts: Counter[str] = Counter()
+    with anyio.move_on_after(timeout):
+        while True:
+            tools, _ = await list_all_tools(client)
+            counts = Counter(t.name.split(SEPARATOR, 1)[0] for t in tools if SEPARATOR in t.name)
+            if all(counts[ns] >= n for ns, n in expected.items()):
+                return len(tools)
+            await anyio.sleep(0.02)
+    missing = {ns: f"{counts[ns]}/{n}" for ns, n in expected.items() if counts[ns] < n}
+    raise BenchError(f"router did not list every backend's tools within {timeout:.0f}s (listed/expected: {missing})")
+
+
+# ---------------------------------------------------------------------------- measuring
+
+Call = Callable[[], Awaitable[None]]
+
+
+def echo_call(client: Client, tool: str) -> Call:
+    """One echo call through the client's session, without call_tool's extra validation."""
+    request = types.CallToolRequest(params=types.CallToolRequestParams(name=tool, arguments={"text": "ping"}))
+
+    async def call() -> None:
+        result = await client.session.send_request(request, types.CallToolResult)
+        if result.is_error:
+            raise BenchError(f"{tool} answered with an error: {result.content}")
+
+    return call
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+@dataclass(slots=True)
+class Timing:
+    """Latencies of some calls and the wall time they took together."""
+
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def add(self, other: Timing) -> None:
+        self.latencies += other.latencies
+        self.elapsed += other.elapsed
+
+    def summary(self) -> dict[str, float]:
+        if not self.latencies:
+            return {"calls": 0}
+        return {
+            "calls": len(self.latencies),
+            "p50_ms": round(percentile(self.latencies, 50) * 1000, 3),
+            "p99_ms": round(percentile(self.latencies, 99) * 1000, 3),
+            "mean_ms": round(statistics.fmean(self.latencies) * 1000, 3),
+            "calls_per_s": round(len(self.latencies) / self.elapsed, 1),
+        }
+
+
+async def sequential(call: Call, n: int) -> Timing:
+    timing = Timing()
+    started = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        await call()
+        timing.latencies.append(time.perf_counter() - t)
+    timing.elapsed = time.perf_counter() - started
+    return timing
+
+
+async def concurrent(call: Call, callers: int, per_caller: int) -> Timing:
+    """`callers` tasks sharing one session, each making `per_caller` calls back to back."""
+    timing = Timing()
+
+    async def caller() -> None:
+        for _ in range(per_caller):
+            t = time.perf_counter()
+            await call()
+            timing.latencies.append(time.perf_counter() - t)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(callers):
+            tg.start_soon(caller)
+    timing.elapsed = time.perf_counter() - started
+    return timing
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+# ---------------------------------------------------------------------------- scenario: call overhead
+
+
+async def compare(profile: Profile, direct: Call, routed: Call) -> dict[str, Any]:
+    """Direct and routed calls in alternating rounds, one caller then 32; pooled per side."""
+    sides = {"direct": direct, "routed": routed}
+    for call in sides.values():
+        await sequential(call, profile.warmup_calls)
+    one = {side: Timing() for side in sides}
+    many = {side: Timing() for side in sides}
+    for _ in range(profile.rounds):
+        for side, call in sides.items():
+            one[side].add(await sequential(call, profile.sequential_calls))
+        for side, call in sides.items():
+            many[side].add(await concurrent(call, CONCURRENT_CALLERS, profile.calls_per_caller))
+    result: dict[str, Any] = {}
+    for mode, timings in (("sequential", one), ("concurrent", many)):
+        d, r = timings["direct"].summary(), timings["routed"].summary()
+        result[mode] = {
+            "callers": 1 if mode == "sequential" else CONCURRENT_CALLERS,
+            "direct": d,
+            "routed": r,
+            "ratio": {key: ratio(r[key], d[key]) for key in ("p50_ms", "p99_ms", "calls_per_s")},
+        }
+    return result
+
+
+async def overhead_stdio(lab: Lab, profile: Profile) -> dict[str, Any]:
+    async with (
+        stdio_client_of(lab, "overhead-stdio-backend", fake_backend_argv()) as direct,
+        stdio_router(lab, "overhead-stdio-router", [stdio_backend("b0")]) as routed,
+    ):
+        await wait_for_tools(routed, {"b0": 1})
+        return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "b0__echo"))
+
+
+async def overhead_http(lab: Lab, profile: Profile) -> dict[str, Any]:
+    async with AsyncExitStack() as stack:
+        url = await stack.enter_async_context(http_fake_backend(lab, "overhead-http-backend"))
+        direct = await stack.enter_async_context(mcp_client(url))
+        routed = await stack.enter_async_context(http_router(lab, "overhead-http-router", [http_backend("h0", url)]))
+        await wait_for_tools(routed, {"h0": 1})
+        return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "h0__echo"))
+
+
+async def bench_overhead(lab: Lab, profile: Profile) -> dict[str, Any]:
+    return {"stdio": await overhead_stdio(lab, profile), "http": await overhead_http(lab, profile)}
+
+
+# ---------------------------------------------------------------------------- scenario: tools/list and memory at scale
+
+
+async def scale_case(lab: Lab, profile: Profile, backends: int, tools: int) -> dict[str, Any]:
+    """One router with `backends` backends of `tools` tools: time to list them, tools/list latency, RSS."""
+    label = f"scale-{backends}x{tools}"
+    shared = profile.shared_http_from is not None and backends >= profile.shared_http_from
+    async with AsyncExitStack() as stack:
+        if shared:
+            url = await stack.enter_async_context(http_fake_backend(lab, f"{label}-backend", tools))
+            entries = [http_backend(f"b{i}", url) for i in range(backends)]
+        else:
+            entries = [stdio_backend(f"b{i}", tools=tools) for i in range(backends)]
+        started = time.perf_counter()
+        client = await stack.enter_async_context(stdio_router(lab, label, entries))
+        listed = await wait_for_tools(client, {f"b{i}": tools for i in range(backends)})
+        ready_s = time.perf_counter() - started
+        pid = child_pid(str(lab.router))
+        for _ in range(3):
+            await list_all_tools(client)
+        timing, pages = Timing(), 0
+        for _ in range(profile.list_samples):
+            t = time.perf_counter()
+            _, pages = await list_all_tools(client)
+            timing.add(Timing([time.perf_counter() - t], time.perf_counter() - t))
+        return {
+            "backends": backends,
+            "tools_per_backend": tools,
+            "backend_transport": "http (one shared process)" if shared else "stdio",
+            "tools_listed": listed,
+            "pages": pages,
+            "ready_s": round(ready_s, 2),
+            "list": timing.summary(),
+            **memory_mb(pid),
+        }
+
+
+async def bench_scale(lab: Lab, profile: Profile) -> dict[str, Any]:
+    return {f"{n}x{tools}": await scale_case(lab, profile, n, tools) for n, tools in profile.scale_cases}
+
+
+# ---------------------------------------------------------------------------- scenario: start-up
+
+
+async def time_to_list(lab: Lab, label: str, argv: Sequence[str], expected: Mapping[str, int] | None = None) -> float:
+    """Seconds from launching a program over stdio until it lists its tools (all `expected` ones, for a router)."""
+    started = time.perf_counter()
+    async with stdio_client_of(lab, label, argv) as client:
+        if expected is None:
+            await list_all_tools(client)
+        else:
+            await wait_for_tools(client, expected)
+        return time.perf_counter() - started
+
+
+async def time_to_list_in_parallel(lab: Lab, label: str, argvs: Sequence[Sequence[str]]) -> float:
+    """Seconds from launching all the programs at once until every one has listed its tools."""
+    listed = 0
+    all_listed = anyio.Event()
+    elapsed = 0.0
+
+    async def one(i: int, argv: Sequence[str]) -> None:
+        nonlocal listed, elapsed
+        async with stdio_client_of(lab, f"{label}-{i}", argv) as client:
+            await list_all_tools(client)
+            listed += 1
+            if listed == len(argvs):
+                elapsed = time.perf_counter() - started
+                all_listed.set()
+            await all_listed.wait()  # stay up until all are listed, as they would be behind a router
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i, argv in enumerate(argvs):
+            tg.start_soon(one, i, argv)
+    return elapsed
+
+
+async def bench_startup(lab: Lab, profile: Profile) -> dict[str, Any]:
+    delays = [round(profile.startup_delay * (i + 1) / 10, 3) for i in range(10)]
+    argvs = [fake_backend_argv(tools=50, startup_delay=d) for d in delays]
+    config = lab.write_config("startup-10", [stdio_backend(f"s{i}", tools=50, startup_delay=d) for i, d in enumerate(delays)])
+    empty = lab.write_config("startup-0", [])
+    runs: dict[str, list[float]] = {"slowest_alone_s": [], "direct_parallel_s": [], "router_0_s": [], "router_10_s": []}
+    for _ in range(profile.startup_repeats):
+        runs["slowest_alone_s"].append(await time_to_list(lab, "startup-alone", argvs[-1]))
+        runs["direct_parallel_s"].append(await time_to_list_in_parallel(lab, "startup-parallel", argvs))
+        runs["router_0_s"].append(await time_to_list(lab, "startup-router-0", router_argv(lab, empty), {}))
+        runs["router_10_s"].append(await time_to_list(lab, "startup-router-10", router_argv(lab, config), {f"s{i}": 50 for i in range(10)}))
+    result: dict[str, Any] = {key: round(statistics.median(values), 3) for key, values in runs.items()}
+    result |= {"delays_s": delays, "repeats": profile.startup_repeats, "runs": runs}
+    result["ratio"] = ratio(result["router_10_s"], result["slowest_alone_s"])
+    return result
+
+
+# ---------------------------------------------------------------------------- scenario: one backend hangs
+
+
+async def keep_calling_hang(client: Client, delay: float, stop: anyio.Event, outcomes: Counter[str]) -> None:
+    """Call the hanging tool over and over until `stop`, counting how each call ended."""
+    request = types.CallToolRequest(params=types.CallToolRequestParams(name="stuck__hang", arguments={}))
+    await anyio.sleep(delay)
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            await client.session.send_request(request, types.CallToolResult)
+            outcomes["answered"] += 1
+        except MCPError as err:
+            outcomes["timed out" if err.error.code == REQUEST_TIMEOUT else f"error {err.error.code}"] += 1
+        if time.perf_counter() - started < 0.05:
+            await anyio.sleep(0.05)  # pace fast failures so they do not turn into a CPU hog of our own
+
+
+async def bench_hang(lab: Lab, profile: Profile) -> dict[str, Any]:
+    timeout = profile.hang_timeout
+    backends = [
+        stdio_backend("ok"),
+        {**stdio_backend("stuck", hang=True), "circuit_breaker": {"failure_threshold": 1_000_000}},
+    ]
+    outcomes: Counter[str] = Counter()
+    normal, hanging = Timing(), Timing()
+    async with stdio_router(lab, "hang-router", backends, {"request_timeout_seconds": timeout}) as client:
+        await wait_for_tools(client, {"ok": 1, "stuck": 2})
+        call = echo_call(client, "ok__echo")
+        await sequential(call, profile.warmup_calls)
+        for _ in range(profile.rounds):
+            normal.add(await sequential(call, profile.hang_calls))
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for i in range(HANG_CALLERS):  # staggered, so timeouts fire all along rather than in bursts
+                    tg.start_soon(keep_calling_hang, client, i * timeout / HANG_CALLERS, stop, outcomes)
+                await anyio.sleep(timeout + 0.1)  # every background caller has a call in flight; timeouts are firing
+                hanging.add(await sequential(call, profile.hang_calls))
+                stop.set()
+                tg.cancel_scope.cancel()
+            await anyio.sleep(0.2)  # let the cancellations settle before the next normal phase
+    n, h = normal.summary(), hanging.summary()
+    return {
+        "request_timeout_s": timeout,
+        "hang_callers": HANG_CALLERS,
+        "normal": n,
+        "hanging": h,
+        "hang_calls": dict(outcomes),
+        "ratio": {key: ratio(h[key], n[key]) for key in ("p50_ms", "p99_ms")},
+    }
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    description: str
+    path: tuple[str, ...]
+    """Where the measured value sits in the results."""
+    limit: float
+    at_most: bool
+    """True: the value must not exceed `limit`; False: it must reach it."""
+    unit: str
+
+    def value(self, results: Mapping[str, Any]) -> float | None:
+        node: Any = results
+        for key in self.path:
+            if not isinstance(node, Mapping) or key not in node:
+                return None
+            node = node[key]
+        return node if isinstance(node, int | float) else None
+
+    def check(self, value: float) -> bool:
+        return value <= self.limit if self.at_most else value >= self.limit
+
+
+TARGETS: Final = (
+    Target("routed/direct p50, stdio", ("overhead", "stdio", "sequential", "ratio", "p50_ms"), 2.0, True, "x"),
+    Target("routed/direct calls/s, 32 callers, stdio", ("overhead", "stdio", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
+    Target("routed/direct calls/s, 32 callers, http", ("overhead", "http", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
+    Target("tools/list p50, 50 backends x 50 tools", ("scale", "50x50", "list", "p50_ms"), 5.0, True, " ms"),
+    Target("start-up, 10 backends / slowest alone", ("startup", "ratio"), 1.3, True, "x"),
+    Target("router RSS with 10 backends", ("scale", "10x50", "rss_mb"), 80.0, True, " MB"),
+    Target("healthy p99 while one backend hangs / normal", ("hang", "ratio", "p99_ms"), 1.5, True, "x"),
+)
+
+
+def evaluate(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for target in TARGETS:
+        value = target.value(results)
+        status = "n/a" if value is None else "PASS" if target.check(value) else "FAIL"
+        limit = f"{'<=' if target.at_most else '>='} {target.limit:g}{target.unit}"
+        rows.append({"target": target.description, "value": value, "limit": limit, "status": status})
+    return rows
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> None:
+    """A plain-text table; the first `left` columns are left-aligned, the rest right-aligned."""
+    cells = [list(headers), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def report_overhead(results: Mapping[str, Any]) -> None:
+    rows = []
+    for transport, by_mode in results.items():
+        for mode in ("sequential", "concurrent"):
+            m = by_mode[mode]
+            for side in ("direct", "routed"):
+                s = m[side]
+                rows.append([transport, m["callers"], side, s["calls"], num(s["p50_ms"]), num(s["p99_ms"]), num(s["calls_per_s"], 0)])
+            r = m["ratio"]
+            rows.append([transport, m["callers"], "routed/direct", "", *(num(r[k]) + "x" for k in ("p50_ms", "p99_ms", "calls_per_s"))])
+    print_table(
+        "Call overhead: `echo` directly on the backend vs through the router",
+        ["transport", "callers", "side", "calls", "p50 ms", "p99 ms", "calls/s"],
+        rows,
+        left=3,
+    )
+
+
+def report_scale(results: Mapping[str, Any]) -> None:
+    rows = [
+        [
+            r["backends"],
+            r["tools_per_backend"],
+            r["backend_transport"],
+            r["tools_listed"],
+            r["pages"],
+            num(r["list"].get("p50_ms")),
+            num(r["list"].get("p99_ms")),
+            num(r["ready_s"]),
+            num(r["rss_mb"], 1),
+            num(r["hwm_mb"], 1),
+        ]
+        for r in results.values()
+    ]
+    print_table(
+        "tools/list through the router (all pages, catalogue warm) and router memory",
+        ["backends", "tools each", "backend transport", "tools listed", "pages", "p50 ms", "p99 ms", "ready s", "RSS MB", "peak MB"],
+        rows,
+        left=0,
+    )
+
+
+def report_startup(results: Mapping[str, Any]) -> None:
+    delays = results["delays_s"]
+    rows = [
+        [f"slowest backend alone (start-up delay {delays[-1]:g} s)", num(results["slowest_alone_s"])],
+        [f"10 backends started directly, in parallel (delays {delays[0]:g}..{delays[-1]:g} s)", num(results["direct_parallel_s"])],
+        ["router with 0 backends", num(results["router_0_s"])],
+        ["router with the 10 backends, until all are listed", num(results["router_10_s"])],
+        ["router with 10 / slowest alone", num(results["ratio"]) + "x"],
+    ]
+    print_table(f"Start-up: launch until listed (median of {results['repeats']})", ["case", "seconds"], rows)
+
+
+def report_hang(results: Mapping[str, Any]) -> None:
+    rows = []
+    for phase, key in (("normal", "normal"), ("one backend hangs", "hanging")):
+        s = results[key]
+        rows.append([phase, s["calls"], num(s["p50_ms"]), num(s["p99_ms"]), num(s["calls_per_s"], 0)])
+    r = results["ratio"]
+    rows.append(["hangs / normal", "", num(r["p50_ms"]) + "x", num(r["p99_ms"]) + "x", ""])
+    outcomes = ", ".join(f"{n} {what}" for what, n in sorted(results["hang_calls"].items())) or "none"
+    print_table(
+        f"Failure isolation: healthy calls while {results['hang_callers']} callers hit a hanging tool "
+        f"(request timeout {results['request_timeout_s']:g} s; hang calls: {outcomes})",
+        ["phase", "calls", "p50 ms", "p99 ms", "calls/s"],
+        rows,
+    )
+
+
+REPORTERS: Final[dict[str, Callable[[Mapping[str, Any]], None]]] = {
+    "overhead": report_overhead,
+    "scale": report_scale,
+    "startup": report_startup,
+    "hang": report_hang,
+}
+
+
+def report(results: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> None:
+    for name, reporter in REPORTERS.items():
+        if name not in results:
+            continue
+        if "error" in results[name]:
+            print(f"\n{name}: ERROR: {results[name]['error']}")
+        else:
+            reporter(results[name])
+    rows = [[t["status"], t["target"], "-" if t["value"] is None else f"{t['value']:g}", t["limit"]] for t in targets]
+    print_table("Targets", ["", "target", "measured", "limit"], rows, left=2)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+SCENARIOS: Final[dict[str, Callable[[Lab, Profile], Awaitable[dict[str, Any]]]]] = {
+    "overhead": bench_overhead,
+    "scale": bench_scale,
+    "startup": bench_startup,
+    "hang": bench_hang,
+}
+
+
+def describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+async def run_scenarios(lab: Lab, profile: Profile, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each scenario in turn, and its wall time; one that fails is reported with its processes' logs, and the rest still run."""
+    results: dict[str, Any] = {}
+    wall: dict[str, float] = {}
+    for name in names:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
+        first_log = len(lab.logs)
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                results[name] = await SCENARIOS[name](lab, profile)
+        except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the others
+            results[name] = {"error": describe(exc)}
+            print(f"{name} failed: {describe(exc)}\n{lab.tails(first_log)}", file=sys.stderr, flush=True)
+        wall[name] = round(time.perf_counter() - started, 1)
+    return results, wall
+
+
+def git_describe(path: Path) -> dict[str, Any]:
+    """Which router was measured: its commit (if in git), whether it differs from it, and its content hash."""
+    info: dict[str, Any] = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(path.parent), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", path.name)
+    except (OSError, subprocess.SubprocessError):
+        return info
+    if head.returncode == 0:
+        info |= {"commit": head.stdout.strip(), "modified": bool(dirty.stdout.strip())}
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench_mcp_router.py",
+        description="Benchmark mcp-router against real fake-backend processes (see the module docstring for what is measured).",
+    )
+    parser.add_argument("--quick", action="store_true", help="reduced run, under a minute")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed or a scenario fails")
+    parser.add_argument("--only", metavar="NAMES", help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})")
+    parser.add_argument("--router", metavar="PATH", type=Path, default=DEFAULT_ROUTER, help="the mcp_router.py to measure")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    profile = QUICK if args.quick else FULL
+    router = args.router.resolve()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-mcp-router-") as tmp:
+        lab = Lab(Path(tmp), router)
+        try:
+            results, scenario_wall = anyio.run(run_scenarios, lab, profile, names)
+        finally:
+            lab.close()
+    meta: dict[str, Any] = {
+        "profile": profile.name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "scenario_wall_s": scenario_wall,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "router": git_describe(router),
+    }
+    targets = evaluate(results)
+    r = meta["router"]
+    version = f"{r.get('commit', 'no git')}{' (modified)' if r.get('modified') else ''}, sha256 {r['sha256']}"
+    print(f"mcp-router benchmark: {profile.name} run, {meta['cpus']} CPUs, Python {meta['python']}, router {version}, {meta['wall_s']} s")
+    report(results, targets)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "targets": targets}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    failed = any(t["status"] == "FAIL" for t in targets) or any("error" in v for v in results.values())
+    return 1 if args.strict and failed else 0
+
+
+if __name__ == "__main__":
+    if "--fake-backend" in sys.argv[1:]:
+        run_fake_backend(sys.argv[1:])
+    else:
+        raise SystemExit(main())
