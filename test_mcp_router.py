@@ -764,7 +764,7 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client()
         return types.ElicitResult(action="accept", content={"name": "Ada"})
 
     async def roots(context: Any) -> types.ListRootsResult:
-        return types.ListRootsResult(roots=[types.Root(uri="file:///work")])
+        return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///work"})])
 
     async with routed(fake) as (bare, router, _):
         async with Client(
