@@ -1213,6 +1213,7 @@ class Backend:
         self.secrets = config.secrets()
         self._headers: dict[str, str] = {}
         self._stop_scope: anyio.CancelScope | None = None
+        self._connection_scope: anyio.CancelScope | None = None
 
     # -- supervision
 
@@ -1220,11 +1221,16 @@ class Backend:
         attempt = 0
         with anyio.CancelScope() as self._stop_scope:
             while True:
-                if attempt:
+                if self.state != "connecting":
                     self.restarts += 1
                 self.connected_at = None
                 try:
-                    await self._connect_and_serve()
+                    with anyio.CancelScope() as self._connection_scope:
+                        await self._connect_and_serve()
+                    if self._connection_scope.cancel_called:
+                        self._note_down("restarted on request")
+                        attempt = 0
+                        continue
                     self._note_down("connection closed")
                 except Exception as exc:  # noqa: BLE001 - any failure of one backend is contained here
                     self._note_down(describe_error(exc))
@@ -1239,6 +1245,11 @@ class Backend:
     def stop(self) -> None:
         if self._stop_scope is not None:
             self._stop_scope.cancel()
+        self.state = "stopped"
+
+    def restart(self) -> None:
+        if self._connection_scope is not None:
+            self._connection_scope.cancel()
 
     def _was_stable(self) -> bool:
         """A connection that lived a while resets the restart backoff."""
@@ -1543,6 +1554,7 @@ class Router:
         self.sleep = sleep
         connectors = connectors or {}
         self.backends: dict[str, Backend] = {b.name: Backend(b, self, connectors.get(b.name)) for b in config.backends}
+        self._task_group: anyio.abc.TaskGroup | None = None
         self.catalogue = Catalogue()
         self._rebuild()
         self.ready = anyio.Event()
@@ -1552,7 +1564,6 @@ class Router:
         self._connections: dict[Any, None] = {}
         """Handshake-era client connections, oldest first: where list changes and logs go."""
         self._subscribers: dict[str, dict[Any, None]] = {}
-        self._task_group: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle (the supervisor)
 
@@ -1584,9 +1595,14 @@ class Router:
         return backend
 
     def remove_backend(self, name: str) -> None:
+        """Stop a backend and withdraw its tools, resources and prompts while serving."""
         backend = self.backends.pop(name)
         backend.stop()
         self._rebuild()
+
+    def restart_backend(self, name: str) -> None:
+        """Drop a backend's connection; its supervisor reconnects at once."""
+        self.backends[name].restart()
 
     async def _mark_ready(self) -> None:
         """Lists wait for every backend's first connection attempt, bounded by the request timeout."""
@@ -1605,9 +1621,17 @@ class Router:
         if listing == backend.listing:
             return
         backend.listing = listing
-        old = self.catalogue
         self._rebuild()
-        new = self.catalogue
+
+    def _rebuild(self) -> None:
+        """Rebuild the catalogue from every backend's listing, and tell clients what changed."""
+        old = self.catalogue
+        members = [Member(b.name, b.config.namespace, b.config.priority, b.listing) for b in self.backends.values()]
+        new = build_catalogue(members, namespaced=self.settings.enable_namespaces)
+        new = dataclasses.replace(new, tool_items=MANAGEMENT_TOOL_ITEMS + new.tool_items)
+        for conflict in set(new.conflicts) - set(old.conflicts):
+            log.warning("name collision: %s", conflict)
+        self.catalogue = new
         changed = [
             kind
             for kind, a, b in (
@@ -1619,14 +1643,6 @@ class Router:
         ]
         if changed and self._task_group is not None:
             self._task_group.start_soon(self._notify_changed, changed)
-
-    def _rebuild(self) -> None:
-        members = [Member(b.name, b.config.namespace, b.config.priority, b.listing) for b in self.backends.values()]
-        catalogue = build_catalogue(members, namespaced=self.settings.enable_namespaces)
-        catalogue = dataclasses.replace(catalogue, tool_items=MANAGEMENT_TOOL_ITEMS + catalogue.tool_items)
-        for conflict in set(catalogue.conflicts) - set(self.catalogue.conflicts):
-            log.warning("name collision: %s", conflict)
-        self.catalogue = catalogue
 
     def register_connection(self, connection: Any) -> None:
         """Remember a client connection so notifications reach it; forgotten when it closes."""

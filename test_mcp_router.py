@@ -16,6 +16,7 @@ Backends are real `mcp.server.Server` objects, in process or as subprocesses
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -102,6 +103,8 @@ class FakeBackend:
     result_for: dict[str, types.CallToolResult] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     subscribed: list[str] = field(default_factory=list)
+    roots_changes: int = 0
+    answers_ping: bool = True
     log_levels: list[str] = field(default_factory=list)
     release: anyio.Event = field(default_factory=anyio.Event)
     hang_started: anyio.Event = field(default_factory=anyio.Event)
@@ -233,7 +236,17 @@ class FakeBackend:
             on_get_prompt=get_prompt,
             on_completion=complete,
         )
+
+        async def roots_changed(ctx: Any, params: Any) -> None:
+            self.roots_changes += 1
+
+        async def no_ping(ctx: Any, params: Any) -> types.EmptyResult:
+            raise MCPError(types.METHOD_NOT_FOUND, "Method not found")
+
         server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
+        server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
+        if not self.answers_ping:
+            server.add_request_handler("ping", types.RequestParams, no_ping)
         return server
 
 
@@ -652,13 +665,23 @@ async def test_parity_router_changes_nothing_but_names(mode: str) -> None:
 
         done = await client.complete(types.PromptReference(name="rich__greet"), {"name": "who", "value": "A"})
         assert done.completion.values == ["rich-A"]
+        done = await client.complete(types.ResourceTemplateReference(uri="notes://{id}"), {"name": "id", "value": "4"})
+        assert done.completion.values == ["rich-4"]
 
 
 async def test_backend_results_pass_through_byte_for_byte_when_large() -> None:
     blob = "x" * (5 * 1024 * 1024)
-    fake = FakeBackend("big", result_for={"echo": types.CallToolResult(content=[types.TextContent(text=blob)])})
+    image = base64.b64encode(os.urandom(3 * 1024 * 1024)).decode()
+    big = types.CallToolResult(
+        content=[
+            types.TextContent(text=blob),
+            types.ImageContent(data=image, mime_type="image/png"),
+            types.EmbeddedResource(resource=types.BlobResourceContents(uri="file:///big.bin", blob=image)),
+        ]
+    )
+    fake = FakeBackend("big", result_for={"echo": big})
     async with routed(fake) as (client, _, _):
-        assert text_of(await call(client, "big__echo")) == blob
+        assert (await call(client, "big__echo")).model_dump() == big.model_dump()
 
 
 async def test_instructions_of_backends_are_combined_under_their_namespace() -> None:
@@ -778,9 +801,17 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client()
             assert text_of(await call(client, "svc__sample", {"text": "hi"})) == "sampled:HI"
             assert text_of(await call(client, "svc__elicit")) == "elicited:accept:{'name': 'Ada'}"
             assert text_of(await call(client, "svc__roots")) == "roots:file:///work"
+            await client.send_roots_list_changed()
+            with anyio.fail_after(1):
+                while not fake.roots_changes:
+                    await anyio.sleep(0.01)
         with pytest.raises(MCPError) as info:  # a client without sampling gets a clear error, not a hang
             await call(bare, "svc__sample", {"text": "hi"})
         assert "does not support sampling" in info.value.message
+        async with Client(mr.build_server(router), cache=None, sampling_callback=sampling) as modern:
+            with pytest.raises(MCPError) as info:  # 2026-07-28 has no server-to-client requests
+                await call(modern, "svc__sample", {"text": "hi"})
+            assert "cannot carry sampling/createMessage" in info.value.message
 
 
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
@@ -1047,6 +1078,60 @@ async def test_a_lost_connection_is_reestablished_and_listed_again() -> None:
         assert router.backends["svc"].restarts == 1
 
 
+async def test_health_checks_record_success_and_feed_the_breaker() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake, circuit_breaker={"failure_threshold": 1}) as (_, router, connectors):
+        backend = router.backends["svc"]
+        assert await backend.check_health()
+        assert backend.health.checks == 1 and backend.health.last_latency_ms is not None
+        connectors["svc"].refuse = True
+        connectors["svc"].cut()
+        while backend.state == "ready":
+            await anyio.lowlevel.checkpoint()
+        assert not await backend.check_health()
+        assert backend.health.consecutive_failures == 1 and backend.breaker.state == "open"
+        health = backend.status(detail=True)["health_checks"]
+        assert (health["total"], health["failed"]) == (2, 1) and "health check failed" in health["last_error"]
+
+
+async def test_a_backend_that_does_not_answer_ping_is_checked_with_a_list() -> None:
+    fake = FakeBackend("modern", answers_ping=False)
+    async with routed(fake) as (_, router, _):
+        assert await router.backends["modern"].check_health()
+
+
+async def test_backends_are_added_restarted_and_removed_while_serving() -> None:
+    first, second = FakeBackend("first"), FakeBackend("second")
+    changes: list[Any] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changes.append(message)
+
+    async with (
+        routed(first) as (_, router, connectors),
+        Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client,
+    ):
+        await client.list_tools()
+        connector = InProcess(second)
+        router.add_backend(mr.parse_config({"backends": [{"name": "second", "command": "x"}]}, {}).backends[0], connector)
+        with anyio.fail_after(2):
+            while not changes:
+                await anyio.sleep(0.01)
+        assert text_of(await call(client, "second__echo", {"text": "hi"})) == "second:echo:hi"
+
+        router.restart_backend("first")
+        with anyio.fail_after(2):
+            while connectors["first"].connects < 2 or router.backends["first"].state != "ready":
+                await anyio.sleep(0.01)
+        assert router.backends["first"].restarts == 1
+
+        router.remove_backend("second")
+        assert "second__echo" not in {t.name for t in (await client.list_tools()).tools}
+        with pytest.raises(MCPError):
+            await call(client, "second__echo")
+
+
 # ---------------------------------------------------------------------------- end to end: real processes
 
 
@@ -1275,6 +1360,14 @@ async def test_broken_backends_are_reported_and_the_others_served(tmp_path: Path
     assert "no answer to initialize within 1s" in rows["silent"]["last_error"]
     assert "handshake" in rows["early-exit"]["last_error"] and "handshake" in rows["missing"]["last_error"]
     assert all(rows[b["name"]]["state"] != "ready" for b in broken)
+
+
+async def test_zero_config_serves_the_management_tools(tmp_path: Path) -> None:
+    params = StdioServerParameters(command=sys.executable, args=[str(ROUTER)], cwd=str(tmp_path))
+    with anyio.fail_after(20):
+        async with Client(params, mode="legacy", cache=None) as client:
+            assert {t.name for t in (await client.list_tools()).tools} == {"list_backends", "get_backend_health"}
+            assert "no backends configured" in text_of(await call(client, "list_backends"))
 
 
 def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
