@@ -1037,6 +1037,10 @@ class CircuitBreaker:
         )
 
 
+SESSION_LOST: Final = re.compile(r"session (not found|terminated|expired)", re.IGNORECASE)
+"""How HTTP servers say they no longer know our session (a 404 for its id), e.g. after a restart."""
+
+
 def is_transport_failure(exc: BaseException) -> bool:
     """Failures that say the backend (not the caller) is in trouble: they feed breakers and retries."""
     if isinstance(exc, MCPError):
@@ -1473,6 +1477,9 @@ class Backend:
         try:
             result = await dispatcher.send_raw_request(method, params, cast(Any, opts))
         except MCPError as err:
+            if self.config.transport != "stdio" and SESSION_LOST.search(err.message):
+                self.restart()  # a restarted HTTP server forgot our session: nothing ran, so reconnect and retry
+                raise BackendUnavailable(f"backend {self.name!r} lost its session ({err.message}); reconnecting") from None
             if guarded:
                 if err.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
                     self._breaker_event(self.breaker.record_failure(err.message))
@@ -1789,8 +1796,9 @@ class Router:
                     return await backend.request(method, params, timeout, on_progress=on_progress)
                 finally:
                     backend.inflight.remove(ctx)
-            except BackendUnavailable as exc:
+            except BackendUnavailable as exc:  # raised before anything reached a backend
                 error: Exception = exc
+                reached = False
             except MCPError as exc:
                 if not is_transport_failure(exc):
                     raise

@@ -104,6 +104,7 @@ class FakeBackend:
     calls: list[str] = field(default_factory=list)
     subscribed: list[str] = field(default_factory=list)
     roots_changes: int = 0
+    forget_session: bool = False
     answers_ping: bool = True
     log_levels: list[str] = field(default_factory=list)
     release: anyio.Event = field(default_factory=anyio.Event)
@@ -147,6 +148,9 @@ class FakeBackend:
         async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
             self.calls.append(params.name)
             args = params.arguments or {}
+            if self.forget_session:  # what a restarted HTTP server answers for an old session id
+                self.forget_session = False
+                raise MCPError(types.INVALID_REQUEST, "Session not found")
             if params.name in self.result_for:
                 return self.result_for[params.name]
             if params.name == "fail":
@@ -280,7 +284,8 @@ class InProcess:
 
 
 def config_for(*names: str, settings: dict[str, Any] | None = None, **backend_keys: Any) -> mr.Config:
-    raw: dict[str, Any] = {"backends": [{"name": n, "command": "unused", **backend_keys} for n in names]}
+    target = {} if "url" in backend_keys else {"command": "unused"}
+    raw: dict[str, Any] = {"backends": [{"name": n, **target, **backend_keys} for n in names]}
     raw |= settings or {}
     return mr.parse_config(raw, {})
 
@@ -1076,6 +1081,15 @@ async def test_a_lost_connection_is_reestablished_and_listed_again() -> None:
                 await anyio.sleep(0.01)
         assert text_of(await call(client, "svc__echo", {"text": "again"})) == "svc:echo:again"
         assert router.backends["svc"].restarts == 1
+
+
+async def test_an_http_backend_that_forgot_our_session_is_reconnected_and_the_call_retried() -> None:
+    fake = FakeBackend("web")
+    async with routed(fake, url="http://127.0.0.1:1/mcp") as (client, _, connectors):
+        fake.forget_session = True
+        assert text_of(await call(client, "web__echo", {"text": "again"})) == "web:echo:again"
+        assert connectors["web"].connects == 2
+        assert fake.calls == ["echo", "echo"]  # the first was refused for its session, so re-sending it is safe
 
 
 async def test_health_checks_record_success_and_feed_the_breaker() -> None:
