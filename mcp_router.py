@@ -496,8 +496,6 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
         problems.unknown_keys(raw, _BACKEND_KEYS, path)
     before = len(problems.items)
     name = _check(raw.get("name"), str, _join(path, "name"), problems)
-    if name is not None and not NAME_PATTERN.match(name):
-        problems.add(_join(path, "name"), f"expected letters, digits, '_' or '-' (at most 64), got {name!r}")
     url, command = raw.get("url"), raw.get("command")
     declared = raw.get("transport", raw.get("type"))
     transport: Transport = "stdio" if command is not None else "http"
@@ -520,7 +518,7 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
         _check(command, str, _join(path, "command"), problems)
         if transport != "stdio":
             problems.add(_join(path, "transport"), "expected stdio for a command backend")
-    namespace = raw.get("namespace", name)
+    namespace = raw.get("namespace", re.sub(r"[^A-Za-z0-9_-]", "_", name or "")[:MAX_NAME_LENGTH])
     if namespace is not None and (not isinstance(namespace, str) or not NAME_PATTERN.match(namespace)):
         problems.add(_join(path, "namespace"), f"expected letters, digits, '_' or '-', got {_describe(namespace)}")
     priority = _check(raw.get("priority", 10), int, _join(path, "priority"), problems)

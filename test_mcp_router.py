@@ -448,6 +448,7 @@ def test_config_accepts_the_mcp_servers_format_of_claude_and_cursor(tmp_path: Pa
             {
                 "mcpServers": {
                     "time": {"command": "uvx", "args": ["mcp-server-time"], "env": {"TZ": "UTC"}},
+                    "my files": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem", "."]},
                     "remote": {"type": "http", "url": "https://example.com/mcp", "headers": {"X-Key": "k"}},
                     "legacy": {"type": "sse", "url": "https://example.com/sse", "disabled": True, "autoApprove": []},
                 }
@@ -457,6 +458,7 @@ def test_config_accepts_the_mcp_servers_format_of_claude_and_cursor(tmp_path: Pa
     config = mr.load_config(path, {})
     by_name = {b.name: b for b in config.backends}
     assert by_name["time"].transport == "stdio"
+    assert by_name["my files"].namespace == "my_files"
     assert by_name["remote"].transport == "http" and by_name["remote"].headers == {"X-Key": "k"}
     assert by_name["legacy"].transport == "sse" and by_name["legacy"].enabled is False
 
