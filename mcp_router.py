@@ -1207,7 +1207,7 @@ class Backend:
 
     def _note_down(self, error: str) -> None:
         error = redact(error, self.secrets)
-        was_ready = self.state == "ready"
+        was_ready = self.connected_at is not None
         self.session = self.dispatcher = None
         self.state = "down"
         self.last_error = error
@@ -1269,6 +1269,7 @@ class Backend:
                 if self.settings.cache_ttl > 0:
                     tg.start_soon(self._refresh_loop)
                 await dispatcher.ended.wait()
+                self.session = self.dispatcher = None  # new calls wait for the reconnect instead of failing on a dead pipe
                 tg.cancel_scope.cancel()
 
     async def _fetch_all(self, method: str, key: str) -> list[dict[str, Any]]:
