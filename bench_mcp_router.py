@@ -26,18 +26,22 @@ overhead  The `echo` tool called directly on a backend and through the router, s
           router -> HTTP backend): p50, p99 and calls/s with one caller and with 32 concurrent
           callers sharing one session, and the ratio routed/direct. Direct and routed are measured
           in alternating rounds so that drift on a busy machine hits both alike.
-scale     tools/list through the router (every page, catalogue warm) with 1, 10 and 50 backends of
-          50 tools each and with one backend of 5,000 tools; and the router's resident memory
-          (VmRSS from /proc) with 0, 10 and 50 backends. With --quick the 50 backends are 50
-          connections to one shared HTTP backend process instead of 50 stdio processes.
+scale     tools/list through a stdio router (every page, catalogue warm) with 1, 10 and 50 backends
+          of 50 tools each and with one backend of 5,000 tools, and the router's resident memory
+          (VmRSS from /proc) with 0, 1, 10 and 50 backends. The p50/p99 columns are the router's
+          share: the pages as decoded JSON, without the client SDK's result validation, which the
+          "SDK-parsed" column adds (a large share for big lists). With --quick, the 50 backends are
+          50 connections to one shared HTTP backend process instead of 50 stdio processes.
 startup   Time from launching the router until all of 10 stdio backends are listed, against the
           slowest of those backends started alone. The backends wait 0.1..1.0 x a start-up delay
-          before serving, as slow servers (npx, uvx, remote setup) do. For context it also shows
-          the 10 backends started directly in parallel (no router) and the router with no backends.
-hang      p99 of calls to a healthy backend, normally and while 16 background callers keep calling a
-          tool of another backend that never answers, each call ending in the router's (short)
-          request timeout. The hanging backend's circuit breaker threshold is raised so that its
-          calls keep reaching it and timing out throughout, instead of being rejected at once.
+          before serving, as slow servers (npx, uvx, remote setup) do. For context: the router with
+          no backends and (full run only) the 10 backends started directly in parallel, without a
+          router, which is what the machine's CPUs allow (each backend is a Python process).
+hang      p50/p99 of calls to a healthy backend, normally and while 16 background callers keep
+          calling a tool of another backend that never answers, each call ending in the router's
+          (short) request timeout. The phases alternate and are timed, each longer than the
+          timeout. The hanging backend's circuit breaker threshold is raised so that its calls keep
+          reaching it and timing out throughout, instead of being rejected at once.
 
 Calls use `session.send_request(CallToolRequest)`, the same on both sides, after a warm-up; latencies
 are time.perf_counter() around each call; p50/p99 are nearest-rank percentiles of all samples.
@@ -51,11 +55,13 @@ responses at http://127.0.0.1:PORT/mcp. `--hang` adds a `hang` tool that never a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -155,7 +161,7 @@ QUICK: Final = Profile(
     sequential_calls=200,
     calls_per_caller=8,
     scale_cases=SCALE_CASES,
-    shared_http_from=10,
+    shared_http_from=50,
     list_samples=8,
     startup_delay=1.0,
     startup_repeats=1,
@@ -281,24 +287,38 @@ async def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float
                 return
 
 
-def child_pid(marker: str) -> int:
-    """The pid of this process's one child whose command line contains `marker` (Linux /proc)."""
-    me = os.getpid()
-    found = []
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    ppid: int
+    argv: list[str]
+
+
+def process_table() -> dict[int, ProcessInfo]:
+    """Every process this user can see, from /proc (Linux)."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # fields after "(comm)": state, ppid, ...
-        if ppid == me and marker in cmdline:
-            found.append(int(entry.name))
+        table[int(entry.name)] = ProcessInfo(ppid=int(stat.rsplit(")", 1)[1].split()[1]), argv=argv)  # after "(comm)": state, ppid
+    return table
+
+
+def child_pid(table: Mapping[int, ProcessInfo], marker: str) -> int:
+    """The pid of this process's one child whose command line contains `marker`."""
+    found = [pid for pid, p in table.items() if p.ppid == os.getpid() and any(marker in arg for arg in p.argv)]
     if len(found) != 1:
         raise BenchError(f"expected one child process running {marker}, found {len(found)}")
     return found[0]
+
+
+def descendants(table: Mapping[int, ProcessInfo], pid: int) -> list[int]:
+    children = [child for child, p in table.items() if p.ppid == pid]
+    return children + [d for child in children for d in descendants(table, child)]
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -309,6 +329,18 @@ def memory_mb(pid: int) -> dict[str, float]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) / 1024  # kB
     return {"rss_mb": round(values["VmRSS"], 1), "hwm_mb": round(values["VmHWM"], 1)}
+
+
+def router_memory(router: Path) -> dict[str, float]:
+    """The router process's memory, and that of its helper processes: its descendants that are not fake backends."""
+    table = process_table()
+    pid = child_pid(table, str(router))
+    helpers = [d for d in descendants(table, pid) if table[d].argv[1:2] != [str(THIS_FILE)]]
+    helper_rss = 0.0
+    for helper in helpers:
+        with contextlib.suppress(OSError):  # it may have just exited
+            helper_rss += memory_mb(helper)["rss_mb"]
+    return {**memory_mb(pid), "helpers": len(helpers), "helpers_rss_mb": round(helper_rss, 1)}
 
 
 class Lab:
@@ -648,7 +680,7 @@ async def scale_case(lab: Lab, profile: Profile, backends: int, tools: int) -> d
             "ready_s": round(ready_s, 2),
             "list": raw_timing.summary(),
             "list_sdk_parsed": parsed_timing.summary(),
-            **memory_mb(child_pid(str(lab.router))),
+            **router_memory(lab.router),
         }
 
 
@@ -865,6 +897,7 @@ def report_scale(results: Mapping[str, Any]) -> None:
             num(r["ready_s"]),
             num(r["rss_mb"], 1),
             num(r["hwm_mb"], 1),
+            f"{r['helpers']} / {num(r['helpers_rss_mb'], 1)}",
         ]
         for r in results.values()
     ]
@@ -883,6 +916,7 @@ def report_scale(results: Mapping[str, Any]) -> None:
             "ready s",
             "RSS MB",
             "peak MB",
+            "helpers / MB",
         ],
         rows,
         left=0,
@@ -975,6 +1009,13 @@ async def run_scenarios(lab: Lab, profile: Profile, names: Sequence[str]) -> tup
     return results, wall
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C (or SIGTERM), possibly wrapped in exception groups by the task groups it went through."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)
+
+
 def git_describe(path: Path) -> dict[str, Any]:
     """Which router was measured: its commit (if in git), whether it differs from it, and its content hash."""
     info: dict[str, Any] = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
@@ -1013,11 +1054,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     profile = QUICK if args.quick else FULL
     router = args.router.resolve()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: unwind, so every process started gets stopped
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-mcp-router-") as tmp:
         lab = Lab(Path(tmp), router)
         try:
             results, scenario_wall = anyio.run(run_scenarios, lab, profile, names)
+        except BaseException as exc:
+            if not is_interrupt(exc):
+                raise
+            print("interrupted; every process started was stopped", file=sys.stderr)
+            return 130
         finally:
             lab.close()
     meta: dict[str, Any] = {

@@ -34,6 +34,7 @@ SPDX-License-Identifier: MIT
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import difflib
@@ -45,6 +46,7 @@ import os
 import random
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +59,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import mcp_types as types
+import pydantic
 import yaml
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
@@ -1293,12 +1296,26 @@ class Backend:
         templates = await self._fetch_all("resources/templates/list", "resourceTemplates") if caps.resources else []
         prompts = await self._fetch_all("prompts/list", "prompts") if caps.prompts else []
         return Listing(
-            tools=filter_tools(tools, self.config.include, self.config.exclude),
-            resources=tuple(resources),
-            templates=tuple(templates),
-            prompts=tuple(prompts),
+            tools=filter_tools(self._valid(tools, types.Tool), self.config.include, self.config.exclude),
+            resources=self._valid(resources, types.Resource),
+            templates=self._valid(templates, types.ResourceTemplate),
+            prompts=self._valid(prompts, types.Prompt),
             instructions=instructions if instructions is not None else self.listing.instructions,
         )
+
+    def _valid(self, items: Iterable[dict[str, Any]], model: type[pydantic.BaseModel]) -> tuple[dict[str, Any], ...]:
+        """The items that are valid MCP, checked once here so that no client call re-checks them."""
+        kept = []
+        for item in items:
+            try:
+                model.model_validate(item)
+            except pydantic.ValidationError as err:
+                log.warning(
+                    "backend %s: ignoring an invalid %s %r: %s", self.name, model.__name__, item.get("name"), err.errors()[0]["msg"]
+                )
+                continue
+            kept.append(item)
+        return tuple(kept)
 
     async def refresh(self) -> None:
         """Re-list this backend and publish the result if it changed."""
@@ -2008,7 +2025,8 @@ def build_server(router: Router) -> RouterServer:
     # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, _guard(set_level))
     server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
-    server.middleware.append(_ConnectionTracker(router))
+    # The router forwards; tracing each hop is the backends' and clients' business, and costs ~20 us a call.
+    server.middleware = [_RouterMiddleware(router)]
     return server
 
 
@@ -2016,45 +2034,143 @@ def _connection_of(ctx: Any) -> Any:
     return ctx.session._connection  # the SDK offers no public handle on a request's connection
 
 
-class _ConnectionTracker:
-    """Server middleware: remembers each handshake-era client connection, and lets initialize wait briefly for backends."""
+class _RouterMiddleware:
+    """Server middleware: tracks client connections, lets initialize wait briefly for backends, and takes the fast path.
+
+    On handshake-era connections tools/call and the lists skip the SDK's per-request
+    validation of params and results: the router forwards what the backend said (the
+    backend validates the arguments, the catalogue validated the listings once), so
+    re-validating both on the hot path would only cost time.
+    """
 
     def __init__(self, router: Router) -> None:
         self.router = router
+        self.lists = {
+            "tools/list": ("tool_items", "tools"),
+            "prompts/list": ("prompt_items", "prompts"),
+            "resources/list": ("resource_items", "resources"),
+            "resources/templates/list": ("template_items", "resourceTemplates"),
+        }
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS or ctx.method == "initialize":
-            self.router.register_connection(_connection_of(ctx))
-        if ctx.method == "initialize" and not self.router.ready.is_set():
-            with anyio.move_on_after(min(STARTUP_GRACE, self.router.settings.request_timeout)):
-                await self.router.ready.wait()
-        return await call_next(ctx)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return await call_next(ctx)
+        result = await _guarded_call(self._fast_path(ctx))
+        return result if result is not None else await call_next(ctx)
+
+    async def _fast_path(self, ctx: Any) -> dict[str, Any] | None:
+        """The result for a request the router answers itself, or None to take the SDK's checked path."""
+        router, method, params = self.router, ctx.method, ctx.params
+        if method == "tools/call":
+            name = params.get("name") if isinstance(params, Mapping) else None
+            entry = router.catalogue.tools.get(name) if isinstance(name, str) else None
+            arguments = params.get("arguments") if params else None
+            if entry is None or not isinstance(arguments, dict | None):
+                return None  # management tools, unknown names and malformed calls take the checked path
+            out: dict[str, Any] = {"name": entry.original}
+            if arguments is not None:
+                out["arguments"] = arguments
+            if (meta := _forwarded_meta(params)) is not None:
+                out["_meta"] = meta
+            return strip_reserved_meta(await router.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, ctx=ctx))
+        if method in self.lists:
+            cursor = (params or {}).get("cursor")
+            if cursor is not None and not isinstance(cursor, str):
+                return None
+            await router.wait_ready()
+            attribute, key = self.lists[method]
+            result = page(getattr(router.catalogue, attribute), cursor, key)
+            del result["resultType"]
+            return result
+        if method in ("initialize", "notifications/initialized"):
+            router.register_connection(_connection_of(ctx))
+        if method == "initialize" and not router.ready.is_set():
+            with anyio.move_on_after(min(STARTUP_GRACE, router.settings.request_timeout)):
+                await router.ready.wait()
+        return None
+
+
+async def _guarded_call(call: Awaitable[Any]) -> Any:
+    """No Python exception text reaches a client: anything unexpected is logged and becomes a plain internal error."""
+    try:
+        return await call
+    except MCPError:
+        raise
+    except Exception:
+        log.exception("internal error")
+        raise MCPError(INTERNAL_ERROR, "internal router error; see the router's log") from None
 
 
 def _guard(handler: Callable[..., Awaitable[Any]]) -> Any:
-    """No Python exception text reaches a client: anything unexpected is logged and becomes a plain internal error."""
+    """A handler whose unexpected exceptions reach the client as a plain internal error."""
 
     async def guarded(ctx: Any, params: Any) -> Any:
-        try:
-            return await handler(ctx, params)
-        except MCPError:
-            raise
-        except Exception:
-            log.exception("internal error handling %s", getattr(ctx, "method", "request"))
-            raise MCPError(INTERNAL_ERROR, "internal router error; see the router's log") from None
+        return await _guarded_call(handler(ctx, params))
 
-    guarded.__name__ = handler.__name__
     return guarded
 
 
 # ---------------------------------------------------------------------------- serving
 
 
+class _PipeLines:
+    """stdin and stdout as event-loop pipes for the SDK's stdio transport, which otherwise spends a thread hop on every line."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while line := await self.reader.readline():
+            yield line
+
+    async def write(self, text: str) -> None:
+        self.writer.write(text.encode())
+
+    async def flush(self) -> None:
+        await self.writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def _stdio_pipes() -> AsyncIterator[_PipeLines | None]:
+    """The wire on private copies of fds 0 and 1, while fd 0 reads /dev/null and fd 1 writes to stderr.
+
+    Only for pipes and sockets (how MCP clients start servers); anything else gets the SDK's own transport.
+    """
+    if not all(stat.S_ISFIFO(m) or stat.S_ISSOCK(m) for m in (os.fstat(0).st_mode, os.fstat(1).st_mode)):
+        yield None
+        return
+    loop = asyncio.get_running_loop()
+    wire_in, wire_out = os.dup(0), os.dup(1)
+    saved_in, saved_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # a stray print() must never corrupt the protocol stream
+    os.close(devnull)
+    try:
+        reader = asyncio.StreamReader(limit=1 << 30)  # one line is one message, of any size
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0))
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(wire_out, "wb", 0)
+        )
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        try:
+            yield _PipeLines(reader, writer)
+        finally:
+            transport.close()
+    finally:
+        os.dup2(saved_in, 0)
+        os.dup2(saved_out, 1)
+        os.close(saved_in)
+        os.close(saved_out)
+
+
 async def serve_stdio(server: Server[Any]) -> None:
     from mcp.server.stdio import stdio_server
 
-    async with stdio_server() as (read, write):
-        await server.run(read, write, server.create_initialization_options())
+    async with _stdio_pipes() as pipes:
+        transport = stdio_server(cast(Any, pipes), cast(Any, pipes)) if pipes is not None else stdio_server()
+        async with transport as (read, write):
+            await server.run(read, write, server.create_initialization_options())
 
 
 def http_app(router: Router, server: RouterServer) -> Any:
