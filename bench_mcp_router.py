@@ -331,16 +331,24 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {"rss_mb": round(values["VmRSS"], 1), "hwm_mb": round(values["VmHWM"], 1)}
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size in MB: resident memory with shared pages split among their sharers, so it adds up."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def router_memory(router: Path) -> dict[str, float]:
-    """The router process's memory, and that of its helper processes: its descendants that are not fake backends."""
+    """The router process's memory, and the PSS of its helper processes: its descendants that are not fake backends."""
     table = process_table()
     pid = child_pid(table, str(router))
     helpers = [d for d in descendants(table, pid) if table[d].argv[1:2] != [str(THIS_FILE)]]
-    helper_rss = 0.0
+    helper_pss = 0.0
     for helper in helpers:
         with contextlib.suppress(OSError):  # it may have just exited
-            helper_rss += memory_mb(helper)["rss_mb"]
-    return {**memory_mb(pid), "helpers": len(helpers), "helpers_rss_mb": round(helper_rss, 1)}
+            helper_pss += pss_mb(helper)
+    return {**memory_mb(pid), "helpers": len(helpers), "helpers_pss_mb": round(helper_pss, 1)}
 
 
 class Lab:
@@ -897,7 +905,7 @@ def report_scale(results: Mapping[str, Any]) -> None:
             num(r["ready_s"]),
             num(r["rss_mb"], 1),
             num(r["hwm_mb"], 1),
-            f"{r['helpers']} / {num(r['helpers_rss_mb'], 1)}",
+            f"{r['helpers']} / {num(r['helpers_pss_mb'], 1)}",
         ]
         for r in results.values()
     ]
@@ -916,7 +924,7 @@ def report_scale(results: Mapping[str, Any]) -> None:
             "ready s",
             "RSS MB",
             "peak MB",
-            "helpers / MB",
+            "helpers / PSS MB",
         ],
         rows,
         left=0,
@@ -1054,8 +1062,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     profile = QUICK if args.quick else FULL
     router = args.router.resolve()
+    if not router.is_file():
+        print(f"no router at {router}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: unwind, so every process started gets stopped
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-mcp-router-") as tmp:
         lab = Lab(Path(tmp), router)
         try:
@@ -1075,12 +1086,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "load_average_before": round(load_before, 2),
         "router": git_describe(router),
     }
     targets = evaluate(results)
     r = meta["router"]
     version = f"{r.get('commit', 'no git')}{' (modified)' if r.get('modified') else ''}, sha256 {r['sha256']}"
-    print(f"mcp-router benchmark: {profile.name} run, {meta['cpus']} CPUs, Python {meta['python']}, router {version}, {meta['wall_s']} s")
+    print(
+        f"mcp-router benchmark: {profile.name} run, {meta['wall_s']} s; router {version}\n"
+        f"{meta['cpus']} CPUs (1-minute load average {load_before:.2f} before the run: other work skews results), Python {meta['python']}"
+    )
     report(results, targets)
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results, "targets": targets}, indent=2) + "\n")

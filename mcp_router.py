@@ -222,6 +222,7 @@ class Settings:
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
     port: int = 8000
+    json_response: bool = False
     log_level: str = "INFO"
     default_strategy: Strategy = "capability"
     enable_namespaces: bool = True
@@ -252,6 +253,8 @@ SETTINGS: Final = (
     Setting("transport", "server.transport", "MCP_TRANSPORT", "--transport", ("stdio", "http"), "how clients reach the router"),
     Setting("host", "server.host", "MCP_HOST", "--host", str, "HTTP bind address"),
     Setting("port", "server.port", "MCP_PORT", "--port", int, "HTTP port"),
+    Setting("json_response", "server.json_response", "MCP_JSON_RESPONSE", "--json-response", bool,
+            "answer each HTTP request with one JSON body instead of an SSE stream: faster, but no progress or sampling mid-call"),
     Setting("log_level", "server.log_level", "MCP_LOG_LEVEL", "--log-level", LOG_LEVELS, "stderr log level"),
     Setting("default_strategy", "routing.default_strategy", "MCP_DEFAULT_STRATEGY", None, STRATEGIES,
             "routing strategy of a route that names none"),
@@ -434,7 +437,7 @@ _MCP_SERVERS_EXTRA_KEYS: Final = ("type", "disabled")
 def _check_sections(raw: Mapping[str, Any], problems: _Problems) -> None:
     problems.unknown_keys(raw, _TOP_KEYS, "")
     for section, keys in (
-        ("server", ("name", "transport", "host", "port", "log_level")),
+        ("server", ("name", "transport", "host", "port", "json_response", "log_level")),
         ("routing", _ROUTING_KEYS),
         ("health_check", ("interval_seconds", "timeout_seconds")),
     ):
@@ -2175,7 +2178,8 @@ async def serve_stdio(server: Server[Any]) -> None:
 
 def http_app(router: Router, server: RouterServer) -> Any:
     """The Starlette app serving streamable HTTP at /mcp."""
-    return server.streamable_http_app(streamable_http_path="/mcp", host=router.settings.host)
+    settings = router.settings
+    return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response)
 
 
 async def serve_http(router: Router, server: RouterServer, stop: anyio.Event) -> None:
