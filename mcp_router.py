@@ -38,6 +38,8 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import functools
+import gc
 import hashlib
 import json
 import logging
@@ -46,10 +48,12 @@ import os
 import random
 import re
 import signal
+import ssl
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections import ChainMap
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -124,6 +128,8 @@ MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health")
 LOG_SEVERITY: Final = {
     level: i for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
 }
+HANDSHAKE_TIMEOUT: Final = 60.0
+"""Seconds a backend without its own `timeout` may take to answer initialize."""
 STARTUP_GRACE: Final = 5.0
 """Seconds a client's initialize may wait for backends, so its first tool list and instructions are complete."""
 
@@ -690,7 +696,7 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def expose_name(namespace: str | None, name: str, taken: Mapping[str, object] | set[str] | frozenset[str] = frozenset()) -> str:
+def expose_name(namespace: str | None, name: str, taken: Container[str] = frozenset()) -> str:
     """The client-facing name for a backend's tool or prompt: `namespace__name`.
 
     Clients reject names outside ^[A-Za-z0-9_-]{1,64}$, so illegal characters
@@ -775,7 +781,7 @@ def _expose_items(
     members: Sequence[Member],
     items_of: Callable[[Listing], Sequence[dict[str, Any]]],
     namespaced: bool,
-    reserved: set[str],
+    reserved: Mapping[str, object],
     kind: str,
     conflicts: list[str],
 ) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
@@ -795,7 +801,7 @@ def _expose_items(
                 if not namespaced:
                     conflicts.append(f"{kind} {original!r} is offered by {', '.join(entries[exposed].pool)}; routed by priority")
                 continue
-            exposed = expose_name(key[0], original, reserved | entries.keys())
+            exposed = expose_name(key[0], original, ChainMap(cast("dict[str, object]", entries), dict(reserved)))
             by_key[key] = exposed
             entries[exposed] = Entry(exposed, original, (m.name,), retry_safe=kind == "tool" and _is_retry_safe(item))
             items.append(strip_reserved_meta({**item, "name": exposed}))
@@ -810,9 +816,8 @@ def build_catalogue(members: Sequence[Member], *, namespaced: bool = True, reser
     """
     members = sorted(members, key=lambda m: m.priority)
     conflicts: list[str] = []
-    reserved_names = set(reserved)
-    tools, tool_items = _expose_items(members, lambda lst: lst.tools, namespaced, reserved_names, "tool", conflicts)
-    prompts, prompt_items = _expose_items(members, lambda lst: lst.prompts, namespaced, set(), "prompt", conflicts)
+    tools, tool_items = _expose_items(members, lambda lst: lst.tools, namespaced, dict.fromkeys(reserved), "tool", conflicts)
+    prompts, prompt_items = _expose_items(members, lambda lst: lst.prompts, namespaced, {}, "prompt", conflicts)
     resources: dict[str, tuple[str, ...]] = {}
     resource_items: list[dict[str, Any]] = []
     templates: list[tuple[UriTemplate | None, tuple[str, ...]]] = []
@@ -1115,6 +1120,14 @@ def stdio_parameters(config: BackendConfig) -> StdioServerParameters:
     return StdioServerParameters(command=command, args=args, env=child_environment(os.environ, config.env), cwd=config.cwd)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every HTTP backend: loading the CA bundle costs ~20 ms and ~1 MB each time."""
+    import httpx2
+
+    return httpx2.create_ssl_context()
+
+
 def _connector_for(config: BackendConfig) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend."""
     if config.transport == "stdio":
@@ -1129,7 +1142,7 @@ def _connector_for(config: BackendConfig) -> Connector:
 
         timeout = httpx2.Timeout(30.0, read=300.0)
         async with (
-            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout) as client,
+            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, verify=_tls_context()) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,
         ):
             yield streams
@@ -1240,11 +1253,13 @@ class Backend:
                 client_info=types.Implementation(name="mcp-router", version=__version__),
             )
             await stack.enter_async_context(session)
+            # npx/uvx may download first: the handshake gets the backend's own timeout, else a generous one.
+            handshake_timeout = self.config.timeout or max(self.timeout, HANDSHAKE_TIMEOUT)
             try:
-                with anyio.fail_after(self.timeout):
+                with anyio.fail_after(handshake_timeout):
                     init = await session.initialize()
             except TimeoutError:
-                raise RouterError(f"no answer to initialize within {self.timeout:g}s") from None
+                raise RouterError(f"no answer to initialize within {handshake_timeout:g}s") from None
             except MCPError as err:
                 if err.code != CONNECTION_CLOSED:
                     raise
@@ -1397,7 +1412,7 @@ class Backend:
 
         base = (self.config.url or "").rstrip("/")
         root = base.rsplit("/", 1)[0] if endpoint.startswith("/") else base
-        async with httpx2.AsyncClient(headers=dict(self.config.headers), timeout=timeout) as client:
+        async with httpx2.AsyncClient(headers=dict(self.config.headers), timeout=timeout, verify=_tls_context()) as client:
             response = await client.get(root + "/" + endpoint.lstrip("/"))
         if response.status_code >= 400:
             raise RouterError(f"health endpoint answered HTTP {response.status_code}")
@@ -1617,6 +1632,9 @@ class Router:
         ]
         if changed and self._task_group is not None:
             self._task_group.start_soon(self._notify_changed, changed)
+        # The catalogue and the SDK's models live long: keep the collector from re-scanning them on every
+        # full collection, which otherwise stalls large lists for tens of milliseconds.
+        gc.freeze()
 
     def register_connection(self, connection: Any) -> None:
         """Remember a client connection so notifications reach it; forgotten when it closes."""
@@ -2085,9 +2103,9 @@ class _RouterMiddleware:
             result = page(getattr(router.catalogue, attribute), cursor, key)
             del result["resultType"]
             return result
-        if method in ("initialize", "notifications/initialized"):
+        if method == "notifications/initialized":  # not at initialize: nothing may precede its answer
             router.register_connection(_connection_of(ctx))
-        if method == "initialize" and not router.ready.is_set():
+        elif method == "initialize" and not router.ready.is_set():
             with anyio.move_on_after(min(STARTUP_GRACE, router.settings.request_timeout)):
                 await router.ready.wait()
         return None
