@@ -339,6 +339,12 @@ def pss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (from /proc, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime after "(comm)"
+
+
 def router_memory(router: Path) -> dict[str, float]:
     """The router process's memory, and the PSS of its helper processes: its descendants that are not fake backends."""
     table = process_table()
@@ -677,7 +683,10 @@ async def scale_case(lab: Lab, profile: Profile, backends: int, tools: int) -> d
             await list_all_tools(conn)
 
         await sequential(raw, 2)
+        router_pid = child_pid(process_table(), str(lab.router))
+        cpu_before = cpu_seconds(router_pid)
         raw_timing = await sequential(raw, profile.list_samples)
+        router_cpu_ms = (cpu_seconds(router_pid) - cpu_before) * 1000 / profile.list_samples
         parsed_timing = await sequential(parsed, profile.list_samples)
         return {
             "backends": backends,
@@ -687,6 +696,7 @@ async def scale_case(lab: Lab, profile: Profile, backends: int, tools: int) -> d
             "pages": pages,
             "ready_s": round(ready_s, 2),
             "list": raw_timing.summary(),
+            "router_cpu_ms_per_list": round(router_cpu_ms, 2),
             "list_sdk_parsed": parsed_timing.summary(),
             **router_memory(lab.router),
         }
@@ -901,6 +911,7 @@ def report_scale(results: Mapping[str, Any]) -> None:
             r["pages"],
             num(r["list"].get("p50_ms")),
             num(r["list"].get("p99_ms")),
+            num(r.get("router_cpu_ms_per_list")),
             num(r["list_sdk_parsed"].get("p50_ms")),
             num(r["ready_s"]),
             num(r["rss_mb"], 1),
@@ -910,8 +921,8 @@ def report_scale(results: Mapping[str, Any]) -> None:
         for r in results.values()
     ]
     print_table(
-        "tools/list through the router (all pages, catalogue warm; p50/p99 without, 'SDK-parsed' with the client SDK's validation) "
-        "and router memory",
+        "tools/list through the router (all pages, catalogue warm; p50/p99 without, 'SDK-parsed' with the client SDK's validation; "
+        "'router CPU' is the router process's own CPU time per listing) and router memory",
         [
             "backends",
             "tools each",
@@ -920,6 +931,7 @@ def report_scale(results: Mapping[str, Any]) -> None:
             "pages",
             "p50 ms",
             "p99 ms",
+            "router CPU ms",
             "SDK-parsed p50",
             "ready s",
             "RSS MB",
