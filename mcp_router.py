@@ -48,6 +48,7 @@ import os
 import random
 import re
 import signal
+import socket
 import ssl
 import stat
 import sys
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import anyio
 import mcp_types as types
@@ -130,8 +131,9 @@ LOG_SEVERITY: Final = {
 }
 HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
-STARTUP_GRACE: Final = 5.0
-"""Seconds a client's initialize may wait for backends, so its first tool list and instructions are complete."""
+STARTUP_GRACE: Final = 10.0
+"""Seconds the first initialize and lists wait for backends to connect, so the first tool list is complete.
+A backend that takes longer appears later, announced with list_changed."""
 
 # ---------------------------------------------------------------------------- errors
 
@@ -149,7 +151,15 @@ class ConfigError(RouterError):
 
 
 class BackendUnavailable(RouterError):
-    """No backend could take the request; nothing was sent."""
+    """No backend could take the request; nothing was sent.
+
+    `reconnecting` says a backend of the pool is on its way back, so the
+    request may wait for it instead of failing.
+    """
+
+    def __init__(self, message: str, *, reconnecting: bool = False) -> None:
+        super().__init__(message)
+        self.reconnecting = reconnecting
 
 
 # ---------------------------------------------------------------------------- config
@@ -205,21 +215,23 @@ class BackendConfig:
     exclude: tuple[str, ...] = ()
 
     def secrets(self) -> list[str]:
-        """Values that must never appear in output: env values, headers, URL credentials."""
-        found = [*self.env.values(), *self.headers.values()]
+        """Values that must never appear in output: env and header values (and their last word, the token), URL credentials and query values."""
+        found = [*self.env.values(), *self.headers.values(), *(v.split()[-1] for v in self.headers.values() if v.split())]
         if self.url:
             parts = urlsplit(self.url)
             found += [p for p in (parts.password, parts.username) if p]
-        return [s for s in found if len(s) >= 3]
+            found += [value for _, value in parse_qsl(parts.query)]
+        return sorted({s for s in found if len(s) >= 6}, key=len, reverse=True)  # longest first, so no partial redaction
 
     def public_target(self) -> str:
-        """What to show of where this backend lives: URL without credentials or query, or the command."""
+        """What to show of where this backend lives: the URL without credentials or query, or the program and its package."""
         if self.url:
             parts = urlsplit(self.url)
             host = parts.hostname or ""
             port = f":{parts.port}" if parts.port else ""
             return f"{parts.scheme}://{host}{port}{parts.path}"
-        return " ".join([self.command or "", *(a for a in self.args[:1])]).strip()
+        package = next((a for a in self.args if not a.startswith("-") and "=" not in a), "")
+        return redact(f"{Path(self.command or '').name} {package}".strip(), self.secrets())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -343,12 +355,14 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: _Problems) 
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    text = re.sub(r"//[^/@\s]+@", "//***@", repr(value))  # never echo URL credentials
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check(value: Any, kind: type | tuple[str, ...], path: str, problems: _Problems) -> Any:
     """Return `value` as `kind`, or None after recording what was expected."""
+    if isinstance(value, str) and kind in (int, float, bool):
+        value = _from_text(value, kind)  # "${PORT:-8001}" expands to text
     if isinstance(kind, tuple):
         if isinstance(value, str) and value in kind:
             return value
@@ -434,9 +448,9 @@ _ROUTING_KEYS: Final = (
 )
 _BACKEND_KEYS: Final = (
     "name", "url", "command", "args", "env", "cwd", "transport", "headers", "namespace", "priority", "routes",
-    "health_check", "circuit_breaker", "timeout", "enabled", "include", "exclude",
+    "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude",
 )  # fmt: skip
-_MCP_SERVERS_EXTRA_KEYS: Final = ("type", "disabled")
+_MCP_SERVERS_EXTRA_KEYS: Final = ("type",)
 """Keys of the Claude Desktop / Claude Code / Cursor `mcpServers` format beside ours."""
 
 
@@ -564,6 +578,8 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
         _join(path, "health_check"),
         problems,
     )
+    if health.interval_seconds <= 0 or health.timeout_seconds <= 0:
+        problems.add(_join(path, "health_check"), "expected interval_seconds and timeout_seconds > 0")
     defaults = {}
     if not (isinstance(raw.get("health_check"), dict) and "interval_seconds" in raw["health_check"]):
         defaults["interval_seconds"] = settings.health_check_interval
@@ -642,14 +658,16 @@ def parse_config(
             for name, body in servers.items():
                 entry = {"name": name, **body} if isinstance(body, dict) else body
                 entries.append((f"mcpServers.{name}", entry, True))
+    seen: dict[str, str] = {}
+    for path, entry, _ in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in seen:
+            problems.add(_join(path, "name"), f"duplicate backend name {name!r} (also at {seen[name]}); names must be unique")
+        elif isinstance(name, str):
+            seen[name] = path
     backends = [
         b for path, entry, foreign in entries if (b := _parse_backend(entry, path, settings, problems, foreign_keys=foreign)) is not None
     ]
-    seen: dict[str, str] = {}
-    for b in backends:
-        if b.name in seen:
-            problems.add(f"backend {b.name!r}", "duplicate backend name; names must be unique")
-        seen[b.name] = b.name
     for b in backends:
         for r in b.routes:
             if r.fallback_to is not None and r.fallback_to not in seen:
@@ -964,9 +982,12 @@ class CircuitBreaker:
         return True
 
     def record_success(self) -> BreakerState | None:
-        self.failures = 0
         if self.opened_at is None:
+            self.failures = 0
             return None
+        if self.state == "open":
+            return None  # a straggler answering late proves nothing; wait for the trial
+        self.failures = 0
         self.trial_in_flight = False
         self.trial_successes += 1
         if self.trial_successes < self.half_open_attempts:
@@ -994,8 +1015,8 @@ class CircuitBreaker:
         )
 
 
-SESSION_LOST: Final = re.compile(r"session (not found|terminated|expired)", re.IGNORECASE)
-"""How HTTP servers say they no longer know our session (a 404 for its id), e.g. after a restart."""
+SESSION_LOST: Final = re.compile(r"session (not found|terminated)", re.IGNORECASE)
+"""How the SDKs spell an HTTP 404 for our session id (the server restarted and forgot it)."""
 
 
 def is_transport_failure(exc: BaseException) -> bool:
@@ -1013,14 +1034,16 @@ def choose_backend(pool: Sequence[Backend]) -> Backend:
     admits the request wins. Routing strategies plug in here.
     """
     reasons = []
+    reconnecting = False
     for backend in pool:
         if backend.session is None:
             reasons.append(f"backend {backend.name!r} is {backend.state}" + (f" ({backend.last_error})" if backend.last_error else ""))
+            reconnecting |= backend.state in ("connecting", "down")
         elif backend.breaker.allow():
             return backend
         else:
             reasons.append(backend.breaker.open_error())
-    raise BackendUnavailable("; ".join(reasons) or "no backend offers this")
+    raise BackendUnavailable("; ".join(reasons) or "no backend offers this", reconnecting=reconnecting)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -1034,8 +1057,8 @@ def describe_error(exc: BaseException) -> str:
     """A one-line account of a failure: the innermost cause of an exception group, typed."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    if isinstance(exc, MCPError):
-        return exc.message
+    if isinstance(exc, MCPError | RouterError):
+        return str(exc)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -1177,12 +1200,15 @@ class Backend:
         self.connected_at: float | None = None
         self.next_attempt_at: float | None = None
         self.first_attempt_done = anyio.Event()
-        self.inflight: list[Any] = []
-        """Request contexts of the client calls now running on this backend, newest last."""
+        self.inflight: dict[int, Any] = {}
+        """Request contexts of the client calls now running on this backend, oldest first."""
+        self.up = anyio.Event()
+        """Set while connected; replaced by a fresh one when the connection is lost."""
         self.secrets = config.secrets()
         self._headers: dict[str, str] = {}
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
+        self._refreshing = anyio.Lock()
 
     # -- supervision
 
@@ -1218,7 +1244,15 @@ class Backend:
 
     def restart(self) -> None:
         if self._connection_scope is not None:
+            self._disconnect()
+            self.state = "connecting"
             self._connection_scope.cancel()
+
+    def _disconnect(self) -> None:
+        """Stop taking calls at once: new ones wait for the next connection instead of failing on this one."""
+        self.session = self.dispatcher = None
+        if self.up.is_set():
+            self.up = anyio.Event()
 
     def _was_stable(self) -> bool:
         """A connection that lived a while resets the restart backoff."""
@@ -1227,7 +1261,7 @@ class Backend:
     def _note_down(self, error: str) -> None:
         error = redact(error, self.secrets)
         was_ready = self.connected_at is not None
-        self.session = self.dispatcher = None
+        self._disconnect()
         self.state = "down"
         self.last_error = error
         self.first_attempt_done.set()
@@ -1283,6 +1317,8 @@ class Backend:
                 len(listing.prompts),
             )
             self.router.set_listing(self, listing)
+            await self.router.resubscribe(self)
+            self.up.set()
             self.first_attempt_done.set()
             async with anyio.create_task_group() as tg:
                 if self.config.health_check.enabled:
@@ -1290,7 +1326,7 @@ class Backend:
                 if self.settings.cache_ttl > 0:
                     tg.start_soon(self._refresh_loop)
                 await dispatcher.ended.wait()
-                self.session = self.dispatcher = None  # new calls wait for the reconnect instead of failing on a dead pipe
+                self._disconnect()
                 tg.cancel_scope.cancel()
 
     async def _fetch_all(self, method: str, key: str) -> list[dict[str, Any]]:
@@ -1299,7 +1335,12 @@ class Backend:
         cursor: str | None = None
         seen: set[str] = set()
         while True:
-            result = await self.request(method, {"cursor": cursor} if cursor else None, self.timeout, guarded=False)
+            try:
+                result = await self.request(method, {"cursor": cursor} if cursor else None, self.timeout, guarded=False)
+            except MCPError as err:
+                if err.code == METHOD_NOT_FOUND:  # advertised the capability, serves only part of it
+                    return items
+                raise
             items.extend(result.get(key) or [])
             cursor = result.get("nextCursor")
             if not cursor or cursor in seen:
@@ -1336,13 +1377,14 @@ class Backend:
         return tuple(kept)
 
     async def refresh(self) -> None:
-        """Re-list this backend and publish the result if it changed."""
-        try:
-            listing = await self._fetch_listing()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("backend %s: re-listing failed: %s", self.name, redact(describe_error(exc), self.secrets))
-            return
-        self.router.set_listing(self, listing)
+        """Re-list this backend and publish the result if it changed; one re-listing at a time, so the newest wins."""
+        async with self._refreshing:
+            try:
+                listing = await self._fetch_listing()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("backend %s: re-listing failed: %s", self.name, redact(describe_error(exc), self.secrets))
+                return
+            self.router.set_listing(self, listing)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -1402,6 +1444,9 @@ class Backend:
             )
             self._record_health(ok=False, error=error, latency=time.perf_counter() - started)
             self._breaker_event(self.breaker.record_failure(error))
+            if self.health.consecutive_failures >= self.config.circuit_breaker.failure_threshold:
+                log.warning("backend %s: %d health checks failed in a row; restarting it", self.name, self.health.consecutive_failures)
+                self.restart()
             return False
         self._record_health(ok=True, error=None, latency=time.perf_counter() - started)
         self._breaker_event(self.breaker.record_success())
@@ -1410,10 +1455,8 @@ class Backend:
     async def _check_endpoint(self, endpoint: str, timeout: float) -> None:
         import httpx2
 
-        base = (self.config.url or "").rstrip("/")
-        root = base.rsplit("/", 1)[0] if endpoint.startswith("/") else base
         async with httpx2.AsyncClient(headers=dict(self.config.headers), timeout=timeout, verify=_tls_context()) as client:
-            response = await client.get(root + "/" + endpoint.lstrip("/"))
+            response = await client.get(urljoin(self.config.url or "", endpoint))
         if response.status_code >= 400:
             raise RouterError(f"health endpoint answered HTTP {response.status_code}")
 
@@ -1459,11 +1502,12 @@ class Backend:
         try:
             result = await dispatcher.send_raw_request(method, params, cast(Any, opts))
         except MCPError as err:
-            if self.config.transport != "stdio" and SESSION_LOST.search(err.message):
+            if self.config.transport != "stdio" and err.code in (INVALID_REQUEST, REQUEST_TIMEOUT) and SESSION_LOST.fullmatch(err.message):
+                self.breaker.trial_in_flight = False
                 self.restart()  # a restarted HTTP server forgot our session: nothing ran, so reconnect and retry
-                raise BackendUnavailable(f"backend {self.name!r} lost its session ({err.message}); reconnecting") from None
+                raise BackendUnavailable(f"backend {self.name!r} lost its session; reconnecting", reconnecting=True) from None
             if guarded:
-                if err.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
+                if is_transport_failure(err):
                     self._breaker_event(self.breaker.record_failure(err.message))
                 else:
                     self._breaker_event(self.breaker.record_success())
@@ -1500,7 +1544,7 @@ class Backend:
             "resources": len(self.listing.resources) + len(self.listing.templates),
             "prompts": len(self.listing.prompts),
             "restarts": self.restarts,
-            "last_error": redact(self.last_error or b.last_error or "", self.secrets) or None,
+            "last_error": redact(self.last_error or (b.last_error if b.failures else None) or "", self.secrets) or None,
             "next_retry_in_seconds": retry_in,
         }
         if detail:
@@ -1553,6 +1597,8 @@ class Router:
         self._connections: dict[Any, None] = {}
         """Handshake-era client connections, oldest first: where list changes and logs go."""
         self._subscribers: dict[str, dict[Any, None]] = {}
+        self._pools: dict[tuple[str, ...], list[Backend]] = {}
+        """The backends behind each pool of the catalogue, looked up once per catalogue."""
 
     # -- lifecycle (the supervisor)
 
@@ -1580,6 +1626,7 @@ class Router:
         """Add and start a backend while serving."""
         backend = Backend(config, self, connector)
         self.backends[config.name] = backend
+        self._pools = {}
         self._start(backend)
         return backend
 
@@ -1587,6 +1634,7 @@ class Router:
         """Stop a backend and withdraw its tools, resources and prompts while serving."""
         backend = self.backends.pop(name)
         backend.stop()
+        self._pools = {}
         self._rebuild()
 
     def restart_backend(self, name: str) -> None:
@@ -1594,11 +1642,14 @@ class Router:
         self.backends[name].restart()
 
     async def _mark_ready(self) -> None:
-        """Lists wait for every backend's first connection attempt, bounded by the request timeout."""
-        with anyio.move_on_after(self.settings.request_timeout):
+        """Lists wait for every backend's first connection attempt, for STARTUP_GRACE at most; later ones are announced."""
+        with anyio.move_on_after(STARTUP_GRACE):
             for backend in list(self.backends.values()):
                 await backend.first_attempt_done.wait()
         self.ready.set()
+        # What exists now (the SDK's models, the catalogue) lives as long as the router: keep the collector from
+        # re-scanning it on every full collection, which otherwise stalls large tool lists for tens of milliseconds.
+        gc.freeze()
 
     async def wait_ready(self) -> None:
         if not self.ready.is_set():
@@ -1621,6 +1672,7 @@ class Router:
         for conflict in set(new.conflicts) - set(old.conflicts):
             log.warning("name collision: %s", conflict)
         self.catalogue = new
+        self._pools = {}
         changed = [
             kind
             for kind, a, b in (
@@ -1632,9 +1684,6 @@ class Router:
         ]
         if changed and self._task_group is not None:
             self._task_group.start_soon(self._notify_changed, changed)
-        # The catalogue and the SDK's models live long: keep the collector from re-scanning them on every
-        # full collection, which otherwise stalls large lists for tens of milliseconds.
-        gc.freeze()
 
     def register_connection(self, connection: Any) -> None:
         """Remember a client connection so notifications reach it; forgotten when it closes."""
@@ -1642,6 +1691,9 @@ class Router:
             return
         self._connections[connection] = None
         connection.exit_stack.callback(self._forget, connection)
+        capabilities = connection.client_capabilities
+        if capabilities is not None and capabilities.roots is not None and self._task_group is not None:
+            self._task_group.start_soon(self.roots_changed)  # backends asked before any client could answer
 
     def _forget(self, connection: Any) -> None:
         self._connections.pop(connection, None)
@@ -1689,6 +1741,14 @@ class Router:
         if not subscribers:
             await self._unsubscribe_backend(uri)
 
+    async def resubscribe(self, backend: Backend) -> None:
+        """After a reconnect, subscribe again to what clients still follow on this backend."""
+        for uri, subscribers in list(self._subscribers.items()):
+            pool = resource_pool(self.catalogue, uri)
+            if subscribers and pool and backend.name in pool:
+                with contextlib.suppress(Exception):
+                    await backend.request("resources/subscribe", {"uri": uri}, backend.timeout, guarded=False)
+
     async def _unsubscribe_backend(self, uri: str) -> None:
         if self._subscribers.get(uri) or (pool := resource_pool(self.catalogue, uri)) is None:
             return
@@ -1699,20 +1759,30 @@ class Router:
     async def set_log_level(self, level: str) -> None:
         """A client's logging/setLevel, applied to every backend that logs (and to those that connect later)."""
         self.log_level = level
-        for backend in self.backends.values():
-            caps = backend.session.server_capabilities if backend.session else None
-            if caps is not None and caps.logging is not None:
-                with contextlib.suppress(Exception):
-                    await backend.request("logging/setLevel", {"level": level}, backend.timeout, guarded=False)
+
+        async def apply(backend: Backend) -> None:
+            with contextlib.suppress(Exception):
+                await backend.request("logging/setLevel", {"level": level}, min(backend.timeout, 5.0), guarded=False)
+
+        async with anyio.create_task_group() as tg:
+            for backend in self.backends.values():
+                caps = backend.session.server_capabilities if backend.session else None
+                if caps is not None and caps.logging is not None:
+                    tg.start_soon(apply, backend)
 
     async def forward_log(self, backend: Backend, params: types.LoggingMessageNotificationParams) -> None:
         """A backend's log message, to every client, tagged with the backend's name."""
         if self.log_level is not None and LOG_SEVERITY.get(params.level, 0) < LOG_SEVERITY.get(self.log_level, 0):
             return
-        logger = f"{backend.name}/{params.logger}" if params.logger else backend.name
-        await self._each_connection(lambda c: c.log(params.level, params.data, logger=logger))
+        message = {
+            "level": params.level,
+            "logger": f"{backend.name}/{params.logger}" if params.logger else backend.name,
+            "data": params.data,
+        }
+        await self._each_connection(lambda c: c.notify("notifications/message", message))
 
     async def roots_changed(self) -> None:
+        """A client's roots changed (or a client with roots arrived): backends that cache roots ask again."""
         for backend in self.backends.values():
             if backend.dispatcher is not None:
                 with contextlib.suppress(Exception):
@@ -1721,11 +1791,19 @@ class Router:
     async def ask_client(self, backend: Backend, capability: str, request: Any, result_type: type[Any]) -> Any:
         """Carry a backend's sampling, elicitation or roots request to the client whose call caused it.
 
-        Backend connections are shared, so the newest client call running on
-        that backend is taken as the cause; roots, asked outside any call, go
-        to the newest client connection.
+        Backend connections are shared and MCP does not say which call caused
+        such a request, so it goes to the client whose calls are running on
+        that backend; when calls of several clients are, the router refuses
+        rather than guess. Roots, asked outside any call, go to the newest
+        client connection.
         """
-        ctx = backend.inflight[-1] if backend.inflight else None
+        callers = {_connection_of(c): c for c in backend.inflight.values() if c is not None}
+        if len(callers) > 1:
+            return types.ErrorData(
+                code=INVALID_REQUEST,
+                message=f"mcp-router: calls of several clients are running on {backend.name!r}; cannot tell which one {request.method} is for",
+            )
+        ctx = next(iter(callers.values()), None)
         connection = next(reversed(self._connections)) if self._connections else None
         if ctx is not None:
             capabilities = ctx.session.client_capabilities
@@ -1747,13 +1825,14 @@ class Router:
 
     # -- the request path
 
-    def pool(self, names: Sequence[str]) -> list[Backend]:
-        return [self.backends[n] for n in names if n in self.backends]
+    def _pool(self, names: tuple[str, ...]) -> list[Backend]:
+        backends = self._pools[names] = [self.backends[n] for n in names if n in self.backends]
+        return backends
 
     async def forward(
         self,
         method: str,
-        pool: Sequence[str],
+        pool: tuple[str, ...],
         params: Mapping[str, Any],
         *,
         retry_safe: bool,
@@ -1765,48 +1844,59 @@ class Router:
         requests the backend makes while serving this one go to its client.
         """
         on_progress = _progress_forwarder(ctx)
-        backends = self.pool(pool)
+        backends = self._pools.get(pool) or self._pool(pool)
         settings = self.settings
-        deadline = self.clock() + settings.request_timeout
+        deadline = self.clock() + max(settings.request_timeout, *(b.timeout for b in backends))
         attempt = 0
         while True:
-            attempt += 1
-            reached = False
             try:
                 backend = choose_backend(backends)
-                reached = True
-                backend.inflight.append(ctx)
-                try:
-                    timeout = min(backend.timeout, max(0.001, deadline - self.clock()))
-                    return await backend.request(method, params, timeout, on_progress=on_progress)
-                finally:
-                    backend.inflight.remove(ctx)
-            except BackendUnavailable as exc:  # raised before anything reached a backend
-                error: Exception = exc
-                reached = False
-            except MCPError as exc:
+            except BackendUnavailable as exc:  # nothing was sent: wait for a reconnect, or fail at once
+                if exc.reconnecting and await _until_one_is_up(backends, deadline - self.clock()):
+                    continue
+                raise MCPError(BACKEND_UNAVAILABLE, str(exc)) from None
+            attempt += 1
+            key = id(ctx)
+            backend.inflight[key] = ctx
+            try:
+                return await backend.request(
+                    method, params, min(backend.timeout, max(0.001, deadline - self.clock())), on_progress=on_progress
+                )
+            except BackendUnavailable:
+                continue  # the backend lost its session before running anything: wait for it as above
+            except Exception as exc:
                 if not is_transport_failure(exc):
                     raise
                 error = exc
-            except Exception as exc:  # noqa: BLE001 - transport errors of any kind
-                error = exc
-            may_retry = (not reached or retry_safe) and attempt < settings.max_retries
+            finally:
+                backend.inflight.pop(key, None)
             delay = backoff_delay(attempt, initial=RETRY_INITIAL_DELAY, multiplier=settings.retry_backoff, cap=settings.max_backoff)
-            if not may_retry or self.clock() + delay >= deadline:
-                raise _as_mcp_error(error, backends) from None
+            if not retry_safe or attempt >= settings.max_retries or self.clock() + delay >= deadline:
+                raise _as_mcp_error(error, backend) from None
             log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
             await self.sleep(delay)
 
 
-def _as_mcp_error(error: Exception, pool: Sequence[Backend]) -> MCPError:
+async def _until_one_is_up(backends: Sequence[Backend], timeout: float) -> bool:
+    """Wait until a backend of the pool is connected again; False when `timeout` runs out first."""
+    with anyio.move_on_after(max(0.0, timeout)):
+        async with anyio.create_task_group() as tg:
+            for backend in backends:
+
+                async def first_up(b: Backend = backend) -> None:
+                    await b.up.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first_up)
+        return True
+    return False
+
+
+def _as_mcp_error(error: Exception, backend: Backend) -> MCPError:
     """The client-facing error for a request that failed in transport: names the backend, leaks nothing."""
-    if isinstance(error, BackendUnavailable):
-        return MCPError(BACKEND_UNAVAILABLE, str(error))
-    names = ", ".join(repr(b.name) for b in pool) or "none"
-    secrets = [s for b in pool for s in b.secrets]
     if isinstance(error, MCPError) and error.code == REQUEST_TIMEOUT:
-        return MCPError(REQUEST_TIMEOUT, f"backend {names} did not answer in time ({error.message})")
-    return MCPError(BACKEND_UNAVAILABLE, f"backend {names} failed: {redact(describe_error(error), secrets)}")
+        return MCPError(REQUEST_TIMEOUT, f"backend {backend.name!r} did not answer in time ({error.message})")
+    return MCPError(BACKEND_UNAVAILABLE, f"backend {backend.name!r} failed: {redact(describe_error(error), backend.secrets)}")
 
 
 # ---------------------------------------------------------------------------- MCP wiring
@@ -2105,9 +2195,8 @@ class _RouterMiddleware:
             return result
         if method == "notifications/initialized":  # not at initialize: nothing may precede its answer
             router.register_connection(_connection_of(ctx))
-        elif method == "initialize" and not router.ready.is_set():
-            with anyio.move_on_after(min(STARTUP_GRACE, router.settings.request_timeout)):
-                await router.ready.wait()
+        elif method == "initialize":
+            await router.wait_ready()
         return None
 
 
@@ -2185,9 +2274,10 @@ async def _stdio_pipes() -> AsyncIterator[_PipeLines | None]:
         os.close(saved_out)
 
 
-async def serve_stdio(server: Server[Any]) -> None:
+async def serve_stdio(server: Server[Any], router: Router) -> None:
     from mcp.server.stdio import stdio_server
 
+    await router.wait_ready()  # the client's initialize waits in the pipe; its answer then carries the backends' instructions
     async with _stdio_pipes() as pipes:
         transport = stdio_server(cast(Any, pipes), cast(Any, pipes)) if pipes is not None else stdio_server()
         async with transport as (read, write):
@@ -2200,7 +2290,22 @@ def http_app(router: Router, server: RouterServer) -> Any:
     return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response)
 
 
-async def serve_http(router: Router, server: RouterServer, stop: anyio.Event) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before anything starts, so a busy port is a clear error and not a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise RouterError(f"cannot serve HTTP on {host}:{port}: {err.strerror} (is the port in use?)") from None
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, listening: socket.socket) -> None:
     import uvicorn
 
     class _Uvicorn(uvicorn.Server):
@@ -2218,10 +2323,8 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event) ->
             web.should_exit = True
 
         tg.start_soon(stop_on_signal)
-        await web.serve()
+        await web.serve(sockets=[listening])
         tg.cancel_scope.cancel()
-    if not web.started:
-        raise RouterError(f"cannot serve HTTP on {settings.host}:{settings.port} (is the port in use?)")
 
 
 async def run_router(config: Config) -> None:
@@ -2233,6 +2336,7 @@ async def run_router(config: Config) -> None:
             "no backends configured: serving the management tools only; add backends in backends.yaml (see backends.example.yaml) or pass --config"
         )
     stop = anyio.Event()
+    listening = bind(config.settings.host, config.settings.port) if config.settings.transport == "http" else None
     async with router.running(), anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
@@ -2244,11 +2348,11 @@ async def run_router(config: Config) -> None:
                         tg.cancel_scope.cancel()
 
         tg.start_soon(watch_signals)
-        if config.settings.transport == "http":
+        if listening is not None:
             log.info("serving streamable HTTP on http://%s:%d/mcp", config.settings.host, config.settings.port)
-            await serve_http(router, server, stop)
+            await serve_http(router, server, stop, listening)
         else:
-            await serve_stdio(server)
+            await serve_stdio(server, router)
         tg.cancel_scope.cancel()
 
 

@@ -105,6 +105,7 @@ class FakeBackend:
     subscribed: list[str] = field(default_factory=list)
     roots_changes: int = 0
     forget_session: bool = False
+    serves_templates: bool = True
     answers_ping: bool = True
     log_levels: list[str] = field(default_factory=list)
     release: anyio.Event = field(default_factory=anyio.Event)
@@ -113,23 +114,10 @@ class FakeBackend:
 
     def tools(self) -> list[types.Tool]:
         schema = {"type": "object", "properties": {"text": {"type": "string"}}}
-        names = (
-            "echo",
-            "fail",
-            "broken",
-            "hang",
-            "count",
-            "progress",
-            "sample",
-            "elicit",
-            "roots",
-            "add_tool",
-            "log",
-            "touch",
-            "was_cancelled",
-        )
+        names = "echo fail broken hang count progress sample elicit roots add_tool log touch was_cancelled expired".split()  # fmt: skip
         base = [types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in names]
         base[4] = types.Tool(name="count", input_schema=schema, annotations=types.ToolAnnotations(idempotent_hint=True))
+        base.append(types.Tool(name="peek", input_schema=schema, annotations=types.ToolAnnotations(read_only_hint=True)))
         fill = [types.Tool(name=f"tool_{i}", input_schema={"type": "object"}) for i in range(self.fillers)]
         return base + self.extra_tools + fill
 
@@ -157,7 +145,9 @@ class FakeBackend:
                 raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
                 return types.CallToolResult(content=[types.TextContent(text="tool-level failure")], is_error=True)
-            if params.name == "hang":
+            if params.name == "expired":
+                raise MCPError(types.INVALID_REQUEST, "payment provider session expired")
+            if params.name in ("hang", "peek"):
                 self.hang_started.set()
                 try:
                     await self.release.wait()
@@ -234,7 +224,7 @@ class FakeBackend:
             on_list_tools=list_tools,
             on_call_tool=call_tool,
             on_list_resources=list_resources,
-            on_list_resource_templates=list_templates,
+            on_list_resource_templates=list_templates if self.serves_templates else None,
             on_read_resource=read_resource,
             on_list_prompts=list_prompts,
             on_get_prompt=get_prompt,
@@ -842,12 +832,12 @@ async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged
 
 
 async def test_both_protocol_eras_use_one_router_at_once() -> None:
-    fake = FakeBackend("svc")
+    fake = FakeBackend("svc", instructions="Be kind to svc.")
     async with routed(fake) as (legacy, router, _), Client(mr.build_server(router), cache=None) as modern:
         assert modern.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
         assert text_of(await call(modern, "svc__echo", {"text": "new"})) == "svc:echo:new"
         assert text_of(await call(legacy, "svc__echo", {"text": "old"})) == "svc:echo:old"
-        assert modern.instructions == legacy.instructions
+        assert modern.instructions == legacy.instructions == "## svc\nBe kind to svc."
 
 
 # ---------------------------------------------------------------------------- errors
@@ -874,7 +864,7 @@ async def test_errors_are_clear_mcp_errors_and_the_router_keeps_serving() -> Non
 
 async def test_a_down_backend_is_a_clear_error_naming_it() -> None:
     up, down = FakeBackend("up"), FakeBackend("down")
-    config = config_for("up", "down")
+    config = config_for("up", "down", settings={"routing": {"request_timeout_seconds": 0.5}})
     connectors = {"up": InProcess(up), "down": InProcess(down)}
     router = mr.Router(config, connectors=connectors)
     with anyio.fail_after(10):
@@ -1002,12 +992,17 @@ async def test_a_hung_backend_times_out_while_others_answer() -> None:
             await slow.cancelled.wait()  # the timeout cancelled the call at the backend too
 
 
-async def test_a_timed_out_non_idempotent_call_is_not_retried() -> None:
+async def test_a_timed_out_call_is_retried_only_when_the_tool_is_idempotent() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake, settings={"routing": {"request_timeout_seconds": 0.3, "retry": {"max_attempts": 3}}}) as (client, _, _):
-        with pytest.raises(MCPError):
+    settings = {"routing": {"request_timeout_seconds": 10, "retry": {"max_attempts": 2}}}
+    async with routed(fake, settings=settings, timeout=0.3) as (client, _, _):
+        with pytest.raises(MCPError) as info:
             await call(client, "svc__hang")
+        assert info.value.code == types.REQUEST_TIMEOUT
+        with pytest.raises(MCPError):
+            await call(client, "svc__peek")  # read-only: safe to ask again
     assert fake.calls.count("hang") == 1
+    assert fake.calls.count("peek") == 2
 
 
 async def test_breaker_opens_after_failures_and_rejects_without_touching_the_backend() -> None:
@@ -1033,19 +1028,27 @@ async def test_breaker_opens_after_failures_and_rejects_without_touching_the_bac
         assert router.backends["svc"].breaker.state == "closed"
 
 
-async def test_unavailable_backend_is_retried_with_the_configured_backoff() -> None:
+async def test_retries_follow_the_configured_count_and_backoff() -> None:
     clock = FakeClock()
     sleep = RecordingSleep(clock)
     fake = FakeBackend("svc")
     settings = {"routing": {"retry": {"max_attempts": 4, "backoff_multiplier": 3, "max_backoff_seconds": 0.5}}}
-    async with routed(fake, settings=settings, clock=clock, sleep=sleep) as (client, router, connectors):
-        connectors["svc"].refuse = True
-        connectors["svc"].cut()
-        while router.backends["svc"].state == "ready":
-            await anyio.lowlevel.checkpoint()
-        with pytest.raises(MCPError):
-            await call(client, "svc__echo")
-    assert len(sleep.delays) == 3  # four attempts, three waits between them
+    async with routed(fake, settings=settings, clock=clock, sleep=sleep) as (client, router, _):
+        backend = router.backends["svc"]
+        real_request = backend.request
+        failures = [MCPError(types.CONNECTION_CLOSED, "Connection closed") for _ in range(4)]
+
+        async def flaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            if failures:
+                raise failures.pop()
+            return await real_request(*args, **kwargs)
+
+        backend.request = flaky  # type: ignore[method-assign]
+        with pytest.raises(MCPError) as info:
+            await call(client, "svc__count")
+        assert "'svc' failed: Connection closed" in info.value.message
+        assert failures == []  # four attempts in all
+    assert len(sleep.delays) == 3  # three waits between them
     bases = [0.1, 0.3, 0.5]
     for delay, base in zip(sleep.delays, bases, strict=True):
         assert base * (1 - mr.JITTER) <= delay <= base
@@ -1092,6 +1095,26 @@ async def test_an_http_backend_that_forgot_our_session_is_reconnected_and_the_ca
         assert text_of(await call(client, "web__echo", {"text": "again"})) == "web:echo:again"
         assert connectors["web"].connects == 2
         assert fake.calls == ["echo", "echo"]  # the first was refused for its session, so re-sending it is safe
+        with pytest.raises(MCPError) as info:  # a tool's own words about some other session are just an error
+            await call(client, "web__expired")
+        assert info.value.message == "payment provider session expired"
+        assert fake.calls.count("expired") == 1 and connectors["web"].connects == 2
+
+
+async def test_a_call_made_while_its_backend_restarts_waits_for_it() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake) as (client, router, connectors):
+        router.restart_backend("svc")
+        assert text_of(await call(client, "svc__echo", {"text": "patient"})) == "svc:echo:patient"
+        assert connectors["svc"].connects == 2
+
+
+async def test_a_backend_serving_only_part_of_a_capability_still_comes_up() -> None:
+    fake = FakeBackend("partial", serves_templates=False, resources=[types.Resource(uri="file:///x", name="x")])
+    async with routed(fake) as (client, router, _):
+        assert router.backends["partial"].state == "ready"
+        assert (await client.list_resource_templates()).resource_templates == []
+        assert text_of(await call(client, "partial__echo", {"text": "up"})) == "partial:echo:up"
 
 
 async def test_health_checks_record_success_and_feed_the_breaker() -> None:
@@ -1192,6 +1215,7 @@ async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) ->
         async with Client(router_params(config), mode="legacy", cache=None) as client:
             names = {t.name for t in (await client.list_tools()).tools}
             assert {"one__echo", "two__echo", "one__pid", "list_backends"} <= names
+            assert client.instructions == "## one\nAsk the fake nicely.\n\n## two\nAsk the fake nicely."
             assert text_of(await call(client, "two__echo", {"text": "hello"})) == "fake:echo:hello"
             pid = pids_from(await call(client, "one__pid"))
             assert alive(pid)
@@ -1407,7 +1431,8 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--http", type=int)
     parser.add_argument("--fillers", type=int, default=0)
     args = parser.parse_args(argv)
-    fake = FakeBackend("fake", fillers=args.fillers, extra_tools=[types.Tool(name="pid", input_schema={"type": "object"})])
+    pid_tool = types.Tool(name="pid", input_schema={"type": "object"})
+    fake = FakeBackend("fake", fillers=args.fillers, extra_tools=[pid_tool], instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
     server = fake.server()
 
