@@ -114,7 +114,7 @@ class FakeBackend:
 
     def tools(self) -> list[types.Tool]:
         schema = {"type": "object", "properties": {"text": {"type": "string"}}}
-        names = "echo fail broken hang count progress sample elicit roots add_tool log touch was_cancelled expired".split()  # fmt: skip
+        names = ["echo", "fail", "broken", "hang", "count", "progress", "sample", "elicit", "roots", "add_tool", "log", "touch", "was_cancelled", "expired"]  # fmt: skip
         base = [types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in names]
         base[4] = types.Tool(name="count", input_schema=schema, annotations=types.ToolAnnotations(idempotent_hint=True))
         base.append(types.Tool(name="peek", input_schema=schema, annotations=types.ToolAnnotations(read_only_hint=True)))
