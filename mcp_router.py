@@ -59,7 +59,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Final, Literal, TypeAlias, cast
+from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import anyio
@@ -90,6 +90,7 @@ from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 __version__ = "0.1.0"
+_T = TypeVar("_T")
 __all__ = [
     "BackendConfig",
     "Catalogue",
@@ -117,7 +118,15 @@ MAX_NAME_LENGTH: Final = 64
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESERVED_META_PREFIX: Final = "io.modelcontextprotocol/"
 PAGE_SIZE: Final = 1000
+LISTS: Final = {
+    "tools/list": ("tool_items", "tools"),
+    "prompts/list": ("prompt_items", "prompts"),
+    "resources/list": ("resource_items", "resources"),
+    "resources/templates/list": ("template_items", "resourceTemplates"),
+}
+"""Each list method: the catalogue attribute that holds its items, and the result key."""
 """Items per page of tools/prompts/resources lists toward the client."""
+RESOURCE_NOT_FOUND: Final = -32002
 BACKEND_UNAVAILABLE: Final = -32050
 """JSON-RPC server-error code for 'the backend is down or its circuit is open'."""
 RESTART_INITIAL_DELAY: Final = 0.5
@@ -439,13 +448,6 @@ def _parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], overrides: M
 
 
 _TOP_KEYS: Final = ("backends", "mcpServers", "routing", "server", "health_check")
-_ROUTING_KEYS: Final = (
-    "default_strategy",
-    "enable_namespace_prefixing",
-    "capability_cache_ttl_seconds",
-    "request_timeout_seconds",
-    "retry",
-)
 _BACKEND_KEYS: Final = (
     "name", "url", "command", "args", "env", "cwd", "transport", "headers", "namespace", "priority", "routes",
     "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude",
@@ -455,24 +457,18 @@ _MCP_SERVERS_EXTRA_KEYS: Final = ("type",)
 
 
 def _check_sections(raw: Mapping[str, Any], problems: _Problems) -> None:
+    """Unknown keys and non-mappings in the settings sections, whose keys the SETTINGS table knows."""
     problems.unknown_keys(raw, _TOP_KEYS, "")
-    for section, keys in (
-        ("server", ("name", "transport", "host", "port", "json_response", "log_level")),
-        ("routing", _ROUTING_KEYS),
-        ("health_check", ("interval_seconds", "timeout_seconds")),
-    ):
-        block = raw.get(section)
+    for section in ("server", "routing", "routing.retry", "health_check"):
+        block = _lookup(raw, section)
         if block is None:
             continue
         if not isinstance(block, dict):
             problems.add(section, f"expected a mapping, got {_describe(block)}")
             continue
-        problems.unknown_keys(block, keys, section)
-    retry = _lookup(raw, "routing.retry")
-    if isinstance(retry, dict):
-        problems.unknown_keys(retry, ("max_attempts", "backoff_multiplier", "max_backoff_seconds"), "routing.retry")
-    elif retry is not None:
-        problems.add("routing.retry", f"expected a mapping, got {_describe(retry)}")
+        depth = section.count(".") + 1
+        known = [s.yaml_path.split(".")[depth] for s in SETTINGS if s.yaml_path.startswith(section + ".")]
+        problems.unknown_keys(block, dict.fromkeys(known), section)
 
 
 def _str_list(value: Any, path: str, problems: _Problems) -> tuple[str, ...]:
@@ -902,7 +898,7 @@ def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: in
             raise MCPError(INVALID_PARAMS, f"Invalid cursor: {cursor!r}")
         start = int(cursor)
     end = start + size
-    result: dict[str, Any] = {key: list(items[start:end]), "resultType": "complete"}
+    result: dict[str, Any] = {key: list(items[start:end])}
     if end < len(items):
         result["nextCursor"] = str(end)
     return result
@@ -1729,7 +1725,7 @@ class Router:
     async def subscribe(self, connection: Any, uri: str) -> None:
         pool = resource_pool(self.catalogue, uri)
         if pool is None:
-            raise MCPError(-32002, f"Resource not found: {uri!r}")
+            raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
         subscribers = self._subscribers.setdefault(uri, {})
         if not subscribers:
             await self.forward("resources/subscribe", pool, {"uri": uri}, retry_safe=True)
@@ -1824,6 +1820,27 @@ class Router:
             return err.error
 
     # -- the request path
+
+    async def find(self, lookup: Callable[[Catalogue], _T | None]) -> _T | None:
+        """Look something up in the catalogue; before the first listing is complete, wait for it and look again."""
+        found = lookup(self.catalogue)
+        if found is None and not self.ready.is_set():
+            await self.ready.wait()
+            found = lookup(self.catalogue)
+        return found
+
+    async def list_page(self, method: str, cursor: str | None) -> dict[str, Any]:
+        await self.wait_ready()
+        attribute, key = LISTS[method]
+        return page(getattr(self.catalogue, attribute), cursor, key)
+
+    async def call_tool(self, ctx: Any, entry: Entry, arguments: dict[str, Any] | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": entry.original}
+        if arguments is not None:
+            out["arguments"] = arguments
+        if (meta := _forwarded_meta(ctx.params)) is not None:
+            out["_meta"] = meta
+        return await self.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, ctx=ctx)
 
     def _pool(self, names: tuple[str, ...]) -> list[Backend]:
         backends = self._pools[names] = [self.backends[n] for n in names if n in self.backends]
@@ -2022,68 +2039,37 @@ class RouterServer(Server[Any]):
 
 
 def build_server(router: Router) -> RouterServer:
-    """The low-level SDK Server whose handlers forward to the router."""
+    """The low-level SDK Server whose handlers forward to the router (the checked path; see _RouterMiddleware)."""
 
-    def unknown(kind: str, name: str) -> MCPError:
-        return MCPError(INVALID_PARAMS, f"Unknown {kind}: {name!r}")
+    def list_handler(method: str) -> Any:
+        async def handler(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
+            return {**await router.list_page(method, params.cursor if params else None), "resultType": "complete"}
 
-    async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-        await router.wait_ready()
-        return page(router.catalogue.tool_items, params.cursor if params else None, "tools")
+        return _guard(handler)
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
-        name = params.name
-        entry = router.catalogue.tools.get(name)
+        if params.name in MANAGEMENT_TOOLS:
+            return _management_call(router, params.name, params.arguments or {})
+        entry = await router.find(lambda catalogue: catalogue.tools.get(params.name))
         if entry is None:
-            if name in MANAGEMENT_TOOLS:
-                return _management_call(router, name, params.arguments or {})
-            await router.wait_ready()
-            entry = router.catalogue.tools.get(name)
-            if entry is None:
-                raise unknown("tool", name)
-        out: dict[str, Any] = {"name": entry.original}
-        if params.arguments is not None:
-            out["arguments"] = params.arguments
-        if (meta := _forwarded_meta(ctx.params)) is not None:
-            out["_meta"] = meta
-        result = await router.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, ctx=ctx)
-        return _passthrough(result)
-
-    async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-        await router.wait_ready()
-        return page(router.catalogue.prompt_items, params.cursor if params else None, "prompts")
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name!r}")
+        return _passthrough(await router.call_tool(ctx, entry, params.arguments))
 
     async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> dict[str, Any]:
-        entry = router.catalogue.prompts.get(params.name)
+        entry = await router.find(lambda catalogue: catalogue.prompts.get(params.name))
         if entry is None:
-            await router.wait_ready()
-            entry = router.catalogue.prompts.get(params.name)
-            if entry is None:
-                raise unknown("prompt", params.name)
+            raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name!r}")
         out: dict[str, Any] = {"name": entry.original}
         if params.arguments is not None:
             out["arguments"] = params.arguments
-        result = await router.forward("prompts/get", entry.pool, out, retry_safe=True, ctx=ctx)
-        return _passthrough(result)
-
-    async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-        await router.wait_ready()
-        return page(router.catalogue.resource_items, params.cursor if params else None, "resources")
-
-    async def list_templates(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-        await router.wait_ready()
-        return page(router.catalogue.template_items, params.cursor if params else None, "resourceTemplates")
+        return _passthrough(await router.forward("prompts/get", entry.pool, out, retry_safe=True, ctx=ctx))
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
         uri = str(params.uri)
-        pool = resource_pool(router.catalogue, uri)
+        pool = await router.find(lambda catalogue: resource_pool(catalogue, uri))
         if pool is None:
-            await router.wait_ready()
-            pool = resource_pool(router.catalogue, uri)
-            if pool is None:
-                raise MCPError(-32002, f"Resource not found: {uri!r}")
-        result = await router.forward("resources/read", pool, {"uri": uri}, retry_safe=True, ctx=ctx)
-        return _passthrough(result)
+            raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
+        return _passthrough(await router.forward("resources/read", pool, {"uri": uri}, retry_safe=True, ctx=ctx))
 
     async def complete(ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
         ref = params.ref
@@ -2091,13 +2077,13 @@ def build_server(router: Router) -> RouterServer:
         if isinstance(ref, types.PromptReference):
             entry = router.catalogue.prompts.get(ref.name)
             if entry is None:
-                raise unknown("prompt", ref.name)
+                raise MCPError(INVALID_PARAMS, f"Unknown prompt: {ref.name!r}")
             out["ref"] = {**out["ref"], "name": entry.original}
             pool = entry.pool
         else:
             found = next((owners for tpl, owners in router.catalogue.templates if tpl is not None and str(tpl) == ref.uri), None)
             if found is None:
-                raise MCPError(-32002, f"Resource template not found: {ref.uri!r}")
+                raise MCPError(RESOURCE_NOT_FOUND, f"Resource template not found: {ref.uri!r}")
             pool = found
         return _passthrough(await router.forward("completion/complete", pool, out, retry_safe=True, ctx=ctx))
 
@@ -2120,12 +2106,12 @@ def build_server(router: Router) -> RouterServer:
         router.settings.server_name,
         version=__version__,
         cache_hints=dict.fromkeys(cast("frozenset[CacheableMethod]", CACHEABLE_METHODS), CacheHint(ttl_ms=0, scope="private")),
-        on_list_tools=_guard(list_tools),
+        on_list_tools=list_handler("tools/list"),
         on_call_tool=_guard(call_tool),
-        on_list_prompts=_guard(list_prompts),
+        on_list_prompts=list_handler("prompts/list"),
         on_get_prompt=_guard(get_prompt),
-        on_list_resources=_guard(list_resources),
-        on_list_resource_templates=_guard(list_templates),
+        on_list_resources=list_handler("resources/list"),
+        on_list_resource_templates=list_handler("resources/templates/list"),
         on_read_resource=_guard(read_resource),
         on_completion=_guard(complete),
         on_subscribe_resource=_guard(subscribe),
@@ -2156,12 +2142,6 @@ class _RouterMiddleware:
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self.lists = {
-            "tools/list": ("tool_items", "tools"),
-            "prompts/list": ("prompt_items", "prompts"),
-            "resources/list": ("resource_items", "resources"),
-            "resources/templates/list": ("template_items", "resourceTemplates"),
-        }
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -2178,21 +2158,10 @@ class _RouterMiddleware:
             arguments = params.get("arguments") if params else None
             if entry is None or not isinstance(arguments, dict | None):
                 return None  # management tools, unknown names and malformed calls take the checked path
-            out: dict[str, Any] = {"name": entry.original}
-            if arguments is not None:
-                out["arguments"] = arguments
-            if (meta := _forwarded_meta(params)) is not None:
-                out["_meta"] = meta
-            return strip_reserved_meta(await router.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, ctx=ctx))
-        if method in self.lists:
+            return strip_reserved_meta(await router.call_tool(ctx, entry, arguments))
+        if method in LISTS:
             cursor = (params or {}).get("cursor")
-            if cursor is not None and not isinstance(cursor, str):
-                return None
-            await router.wait_ready()
-            attribute, key = self.lists[method]
-            result = page(getattr(router.catalogue, attribute), cursor, key)
-            del result["resultType"]
-            return result
+            return await router.list_page(method, cursor) if isinstance(cursor, str | None) else None
         if method == "notifications/initialized":  # not at initialize: nothing may precede its answer
             router.register_connection(_connection_of(ctx))
         elif method == "initialize":
