@@ -68,7 +68,7 @@ import pydantic
 import yaml
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import get_default_environment
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
 from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
@@ -84,7 +84,7 @@ from mcp.server.subscriptions import (
 )
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
-from mcp.shared.message import ServerMessageMetadata
+from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.uri_template import UriTemplate
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, REQUEST_TIMEOUT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -140,6 +140,8 @@ LOG_SEVERITY: Final = {
 }
 HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
+STOP_GRACE: Final = 2.0
+"""Seconds a stdio backend gets to exit after stdin closes, and again after SIGTERM."""
 STARTUP_GRACE: Final = 10.0
 """Seconds the first initialize and lists wait for backends to connect, so the first tool list is complete.
 A backend that takes longer appears later, announced with list_changed."""
@@ -1131,12 +1133,115 @@ os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """Runs a stdio backend on Linux: the backend's process group (npx/uvx grandchildren too) dies with the router."""
 
 
-def stdio_parameters(config: BackendConfig) -> StdioServerParameters:
+class LineReader:
+    """The SDK's ReadStream over newline-delimited JSON-RPC on an event-loop pipe.
+
+    The SDK's stdio transports relay every message through a task and a memory
+    stream (the server side also through a thread); reading and writing the pipe
+    in place saves those hops on each message.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    async def receive(self) -> SessionMessage | Exception:
+        while line := await self._reader.readline():
+            if line.strip():
+                try:
+                    return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
+                except ValueError as exc:  # the dispatcher reports it and reads on
+                    return exc
+        raise anyio.EndOfStream
+
+    def __aiter__(self) -> LineReader:
+        return self
+
+    async def __anext__(self) -> SessionMessage | Exception:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> LineReader:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+class LineWriter:
+    """The SDK's WriteStream that writes each message as one line to an event-loop pipe."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    async def send(self, item: SessionMessage) -> None:
+        if self._writer.is_closing():
+            raise anyio.ClosedResourceError
+        self._writer.write(item.message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as err:
+            raise anyio.BrokenResourceError from err
+
+    async def aclose(self) -> None:
+        if not self._writer.is_closing():
+            self._writer.close()
+
+    async def __aenter__(self) -> LineWriter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def stdio_command(config: BackendConfig) -> list[str]:
     """How to start a stdio backend: behind the reaper where the platform has a parent-death signal."""
-    command, args = config.command or "", list(config.args)
+    command = [config.command or "", *config.args]
     if sys.platform == "linux":
-        command, args = sys.executable, ["-S", "-c", REAPER, str(os.getpid()), command, *args]
-    return StdioServerParameters(command=command, args=args, env=child_environment(os.environ, config.env), cwd=config.cwd)
+        return [sys.executable, "-S", "-c", REAPER, str(os.getpid()), *command]
+    return command
+
+
+@asynccontextmanager
+async def spawn(config: BackendConfig) -> AsyncIterator[Streams]:
+    """Start a stdio backend in its own process group; on exit close its stdin, then TERM and KILL the group."""
+    process = await asyncio.create_subprocess_exec(
+        *stdio_command(config),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=get_default_environment() | child_environment(os.environ, config.env),
+        cwd=config.cwd,
+        start_new_session=True,
+        limit=1 << 30,  # one line is one message, of any size
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        yield LineReader(process.stdout), LineWriter(process.stdin)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _stop(process)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """The MCP shutdown sequence for a stdio server, bounded: stdin EOF, then SIGTERM, then SIGKILL, to its whole group."""
+    if process.stdin is not None:
+        process.stdin.close()
+    for signum in (None, signal.SIGTERM, signal.SIGKILL):
+        if signum is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signum)
+        with anyio.move_on_after(STOP_GRACE):
+            while process.returncode is None:  # not process.wait(): that also waits for grandchildren's pipes
+                await anyio.sleep(0.02)
+        if process.returncode is not None:
+            break
+    if process.returncode is not None:  # the backend is gone; so must be what it left in its group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @functools.cache
@@ -1150,8 +1255,7 @@ def _tls_context() -> ssl.SSLContext:
 def _connector_for(config: BackendConfig) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend."""
     if config.transport == "stdio":
-        params = stdio_parameters(config)
-        return lambda: stdio_client(params)
+        return lambda: spawn(config)
     if config.transport == "sse":
         return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
 
@@ -2192,25 +2296,8 @@ def _guard(handler: Callable[..., Awaitable[Any]]) -> Any:
 # ---------------------------------------------------------------------------- serving
 
 
-class _PipeLines:
-    """stdin and stdout as event-loop pipes for the SDK's stdio transport, which otherwise spends a thread hop on every line."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while line := await self.reader.readline():
-            yield line
-
-    async def write(self, text: str) -> None:
-        self.writer.write(text.encode())
-
-    async def flush(self) -> None:
-        await self.writer.drain()
-
-
 @contextlib.asynccontextmanager
-async def _stdio_pipes() -> AsyncIterator[_PipeLines | None]:
+async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
     """The wire on private copies of fds 0 and 1, while fd 0 reads /dev/null and fd 1 writes to stderr.
 
     Only for pipes and sockets (how MCP clients start servers); anything else gets the SDK's own transport.
@@ -2226,14 +2313,13 @@ async def _stdio_pipes() -> AsyncIterator[_PipeLines | None]:
     os.dup2(2, 1)  # a stray print() must never corrupt the protocol stream
     os.close(devnull)
     try:
-        reader = asyncio.StreamReader(limit=1 << 30)  # one line is one message, of any size
+        reader = asyncio.StreamReader(limit=1 << 30)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0))
         transport, protocol = await loop.connect_write_pipe(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(wire_out, "wb", 0)
         )
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
         try:
-            yield _PipeLines(reader, writer)
+            yield LineReader(reader), LineWriter(asyncio.StreamWriter(transport, protocol, None, loop))
         finally:
             transport.close()
     finally:
@@ -2248,8 +2334,10 @@ async def serve_stdio(server: Server[Any], router: Router) -> None:
 
     await router.wait_ready()  # the client's initialize waits in the pipe; its answer then carries the backends' instructions
     async with _stdio_pipes() as pipes:
-        transport = stdio_server(cast(Any, pipes), cast(Any, pipes)) if pipes is not None else stdio_server()
-        async with transport as (read, write):
+        if pipes is not None:
+            await server.run(*pipes, server.create_initialization_options())
+            return
+        async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
 
 
