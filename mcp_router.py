@@ -1999,8 +1999,11 @@ class Router:
 
 
 async def _until_one_is_up(backends: Sequence[Backend], timeout: float) -> bool:
-    """Wait until a backend of the pool is connected again; False when `timeout` runs out first."""
-    with anyio.move_on_after(max(0.0, timeout)):
+    """Wait until a reconnecting backend of the pool is connected again; False when `timeout` runs out first."""
+    backends = [b for b in backends if b.session is None and b.state in ("connecting", "down")]
+    if not backends or timeout <= 0:
+        return False
+    with anyio.move_on_after(timeout):
         async with anyio.create_task_group() as tg:
             for backend in backends:
 
