@@ -1117,6 +1117,19 @@ async def test_a_backend_serving_only_part_of_a_capability_still_comes_up() -> N
         assert text_of(await call(client, "partial__echo", {"text": "up"})) == "partial:echo:up"
 
 
+async def test_replicas_sharing_a_namespace_cover_for_each_other() -> None:
+    first, second = FakeBackend("first"), FakeBackend("second")
+    async with routed(first, second, namespace="svc", settings={"routing": {"request_timeout_seconds": 2}}) as (client, router, connectors):
+        names = [t.name for t in (await client.list_tools()).tools]
+        assert names.count("svc__echo") == 1
+        assert text_of(await call(client, "svc__echo", {"text": "a"})) == "first:echo:a"  # same priority: config order
+        connectors["first"].refuse = True
+        connectors["first"].cut()
+        while router.backends["first"].state == "ready":
+            await anyio.lowlevel.checkpoint()
+        assert text_of(await call(client, "svc__echo", {"text": "b"})) == "second:echo:b"
+
+
 async def test_health_checks_record_success_and_feed_the_breaker() -> None:
     fake = FakeBackend("svc")
     async with routed(fake, circuit_breaker={"failure_threshold": 1}) as (_, router, connectors):
