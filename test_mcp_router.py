@@ -478,6 +478,25 @@ def test_config_bad_environment_value_names_the_variable() -> None:
     assert problems_of({}, {"MCP_PORT": "eighty"}) == ["backends.yaml: MCP_PORT: expected a whole number >= 0, got 'eighty'"]
 
 
+def test_config_numbers_and_flags_may_come_from_environment_defaults() -> None:
+    raw = {
+        "server": {"port": "${PORT:-8001}"},
+        "backends": [{"name": "a", "command": "x", "disabled": "${OFF:-true}", "priority": "${P:-3}"}],
+    }
+    config = mr.parse_config(raw, {})
+    assert config.settings.port == 8001
+    assert (config.backends[0].enabled, config.backends[0].priority) == (False, 3)
+
+
+def test_config_rejects_a_health_interval_of_zero_and_never_echoes_url_credentials() -> None:
+    problems = problems_of(
+        {"backends": [{"name": "a", "url": "htps://user:topsecretpw@example.com/mcp", "health_check": {"interval_seconds": 0}}]}
+    )
+    text = "\n".join(problems)
+    assert "backends[0].health_check: expected interval_seconds and timeout_seconds > 0" in text
+    assert "backends[0].url: expected an http(s) URL" in text and "topsecretpw" not in text
+
+
 def test_config_health_defaults_come_from_the_router_settings() -> None:
     config = mr.parse_config(
         {"backends": [{"name": "a", "command": "x"}]}, {"MCP_HEALTH_CHECK_INTERVAL": "12", "MCP_HEALTH_CHECK_TIMEOUT": "2"}
@@ -896,10 +915,14 @@ async def test_no_python_exception_text_reaches_the_client() -> None:
 
 async def test_management_tools_report_backends_without_secrets() -> None:
     fake = FakeBackend("gh")
-    secret_env = {"TOKEN": "tok-123456", "PASS": "pw-987654"}
+    secret_env = {"TOKEN": "tok-123456", "PASS": "pw-987654", "QUERY": "query-secret-42"}
     raw = {
         "backends": [
-            {"name": "gh", "url": "https://user:${PASS}@api.example.com/mcp?key=${TOKEN}", "headers": {"Authorization": "Bearer ${TOKEN}"}}
+            {
+                "name": "gh",
+                "url": "https://user:${PASS}@api.example.com/mcp?key=${QUERY}",
+                "headers": {"Authorization": "Bearer ${TOKEN}"},
+            }
         ]
     }
     config = mr.parse_config(raw, secret_env)
@@ -919,8 +942,10 @@ async def test_management_tools_report_backends_without_secrets() -> None:
     assert "health_checks" in health.structured_content and "restarts" in health.structured_content
     assert unknown.is_error and "known backends: gh" in text_of(unknown)
     everything = json.dumps([listed.model_dump(), health.model_dump()])
-    for secret in ("tok-123456", "pw-987654", "user:"):
+    for secret in ("tok-123456", "pw-987654", "user:", "query-secret-42"):
         assert secret not in everything
+    stdio = mr.parse_config({"backends": [{"name": "s", "command": "/usr/bin/srv", "args": ["--api-key=sk-live-ARGSECRET", "pkg"]}]}, {})
+    assert stdio.backends[0].public_target() == "srv pkg"
 
 
 # ---------------------------------------------------------------------------- pure core: breaker and backoff
@@ -1421,6 +1446,17 @@ async def test_zero_config_serves_the_management_tools(tmp_path: Path) -> None:
         async with Client(params, mode="legacy", cache=None) as client:
             assert {t.name for t in (await client.list_tools()).tools} == {"list_backends", "get_backend_health"}
             assert "no backends configured" in text_of(await call(client, "list_backends"))
+
+
+def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [sys.executable, str(ROUTER), "--transport", "http", "--port", str(port)]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
