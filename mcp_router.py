@@ -1980,9 +1980,12 @@ class Router:
             key = id(ctx)
             backend.inflight[key] = ctx
             try:
-                return await backend.request(
+                result = await backend.request(
                     method, params, min(backend.timeout, max(0.001, deadline - self.clock())), on_progress=on_progress
                 )
+                if on_progress is not None:
+                    await on_progress.drained()  # the client hears every update before the result
+                return result
             except BackendUnavailable:
                 continue  # the backend lost its session before running anything: wait for it as above
             except Exception as exc:
@@ -2106,10 +2109,39 @@ def _passthrough(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _progress_forwarder(ctx: Any) -> Any:
+class _ProgressRelay:
+    """Passes a backend's progress to the client, and lets the result wait until every update has gone out.
+
+    The SDK runs each progress callback in a task of its own, so without this a
+    result could overtake the last update on its way to the client.
+    """
+
+    def __init__(self, report: Callable[[float, float | None, str | None], Awaitable[None]]) -> None:
+        self._report = report
+        self._busy = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    async def __call__(self, progress: float, total: float | None, message: str | None) -> None:
+        if not self._busy:
+            self._idle = anyio.Event()
+        self._busy += 1
+        try:
+            await self._report(progress, total, message)
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        await anyio.lowlevel.checkpoint()  # an update that arrived just before the result starts first
+        await self._idle.wait()
+
+
+def _progress_forwarder(ctx: Any) -> _ProgressRelay | None:
     meta = ctx.meta if ctx is not None else None
     if meta and meta.get("progress_token") is not None:
-        return ctx.session.report_progress
+        return _ProgressRelay(ctx.session.report_progress)
     return None
 
 
