@@ -2434,10 +2434,11 @@ async def run_router(config: Config) -> None:
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
-                    log.info("received %s; shutting down", signal.Signals(signum).name)
+                    log.info("received %s; shutting down (again to force)", signal.Signals(signum).name)
                     stop.set()
                     if config.settings.transport == "stdio":
                         tg.cancel_scope.cancel()
+                    return
 
         tg.start_soon(watch_signals)
         if listening is not None:
