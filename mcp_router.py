@@ -1125,6 +1125,8 @@ if pid == 0:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try: os.execvp(sys.argv[2], sys.argv[2:])
     except OSError as e: print(f"mcp-router: cannot run {sys.argv[2]!r}: {e.strerror}", file=sys.stderr); os._exit(127)
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 0); os.dup2(null, 1)  # the pipes are the backend's alone: its closing stdout must reach the router
 while True:
     try: _, status = os.waitpid(pid, 0); break
     except InterruptedError: continue
@@ -1145,13 +1147,20 @@ class LineReader:
         self._reader = reader
 
     async def receive(self) -> SessionMessage | Exception:
-        while line := await self._reader.readline():
+        while line := await self._readline():
             if line.strip():
                 try:
                     return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
                 except ValueError as exc:  # the dispatcher reports it and reads on
                     return exc
         raise anyio.EndOfStream
+
+    async def _readline(self) -> bytes:
+        try:
+            return await self._reader.readline()
+        except ValueError:  # a line over the 1 GiB limit: the framing is lost, so is the connection
+            log.error("a message over 1 GiB; closing the connection")
+            return b""
 
     def __aiter__(self) -> LineReader:
         return self
@@ -1334,7 +1343,8 @@ class Backend:
                     attempt, initial=RESTART_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff
                 )
                 self.next_attempt_at = self.router.clock() + delay
-                await anyio.sleep(delay)
+                with anyio.CancelScope() as self._connection_scope:  # restart() cuts the wait short
+                    await anyio.sleep(delay)
                 self.next_attempt_at = None
 
     def stop(self) -> None:
@@ -1345,12 +1355,12 @@ class Backend:
     def restart(self) -> None:
         if self._connection_scope is not None:
             self._disconnect()
-            self.state = "connecting"
             self._connection_scope.cancel()
 
     def _disconnect(self) -> None:
         """Stop taking calls at once: new ones wait for the next connection instead of failing on this one."""
         self.session = self.dispatcher = None
+        self.state = "connecting"
         if self.up.is_set():
             self.up = anyio.Event()
 
@@ -1600,11 +1610,18 @@ class Backend:
         if on_progress is not None:
             opts["on_progress"] = on_progress
         try:
-            result = await dispatcher.send_raw_request(method, params, cast(Any, opts))
+            # The SDK's own timeout starts once the request is written; this one also bounds a backend that stopped reading.
+            with anyio.fail_after(timeout + 1):
+                result = await dispatcher.send_raw_request(method, params, cast(Any, opts))
+        except TimeoutError:
+            if guarded:
+                self._breaker_event(self.breaker.record_failure(f"could not write to the backend within {timeout:g}s"))
+            raise MCPError(REQUEST_TIMEOUT, f"Request timed out: the backend is not reading (after {timeout:g}s)") from None
         except MCPError as err:
             if self.config.transport != "stdio" and err.code in (INVALID_REQUEST, REQUEST_TIMEOUT) and SESSION_LOST.fullmatch(err.message):
                 self.breaker.trial_in_flight = False
-                self.restart()  # a restarted HTTP server forgot our session: nothing ran, so reconnect and retry
+                if self.dispatcher is dispatcher:  # not a straggler from a connection already replaced
+                    self.restart()  # a restarted HTTP server forgot our session: nothing ran, so reconnect and retry
                 raise BackendUnavailable(f"backend {self.name!r} lost its session; reconnecting", reconnecting=True) from None
             if guarded:
                 if is_transport_failure(err):
@@ -1916,7 +1933,8 @@ class Router:
         try:
             if ctx is None:
                 assert connection is not None
-                return result_type.model_validate(await connection.send_raw_request(request.method, None))
+                answer = await connection.send_raw_request(request.method, None, {"timeout": self.settings.request_timeout})
+                return result_type.model_validate(answer)
             return await ctx.session.send_request(request, result_type, metadata=ServerMessageMetadata(related_request_id=ctx.request_id))
         except NoBackChannelError:
             return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: the client's connection cannot carry {request.method}")
@@ -2148,7 +2166,7 @@ def _progress_forwarder(ctx: Any) -> _ProgressRelay | None:
 def _forwarded_meta(raw_params: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """A client's own `_meta` keys, minus the protocol's reserved ones and its progress token."""
     meta = raw_params.get("_meta") if raw_params else None
-    if not meta:
+    if not meta or not isinstance(meta, Mapping):
         return None
     kept = {k: v for k, v in meta.items() if k != "progressToken" and not k.startswith(RESERVED_META_PREFIX)}
     return kept or None
@@ -2291,6 +2309,8 @@ class _RouterMiddleware:
     async def _fast_path(self, ctx: Any) -> dict[str, Any] | None:
         """The result for a request the router answers itself, or None to take the SDK's checked path."""
         router, method, params = self.router, ctx.method, ctx.params
+        if (method == "tools/call" or method in LISTS) and not _connection_of(ctx).initialize_accepted:
+            return None  # the SDK answers requests before the handshake
         if method == "tools/call":
             name = params.get("name") if isinstance(params, Mapping) else None
             entry = router.catalogue.tools.get(name) if isinstance(name, str) else None
@@ -2406,7 +2426,14 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
             yield
 
     settings = router.settings
-    config = uvicorn.Config(http_app(router, server), host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        http_app(router, server),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=int(STOP_GRACE),  # clients' open GET streams must not hold shutdown hostage
+    )
     web = _Uvicorn(config)
     async with anyio.create_task_group() as tg:
 

@@ -1276,13 +1276,14 @@ async def test_end_to_end_over_http(tmp_path: Path) -> None:
                         assert "one__echo" in {t.name for t in (await client.list_tools()).tools}
                         assert text_of(await call(client, "one__echo", {"text": "web"})) == "fake:echo:web"
                         pid = pids_from(await call(client, "one__pid"))
+                        proc.send_signal(signal.SIGTERM)  # while the client holds its GET stream open
+                        while proc.poll() is None:
+                            await anyio.sleep(0.05)
                         break
-                except Exception:  # noqa: BLE001 - not up yet
+                except Exception:  # noqa: BLE001 - not up yet, or the client seeing the router go
+                    if proc.poll() is not None:
+                        break
                     await anyio.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        with anyio.fail_after(15):
-            while proc.poll() is None:
-                await anyio.sleep(0.05)
         assert proc.returncode == 0
         assert not alive(pid)
     finally:
@@ -1446,6 +1447,42 @@ async def test_zero_config_serves_the_management_tools(tmp_path: Path) -> None:
         async with Client(params, mode="legacy", cache=None) as client:
             assert {t.name for t in (await client.list_tools()).tools} == {"list_backends", "get_backend_health"}
             assert "no backends configured" in text_of(await call(client, "list_backends"))
+
+
+RAW_BACKEND = """
+import json, os, sys, time
+mode = sys.argv[1]
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\\n"); sys.stdout.flush()
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("method") == "initialize":
+        send({"jsonrpc": "2.0", "id": message["id"], "result": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+              "serverInfo": {"name": "raw", "version": "1"}}})
+    elif message.get("method") == "tools/list":
+        send({"jsonrpc": "2.0", "id": message["id"], "result": {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}})
+    elif message.get("method") == "tools/call":
+        if mode == "deaf":
+            time.sleep(60)  # stops reading: the router's writes pile up in the pipe
+        os.close(1)  # mute: closes stdout but stays alive
+        time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", ["deaf", "mute"])
+async def test_a_backend_that_stops_reading_or_writing_fails_the_call_within_its_timeout(tmp_path: Path, mode: str) -> None:
+    script = tmp_path / "raw_backend.py"
+    script.write_text(RAW_BACKEND)
+    config = write_config(tmp_path, [{"name": "raw", "command": sys.executable, "args": [str(script), mode], "timeout": 1}])
+    with anyio.fail_after(30):
+        async with Client(router_params(config), mode="legacy", cache=None) as client:
+            for _ in range(2):  # the first is read, then the backend stops; the second cannot even be written
+                with pytest.raises(MCPError) as info:
+                    await call(client, "raw__echo", {"text": "x" * 300_000})  # more than a pipe holds
+                assert info.value.code in (types.REQUEST_TIMEOUT, mr.BACKEND_UNAVAILABLE)
+            if mode == "mute":  # the closed stdout reaches the router, which restarts the backend
+                while (await call(client, "get_backend_health", {"name": "raw"})).structured_content["restarts"] < 1:  # type: ignore[index]
+                    await anyio.sleep(0.05)
 
 
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
