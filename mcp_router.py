@@ -1143,17 +1143,37 @@ class LineReader:
     in place saves those hops on each message.
     """
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, answer_errors_to: asyncio.StreamWriter | None = None) -> None:
         self._reader = reader
+        self._errors_to = answer_errors_to
 
     async def receive(self) -> SessionMessage | Exception:
         while line := await self._readline():
             if line.strip():
                 try:
                     return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
-                except ValueError as exc:  # the dispatcher reports it and reads on
-                    return exc
+                except ValueError as exc:  # the dispatcher only logs it, so a client would wait forever
+                    if self._errors_to is None:
+                        return exc
+                    await self._answer_malformed(line)
         raise anyio.EndOfStream
+
+    async def _answer_malformed(self, line: bytes) -> None:
+        """The JSON-RPC answer to a line that is not a valid message: -32700 for bad JSON, else -32600."""
+        assert self._errors_to is not None
+        try:
+            message = json.loads(line)
+        except ValueError:
+            request_id, error = None, {"code": -32700, "message": "Parse error: not JSON"}
+        else:
+            if isinstance(message, dict) and "id" not in message:
+                return  # a malformed notification: nobody waits for an answer
+            raw_id = message.get("id") if isinstance(message, dict) else None
+            request_id = raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+            error = {"code": INVALID_REQUEST, "message": "Invalid request: not a valid JSON-RPC message"}
+        self._errors_to.write(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode() + b"\n")
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._errors_to.drain()
 
     async def _readline(self) -> bytes:
         try:
@@ -2365,7 +2385,8 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(wire_out, "wb", 0)
         )
         try:
-            yield LineReader(reader), LineWriter(asyncio.StreamWriter(transport, protocol, None, loop))
+            writer = asyncio.StreamWriter(transport, protocol, None, loop)
+            yield LineReader(reader, answer_errors_to=writer), LineWriter(writer)
         finally:
             transport.close()
     finally:

@@ -1485,6 +1485,30 @@ async def test_a_backend_that_stops_reading_or_writing_fails_the_call_within_its
                     await anyio.sleep(0.05)
 
 
+async def test_malformed_lines_from_a_client_get_json_rpc_errors_and_the_router_keeps_serving(tmp_path: Path) -> None:
+    async with await anyio.open_process([sys.executable, str(ROUTER)], cwd=tmp_path) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        buffer = b""
+
+        async def exchange(line: bytes) -> dict[str, Any]:
+            nonlocal buffer
+            await proc.stdin.send(line + b"\n")  # type: ignore[union-attr]
+            while b"\n" not in buffer:
+                buffer += await proc.stdout.receive()  # type: ignore[union-attr]
+            answer, buffer = buffer.split(b"\n", 1)
+            return json.loads(answer)
+
+        with anyio.fail_after(20):
+            init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+            assert "result" in await exchange(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode())
+            await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+            assert (await exchange(b"this is not json"))["error"]["code"] == -32700
+            bad = await exchange(b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": [1]}')
+            assert (bad["id"], bad["error"]["code"]) == (7, types.INVALID_REQUEST)
+            assert (await exchange(b'{"jsonrpc": "2.0", "id": 8, "method": "ping"}')) == {"jsonrpc": "2.0", "id": 8, "result": {}}
+            await proc.stdin.aclose()
+
+
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
