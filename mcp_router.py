@@ -1763,7 +1763,6 @@ class Router:
         """Add and start a backend while serving."""
         backend = Backend(config, self, connector)
         self.backends[config.name] = backend
-        self._pools = {}
         self._start(backend)
         return backend
 
@@ -1771,7 +1770,6 @@ class Router:
         """Stop a backend and withdraw its tools, resources and prompts while serving."""
         backend = self.backends.pop(name)
         backend.stop()
-        self._pools = {}
         self._rebuild()
 
     def restart_backend(self, name: str) -> None:
@@ -1967,7 +1965,7 @@ class Router:
         """Look something up in the catalogue; before the first listing is complete, wait for it and look again."""
         found = lookup(self.catalogue)
         if found is None and not self.ready.is_set():
-            await self.ready.wait()
+            await self.wait_ready()
             found = lookup(self.catalogue)
         return found
 
@@ -1984,10 +1982,6 @@ class Router:
             out["_meta"] = meta
         return await self.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, ctx=ctx)
 
-    def _pool(self, names: tuple[str, ...]) -> list[Backend]:
-        backends = self._pools[names] = [self.backends[n] for n in names if n in self.backends]
-        return backends
-
     async def forward(
         self,
         method: str,
@@ -2003,7 +1997,9 @@ class Router:
         requests the backend makes while serving this one go to its client.
         """
         on_progress = _progress_forwarder(ctx)
-        backends = self._pools.get(pool) or self._pool(pool)
+        backends = self._pools.get(pool)
+        if backends is None:  # looked up once per catalogue: _rebuild clears the cache
+            backends = self._pools[pool] = [self.backends[name] for name in pool if name in self.backends]
         settings = self.settings
         deadline = self.clock() + max(settings.request_timeout, *(b.timeout for b in backends))
         attempt = 0
