@@ -65,6 +65,7 @@ from urllib.parse import parse_qsl, urljoin, urlsplit
 import anyio
 import mcp_types as types
 import pydantic
+import pydantic_core
 import yaml
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
@@ -118,6 +119,7 @@ MAX_NAME_LENGTH: Final = 64
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESERVED_META_PREFIX: Final = "io.modelcontextprotocol/"
 PAGE_SIZE: Final = 1000
+"""Items per page of tools/prompts/resources lists toward the client."""
 LISTS: Final = {
     "tools/list": ("tool_items", "tools"),
     "prompts/list": ("prompt_items", "prompts"),
@@ -125,7 +127,6 @@ LISTS: Final = {
     "resources/templates/list": ("template_items", "resourceTemplates"),
 }
 """Each list method: the catalogue attribute that holds its items, and the result key."""
-"""Items per page of tools/prompts/resources lists toward the client."""
 RESOURCE_NOT_FOUND: Final = -32002
 BACKEND_UNAVAILABLE: Final = -32050
 """JSON-RPC server-error code for 'the backend is down or its circuit is open'."""
@@ -906,6 +907,16 @@ def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: in
     return result
 
 
+class EncodedItems(list[Any]):
+    """A page's items, kept until the catalogue changes; a line writer encodes them once for every listing."""
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        super().__init__(items)
+        self.encoded: bytes | None = None
+
+
 def filter_tools(tools: Iterable[dict[str, Any]], include: Sequence[str], exclude: Sequence[str]) -> tuple[dict[str, Any], ...]:
     """Keep tools whose name matches an include glob (all, when none are given) and no exclude glob."""
 
@@ -1201,6 +1212,22 @@ class LineReader:
         pass
 
 
+def encode_line(message: types.JSONRPCMessage) -> bytes:
+    """A message as one line of JSON; a cached page's items are encoded once, not at every listing."""
+    if type(message) is types.JSONRPCResponse and any(type(v) is EncodedItems for v in message.result.values()):
+        members = b",".join(pydantic_core.to_json(k) + b":" + _encoded(v) for k, v in message.result.items())
+        return b'{"jsonrpc":"2.0","id":' + pydantic_core.to_json(message.id) + b',"result":{' + members + b"}}\n"
+    return message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+
+
+def _encoded(value: Any) -> bytes:
+    if type(value) is not EncodedItems:
+        return pydantic_core.to_json(value)
+    if value.encoded is None:
+        value.encoded = pydantic_core.to_json(value)
+    return value.encoded
+
+
 class LineWriter:
     """The SDK's WriteStream that writes each message as one line to an event-loop pipe."""
 
@@ -1210,7 +1237,7 @@ class LineWriter:
     async def send(self, item: SessionMessage) -> None:
         if self._writer.is_closing():
             raise anyio.ClosedResourceError
-        self._writer.write(item.message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
+        self._writer.write(encode_line(item.message))
         try:
             await self._writer.drain()
         except (ConnectionError, OSError) as err:
@@ -1808,6 +1835,7 @@ class Router:
             log.warning("name collision: %s", conflict)
         self.catalogue = new
         self._pools = {}
+        self._pages: dict[tuple[str, str | None], dict[str, Any]] = {}
         changed = [
             kind
             for kind, a, b in (
@@ -1970,9 +1998,15 @@ class Router:
         return found
 
     async def list_page(self, method: str, cursor: str | None) -> dict[str, Any]:
+        """One page of a list, answered from cache for the cursors the router hands out."""
         await self.wait_ready()
-        attribute, key = LISTS[method]
-        return page(getattr(self.catalogue, attribute), cursor, key)
+        if (result := self._pages.get((method, cursor))) is None:
+            attribute, key = LISTS[method]
+            result = page(getattr(self.catalogue, attribute), cursor, key)
+            if cursor is None or cursor == str(int(cursor) // PAGE_SIZE * PAGE_SIZE):  # the cursors the router hands out
+                result[key] = EncodedItems(result[key])
+                self._pages[(method, cursor)] = result
+        return result
 
     async def call_tool(self, ctx: Any, entry: Entry, arguments: dict[str, Any] | None) -> dict[str, Any]:
         out: dict[str, Any] = {"name": entry.original}

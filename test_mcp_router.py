@@ -1248,11 +1248,22 @@ def pids_from(client_result: types.CallToolResult) -> int:
 
 
 async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) -> None:
-    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command()}])
+    config = write_config(
+        tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command("--fillers", "1200")}]
+    )
     with anyio.fail_after(30):
         async with Client(router_params(config), mode="legacy", cache=None) as client:
-            names = {t.name for t in (await client.list_tools()).tools}
-            assert {"one__echo", "two__echo", "one__pid", "list_backends"} <= names
+            listings = []
+            for _ in range(2):  # the second listing comes from the router's cache of encoded pages
+                first = await client.session.list_tools()
+                assert first.next_cursor is not None
+                rest = await client.session.list_tools(params=types.PaginatedRequestParams(cursor=first.next_cursor))
+                assert rest.next_cursor is None
+                listings.append([t.model_dump() for t in first.tools + rest.tools])
+            assert listings[0] == listings[1]
+            names = [t["name"] for t in listings[0]]
+            assert len(names) == len(set(names))
+            assert {"one__echo", "two__echo", "one__pid", "two__tool_1199", "list_backends"} <= set(names)
             assert client.instructions == "## one\nAsk the fake nicely.\n\n## two\nAsk the fake nicely."
             assert text_of(await call(client, "two__echo", {"text": "hello"})) == "fake:echo:hello"
             pid = pids_from(await call(client, "one__pid"))
