@@ -28,10 +28,12 @@ overhead  The `echo` tool called directly on a backend and through the router, s
           in alternating rounds so that drift on a busy machine hits both alike.
 scale     tools/list through a stdio router (every page, catalogue warm) with 1, 10 and 50 backends
           of 50 tools each and with one backend of 5,000 tools, and the router's resident memory
-          (VmRSS from /proc) with 0, 1, 10 and 50 backends. The p50/p99 columns are the router's
-          share: the pages as decoded JSON, without the client SDK's result validation, which the
-          "SDK-parsed" column adds (a large share for big lists). With --quick, the 50 backends are
-          50 connections to one shared HTTP backend process instead of 50 stdio processes.
+          (VmRSS from /proc) with 0, 1, 10 and 50 backends. The client is a bare JSON-RPC client
+          on the router's pipes, no SDK, so the p50/p99 columns are the router's share: from writing
+          each request until the last byte of its answer is in. Decoding the answer is the client's
+          work, timed apart: "decoded" adds json.loads, "SDK-parsed" adds the client SDK's message
+          and result validation instead (a large share for big lists). With --quick, the 50 backends
+          are 50 connections to one shared HTTP backend process instead of 50 stdio processes.
 startup   Time from launching the router until all of 10 stdio backends are listed, against the
           slowest of those backends started alone. The backends wait 0.1..1.0 x a start-up delay
           before serving, as slow servers (npx, uvx, remote setup) do. For context: the router with
@@ -55,6 +57,7 @@ responses at http://127.0.0.1:PORT/mcp. `--hang` adds a `hang` tool that never a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -440,6 +443,100 @@ def connect_http(url: str) -> AbstractAsyncContextManager[Connection]:
     return connect(streamable_http_client(url))
 
 
+class BareClient:
+    """JSON-RPC lines over a program's stdio, no SDK: an answer is timed to its last byte, before any decoding."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self._stdin, self._stdout = process.stdin, process.stdout
+        self._last_id = 0
+
+    async def request(self, method: str, params: Mapping[str, Any] | None = None) -> bytes:
+        """The answer's line, undecoded; notifications and anything else before it are skipped."""
+        self._last_id += 1
+        self._stdin.write(json.dumps({"jsonrpc": "2.0", "id": self._last_id, "method": method, "params": params or {}}).encode() + b"\n")
+        await self._stdin.drain()
+        answer = b'{"jsonrpc":"2.0","id":%d,' % self._last_id
+        while line := await self._stdout.readline():
+            if line.startswith(answer):
+                return line
+        raise BenchError(f"the program closed its stdout before answering {method}")
+
+    def notify(self, method: str) -> None:
+        self._stdin.write(json.dumps({"jsonrpc": "2.0", "method": method}).encode() + b"\n")
+
+
+@asynccontextmanager
+async def bare_client_of(lab: Lab, label: str, argv: Sequence[str]) -> AsyncIterator[BareClient]:
+    """A program launched over stdio, after the handshake; on the way out its stdin is closed and it gets 5 s to exit."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lab.log(label), limit=1 << 30
+    )
+    try:
+        client = BareClient(process)
+        hello = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
+        await client.request("initialize", hello)
+        client.notify("notifications/initialized")
+        yield client
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()
+        with anyio.move_on_after(5):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@dataclass(slots=True)
+class Listing:
+    """One tools/list, every page: its tools, and how long it took until answered, until decoded, until SDK-validated."""
+
+    tools: list[dict[str, Any]]
+    pages: int
+    answered_s: float
+    decoded_s: float
+    sdk_parsed_s: float
+
+
+async def bare_list_tools(client: BareClient) -> Listing:
+    """Every page of tools/list; only the wait for each answer is timed as `answered`, decoding it is timed apart."""
+    listing = Listing([], 0, 0.0, 0.0, 0.0)
+    cursor: str | None = None
+    while listing.pages < MAX_PAGES:
+        started = time.perf_counter()
+        line = await client.request("tools/list", {"cursor": cursor} if cursor else None)
+        answered = time.perf_counter()
+        result = json.loads(line)["result"]
+        decoded = time.perf_counter()
+        message = types.jsonrpc_message_adapter.validate_json(line)  # what an SDK client does with it
+        assert isinstance(message, types.JSONRPCResponse)
+        types.ListToolsResult.model_validate(message.result)
+        validated = time.perf_counter()
+        listing.pages += 1
+        listing.answered_s += answered - started
+        listing.decoded_s += decoded - started
+        listing.sdk_parsed_s += validated - decoded + answered - started
+        listing.tools += result["tools"]
+        if (cursor := result.get("nextCursor")) is None:
+            return listing
+    raise BenchError(f"tools/list did not end after {MAX_PAGES} pages")
+
+
+async def bare_wait_for_tools(client: BareClient, expected: Mapping[str, int], timeout: float = READY_TIMEOUT) -> Listing:
+    """Poll tools/list until each namespace lists its expected number of tools."""
+    counts: Counter[str] = Counter()
+    with anyio.move_on_after(timeout):
+        while True:
+            listing = await bare_list_tools(client)
+            counts = Counter(t["name"].split(SEPARATOR, 1)[0] for t in listing.tools if SEPARATOR in t["name"])
+            if all(counts[ns] >= n for ns, n in expected.items()):
+                return listing
+            await anyio.sleep(0.02)
+    missing = {ns: f"{counts[ns]}/{n}" for ns, n in expected.items() if counts[ns] < n}
+    raise BenchError(f"router did not list every backend's tools within {timeout:.0f}s (listed/expected: {missing})")
+
+
 @asynccontextmanager
 async def stdio_client_of(lab: Lab, label: str, argv: Sequence[str]) -> AsyncIterator[Connection]:
     """A connection to a program launched over stdio (the SDK stops it on the way out)."""
@@ -496,19 +593,6 @@ async def list_all_tools(conn: Connection) -> tuple[list[types.Tool], int]:
         cursor = result.next_cursor
         if cursor is None:
             return tools, pages
-    raise BenchError(f"tools/list did not end after {MAX_PAGES} pages")
-
-
-async def list_all_tools_raw(conn: Connection) -> int:
-    """Every page of tools/list as decoded JSON, without the SDK's result validation: the router's share of a listing. Returns the tool count."""
-    count = 0
-    cursor: str | None = None
-    for _ in range(MAX_PAGES):
-        result = await conn.dispatcher.send_raw_request("tools/list", {"cursor": cursor} if cursor else None, {"timeout": CLIENT_TIMEOUT})
-        count += len(result["tools"])
-        cursor = result.get("nextCursor")
-        if cursor is None:
-            return count
     raise BenchError(f"tools/list did not end after {MAX_PAGES} pages")
 
 
@@ -671,33 +755,33 @@ async def scale_case(lab: Lab, profile: Profile, backends: int, tools: int) -> d
         else:
             entries = [stdio_backend(f"b{i}", tools=tools) for i in range(backends)]
         started = time.perf_counter()
-        conn = await stack.enter_async_context(stdio_router(lab, label, entries))
-        listed = await wait_for_tools(conn, {f"b{i}": tools for i in range(backends)})
+        client = await stack.enter_async_context(bare_client_of(lab, label, router_argv(lab, lab.write_config(label, entries))))
+        listing = await bare_wait_for_tools(client, {f"b{i}": tools for i in range(backends)})
         ready_s = time.perf_counter() - started
-        _, pages = await list_all_tools(conn)
-
-        async def raw() -> None:
-            await list_all_tools_raw(conn)
-
-        async def parsed() -> None:
-            await list_all_tools(conn)
-
-        await sequential(raw, 2)
+        for _ in range(2):
+            await bare_list_tools(client)
         router_pid = child_pid(process_table(), str(lab.router))
+        answered, decoded, sdk_parsed = Timing(), Timing(), Timing()
         cpu_before = cpu_seconds(router_pid)
-        raw_timing = await sequential(raw, profile.list_samples)
+        for _ in range(profile.list_samples):
+            sample = await bare_list_tools(client)
+            answered.latencies.append(sample.answered_s)
+            decoded.latencies.append(sample.decoded_s)
+            sdk_parsed.latencies.append(sample.sdk_parsed_s)
         router_cpu_ms = (cpu_seconds(router_pid) - cpu_before) * 1000 / profile.list_samples
-        parsed_timing = await sequential(parsed, profile.list_samples)
+        for timing in (answered, decoded, sdk_parsed):
+            timing.elapsed = sum(timing.latencies)
         return {
             "backends": backends,
             "tools_per_backend": tools,
             "backend_transport": "http, one shared process" if shared else "stdio",
-            "tools_listed": listed,
-            "pages": pages,
+            "tools_listed": len(listing.tools),
+            "pages": listing.pages,
             "ready_s": round(ready_s, 2),
-            "list": raw_timing.summary(),
+            "list": answered.summary(),
             "router_cpu_ms_per_list": round(router_cpu_ms, 2),
-            "list_sdk_parsed": parsed_timing.summary(),
+            "list_decoded": decoded.summary(),
+            "list_sdk_parsed": sdk_parsed.summary(),
             **router_memory(lab.router),
         }
 
@@ -911,8 +995,9 @@ def report_scale(results: Mapping[str, Any]) -> None:
             r["pages"],
             num(r["list"].get("p50_ms")),
             num(r["list"].get("p99_ms")),
-            num(r.get("router_cpu_ms_per_list")),
+            num(r["list_decoded"].get("p50_ms")),
             num(r["list_sdk_parsed"].get("p50_ms")),
+            num(r.get("router_cpu_ms_per_list")),
             num(r["ready_s"]),
             num(r["rss_mb"], 1),
             num(r["hwm_mb"], 1),
@@ -921,8 +1006,8 @@ def report_scale(results: Mapping[str, Any]) -> None:
         for r in results.values()
     ]
     print_table(
-        "tools/list through the router (all pages, catalogue warm; p50/p99 without, 'SDK-parsed' with the client SDK's validation; "
-        "'router CPU' is the router process's own CPU time per listing) and router memory",
+        "tools/list through the router (all pages, catalogue warm; p50/p99 until the last byte of each answer is in, 'decoded' adds "
+        "json.loads, 'SDK-parsed' the client SDK's validation instead; 'router CPU' is the router's own CPU time per listing) and router memory",
         [
             "backends",
             "tools each",
@@ -931,8 +1016,9 @@ def report_scale(results: Mapping[str, Any]) -> None:
             "pages",
             "p50 ms",
             "p99 ms",
-            "router CPU ms",
+            "decoded p50",
             "SDK-parsed p50",
+            "router CPU ms",
             "ready s",
             "RSS MB",
             "peak MB",
