@@ -250,6 +250,41 @@ def fake_backend_argv(*, tools: int = 1, http: int | None = None, hang: bool = F
     return argv
 
 
+LIGHT_BACKEND: Final = r"""
+# A fake MCP server on the standard library alone, run with `python -S`: it starts in milliseconds, as
+# servers in Go, Rust or Node do, so only its start-up delay keeps it from serving. Same tools as fake_tools().
+import json, sys, time
+
+tools, delay = int(sys.argv[1]), float(sys.argv[2])
+time.sleep(delay)
+echo_schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+filler_schema = {"type": "object", "properties": {"value": {"type": "string", "description": "any text"}}}
+listing = [{"name": "echo", "description": "Return the `text` argument.", "inputSchema": echo_schema}]
+listing += [{"name": f"tool_{i}", "description": f"Filler tool number {i}.", "inputSchema": filler_schema} for i in range(1, tools)]
+results = {
+    "initialize": lambda p: {
+        "protocolVersion": p.get("protocolVersion"),
+        "capabilities": {"tools": {}},
+        "serverInfo": {"name": "light-fake-backend", "version": "1.0"},
+    },
+    "tools/list": lambda p: {"tools": listing},
+    "tools/call": lambda p: {"content": [{"type": "text", "text": str((p.get("arguments") or {}).get("text", "ok"))}]},
+    "ping": lambda p: {},
+}
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message or "method" not in message:
+        continue
+    answer = {"jsonrpc": "2.0", "id": message["id"]}
+    if (result := results.get(message["method"])) is not None:
+        answer["result"] = result(message.get("params") or {})
+    else:
+        answer["error"] = {"code": -32601, "message": "Method not found"}
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+"""
+
+
 # ---------------------------------------------------------------------------- processes
 
 
@@ -827,24 +862,43 @@ async def time_to_list_in_parallel(lab: Lab, label: str, argvs: Sequence[Sequenc
     return elapsed
 
 
-async def bench_startup(lab: Lab, profile: Profile) -> dict[str, Any]:
-    delays = [round(profile.startup_delay * (i + 1) / 10, 3) for i in range(10)]
-    argvs = [fake_backend_argv(tools=50, startup_delay=d) for d in delays]
-    config = lab.write_config("startup-10", [stdio_backend(f"s{i}", tools=50, startup_delay=d) for i, d in enumerate(delays)])
-    empty = lab.write_config("startup-0", [])
-    runs: dict[str, list[float]] = {"slowest_alone_s": [], "router_0_s": [], "router_10_s": []}
+def light_backend_argv(lab: Lab, *, tools: int, startup_delay: float) -> list[str]:
+    path = lab.root / "light_backend.py"
+    if not path.exists():
+        path.write_text(LIGHT_BACKEND)
+    return ["-S", str(path), str(tools), str(startup_delay)]
+
+
+async def startup_case(lab: Lab, profile: Profile, kind: str, argvs: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """The slowest of `argvs` alone, (optionally) all of them directly in parallel, and a router with all of them."""
+    config = lab.write_config(
+        f"startup-{kind}", [{"name": f"s{i}", "command": sys.executable, "args": list(a)} for i, a in enumerate(argvs)]
+    )
+    runs: dict[str, list[float]] = {"slowest_alone_s": [], "router_10_s": []}
     if profile.startup_reference:
         runs["direct_parallel_s"] = []
     for _ in range(profile.startup_repeats):
-        runs["slowest_alone_s"].append(await time_to_list(lab, "startup-alone", argvs[-1]))
+        runs["slowest_alone_s"].append(await time_to_list(lab, f"startup-{kind}-alone", argvs[-1]))
         if profile.startup_reference:
-            runs["direct_parallel_s"].append(await time_to_list_in_parallel(lab, "startup-parallel", argvs))
-        runs["router_0_s"].append(await time_to_list(lab, "startup-router-0", router_argv(lab, empty), {}))
-        runs["router_10_s"].append(await time_to_list(lab, "startup-router-10", router_argv(lab, config), {f"s{i}": 50 for i in range(10)}))
+            runs["direct_parallel_s"].append(await time_to_list_in_parallel(lab, f"startup-{kind}-parallel", argvs))
+        expected = {f"s{i}": 50 for i in range(len(argvs))}
+        runs["router_10_s"].append(await time_to_list(lab, f"startup-{kind}-router", router_argv(lab, config), expected))
     result: dict[str, Any] = {key: round(statistics.median(values), 3) for key, values in runs.items()}
-    result |= {"delays_s": delays, "repeats": profile.startup_repeats, "runs": runs}
-    result["ratio"] = ratio(result["router_10_s"], result["slowest_alone_s"])
-    return result
+    return result | {"ratio": ratio(result["router_10_s"], result["slowest_alone_s"]), "runs": runs}
+
+
+async def bench_startup(lab: Lab, profile: Profile) -> dict[str, Any]:
+    """10 backends that start in milliseconds but wait before serving, and 10 Python SDK backends, which also load the SDK."""
+    delays = [round(profile.startup_delay * (i + 1) / 10, 3) for i in range(10)]
+    empty = lab.write_config("startup-0", [])
+    router_0 = [await time_to_list(lab, "startup-router-0", router_argv(lab, empty), {}) for _ in range(profile.startup_repeats)]
+    return {
+        "delays_s": delays,
+        "repeats": profile.startup_repeats,
+        "router_0_s": round(statistics.median(router_0), 3),
+        "light": await startup_case(lab, profile, "light", [light_backend_argv(lab, tools=50, startup_delay=d) for d in delays]),
+        "sdk": await startup_case(lab, profile, "sdk", [fake_backend_argv(tools=50, startup_delay=d) for d in delays]),
+    }
 
 
 # ---------------------------------------------------------------------------- scenario: one backend hangs
@@ -929,7 +983,7 @@ TARGETS: Final = (
     Target("routed/direct calls/s, 32 callers, stdio", ("overhead", "stdio", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
     Target("routed/direct calls/s, 32 callers, http", ("overhead", "http", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
     Target("tools/list p50, 50 backends x 50 tools", ("scale", "50x50", "list", "p50_ms"), 5.0, True, " ms"),
-    Target("start-up, 10 backends / slowest alone", ("startup", "ratio"), 1.3, True, "x"),
+    Target("start-up, 10 backends / slowest alone", ("startup", "light", "ratio"), 1.3, True, "x"),
     Target("router RSS with 10 backends", ("scale", "10x50", "rss_mb"), 80.0, True, " MB"),
     Target("healthy p99 while one backend hangs / normal", ("hang", "ratio", "p99_ms"), 1.5, True, "x"),
 )
@@ -1031,17 +1085,17 @@ def report_scale(results: Mapping[str, Any]) -> None:
 
 def report_startup(results: Mapping[str, Any]) -> None:
     delays = results["delays_s"]
-    rows = [[f"slowest backend alone (start-up delay {delays[-1]:g} s)", num(results["slowest_alone_s"])]]
-    if "direct_parallel_s" in results:
-        rows.append(
-            [f"the 10 backends started directly, in parallel (delays {delays[0]:g}..{delays[-1]:g} s)", num(results["direct_parallel_s"])]
-        )
-    rows += [
-        ["router with 0 backends", num(results["router_0_s"])],
-        ["router with the 10 backends, until all are listed", num(results["router_10_s"])],
-        ["router with 10 / slowest alone", num(results["ratio"]) + "x"],
-    ]
-    print_table(f"Start-up: launch until listed (median of {results['repeats']})", ["case", "seconds"], rows)
+    rows = [["router with no backends", "", num(results["router_0_s"])]]
+    for kind, what in (("light", "stdlib-only backends"), ("sdk", "Python SDK backends")):
+        r = results[kind]
+        rows.append([what, f"slowest alone (waits {delays[-1]:g} s)", num(r["slowest_alone_s"])])
+        if "direct_parallel_s" in r:
+            rows.append(["", f"10 started directly, in parallel (wait {delays[0]:g}..{delays[-1]:g} s)", num(r["direct_parallel_s"])])
+        rows += [
+            ["", "router with the 10, until all are listed", num(r["router_10_s"])],
+            ["", "router with 10 / slowest alone", num(r["ratio"]) + "x"],
+        ]
+    print_table(f"Start-up: launch until listed (median of {results['repeats']})", ["backends", "case", "seconds"], rows)
 
 
 def report_hang(results: Mapping[str, Any]) -> None:
