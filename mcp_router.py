@@ -2447,7 +2447,7 @@ def http_app(router: Router, server: RouterServer) -> Any:
 def bind(host: str, port: int) -> socket.socket:
     """The HTTP listening socket, bound before anything starts, so a busy port is a clear error and not a traceback."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio disables Nagle only when it sees TCP here
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -16,6 +16,7 @@ Backends are real `mcp.server.Server` objects, in process or as subprocesses
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -1529,6 +1530,23 @@ def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert proc.returncode == 1
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_http_connections_are_served_without_nagle_delays() -> None:
+    """With Nagle on, an answer written in two parts waits for the client's delayed ACK: 40 ms a call."""
+    accepted: list[asyncio.BaseTransport] = []
+
+    class Remember(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.append(transport)
+
+    listening = mr.bind("127.0.0.1", 0)
+    async with await asyncio.get_running_loop().create_server(Remember, sock=listening):  # as uvicorn serves it
+        with socket.create_connection(listening.getsockname()):
+            with anyio.fail_after(5):
+                while not accepted:
+                    await anyio.sleep(0.01)
+            assert accepted[0].get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
