@@ -23,9 +23,11 @@ What is measured, one scenario each (`--only` takes their names):
 
 overhead  The `echo` tool called directly on a backend and through the router, side by side, over
           stdio (stdio client -> router -> stdio backend) and over streamable HTTP (HTTP client ->
-          router -> HTTP backend): p50, p99 and calls/s with one caller and with 32 concurrent
-          callers sharing one session, and the ratio routed/direct. Direct and routed are measured
-          in alternating rounds so that drift on a busy machine hits both alike.
+          router -> HTTP backend), the HTTP pair answering alike: with SSE streams (both SDKs'
+          default) and with plain JSON (backend json_response, router --json-response): p50, p99
+          and calls/s with one caller and with 32 concurrent callers sharing one session, and the
+          ratio routed/direct. Direct and routed are measured in alternating rounds so that drift on
+          a busy machine hits both alike.
 scale     tools/list through a stdio router (every page, catalogue warm) with 1, 10 and 50 backends
           of 50 tools each and with one backend of 5,000 tools, and the router's resident memory
           (VmRSS from /proc) with 0, 1, 10 and 50 backends. The client is a bare JSON-RPC client
@@ -36,9 +38,11 @@ scale     tools/list through a stdio router (every page, catalogue warm) with 1,
           are 50 connections to one shared HTTP backend process instead of 50 stdio processes.
 startup   Time from launching the router until all of 10 stdio backends are listed, against the
           slowest of those backends started alone. The backends wait 0.1..1.0 x a start-up delay
-          before serving, as slow servers (npx, uvx, remote setup) do. For context: the router with
-          no backends and (full run only) the 10 backends started directly in parallel, without a
-          router, which is what the machine's CPUs allow (each backend is a Python process).
+          before serving, as slow servers (npx, uvx, remote setup) do. Twice: with backends on the
+          standard library alone, which start in milliseconds (the target: this measures how the
+          router connects), and with Python SDK backends, which each spend about 0.6 s of CPU
+          loading the SDK (ten at once on two cores measure the machine). For context: the router
+          with no backends and (full run only) the 10 backends started directly in parallel.
 hang      p50/p99 of calls to a healthy backend, normally and while 16 background callers keep
           calling a tool of another backend that never answers, each call ending in the router's
           (short) request timeout. The phases alternate and are timed, each longer than the
@@ -48,10 +52,12 @@ hang      p50/p99 of calls to a healthy backend, normally and while 16 backgroun
 Calls use `session.send_request(CallToolRequest)`, the same on both sides, after a warm-up; latencies
 are time.perf_counter() around each call; p50/p99 are nearest-rank percentiles of all samples.
 
-The fake backend: `python bench_mcp_router.py --fake-backend [--tools N] [--http PORT] [--hang]
+The fake backend: `python bench_mcp_router.py --fake-backend [--tools N] [--http PORT [--sse]] [--hang]
 [--startup-delay S]` serves `echo` (returns its `text` argument) plus fillers `tool_1..tool_{N-1}`
 (N tools in all), 100 per tools/list page, over stdio or, with --http, streamable HTTP with JSON
-responses at http://127.0.0.1:PORT/mcp. `--hang` adds a `hang` tool that never answers.
+responses (SSE streams with --sse) at http://127.0.0.1:PORT/mcp. `--hang` adds a `hang` tool that
+never answers. The start-up scenario also uses a light fake backend on the standard library alone
+(LIGHT_BACKEND below), with the same tools.
 """
 
 from __future__ import annotations
@@ -218,6 +224,7 @@ def run_fake_backend(argv: Sequence[str]) -> None:
     parser.add_argument("--fake-backend", action="store_true")
     parser.add_argument("--tools", type=int, default=1, help="tools in all, `echo` included")
     parser.add_argument("--http", type=int, metavar="PORT", help="serve streamable HTTP on this port instead of stdio")
+    parser.add_argument("--sse", action="store_true", help="with --http: answer requests with SSE streams (the SDK's default), not JSON")
     parser.add_argument("--hang", action="store_true", help="add a `hang` tool that never answers")
     parser.add_argument("--startup-delay", type=float, default=0.0, metavar="S", help="seconds to wait before serving")
     args = parser.parse_args(argv)
@@ -228,7 +235,7 @@ def run_fake_backend(argv: Sequence[str]) -> None:
         if args.http:
             import uvicorn
 
-            app = server.streamable_http_app(streamable_http_path="/mcp", json_response=True, host=HOST)
+            app = server.streamable_http_app(streamable_http_path="/mcp", json_response=not args.sse, host=HOST)
             await uvicorn.Server(uvicorn.Config(app, host=HOST, port=args.http, log_level="warning")).serve()
         else:
             from mcp.server.stdio import stdio_server
@@ -239,10 +246,12 @@ def run_fake_backend(argv: Sequence[str]) -> None:
     anyio.run(serve)
 
 
-def fake_backend_argv(*, tools: int = 1, http: int | None = None, hang: bool = False, startup_delay: float = 0.0) -> list[str]:
+def fake_backend_argv(
+    *, tools: int = 1, http: int | None = None, sse: bool = False, hang: bool = False, startup_delay: float = 0.0
+) -> list[str]:
     argv = [str(THIS_FILE), "--fake-backend", "--tools", str(tools)]
     if http is not None:
-        argv += ["--http", str(http)]
+        argv += ["--http", str(http), *(["--sse"] if sse else [])]
     if hang:
         argv.append("--hang")
     if startup_delay:
@@ -595,20 +604,20 @@ async def stdio_router(
 
 
 @asynccontextmanager
-async def http_fake_backend(lab: Lab, label: str, tools: int = 1) -> AsyncIterator[str]:
-    """A fake backend serving streamable HTTP; yields its URL."""
+async def http_fake_backend(lab: Lab, label: str, tools: int = 1, *, sse: bool = False) -> AsyncIterator[str]:
+    """A fake backend serving streamable HTTP, answering with JSON or (`sse`) SSE streams; yields its URL."""
     port = free_port()
-    with lab.spawn(label, fake_backend_argv(tools=tools, http=port)) as proc:
+    with lab.spawn(label, fake_backend_argv(tools=tools, http=port, sse=sse)) as proc:
         await wait_for_port(port, proc)
         yield f"http://{HOST}:{port}/mcp"
 
 
 @asynccontextmanager
-async def http_router(lab: Lab, label: str, backends: Sequence[Mapping[str, Any]]) -> AsyncIterator[Connection]:
+async def http_router(lab: Lab, label: str, backends: Sequence[Mapping[str, Any]], *extra: str) -> AsyncIterator[Connection]:
     """A router serving streamable HTTP, launched through its CLI, and a connection to it."""
     config = lab.write_config(label, backends)
     port = free_port()
-    with lab.spawn(label, router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port))) as proc:
+    with lab.spawn(label, router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port), *extra)) as proc:
         await wait_for_port(port, proc)
         async with connect_http(f"http://{HOST}:{port}/mcp") as conn:
             yield conn
@@ -763,17 +772,23 @@ async def overhead_stdio(lab: Lab, profile: Profile) -> dict[str, Any]:
         return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "b0__echo"))
 
 
-async def overhead_http(lab: Lab, profile: Profile) -> dict[str, Any]:
+async def overhead_http(lab: Lab, profile: Profile, *, sse: bool) -> dict[str, Any]:
+    """Backend and router answer alike: with SSE streams (both SDK defaults) or with plain JSON."""
     async with AsyncExitStack() as stack:
-        url = await stack.enter_async_context(http_fake_backend(lab, "overhead-http-backend"))
+        url = await stack.enter_async_context(http_fake_backend(lab, "overhead-http-backend", sse=sse))
         direct = await stack.enter_async_context(connect_http(url))
-        routed = await stack.enter_async_context(http_router(lab, "overhead-http-router", [http_backend("h0", url)]))
+        extra = () if sse else ("--json-response",)
+        routed = await stack.enter_async_context(http_router(lab, "overhead-http-router", [http_backend("h0", url)], *extra))
         await wait_for_tools(routed, {"h0": 1})
         return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "h0__echo"))
 
 
 async def bench_overhead(lab: Lab, profile: Profile) -> dict[str, Any]:
-    return {"stdio": await overhead_stdio(lab, profile), "http": await overhead_http(lab, profile)}
+    return {
+        "stdio": await overhead_stdio(lab, profile),
+        "http": await overhead_http(lab, profile, sse=True),
+        "http-json": await overhead_http(lab, profile, sse=False),
+    }
 
 
 # ---------------------------------------------------------------------------- scenario: tools/list and memory at scale
