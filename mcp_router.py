@@ -63,6 +63,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import anyio
+import httpx2
 import mcp_types as types
 import pydantic
 import pydantic_core
@@ -143,6 +144,8 @@ HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
 STOP_GRACE: Final = 2.0
 """Seconds a stdio backend gets to exit after stdin closes, and again after SIGTERM."""
+SSE_DRAIN_TIMEOUT: Final = 1.0
+"""Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
 STARTUP_GRACE: Final = 10.0
 """Seconds the first initialize and lists wait for backends to connect, so the first tool list is complete.
 A backend that takes longer appears later, announced with list_changed."""
@@ -1303,9 +1306,45 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     """One TLS context for every HTTP backend: loading the CA bundle costs ~20 ms and ~1 MB each time."""
-    import httpx2
-
     return httpx2.create_ssl_context()
+
+
+class _DrainedOnClose(httpx2.AsyncByteStream):
+    """A response body that, closed before its end, first reads to it (briefly) so its connection goes back to the pool.
+
+    The SDK closes an SSE answer as soon as the answer's event is in, though the
+    backend ends the stream right after: closing first would cost a new TCP
+    connection for every call. The answer has reached the caller by then.
+    """
+
+    def __init__(self, stream: httpx2.AsyncByteStream) -> None:
+        self._stream = stream
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self._chunks = aiter(self._stream)
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            if self._chunks is not None:
+                with anyio.move_on_after(SSE_DRAIN_TIMEOUT):
+                    async for _ in self._chunks:
+                        pass
+        finally:
+            await self._stream.aclose()
+
+
+class _BackendTransport(httpx2.AsyncHTTPTransport):
+    """HTTP to backends, keeping connections open across SSE answers."""
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle_async_request(request)
+        if request.method == "POST" and response.headers.get("content-type", "").startswith("text/event-stream"):
+            assert isinstance(response.stream, httpx2.AsyncByteStream)
+            response.stream = _DrainedOnClose(response.stream)
+        return response
 
 
 def _connector_for(config: BackendConfig) -> Connector:
@@ -1317,11 +1356,10 @@ def _connector_for(config: BackendConfig) -> Connector:
 
     @asynccontextmanager
     async def http() -> AsyncIterator[Streams]:
-        import httpx2
-
         timeout = httpx2.Timeout(30.0, read=300.0)
+        transport = _BackendTransport(verify=_tls_context())
         async with (
-            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, verify=_tls_context()) as client,
+            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, transport=transport) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,
         ):
             yield streams
@@ -1610,8 +1648,6 @@ class Backend:
         return True
 
     async def _check_endpoint(self, endpoint: str, timeout: float) -> None:
-        import httpx2
-
         async with httpx2.AsyncClient(headers=dict(self.config.headers), timeout=timeout, verify=_tls_context()) as client:
             response = await client.get(urljoin(self.config.url or "", endpoint))
         if response.status_code >= 400:

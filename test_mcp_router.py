@@ -1127,6 +1127,33 @@ async def test_an_http_backend_that_forgot_our_session_is_reconnected_and_the_ca
         assert fake.calls.count("expired") == 1 and connectors["web"].connects == 2
 
 
+async def test_an_http_backends_streamed_answers_leave_its_connection_open_for_the_next_call() -> None:
+    import uvicorn
+
+    fake = FakeBackend("web")
+    app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")  # answers with SSE streams
+    connections: set[int] = set()
+
+    async def seen(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            connections.add(scope["client"][1])  # one client port per TCP connection
+        await app(scope, receive, send)
+
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(seen, host="127.0.0.1", port=port, log_level="warning"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        router = mr.Router(config_for("web", url=f"http://127.0.0.1:{port}/mcp"))
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                for i in range(10):
+                    assert text_of(await call(client, "web__echo", {"text": str(i)})) == f"web:echo:{i}"
+        web.should_exit = True
+    assert fake.calls.count("echo") == 10 and len(connections) < 4
+
+
 async def test_a_call_made_while_its_backend_restarts_waits_for_it() -> None:
     fake = FakeBackend("svc")
     async with routed(fake) as (client, router, connectors):
