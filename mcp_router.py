@@ -1120,33 +1120,78 @@ def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict
     return {k: v for k, v in parent.items() if INHERITED_ENV.fullmatch(k)} | dict(own)
 
 
-REAPER: Final = """
-import ctypes, os, signal, sys, time
-def stop(*_):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.killpg(0, signal.SIGTERM)
+WARDEN: Final = """# mcp-router warden: stops the router's stdio backends if the router is killed
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:  # the router's pipe: it ends when the router does, however it ends
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+def alive(group):
+    try:
+        os.killpg(group, 0)
+        return True
+    except OSError:
+        return False
+for signum in (signal.SIGTERM, signal.SIGKILL):
+    for group in groups:
+        try: os.killpg(group, signum)
+        except OSError: pass
     deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(-1, os.WNOHANG) == (0, 0): time.sleep(0.05)
-        except ChildProcessError: break
-    os.killpg(0, signal.SIGKILL)
-signal.signal(signal.SIGTERM, stop)
-ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the router's death, even by SIGKILL, reaches us
-if os.getppid() != int(sys.argv[1]): stop()
-pid = os.fork()
-if pid == 0:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try: os.execvp(sys.argv[2], sys.argv[2:])
-    except OSError as e: print(f"mcp-router: cannot run {sys.argv[2]!r}: {e.strerror}", file=sys.stderr); os._exit(127)
-null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 0); os.dup2(null, 1)  # the pipes are the backend's alone: its closing stdout must reach the router
-while True:
-    try: _, status = os.waitpid(pid, 0); break
-    except InterruptedError: continue
-os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    while (groups := {g for g in groups if alive(g)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
 """
-"""Runs a stdio backend on Linux: the backend's process group (npx/uvx grandchildren too) dies with the router."""
+"""Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too)."""
+
+
+class Warden:
+    """One helper process (`python -S`, about 5 MB) that makes stdio backends die with the router, even by SIGKILL.
+
+    The router tells it each backend's process group as it starts and stops. The
+    pipe between them closes when the router ends, however it ends; the warden
+    then stops every group still listed: SIGTERM, 2 s, SIGKILL.
+    """
+
+    def __init__(self) -> None:
+        self._pipe: int | None = None
+        self._started = False
+
+    def watch(self, group: int) -> None:
+        if not self._started:
+            self._started = True
+            self._pipe = self._start()
+        self._tell(b"+%d\n" % group)
+
+    def forget(self, group: int) -> None:
+        self._tell(b"-%d\n" % group)
+
+    @staticmethod
+    def _start() -> int | None:
+        if not hasattr(os, "posix_spawn"):
+            return None  # Windows: backends see their stdin close, and most exit
+        read_end, write_end = os.pipe()  # neither is inherited by backends started later
+        try:
+            actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+            os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", WARDEN], os.environ, file_actions=actions, setsid=True)
+        except (OSError, NotImplementedError) as err:  # NotImplementedError: no setsid for posix_spawn here
+            log.warning("cannot start the warden that stops stdio backends if the router is killed: %s", err)
+            os.close(write_end)
+            return None
+        finally:
+            os.close(read_end)
+        return write_end
+
+    def _tell(self, line: bytes) -> None:
+        if self._pipe is None:
+            return
+        try:
+            os.write(self._pipe, line)
+        except OSError:
+            log.warning("the warden is gone: stdio backends will outlive a killed router")
+            os.close(self._pipe)
+            self._pipe = None
+
+
+warden = Warden()
 
 
 class LineReader:
@@ -1257,32 +1302,30 @@ class LineWriter:
         await self.aclose()
 
 
-def stdio_command(config: BackendConfig) -> list[str]:
-    """How to start a stdio backend: behind the reaper where the platform has a parent-death signal."""
-    command = [config.command or "", *config.args]
-    if sys.platform == "linux":
-        return [sys.executable, "-S", "-c", REAPER, str(os.getpid()), *command]
-    return command
-
-
 @asynccontextmanager
 async def spawn(config: BackendConfig) -> AsyncIterator[Streams]:
     """Start a stdio backend in its own process group; on exit close its stdin, then TERM and KILL the group."""
-    process = await asyncio.create_subprocess_exec(
-        *stdio_command(config),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env=get_default_environment() | child_environment(os.environ, config.env),
-        cwd=config.cwd,
-        start_new_session=True,
-        limit=1 << 30,  # one line is one message, of any size
-    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            config.command or "",
+            *config.args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=get_default_environment() | child_environment(os.environ, config.env),
+            cwd=config.cwd,
+            start_new_session=True,
+            limit=1 << 30,  # one line is one message, of any size
+        )
+    except OSError as err:
+        raise RouterError(f"cannot run {config.command!r}: {err.strerror or err}") from None
     assert process.stdin is not None and process.stdout is not None
+    warden.watch(process.pid)
     try:
         yield LineReader(process.stdout), LineWriter(process.stdin)
     finally:
         with anyio.CancelScope(shield=True):
             await _stop(process)
+        warden.forget(process.pid)
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:

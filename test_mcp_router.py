@@ -1476,7 +1476,8 @@ async def test_broken_backends_are_reported_and_the_others_served(tmp_path: Path
     assert rows["good"]["state"] == "ready"
     assert "no answer to initialize within 1s" in rows["garbage"]["last_error"]
     assert "no answer to initialize within 1s" in rows["silent"]["last_error"]
-    assert "handshake" in rows["early-exit"]["last_error"] and "handshake" in rows["missing"]["last_error"]
+    assert "handshake" in rows["early-exit"]["last_error"]
+    assert rows["missing"]["last_error"] == "cannot run '/nonexistent/mcp-server': No such file or directory"
     assert all(rows[b["name"]]["state"] != "ready" for b in broken)
 
 
