@@ -144,7 +144,7 @@ HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
 STOP_GRACE: Final = 2.0
 """Seconds a stdio backend gets to exit after stdin closes, and again after SIGTERM."""
-SSE_DRAIN_TIMEOUT: Final = 1.0
+SSE_DRAIN_TIMEOUT: Final = 0.1
 """Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
 STARTUP_GRACE: Final = 10.0
 """Seconds the first initialize and lists wait for backends to connect, so the first tool list is complete.
@@ -1123,9 +1123,11 @@ def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict
 WARDEN: Final = """# mcp-router warden: stops the router's stdio backends if the router is killed
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-groups = set()
+listed = {}
 for line in sys.stdin:  # the router's pipe: it ends when the router does, however it ends
-    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+    group = int(line[1:])
+    listed[group] = listed.get(group, 0) + (1 if line[0] == "+" else -1)  # counted: a reused pid may come before its -
+groups = {group for group, count in listed.items() if count > 0}
 def alive(group):
     try:
         os.killpg(group, 0)
@@ -1171,13 +1173,14 @@ class Warden:
         read_end, write_end = os.pipe()  # neither is inherited by backends started later
         try:
             actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
-            os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", WARDEN], os.environ, file_actions=actions, setsid=True)
+            os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", WARDEN], os.environ, file_actions=actions, setsid=True)
         except (OSError, NotImplementedError) as err:  # NotImplementedError: no setsid for posix_spawn here
             log.warning("cannot start the warden that stops stdio backends if the router is killed: %s", err)
             os.close(write_end)
             return None
         finally:
             os.close(read_end)
+        os.set_blocking(write_end, False)  # a stopped warden must not stop the event loop
         return write_end
 
     def _tell(self, line: bytes) -> None:
@@ -1185,6 +1188,8 @@ class Warden:
             return
         try:
             os.write(self._pipe, line)
+        except BlockingIOError:  # closing the pipe would tell it to stop every backend
+            log.warning("the warden is not reading; a stdio backend's start or stop went unrecorded")
         except OSError:
             log.warning("the warden is gone: stdio backends will outlive a killed router")
             os.close(self._pipe)
@@ -1263,17 +1268,22 @@ class LineReader:
 def encode_line(message: types.JSONRPCMessage) -> bytes:
     """A message as one line of JSON; a cached page's items are encoded once, not at every listing."""
     if type(message) is types.JSONRPCResponse and any(type(v) is EncodedItems for v in message.result.values()):
-        members = b",".join(pydantic_core.to_json(k) + b":" + _encoded(v) for k, v in message.result.items())
-        return b'{"jsonrpc":"2.0","id":' + pydantic_core.to_json(message.id) + b',"result":{' + members + b"}}\n"
+        members = b",".join(_to_json(k) + b":" + _encoded(v) for k, v in message.result.items())
+        return b'{"jsonrpc":"2.0","id":' + _to_json(message.id) + b',"result":{' + members + b"}}\n"
     return message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
 
 
 def _encoded(value: Any) -> bytes:
     if type(value) is not EncodedItems:
-        return pydantic_core.to_json(value)
+        return _to_json(value)
     if value.encoded is None:
-        value.encoded = pydantic_core.to_json(value)
+        value.encoded = _to_json(value)
     return value.encoded
+
+
+def _to_json(value: Any) -> bytes:
+    """JSON as pydantic's model_dump_json writes it: infinities and NaN (which backends may send) become null."""
+    return pydantic_core.to_json(value, inf_nan_mode="null")
 
 
 class LineWriter:
@@ -1317,7 +1327,8 @@ async def spawn(config: BackendConfig) -> AsyncIterator[Streams]:
             limit=1 << 30,  # one line is one message, of any size
         )
     except OSError as err:
-        raise RouterError(f"cannot run {config.command!r}: {err.strerror or err}") from None
+        where = f" in {config.cwd!r}" if config.cwd and err.filename == config.cwd else ""
+        raise RouterError(f"cannot run {config.command!r}{where}: {err.strerror or err}") from None
     assert process.stdin is not None and process.stdout is not None
     warden.watch(process.pid)
     try:
@@ -1372,22 +1383,18 @@ class _DrainedOnClose(httpx2.AsyncByteStream):
     async def aclose(self) -> None:
         try:
             if self._chunks is not None:
-                with anyio.move_on_after(SSE_DRAIN_TIMEOUT):
-                    async for _ in self._chunks:
+                with anyio.move_on_after(SSE_DRAIN_TIMEOUT), contextlib.suppress(httpx2.HTTPError):
+                    async for _ in self._chunks:  # a backend that drops the connection now only costs the connection
                         pass
         finally:
             await self._stream.aclose()
 
 
-class _BackendTransport(httpx2.AsyncHTTPTransport):
-    """HTTP to backends, keeping connections open across SSE answers."""
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        response = await super().handle_async_request(request)
-        if request.method == "POST" and response.headers.get("content-type", "").startswith("text/event-stream"):
-            assert isinstance(response.stream, httpx2.AsyncByteStream)
-            response.stream = _DrainedOnClose(response.stream)
-        return response
+async def _reuse_after_sse_answers(response: httpx2.Response) -> None:
+    """Response hook of the HTTP clients to backends (any transport, proxies included)."""
+    if response.request.method == "POST" and response.headers.get("content-type", "").startswith("text/event-stream"):
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        response.stream = _DrainedOnClose(response.stream)
 
 
 def _connector_for(config: BackendConfig) -> Connector:
@@ -1400,9 +1407,9 @@ def _connector_for(config: BackendConfig) -> Connector:
     @asynccontextmanager
     async def http() -> AsyncIterator[Streams]:
         timeout = httpx2.Timeout(30.0, read=300.0)
-        transport = _BackendTransport(verify=_tls_context())
+        hooks = {"response": [_reuse_after_sse_answers]}
         async with (
-            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, transport=transport) as client,
+            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, verify=_tls_context(), event_hooks=hooks) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,
         ):
             yield streams

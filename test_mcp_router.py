@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 import yaml
@@ -580,6 +581,17 @@ def test_page_rejects_a_bad_cursor() -> None:
     assert "nextCursor" not in mr.page(items, "4", "tools", size=2)
     with pytest.raises(MCPError):
         mr.page(items, "nope", "tools")
+
+
+def test_a_cached_page_is_written_as_the_sdk_would_write_it() -> None:
+    tool = {"name": "b__ä", "description": 'quote " and \u2028 and 😀', "inputSchema": {"maximum": float("inf"), "x": float("nan")}}
+    result = mr.page([tool, {"name": "b__plain", "inputSchema": {"type": "object"}}], None, "tools", size=1)
+    expected = types.JSONRPCResponse(jsonrpc="2.0", id="req-1", result=result).model_dump_json(by_alias=True, exclude_unset=True)
+    result["tools"] = mr.EncodedItems(result["tools"])
+    for _ in range(2):  # encoded once, then reused
+        line = mr.encode_line(types.JSONRPCResponse(jsonrpc="2.0", id="req-1", result=result))
+        assert line == expected.encode() + b"\n"
+        assert json.loads(line)["result"]["tools"][0]["inputSchema"] == {"maximum": None, "x": None}  # strict JSON
 
 
 async def test_aggregates_three_backends_with_colliding_tool_names() -> None:
@@ -1152,6 +1164,47 @@ async def test_an_http_backends_streamed_answers_leave_its_connection_open_for_t
                     assert text_of(await call(client, "web__echo", {"text": str(i)})) == f"web:echo:{i}"
         web.should_exit = True
     assert fake.calls.count("echo") == 10 and len(connections) < 4
+
+
+async def test_an_answered_sse_stream_that_breaks_while_drained_is_just_closed() -> None:
+    class Broken(httpx2.AsyncByteStream):
+        closed = False
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'event: message\ndata: {"jsonrpc": "2.0", "id": 1, "result": {}}\n\n'
+            raise httpx2.ReadError("peer closed connection without sending complete message body")
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    inner = Broken()
+    stream = mr._DrainedOnClose(inner)
+    async for _ in stream:
+        break  # the answer is in: the SDK stops reading and closes
+    await stream.aclose()
+    assert inner.closed
+
+
+async def test_http_backends_are_reached_through_the_proxy_the_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    requests: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readline())
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        writer.close()
+
+    async with await asyncio.start_server(proxy, "127.0.0.1", 0) as server:
+        proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.setenv("http_proxy", proxy_url)
+        router = mr.Router(config_for("remote", url="http://mcp.example.invalid/mcp"))
+        async with router.running():
+            with anyio.fail_after(10):
+                while not requests:
+                    await anyio.sleep(0.01)
+    assert requests[0].startswith(b"POST http://mcp.example.invalid/mcp HTTP/1.1")
 
 
 async def test_a_call_made_while_its_backend_restarts_waits_for_it() -> None:
