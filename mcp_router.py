@@ -1849,6 +1849,8 @@ class Router:
         self._subscribers: dict[str, dict[Any, None]] = {}
         self._pools: dict[tuple[str, ...], list[Backend]] = {}
         """The backends behind each pool of the catalogue, looked up once per catalogue."""
+        self._pages: dict[tuple[str, str | None], dict[str, Any]] = {}
+        """List pages by method and cursor, built once per catalogue."""
 
     # -- lifecycle (the supervisor)
 
@@ -1921,7 +1923,7 @@ class Router:
             log.warning("name collision: %s", conflict)
         self.catalogue = new
         self._pools = {}
-        self._pages: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._pages = {}
         changed = [
             kind
             for kind, a, b in (
