@@ -287,7 +287,7 @@ SETTINGS: Final = (
     Setting("host", "server.host", "MCP_HOST", "--host", str, "HTTP bind address"),
     Setting("port", "server.port", "MCP_PORT", "--port", int, "HTTP port"),
     Setting("json_response", "server.json_response", "MCP_JSON_RESPONSE", "--json-response", bool,
-            "answer each HTTP request with one JSON body instead of an SSE stream: faster, but no progress or sampling mid-call"),
+            "answer every HTTP request with one JSON body, never a stream: no progress or sampling mid-call"),
     Setting("log_level", "server.log_level", "MCP_LOG_LEVEL", "--log-level", LOG_LEVELS, "stderr log level"),
     Setting("default_strategy", "routing.default_strategy", "MCP_DEFAULT_STRATEGY", None, STRATEGIES,
             "routing strategy of a route that names none"),
@@ -2527,9 +2527,62 @@ async def serve_stdio(server: Server[Any], router: Router) -> None:
 
 
 def http_app(router: Router, server: RouterServer) -> Any:
-    """The Starlette app serving streamable HTTP at /mcp."""
+    """The ASGI app serving streamable HTTP at /mcp."""
     settings = router.settings
-    return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response)
+    return PlainAnswers(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response))
+
+
+SSE_ANSWER_EVENT: Final = re.compile(
+    rb'event: message\r\ndata: (\{"jsonrpc":"2\.0","id":(?:-?\d+|"(?:[^"\\]|\\.)*"),"(?:result|error)":[^\r\n]*)\r\n\r\n'
+)
+"""An SSE stream's event that is a JSON-RPC answer, as the SDK writes one: it ends the request."""
+
+
+class PlainAnswers:
+    """ASGI wrapper: a request whose SSE stream would carry nothing but its answer is answered with plain JSON.
+
+    Streamable HTTP lets the server pick either for each request, and clients must
+    take both. The SDK starts every answer as an SSE stream; holding back the
+    stream's start until its first event shows whether a stream is needed costs
+    nothing, while plain JSON spares both sides the stream, and lets clients
+    reuse their connection (the SDK client drops it after an SSE answer). Calls
+    that send progress, logs or requests first, or run past the SDK's 15 s
+    keep-alive ping, stream as before.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        state = "undecided"  # then "held" (an SSE start, until its first event), "json" (the rest is dropped) or "pass"
+        held: dict[str, Any] = {}
+
+        async def relay(message: dict[str, Any]) -> None:
+            nonlocal state, held
+            if state == "pass":
+                await send(message)
+            elif state == "undecided":
+                content_type = dict(message.get("headers", ())).get(b"content-type", b"")
+                if message["type"] == "http.response.start" and content_type.startswith(b"text/event-stream"):
+                    state, held = "held", message
+                else:
+                    state = "pass"
+                    await send(message)
+            elif state == "held" and (message.get("body") or not message.get("more_body")):
+                if (event := SSE_ANSWER_EVENT.fullmatch(message.get("body", b""))) is None:
+                    state = "pass"  # progress, a log or a request comes first: a stream it is
+                    await send(held)
+                    await send(message)
+                    return
+                state, body = "json", event[1]
+                headers = [(k, v) for k, v in held["headers"] if k not in (b"content-type", b"cache-control")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+                await send({"type": "http.response.start", "status": held["status"], "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, relay)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -1207,6 +1207,44 @@ async def test_http_backends_are_reached_through_the_proxy_the_environment_names
     assert requests[0].startswith(b"POST http://mcp.example.invalid/mcp HTTP/1.1")
 
 
+async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
+    import uvicorn
+
+    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning"))
+    accept = {"accept": "application/json, text/event-stream"}
+
+    def rpc(request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+
+    async with router.running(), anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=accept) as http:
+                hello = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+                opened = await http.post("/mcp", json=rpc(1, "initialize", hello))
+                session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+                await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+
+                plain = await http.post(
+                    "/mcp", json=rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "hi"}}), headers=session
+                )
+                assert plain.headers["content-type"] == "application/json"
+                assert plain.json()["id"] == 2 and plain.json()["result"]["content"][0]["text"] == "svc:echo:hi"
+                unknown = await http.post("/mcp", json=rpc(3, "tools/call", {"name": "nope", "arguments": {}}), headers=session)
+                assert unknown.headers["content-type"] == "application/json" and unknown.json()["id"] == 3
+
+                progress = {"name": "svc__progress", "arguments": {}, "_meta": {"progressToken": "t"}}
+                streamed = await http.post("/mcp", json=rpc(4, "tools/call", progress), headers=session)
+                assert streamed.headers["content-type"].startswith("text/event-stream")
+                events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+                assert [e.get("method") for e in events] == ["notifications/progress"] * 3 + [None] and events[-1]["id"] == 4
+        web.should_exit = True
+
+
 async def test_a_call_made_while_its_backend_restarts_waits_for_it() -> None:
     fake = FakeBackend("svc")
     async with routed(fake) as (client, router, connectors):
