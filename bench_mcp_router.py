@@ -23,10 +23,10 @@ What is measured, one scenario each (`--only` takes their names):
 
 overhead  The `echo` tool called directly on a backend and through the router, side by side, over
           stdio (stdio client -> router -> stdio backend) and over streamable HTTP (HTTP client ->
-          router -> HTTP backend), the HTTP pair answering alike: with SSE streams (both SDKs'
-          default) and with plain JSON (backend json_response, router --json-response): p50, p99
-          and calls/s with one caller and with 32 concurrent callers sharing one session, and the
-          ratio routed/direct. Direct and routed are measured in alternating rounds so that drift on
+          router -> HTTP backend) twice: a backend answering with SSE streams (the SDK's default)
+          behind a router in its default mode, and backend and router both set to plain JSON
+          (json_response, --json-response): p50, p99 and calls/s with one caller and with 32
+          concurrent callers sharing one session, and the ratio routed/direct. Direct and routed are measured in alternating rounds so that drift on
           a busy machine hits both alike.
 scale     tools/list through a stdio router (every page, catalogue warm) with 1, 10 and 50 backends
           of 50 tools each and with one backend of 5,000 tools, and the router's resident memory
@@ -773,7 +773,7 @@ async def overhead_stdio(lab: Lab, profile: Profile) -> dict[str, Any]:
 
 
 async def overhead_http(lab: Lab, profile: Profile, *, sse: bool) -> dict[str, Any]:
-    """Backend and router answer alike: with SSE streams (both SDK defaults) or with plain JSON."""
+    """A backend answering with SSE streams behind a router in its default mode, or both set to plain JSON."""
     async with AsyncExitStack() as stack:
         url = await stack.enter_async_context(http_fake_backend(lab, "overhead-http-backend", sse=sse))
         direct = await stack.enter_async_context(connect_http(url))
