@@ -2536,6 +2536,7 @@ SSE_ANSWER_EVENT: Final = re.compile(
     rb'event: message\r\ndata: (\{"jsonrpc":"2\.0","id":(?:-?\d+|"(?:[^"\\]|\\.)*"),"(?:result|error)":[^\r\n]*)\r\n\r\n'
 )
 """An SSE stream's event that is a JSON-RPC answer, as the SDK writes one: it ends the request."""
+SSE_ONLY_HEADERS: Final = (b"content-type", b"cache-control", b"connection", b"x-accel-buffering")
 
 
 class PlainAnswers:
@@ -2570,14 +2571,14 @@ class PlainAnswers:
                 else:
                     state = "pass"
                     await send(message)
-            elif state == "held" and (message.get("body") or not message.get("more_body")):
+            elif state == "held" and (message.get("body") or not message.get("more_body")):  # empty chunks carry nothing
                 if (event := SSE_ANSWER_EVENT.fullmatch(message.get("body", b""))) is None:
                     state = "pass"  # progress, a log or a request comes first: a stream it is
                     await send(held)
                     await send(message)
                     return
                 state, body = "json", event[1]
-                headers = [(k, v) for k, v in held["headers"] if k not in (b"content-type", b"cache-control")]
+                headers = [(k, v) for k, v in held["headers"] if k not in SSE_ONLY_HEADERS]
                 headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
                 await send({"type": "http.response.start", "status": held["status"], "headers": headers})
                 await send({"type": "http.response.body", "body": body})

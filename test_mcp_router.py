@@ -1245,6 +1245,42 @@ async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
         web.should_exit = True
 
 
+ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
+
+
+@pytest.mark.parametrize(
+    ("first_event", "plain"),
+    [
+        (ANSWER_EVENT, True),
+        (b'id: 1\r\nevent: message\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\r\n\r\n', False),  # resumable: stays a stream
+        (b": ping - 2026-11-24 08:00:00\r\n\r\n", False),  # a silent call past the keep-alive ping
+        (b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\r\n\r\n', False),
+        (b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"method":"sampling/createMessage","params":{}}\r\n\r\n', False),
+    ],
+)
+async def test_an_sse_answer_becomes_plain_json_only_when_its_first_event_is_the_answer(first_event: bytes, plain: bool) -> None:
+    async def sdk_app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"mcp-session-id", b"s1")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        await send({"type": "http.response.body", "body": first_event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await mr.PlainAnswers(sdk_app)({"type": "http", "method": "POST"}, None, send)
+    headers, body = dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+    assert headers[b"mcp-session-id"] == b"s1"
+    if plain:
+        assert headers[b"content-type"] == b"application/json" and b"cache-control" not in headers
+        assert json.loads(body) == {"jsonrpc": "2.0", "id": 'a"b', "result": {}}
+    else:
+        assert headers[b"content-type"] == b"text/event-stream" and body == first_event
+
+
 async def test_a_call_made_while_its_backend_restarts_waits_for_it() -> None:
     fake = FakeBackend("svc")
     async with routed(fake) as (client, router, connectors):
