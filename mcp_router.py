@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -1049,7 +1050,7 @@ def choose_backend(pool: Sequence[Backend]) -> Backend:
     reconnecting = False
     for backend in pool:
         if backend.session is None:
-            reasons.append(f"backend {backend.name!r} is {backend.state}" + (f" ({backend.last_error})" if backend.last_error else ""))
+            reasons.append(backend.unavailable_reason())
             reconnecting |= backend.state in ("connecting", "down")
         elif backend.breaker.allow():
             return backend
@@ -1099,7 +1100,6 @@ class _WatchedDispatcher(JSONRPCDispatcher[Any]):
 @dataclass(slots=True)
 class HealthRecord:
     last_success: float | None = None
-    last_failure: float | None = None
     last_error: str | None = None
     consecutive_failures: int = 0
     checks: int = 0
@@ -1153,21 +1153,15 @@ class Warden:
     then stops every group still listed: SIGTERM, 2 s, SIGKILL.
     """
 
-    def __init__(self) -> None:
-        self._pipe: int | None = None
-        self._started = False
-
     def watch(self, group: int) -> None:
-        if not self._started:
-            self._started = True
-            self._pipe = self._start()
         self._tell(b"+%d\n" % group)
 
     def forget(self, group: int) -> None:
         self._tell(b"-%d\n" % group)
 
-    @staticmethod
-    def _start() -> int | None:
+    @functools.cached_property
+    def _pipe(self) -> int | None:
+        """The write end of the pipe to the warden, started with the first stdio backend; None without one."""
         if not hasattr(os, "posix_spawn"):
             return None  # Windows: backends see their stdin close, and most exit
         read_end, write_end = os.pipe()  # neither is inherited by backends started later
@@ -1524,7 +1518,7 @@ class Backend:
                 dispatcher=dispatcher,
                 read_timeout_seconds=self.timeout,
                 message_handler=self._on_message,
-                logging_callback=self._on_log,
+                logging_callback=functools.partial(self.router.forward_log, self),
                 # Advertised always, so backends show every tool; a client lacking one gets a clear error.
                 sampling_callback=self._on_sampling,
                 elicitation_callback=self._on_elicitation,
@@ -1567,9 +1561,9 @@ class Backend:
             self.first_attempt_done.set()
             async with anyio.create_task_group() as tg:
                 if self.config.health_check.enabled:
-                    tg.start_soon(self._health_loop)
+                    tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
                 if self.settings.cache_ttl > 0:
-                    tg.start_soon(self._refresh_loop)
+                    tg.start_soon(self._every, self.settings.cache_ttl, self.refresh)
                 await dispatcher.ended.wait()
                 self._disconnect()
                 tg.cancel_scope.cancel()
@@ -1631,10 +1625,11 @@ class Backend:
                 return
             self.router.set_listing(self, listing)
 
-    async def _refresh_loop(self) -> None:
+    @staticmethod
+    async def _every(seconds: float, task: Callable[[], Awaitable[Any]]) -> None:
         while True:
-            await anyio.sleep(self.settings.cache_ttl)
-            await self.refresh()
+            await anyio.sleep(seconds)
+            await task()
 
     async def _on_message(self, message: Any) -> None:
         if isinstance(
@@ -1643,9 +1638,6 @@ class Backend:
             await self.refresh()
         elif isinstance(message, types.ResourceUpdatedNotification):
             await self.router.resource_updated(str(message.params.uri))
-
-    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
-        await self.router.forward_log(self, params)
 
     # -- requests from the backend to the client behind the call that caused them
 
@@ -1660,12 +1652,6 @@ class Backend:
         return await self.router.ask_client(self, "roots", types.ListRootsRequest(), types.ListRootsResult)
 
     # -- health
-
-    async def _health_loop(self) -> None:
-        check = self.config.health_check
-        while True:
-            await anyio.sleep(check.interval_seconds)
-            await self.check_health()
 
     async def check_health(self) -> bool:
         """One health check: MCP ping (a cheap list where ping is not served), plus the optional HTTP endpoint."""
@@ -1711,7 +1697,6 @@ class Backend:
             h.last_success = time.time()
             h.consecutive_failures = 0
         else:
-            h.last_failure = time.time()
             h.last_error = error
             h.failed_checks += 1
             h.consecutive_failures += 1
@@ -1736,7 +1721,7 @@ class Backend:
         """Send one request; transport failures feed the breaker, answered errors do not."""
         dispatcher = self.dispatcher
         if dispatcher is None:
-            raise BackendUnavailable(f"backend {self.name!r} is {self.state}" + (f" ({self.last_error})" if self.last_error else ""))
+            raise BackendUnavailable(self.unavailable_reason())
         opts: dict[str, Any] = {"timeout": timeout}
         if self._headers:
             opts["headers"] = self._headers
@@ -1774,6 +1759,9 @@ class Backend:
         return result
 
     # -- visibility
+
+    def unavailable_reason(self) -> str:
+        return f"backend {self.name!r} is {self.state}" + (f" ({self.last_error})" if self.last_error else "")
 
     def status(self, *, detail: bool = False) -> dict[str, Any]:
         """What list_backends and get_backend_health show. Never env values, headers or URL credentials."""
@@ -1831,15 +1819,12 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
-        self.config = config
         self.settings = config.settings
         self.clock = clock
         self.sleep = sleep
         connectors = connectors or {}
         self.backends: dict[str, Backend] = {b.name: Backend(b, self, connectors.get(b.name)) for b in config.backends}
         self._task_group: anyio.abc.TaskGroup | None = None
-        self.catalogue = Catalogue()
-        self._rebuild()
         self.ready = anyio.Event()
         self.log_level: str | None = None
         self.events = InMemorySubscriptionBus()
@@ -1847,10 +1832,12 @@ class Router:
         self._connections: dict[Any, None] = {}
         """Handshake-era client connections, oldest first: where list changes and logs go."""
         self._subscribers: dict[str, dict[Any, None]] = {}
-        self._pools: dict[tuple[str, ...], list[Backend]] = {}
-        """The backends behind each pool of the catalogue, looked up once per catalogue."""
+        self._pools: dict[tuple[str, ...], tuple[list[Backend], float]] = {}
+        """The backends behind each pool of the catalogue and their longest timeout, worked out once per catalogue."""
         self._pages: dict[tuple[str, str | None], dict[str, Any]] = {}
         """List pages by method and cursor, built once per catalogue."""
+        self.catalogue = Catalogue()
+        self._rebuild()
 
     # -- lifecycle (the supervisor)
 
@@ -1925,11 +1912,15 @@ class Router:
         self._pools = {}
         self._pages = {}
         changed = [
-            kind
-            for kind, a, b in (
-                ("tools", old.tool_items, new.tool_items),
-                ("prompts", old.prompt_items, new.prompt_items),
-                ("resources", old.resource_items + old.template_items, new.resource_items + new.template_items),
+            signal
+            for signal, a, b in (
+                (("send_tool_list_changed", ToolsListChanged), old.tool_items, new.tool_items),
+                (("send_prompt_list_changed", PromptsListChanged), old.prompt_items, new.prompt_items),
+                (
+                    ("send_resource_list_changed", ResourcesListChanged),
+                    old.resource_items + old.template_items,
+                    new.resource_items + new.template_items,
+                ),
             )
             if a != b
         ]
@@ -1959,17 +1950,11 @@ class Router:
             except Exception:  # noqa: BLE001 - a gone client must not stop the others
                 self._forget(connection)
 
-    async def _notify_changed(self, kinds: Sequence[str]) -> None:
-        for kind in kinds:
-            if kind == "tools":
-                await self._each_connection(lambda c: c.send_tool_list_changed())
-                await self.events.publish(ToolsListChanged())
-            elif kind == "prompts":
-                await self._each_connection(lambda c: c.send_prompt_list_changed())
-                await self.events.publish(PromptsListChanged())
-            else:
-                await self._each_connection(lambda c: c.send_resource_list_changed())
-                await self.events.publish(ResourcesListChanged())
+    async def _notify_changed(self, signals: Sequence[tuple[str, Callable[[], Any]]]) -> None:
+        """Each change, to handshake-era connections (their `send_*_list_changed`) and to 2026-era listeners."""
+        for sender, event in signals:
+            await self._each_connection(operator.methodcaller(sender))
+            await self.events.publish(event())
 
     # -- notifications and requests that cross the router
 
@@ -2048,12 +2033,13 @@ class Router:
         rather than guess. Roots, asked outside any call, go to the newest
         client connection.
         """
+
+        def refuse(reason: str) -> types.ErrorData:
+            return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: {reason}")
+
         callers = {_connection_of(c): c for c in backend.inflight.values() if c is not None}
         if len(callers) > 1:
-            return types.ErrorData(
-                code=INVALID_REQUEST,
-                message=f"mcp-router: calls of several clients are running on {backend.name!r}; cannot tell which one {request.method} is for",
-            )
+            return refuse(f"calls of several clients are running on {backend.name!r}; cannot tell which one {request.method} is for")
         ctx = next(iter(callers.values()), None)
         connection = next(reversed(self._connections)) if self._connections else None
         if ctx is not None:
@@ -2061,9 +2047,9 @@ class Router:
         elif capability == "roots" and connection is not None:
             capabilities = connection.client_capabilities
         else:
-            return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: no client request is in progress to carry {request.method}")
+            return refuse(f"no client request is in progress to carry {request.method}")
         if capabilities is None or getattr(capabilities, capability) is None:
-            return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: the client does not support {capability}")
+            return refuse(f"the client does not support {capability}")
         try:
             if ctx is None:
                 assert connection is not None
@@ -2071,7 +2057,7 @@ class Router:
                 return result_type.model_validate(answer)
             return await ctx.session.send_request(request, result_type, metadata=ServerMessageMetadata(related_request_id=ctx.request_id))
         except NoBackChannelError:
-            return types.ErrorData(code=INVALID_REQUEST, message=f"mcp-router: the client's connection cannot carry {request.method}")
+            return refuse(f"the client's connection cannot carry {request.method}")
         except MCPError as err:
             return err.error
 
@@ -2119,11 +2105,12 @@ class Router:
         requests the backend makes while serving this one go to its client.
         """
         on_progress = _progress_forwarder(ctx)
-        backends = self._pools.get(pool)
-        if backends is None:  # looked up once per catalogue: _rebuild clears the cache
-            backends = self._pools[pool] = [self.backends[name] for name in pool if name in self.backends]
+        if (known := self._pools.get(pool)) is None:  # worked out once per catalogue: _rebuild clears the cache
+            members = [self.backends[name] for name in pool if name in self.backends]
+            known = self._pools[pool] = members, max(self.settings.request_timeout, *(b.timeout for b in members))
+        backends, longest = known
         settings = self.settings
-        deadline = self.clock() + max(settings.request_timeout, *(b.timeout for b in backends))
+        deadline = self.clock() + longest
         attempt = 0
         while True:
             try:
@@ -2223,8 +2210,10 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
 )
 
 
-def _management_result(payload: dict[str, Any], text: str) -> dict[str, Any]:
-    return {"content": [{"type": "text", "text": text}], "structuredContent": payload, "resultType": "complete"}
+def _management_result(payload: dict[str, Any] | None, text: str) -> dict[str, Any]:
+    """A management tool's result; without a payload, an error result."""
+    result = {"content": [{"type": "text", "text": text}], "resultType": "complete"}
+    return result | ({"structuredContent": payload} if payload is not None else {"isError": True})
 
 
 def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -2239,12 +2228,7 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
     wanted = arguments.get("name")
     backend = router.backends.get(wanted) if isinstance(wanted, str) else None
     if backend is None:
-        known = ", ".join(router.backends) or "none"
-        return {
-            "content": [{"type": "text", "text": f"unknown backend {wanted!r}; known backends: {known}"}],
-            "isError": True,
-            "resultType": "complete",
-        }
+        return _management_result(None, f"unknown backend {wanted!r}; known backends: {', '.join(router.backends) or 'none'}")
     info = backend.status(detail=True)
     return _management_result(info, json.dumps(info, indent=2))
 
