@@ -1674,13 +1674,13 @@ class Backend:
                 self.secrets,
             )
             self._record_health(ok=False, error=error, latency=time.perf_counter() - started)
-            self._breaker_event(self.breaker.record_failure(error))
+            self._feed_breaker(error)
             if self.health.consecutive_failures >= self.config.circuit_breaker.failure_threshold:
                 log.warning("backend %s: %d health checks failed in a row; restarting it", self.name, self.health.consecutive_failures)
                 self.restart()
             return False
         self._record_health(ok=True, error=None, latency=time.perf_counter() - started)
-        self._breaker_event(self.breaker.record_success())
+        self._feed_breaker(None)
         return True
 
     async def _check_endpoint(self, endpoint: str, timeout: float) -> None:
@@ -1701,7 +1701,9 @@ class Backend:
             h.failed_checks += 1
             h.consecutive_failures += 1
 
-    def _breaker_event(self, transition: BreakerState | None) -> None:
+    def _feed_breaker(self, failure: str | None) -> None:
+        """Record one outcome (None: a success) in the breaker, and log when it opens or closes."""
+        transition = self.breaker.record_success() if failure is None else self.breaker.record_failure(failure)
         if transition == "open":
             log.warning("backend %s: circuit opened after %d failures: %s", self.name, self.breaker.failures, self.breaker.last_error)
         elif transition == "closed":
@@ -1718,7 +1720,8 @@ class Backend:
         on_progress: Any = None,
         guarded: bool = True,
     ) -> dict[str, Any]:
-        """Send one request; transport failures feed the breaker, answered errors do not."""
+        """Send one request; transport failures feed the breaker, answered errors do not (nor `guarded=False` housekeeping)."""
+        feed = self._feed_breaker if guarded else lambda failure: None
         dispatcher = self.dispatcher
         if dispatcher is None:
             raise BackendUnavailable(self.unavailable_reason())
@@ -1732,8 +1735,7 @@ class Backend:
             with anyio.fail_after(timeout + 1):
                 result = await dispatcher.send_raw_request(method, params, cast(Any, opts))
         except TimeoutError:
-            if guarded:
-                self._breaker_event(self.breaker.record_failure(f"could not write to the backend within {timeout:g}s"))
+            feed(f"could not write to the backend within {timeout:g}s")
             raise MCPError(REQUEST_TIMEOUT, f"Request timed out: the backend is not reading (after {timeout:g}s)") from None
         except MCPError as err:
             if self.config.transport != "stdio" and err.code in (INVALID_REQUEST, REQUEST_TIMEOUT) and SESSION_LOST.fullmatch(err.message):
@@ -1741,21 +1743,15 @@ class Backend:
                 if self.dispatcher is dispatcher:  # not a straggler from a connection already replaced
                     self.restart()  # a restarted HTTP server forgot our session: nothing ran, so reconnect and retry
                 raise BackendUnavailable(f"backend {self.name!r} lost its session; reconnecting", reconnecting=True) from None
-            if guarded:
-                if is_transport_failure(err):
-                    self._breaker_event(self.breaker.record_failure(err.message))
-                else:
-                    self._breaker_event(self.breaker.record_success())
+            feed(err.message if is_transport_failure(err) else None)
             raise
         except Exception as exc:
-            if guarded:
-                self._breaker_event(self.breaker.record_failure(redact(describe_error(exc), self.secrets)))
+            feed(redact(describe_error(exc), self.secrets))
             raise
         except BaseException:
             self.breaker.trial_in_flight = False  # a cancelled trial must not wedge a half-open breaker
             raise
-        if guarded:
-            self._breaker_event(self.breaker.record_success())
+        feed(None)
         return result
 
     # -- visibility
