@@ -52,6 +52,7 @@ import signal
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import time
 from collections import ChainMap
@@ -63,34 +64,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
-import anyio
-import httpx2
-import mcp_types as types
-import pydantic
-import pydantic_core
 import yaml
-from mcp.client.session import ClientSession
-from mcp.client.sse import sse_client
-from mcp.client.stdio import get_default_environment
-from mcp.client.streamable_http import streamable_http_client
-from mcp.server import Server
-from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
-from mcp.server.lowlevel.server import NotificationOptions
-from mcp.server.models import InitializationOptions
-from mcp.server.subscriptions import (
-    InMemorySubscriptionBus,
-    ListenHandler,
-    PromptsListChanged,
-    ResourcesListChanged,
-    ResourceUpdated,
-    ToolsListChanged,
-)
-from mcp.shared.exceptions import MCPError, NoBackChannelError
-from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
-from mcp.shared.message import ServerMessageMetadata, SessionMessage
-from mcp.shared.uri_template import UriTemplate
-from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, REQUEST_TIMEOUT
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 __version__ = "0.1.0"
 _T = TypeVar("_T")
@@ -708,6 +682,219 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], ove
     return parse_config(raw, env, source=source, overrides=overrides)
 
 
+# ---------------------------------------------------------------------------- start-up
+# Importing the SDK costs the router about 0.6 s of CPU, and stdio backends (npx, uvx, Python servers)
+# take as long or longer to start. So nothing above the next section needs the SDK: run as a script,
+# the router reads its command line and configuration and launches its stdio backends here, then
+# imports the SDK while they start. The two waits overlap instead of adding up.
+
+INHERITED_ENV: Final = re.compile(
+    r"(HOME|LOGNAME|PATH|SHELL|TERM|USER"  # the SDK's minimal child environment on POSIX,
+    r"|APPDATA|HOMEDRIVE|HOMEPATH|LOCALAPPDATA|PATHEXT|PROCESSOR_ARCHITECTURE|SYSTEMDRIVE|SYSTEMROOT|TEMP|USERNAME|USERPROFILE"  # Windows,
+    r"|HTTPS?_PROXY|NO_PROXY|ALL_PROXY|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|NODE_EXTRA_CA_CERTS"
+    r"|LANG|TMPDIR|(UV|PIP|NPM_CONFIG|XDG|LC)_\w+)",  # and what `uvx`/`npx` need behind proxies and private CAs
+    re.IGNORECASE,
+)
+"""What stdio backends inherit of the router's environment; nothing else, so the router's secrets stay its own."""
+
+
+def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
+    """A stdio backend's environment: the router's basics, network and locale settings, then its own `env`."""
+    inherited = {k: v for k, v in parent.items() if INHERITED_ENV.fullmatch(k) and not v.startswith("()")}  # "()": a shell function
+    return inherited | dict(own)
+
+
+WARDEN: Final = """# mcp-router warden: stops the router's stdio backends if the router is killed
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+listed = {}
+for line in sys.stdin:  # the router's pipe: it ends when the router does, however it ends
+    group = int(line[1:])
+    listed[group] = listed.get(group, 0) + (1 if line[0] == "+" else -1)  # counted: a reused pid may come before its -
+groups = {group for group, count in listed.items() if count > 0}
+def alive(group):
+    try:
+        os.killpg(group, 0)
+        return True
+    except OSError:
+        return False
+for signum in (signal.SIGTERM, signal.SIGKILL):
+    for group in groups:
+        try: os.killpg(group, signum)
+        except OSError: pass
+    deadline = time.monotonic() + 2
+    while (groups := {g for g in groups if alive(g)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+"""Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too)."""
+
+
+class Warden:
+    """One helper process (`python -S`, about 5 MB) that makes stdio backends die with the router, even by SIGKILL.
+
+    The router tells it each backend's process group as it starts and stops. The
+    pipe between them closes when the router ends, however it ends; the warden
+    then stops every group still listed: SIGTERM, 2 s, SIGKILL.
+    """
+
+    def watch(self, group: int) -> None:
+        self._tell(b"+%d\n" % group)
+
+    def forget(self, group: int) -> None:
+        self._tell(b"-%d\n" % group)
+
+    @functools.cached_property
+    def _pipe(self) -> int | None:
+        """The write end of the pipe to the warden, started with the first stdio backend; None without one."""
+        if not hasattr(os, "posix_spawn"):
+            return None  # Windows: backends see their stdin close, and most exit
+        read_end, write_end = os.pipe()  # neither is inherited by backends started later
+        try:
+            actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+            os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", WARDEN], os.environ, file_actions=actions, setsid=True)
+        except (OSError, NotImplementedError) as err:  # NotImplementedError: no setsid for posix_spawn here
+            log.warning("cannot start the warden that stops stdio backends if the router is killed: %s", err)
+            os.close(write_end)
+            return None
+        finally:
+            os.close(read_end)
+        os.set_blocking(write_end, False)  # a stopped warden must not stop the event loop
+        return write_end
+
+    def _tell(self, line: bytes) -> None:
+        if self._pipe is None:
+            return
+        try:
+            os.write(self._pipe, line)
+        except BlockingIOError:  # closing the pipe would tell it to stop every backend
+            log.warning("the warden is not reading; a stdio backend's start or stop went unrecorded")
+        except OSError:
+            log.warning("the warden is gone: stdio backends will outlive a killed router")
+            os.close(self._pipe)
+            self._pipe = None
+
+
+warden = Warden()
+
+
+def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
+    """Start a stdio backend in a process group of its own, for the warden to watch."""
+    try:
+        process = subprocess.Popen(
+            [config.command or "", *config.args],
+            bufsize=0,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=child_environment(os.environ, config.env),
+            cwd=config.cwd,
+            start_new_session=True,
+        )
+    except OSError as err:
+        where = f" in {config.cwd!r}" if config.cwd and err.filename == config.cwd else ""
+        raise RouterError(f"cannot run {config.command!r}{where}: {err.strerror or err}") from None
+    warden.watch(process.pid)
+    return process
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-router",
+        description="One MCP server in front of many: namespaced tools, resources and prompts, with health checks, circuit breakers and retries.",
+        epilog=(
+            "examples:\n"
+            "  mcp_router.py --config backends.yaml                 serve over stdio (for Claude Desktop, Cursor, ...)\n"
+            "  mcp_router.py --config backends.yaml --transport http --port 8000\n"
+            "\n"
+            "settings also come from MCP_* environment variables and the YAML file; "
+            "precedence: flags > environment > YAML > defaults."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        help="backends file (YAML, or JSON with mcpServers); default: $MCP_BACKENDS_CONFIG, else ./backends.yaml",
+    )
+    for s in SETTINGS:
+        if s.flag is None:
+            continue
+        if s.kind is bool:
+            parser.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
+        elif isinstance(s.kind, tuple):
+            parser.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
+        else:
+            parser.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    config: Config
+    launched: dict[str, subprocess.Popen[bytes]]
+    """The enabled stdio backends' processes by backend name, for their first connections to take."""
+
+
+def start(argv: Sequence[str] | None) -> Started | int:
+    """All that comes before the SDK: the command line, logging, the configuration (exit status 2 if it is
+    unusable) and the stdio backends' launch."""
+    args = build_parser().parse_args(argv)
+    overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS}
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, os.environ, overrides)
+    except ConfigError as err:
+        print("mcp-router: configuration error:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.settings.log_level)
+    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    launched = {}
+    for backend in config.backends:
+        if backend.enabled and backend.transport == "stdio":
+            with contextlib.suppress(RouterError):  # its supervisor tries again, says why, and retries with backoff
+                launched[backend.name] = launch(backend)
+    return Started(config, launched)
+
+
+if __name__ == "__main__":  # run as a script: start now, so the stdio backends start while the SDK is imported
+    STARTED = start(None)
+    if isinstance(STARTED, int):
+        raise SystemExit(STARTED)
+
+# ---------------------------------------------------------------------------- the SDK
+# Imported here, not at the top: see the start-up section.
+
+import anyio
+import httpx2
+import mcp_types as types
+import pydantic
+import pydantic_core
+from mcp.client.session import ClientSession
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server import Server
+from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
+from mcp.server.lowlevel.server import NotificationOptions
+from mcp.server.models import InitializationOptions
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ResourceUpdated,
+    ToolsListChanged,
+)
+from mcp.shared.exceptions import MCPError, NoBackChannelError
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp.shared.message import ServerMessageMetadata, SessionMessage
+from mcp.shared.uri_template import UriTemplate
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, REQUEST_TIMEOUT
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
 # ---------------------------------------------------------------------------- pure core
 # Rules for this section: no await, no I/O, time is passed in. Everything here is
 # deterministic given its arguments, so tests drive it with fake clocks and rngs.
@@ -1107,92 +1294,6 @@ class HealthRecord:
     last_latency_ms: float | None = None
 
 
-INHERITED_ENV: Final = re.compile(
-    r"(HTTPS?_PROXY|NO_PROXY|ALL_PROXY|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|NODE_EXTRA_CA_CERTS"
-    r"|LANG|TMPDIR|(UV|PIP|NPM_CONFIG|XDG|LC)_\w+)",
-    re.IGNORECASE,
-)
-"""Beyond the SDK's minimal child environment (HOME, PATH, ...): what `uvx`/`npx` need behind proxies and private CAs."""
-
-
-def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
-    """A stdio backend's extra environment: network and locale settings of the router's, then its own `env`."""
-    return {k: v for k, v in parent.items() if INHERITED_ENV.fullmatch(k)} | dict(own)
-
-
-WARDEN: Final = """# mcp-router warden: stops the router's stdio backends if the router is killed
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-listed = {}
-for line in sys.stdin:  # the router's pipe: it ends when the router does, however it ends
-    group = int(line[1:])
-    listed[group] = listed.get(group, 0) + (1 if line[0] == "+" else -1)  # counted: a reused pid may come before its -
-groups = {group for group, count in listed.items() if count > 0}
-def alive(group):
-    try:
-        os.killpg(group, 0)
-        return True
-    except OSError:
-        return False
-for signum in (signal.SIGTERM, signal.SIGKILL):
-    for group in groups:
-        try: os.killpg(group, signum)
-        except OSError: pass
-    deadline = time.monotonic() + 2
-    while (groups := {g for g in groups if alive(g)}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-"""
-"""Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too)."""
-
-
-class Warden:
-    """One helper process (`python -S`, about 5 MB) that makes stdio backends die with the router, even by SIGKILL.
-
-    The router tells it each backend's process group as it starts and stops. The
-    pipe between them closes when the router ends, however it ends; the warden
-    then stops every group still listed: SIGTERM, 2 s, SIGKILL.
-    """
-
-    def watch(self, group: int) -> None:
-        self._tell(b"+%d\n" % group)
-
-    def forget(self, group: int) -> None:
-        self._tell(b"-%d\n" % group)
-
-    @functools.cached_property
-    def _pipe(self) -> int | None:
-        """The write end of the pipe to the warden, started with the first stdio backend; None without one."""
-        if not hasattr(os, "posix_spawn"):
-            return None  # Windows: backends see their stdin close, and most exit
-        read_end, write_end = os.pipe()  # neither is inherited by backends started later
-        try:
-            actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
-            os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", WARDEN], os.environ, file_actions=actions, setsid=True)
-        except (OSError, NotImplementedError) as err:  # NotImplementedError: no setsid for posix_spawn here
-            log.warning("cannot start the warden that stops stdio backends if the router is killed: %s", err)
-            os.close(write_end)
-            return None
-        finally:
-            os.close(read_end)
-        os.set_blocking(write_end, False)  # a stopped warden must not stop the event loop
-        return write_end
-
-    def _tell(self, line: bytes) -> None:
-        if self._pipe is None:
-            return
-        try:
-            os.write(self._pipe, line)
-        except BlockingIOError:  # closing the pipe would tell it to stop every backend
-            log.warning("the warden is not reading; a stdio backend's start or stop went unrecorded")
-        except OSError:
-            log.warning("the warden is gone: stdio backends will outlive a killed router")
-            os.close(self._pipe)
-            self._pipe = None
-
-
-warden = Warden()
-
-
 class LineReader:
     """The SDK's ReadStream over newline-delimited JSON-RPC on an event-loop pipe.
 
@@ -1307,42 +1408,43 @@ class LineWriter:
 
 
 @asynccontextmanager
-async def spawn(config: BackendConfig) -> AsyncIterator[Streams]:
-    """Start a stdio backend in its own process group; on exit close its stdin, then TERM and KILL the group."""
+async def _line_pipes(read_file: Any, write_file: Any, *, answer_errors: bool = False) -> AsyncIterator[tuple[LineReader, LineWriter]]:
+    """Newline-delimited JSON-RPC over a pipe (or socket) pair, read and written by the event loop; closed on exit."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 30)  # one line is one message, of any size
+    read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
     try:
-        process = await asyncio.create_subprocess_exec(
-            config.command or "",
-            *config.args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=get_default_environment() | child_environment(os.environ, config.env),
-            cwd=config.cwd,
-            start_new_session=True,
-            limit=1 << 30,  # one line is one message, of any size
-        )
-    except OSError as err:
-        where = f" in {config.cwd!r}" if config.cwd and err.filename == config.cwd else ""
-        raise RouterError(f"cannot run {config.command!r}{where}: {err.strerror or err}") from None
-    assert process.stdin is not None and process.stdout is not None
-    warden.watch(process.pid)
-    try:
-        yield LineReader(process.stdout), LineWriter(process.stdin)
+        write_transport, protocol = await loop.connect_write_pipe(lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), write_file)
+        try:
+            writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
+            yield LineReader(reader, answer_errors_to=writer if answer_errors else None), LineWriter(writer)
+        finally:
+            write_transport.close()
     finally:
-        with anyio.CancelScope(shield=True):
-            await _stop(process)
-        warden.forget(process.pid)
+        read_transport.close()
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """The MCP shutdown sequence for a stdio server, bounded: stdin EOF, then SIGTERM, then SIGKILL, to its whole group."""
-    if process.stdin is not None:
-        process.stdin.close()
+@asynccontextmanager
+async def stdio_connection(process: subprocess.Popen[bytes]) -> AsyncIterator[Streams]:
+    """A launched stdio backend's pipes; on exit its stdin closes, then its group gets SIGTERM and SIGKILL."""
+    async with _line_pipes(process.stdout, process.stdin) as (reader, writer):
+        try:
+            yield reader, writer
+        finally:
+            await writer.aclose()  # stdin EOF asks the server to exit; its stdout is read until it has,
+            with anyio.CancelScope(shield=True):  # so what it writes meanwhile meets no broken pipe
+                await _stop(process)
+            warden.forget(process.pid)
+
+
+async def _stop(process: subprocess.Popen[bytes]) -> None:
+    """The MCP shutdown sequence for a stdio server whose stdin is closed, bounded: SIGTERM, then SIGKILL, to its whole group."""
     for signum in (None, signal.SIGTERM, signal.SIGKILL):
         if signum is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signum)
         with anyio.move_on_after(STOP_GRACE):
-            while process.returncode is None:  # not process.wait(): that also waits for grandchildren's pipes
+            while process.poll() is None:  # not wait(): that blocks the event loop
                 await anyio.sleep(0.02)
         if process.returncode is not None:
             break
@@ -1391,10 +1493,12 @@ async def _reuse_after_sse_answers(response: httpx2.Response) -> None:
         response.stream = _DrainedOnClose(response.stream)
 
 
-def _connector_for(config: BackendConfig) -> Connector:
-    """The transport context manager that opens a connection to `config`'s backend."""
+def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | None = None) -> Connector:
+    """The transport context manager that opens a connection to `config`'s backend (the first to a stdio
+    backend takes the process `launched` at start-up, if any)."""
     if config.transport == "stdio":
-        return lambda: spawn(config)
+        first = [launched] if launched else []
+        return lambda: stdio_connection(first.pop() if first else launch(config))
     if config.transport == "sse":
         return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
 
@@ -2469,7 +2573,6 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
     if not all(stat.S_ISFIFO(m) or stat.S_ISSOCK(m) for m in (os.fstat(0).st_mode, os.fstat(1).st_mode)):
         yield None
         return
-    loop = asyncio.get_running_loop()
     wire_in, wire_out = os.dup(0), os.dup(1)
     saved_in, saved_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -2477,16 +2580,8 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
     os.dup2(2, 1)  # a stray print() must never corrupt the protocol stream
     os.close(devnull)
     try:
-        reader = asyncio.StreamReader(limit=1 << 30)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0))
-        transport, protocol = await loop.connect_write_pipe(
-            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(wire_out, "wb", 0)
-        )
-        try:
-            writer = asyncio.StreamWriter(transport, protocol, None, loop)
-            yield LineReader(reader, answer_errors_to=writer), LineWriter(writer)
-        finally:
-            transport.close()
+        async with _line_pipes(os.fdopen(wire_in, "rb", 0), os.fdopen(wire_out, "wb", 0), answer_errors=True) as pipes:
+            yield pipes
     finally:
         os.dup2(saved_in, 0)
         os.dup2(saved_out, 1)
@@ -2610,9 +2705,10 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
         tg.cancel_scope.cancel()
 
 
-async def run_router(config: Config) -> None:
-    """Start the backends and serve until the client leaves or a signal arrives."""
-    router = Router(config)
+async def run_router(config: Config, launched: Mapping[str, subprocess.Popen[bytes]] | None = None) -> None:
+    """Start the backends (taking the stdio ones `launched` already) and serve until the client leaves or a signal arrives."""
+    launched = launched or {}
+    router = Router(config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched})
     server = build_server(router)
     if not config.backends:
         log.info(
@@ -2643,55 +2739,13 @@ async def run_router(config: Config) -> None:
 # ---------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mcp-router",
-        description="One MCP server in front of many: namespaced tools, resources and prompts, with health checks, circuit breakers and retries.",
-        epilog=(
-            "examples:\n"
-            "  mcp_router.py --config backends.yaml                 serve over stdio (for Claude Desktop, Cursor, ...)\n"
-            "  mcp_router.py --config backends.yaml --transport http --port 8000\n"
-            "\n"
-            "settings also come from MCP_* environment variables and the YAML file; "
-            "precedence: flags > environment > YAML > defaults."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        "-c",
-        metavar="PATH",
-        help="backends file (YAML, or JSON with mcpServers); default: $MCP_BACKENDS_CONFIG, else ./backends.yaml",
-    )
-    for s in SETTINGS:
-        if s.flag is None:
-            continue
-        if s.kind is bool:
-            parser.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
-        elif isinstance(s.kind, tuple):
-            parser.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
-        else:
-            parser.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS}
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main(argv: Sequence[str] | None = None, started: Started | int | None = None) -> int:
+    """Run the router with `argv` (default: the command line), unless `start()` has already been run."""
+    outcome = start(argv) if started is None else started
+    if isinstance(outcome, int):
+        return outcome
     try:
-        config = load_config(args.config, os.environ, overrides)
-    except ConfigError as err:
-        print("mcp-router: configuration error:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
-    logging.getLogger().setLevel(config.settings.log_level)
-    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    try:
-        anyio.run(run_router, config)
+        anyio.run(run_router, outcome.config, outcome.launched)
     except KeyboardInterrupt:
         pass
     except RouterError as err:
@@ -2701,4 +2755,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(started=STARTED))

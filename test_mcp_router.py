@@ -1428,6 +1428,17 @@ async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) ->
             await anyio.sleep(0.05)
 
 
+async def test_stdio_backends_get_their_own_env_and_the_routers_basics_but_not_its_secrets(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", "env": {"OWN_SETTING": "x"}, **fake_backend_command()}])
+    params = router_params(config)
+    params.env = {"ROUTER_SECRET_TOKEN": "s3cret", "HTTPS_PROXY": "http://proxy.invalid:3128", "LC_ALL": "C.UTF-8"}
+    with anyio.fail_after(30):
+        async with Client(params, mode="legacy", cache=None) as client:
+            names = set(text_of(await call(client, "one__environ")).split())
+    assert {"PATH", "HTTPS_PROXY", "LC_ALL", "OWN_SETTING"} <= names
+    assert "ROUTER_SECRET_TOKEN" not in names
+
+
 async def test_end_to_end_over_http(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
@@ -1717,7 +1728,7 @@ def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) 
 
 
 def run_fake_backend(argv: list[str]) -> None:
-    """`--fake-backend [--http PORT]`: a FakeBackend (plus a `pid` tool) over stdio or HTTP."""
+    """`--fake-backend [--http PORT]`: a FakeBackend (plus `pid` and `environ` tools) over stdio or HTTP."""
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -1725,9 +1736,10 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--http", type=int)
     parser.add_argument("--fillers", type=int, default=0)
     args = parser.parse_args(argv)
-    pid_tool = types.Tool(name="pid", input_schema={"type": "object"})
-    fake = FakeBackend("fake", fillers=args.fillers, extra_tools=[pid_tool], instructions="Ask the fake nicely.")
+    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ")]
+    fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
+    fake.result_for["environ"] = types.CallToolResult(content=[types.TextContent(text=" ".join(sorted(os.environ)))])
     server = fake.server()
 
     async def serve() -> None:
