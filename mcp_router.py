@@ -688,20 +688,26 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], ove
 # the router reads its command line and configuration and launches its stdio backends here, then
 # imports the SDK while they start. The two waits overlap instead of adding up.
 
-INHERITED_ENV: Final = re.compile(
-    r"(HOME|LOGNAME|PATH|SHELL|TERM|USER"  # the SDK's minimal child environment on POSIX,
-    r"|APPDATA|HOMEDRIVE|HOMEPATH|LOCALAPPDATA|PATHEXT|PROCESSOR_ARCHITECTURE|SYSTEMDRIVE|SYSTEMROOT|TEMP|USERNAME|USERPROFILE"  # Windows,
-    r"|HTTPS?_PROXY|NO_PROXY|ALL_PROXY|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|NODE_EXTRA_CA_CERTS"
-    r"|LANG|TMPDIR|(UV|PIP|NPM_CONFIG|XDG|LC)_\w+)",  # and what `uvx`/`npx` need behind proxies and private CAs
+BASIC_ENV: Final = frozenset(
+    (
+        "APPDATA HOMEDRIVE HOMEPATH LOCALAPPDATA PATH PATHEXT PROCESSOR_ARCHITECTURE SYSTEMDRIVE SYSTEMROOT TEMP USERNAME USERPROFILE"
+        if sys.platform == "win32"
+        else "HOME LOGNAME PATH SHELL TERM USER"
+    ).split()
+)
+"""The environment the SDK gives stdio servers (its get_default_environment)."""
+NETWORK_ENV: Final = re.compile(
+    r"(HTTPS?_PROXY|NO_PROXY|ALL_PROXY|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|NODE_EXTRA_CA_CERTS"
+    r"|LANG|TMPDIR|(UV|PIP|NPM_CONFIG|XDG|LC)_\w+)",
     re.IGNORECASE,
 )
-"""What stdio backends inherit of the router's environment; nothing else, so the router's secrets stay its own."""
+"""Beyond that: what `uvx`/`npx` need behind proxies and private CAs, and the locale."""
 
 
 def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
-    """A stdio backend's environment: the router's basics, network and locale settings, then its own `env`."""
-    inherited = {k: v for k, v in parent.items() if INHERITED_ENV.fullmatch(k) and not v.startswith("()")}  # "()": a shell function
-    return inherited | dict(own)
+    """A stdio backend's environment: the basics and network settings of the router's (never its secrets), then its own `env`."""
+    inherited = {k: v for k, v in parent.items() if (k in BASIC_ENV or NETWORK_ENV.fullmatch(k)) and not v.startswith("()")}
+    return inherited | dict(own)  # "()": an exported shell function
 
 
 WARDEN: Final = """# mcp-router warden: stops the router's stdio backends if the router is killed
@@ -829,16 +835,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before anything starts, so a busy port is a clear error and not a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio disables Nagle only when it sees TCP here
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise RouterError(f"cannot serve HTTP on {host}:{port}: {err.strerror} (is the port in use?)") from None
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
 @dataclass(frozen=True, slots=True)
 class Started:
     config: Config
+    listening: socket.socket | None
+    """The HTTP socket, with `--transport http`."""
     launched: dict[str, subprocess.Popen[bytes]]
     """The enabled stdio backends' processes by backend name, for their first connections to take."""
 
 
 def start(argv: Sequence[str] | None) -> Started | int:
     """All that comes before the SDK: the command line, logging, the configuration (exit status 2 if it is
-    unusable) and the stdio backends' launch."""
+    unusable), the HTTP socket (1 if it cannot be had) and the stdio backends' launch."""
     args = build_parser().parse_args(argv)
     overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS}
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -852,18 +875,24 @@ def start(argv: Sequence[str] | None) -> Started | int:
     logging.getLogger().setLevel(config.settings.log_level)
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    settings = config.settings
+    try:
+        listening = bind(settings.host, settings.port) if settings.transport == "http" else None
+    except RouterError as err:
+        log.error("%s", err)
+        return 1
     launched = {}
     for backend in config.backends:
         if backend.enabled and backend.transport == "stdio":
             with contextlib.suppress(RouterError):  # its supervisor tries again, says why, and retries with backoff
                 launched[backend.name] = launch(backend)
-    return Started(config, launched)
+    return Started(config, listening, launched)
 
 
-if __name__ == "__main__":  # run as a script: start now, so the stdio backends start while the SDK is imported
-    STARTED = start(None)
-    if isinstance(STARTED, int):
-        raise SystemExit(STARTED)
+STARTED: Final = start(None) if __name__ == "__main__" else None
+"""Run as a script, the router starts here, so its stdio backends start while the SDK below is imported."""
+if isinstance(STARTED, int):
+    raise SystemExit(STARTED)  # no need to load the SDK to say that the configuration is unusable
 
 # ---------------------------------------------------------------------------- the SDK
 # Imported here, not at the top: see the start-up section.
@@ -1427,7 +1456,9 @@ async def _line_pipes(read_file: Any, write_file: Any, *, answer_errors: bool = 
 @asynccontextmanager
 async def stdio_connection(process: subprocess.Popen[bytes]) -> AsyncIterator[Streams]:
     """A launched stdio backend's pipes; on exit its stdin closes, then its group gets SIGTERM and SIGKILL."""
-    async with _line_pipes(process.stdout, process.stdin) as (reader, writer):
+    async with AsyncExitStack() as stack:
+        with anyio.CancelScope(shield=True):  # a loop turn; cancelled then, the process would be left running
+            reader, writer = await stack.enter_async_context(_line_pipes(process.stdout, process.stdin))
         try:
             yield reader, writer
         finally:
@@ -1497,8 +1528,13 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
     """The transport context manager that opens a connection to `config`'s backend (the first to a stdio
     backend takes the process `launched` at start-up, if any)."""
     if config.transport == "stdio":
-        first = [launched] if launched else []
-        return lambda: stdio_connection(first.pop() if first else launch(config))
+
+        def connect() -> AbstractAsyncContextManager[Streams]:
+            nonlocal launched
+            process, launched = launched or launch(config), None
+            return stdio_connection(process)
+
+        return connect
     if config.transport == "sse":
         return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
 
@@ -2661,21 +2697,6 @@ class PlainAnswers:
         await self.app(scope, receive, relay)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The HTTP listening socket, bound before anything starts, so a busy port is a clear error and not a traceback."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio disables Nagle only when it sees TCP here
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise RouterError(f"cannot serve HTTP on {host}:{port}: {err.strerror} (is the port in use?)") from None
-    sock.listen(128)
-    sock.set_inheritable(False)
-    return sock
-
-
 async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, listening: socket.socket) -> None:
     import uvicorn
 
@@ -2705,9 +2726,9 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
         tg.cancel_scope.cancel()
 
 
-async def run_router(config: Config, launched: Mapping[str, subprocess.Popen[bytes]] | None = None) -> None:
-    """Start the backends (taking the stdio ones `launched` already) and serve until the client leaves or a signal arrives."""
-    launched = launched or {}
+async def run_router(started: Started) -> None:
+    """Start the backends (taking the stdio ones launched already) and serve until the client leaves or a signal arrives."""
+    config, listening, launched = started.config, started.listening, started.launched
     router = Router(config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched})
     server = build_server(router)
     if not config.backends:
@@ -2715,7 +2736,6 @@ async def run_router(config: Config, launched: Mapping[str, subprocess.Popen[byt
             "no backends configured: serving the management tools only; add backends in backends.yaml (see backends.example.yaml) or pass --config"
         )
     stop = anyio.Event()
-    listening = bind(config.settings.host, config.settings.port) if config.settings.transport == "http" else None
     async with router.running(), anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
@@ -2739,13 +2759,13 @@ async def run_router(config: Config, launched: Mapping[str, subprocess.Popen[byt
 # ---------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None, started: Started | int | None = None) -> int:
-    """Run the router with `argv` (default: the command line), unless `start()` has already been run."""
-    outcome = start(argv) if started is None else started
-    if isinstance(outcome, int):
-        return outcome
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the router with `argv`, by default the command line (which, run as a script, has started already)."""
+    started = STARTED if argv is None and STARTED is not None else start(argv)
+    if isinstance(started, int):
+        return started
     try:
-        anyio.run(run_router, outcome.config, outcome.launched)
+        anyio.run(run_router, started)
     except KeyboardInterrupt:
         pass
     except RouterError as err:
@@ -2755,4 +2775,4 @@ def main(argv: Sequence[str] | None = None, started: Started | int | None = None
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(started=STARTED))
+    raise SystemExit(main())
