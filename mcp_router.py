@@ -889,8 +889,10 @@ def start(argv: Sequence[str] | None) -> Started | int:
     return Started(config, listening, launched)
 
 
-STARTED: Final = start(None) if __name__ == "__main__" else None
-"""Run as a script, the router starts here, so its stdio backends start while the SDK below is imported."""
+RUN_AS_PROGRAM: Final = __name__ == "__main__" or Path((sys.argv or [""])[0]).name in ("mcp-router", "mcp-router.exe")
+"""Run as a script, or as the installed `mcp-router` command (which imports this module, then calls main())."""
+STARTED: Final = start(None) if RUN_AS_PROGRAM else None
+"""Run as a program, the router starts here, so its stdio backends start while the SDK below is imported."""
 if isinstance(STARTED, int):
     raise SystemExit(STARTED)  # no need to load the SDK to say that the configuration is unusable
 
