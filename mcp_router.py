@@ -1269,7 +1269,7 @@ def choose_backend(pool: Sequence[Backend]) -> Backend:
     for backend in pool:
         if backend.session is None:
             reasons.append(backend.unavailable_reason())
-            reconnecting |= backend.state in ("connecting", "down")
+            reconnecting |= backend.worth_waiting_for()
         elif backend.breaker.allow():
             return backend
         else:
@@ -1582,8 +1582,10 @@ class Backend:
         self.first_attempt_done = anyio.Event()
         self.inflight: dict[int, Any] = {}
         """Request contexts of the client calls now running on this backend, oldest first."""
-        self.up = anyio.Event()
-        """Set while connected; replaced by a fresh one when the connection is lost."""
+        self.attempt_ended = anyio.Event()
+        """Set when a connection attempt ends, up or failed (then replaced): calls waiting for this backend decide again."""
+        self.recovering = False
+        """Down after losing a working connection, and not yet failed to reconnect: calls wait for the reconnection."""
         self.secrets = config.secrets()
         self._headers: dict[str, str] = {}
         self._stop_scope: anyio.CancelScope | None = None
@@ -1632,8 +1634,18 @@ class Backend:
         """Stop taking calls at once: new ones wait for the next connection instead of failing on this one."""
         self.session = self.dispatcher = None
         self.state = "connecting"
-        if self.up.is_set():
-            self.up = anyio.Event()
+
+    def _attempt_over(self) -> None:
+        self.attempt_ended.set()
+        self.attempt_ended = anyio.Event()
+
+    def worth_waiting_for(self) -> bool:
+        """Not connected, but connecting, or about to reconnect after losing a working connection.
+
+        A backend that failed its last attempt is not: calls to it fail at once, with
+        the reason, instead of each waiting out its timeout while it crash-loops.
+        """
+        return self.session is None and (self.state == "connecting" or (self.state == "down" and self.recovering))
 
     def _was_stable(self) -> bool:
         """A connection that lived a while resets the restart backoff."""
@@ -1645,7 +1657,9 @@ class Backend:
         self._disconnect()
         self.state = "down"
         self.last_error = error
+        self.recovering = was_ready
         self.first_attempt_done.set()
+        self._attempt_over()
         if was_ready:
             log.warning("backend %s: connection lost: %s; reconnecting", self.name, error)
         else:
@@ -1699,8 +1713,8 @@ class Backend:
             )
             self.router.set_listing(self, listing)
             await self.router.resubscribe(self)
-            self.up.set()
             self.first_attempt_done.set()
+            self._attempt_over()
             async with anyio.create_task_group() as tg:
                 if self.config.health_check.enabled:
                     tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
@@ -2254,7 +2268,7 @@ class Router:
             try:
                 backend = choose_backend(backends)
             except BackendUnavailable as exc:  # nothing was sent: wait for a reconnect, or fail at once
-                if exc.reconnecting and await _until_one_is_up(backends, deadline - self.clock()):
+                if exc.reconnecting and await _until_an_attempt_ends(backends, deadline - self.clock()):
                     continue
                 raise MCPError(BACKEND_UNAVAILABLE, str(exc)) from None
             attempt += 1
@@ -2282,20 +2296,21 @@ class Router:
             await self.sleep(delay)
 
 
-async def _until_one_is_up(backends: Sequence[Backend], timeout: float) -> bool:
-    """Wait until a reconnecting backend of the pool is connected again; False when `timeout` runs out first."""
-    backends = [b for b in backends if b.session is None and b.state in ("connecting", "down")]
+async def _until_an_attempt_ends(backends: Sequence[Backend], timeout: float) -> bool:
+    """Wait until a connection attempt of the pool's backends worth waiting for ends, up or failed;
+    False when `timeout` runs out first."""
+    backends = [b for b in backends if b.worth_waiting_for()]
     if not backends or timeout <= 0:
         return False
     with anyio.move_on_after(timeout):
         async with anyio.create_task_group() as tg:
             for backend in backends:
 
-                async def first_up(b: Backend = backend) -> None:
-                    await b.up.wait()
+                async def attempt_ended(event: anyio.Event = backend.attempt_ended) -> None:
+                    await event.wait()
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(first_up)
+                tg.start_soon(attempt_ended)
         return True
     return False
 

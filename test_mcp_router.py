@@ -1289,6 +1289,24 @@ async def test_a_call_made_while_its_backend_restarts_waits_for_it() -> None:
         assert connectors["svc"].connects == 2
 
 
+async def test_calls_to_a_backend_that_fails_to_reconnect_fail_at_once_with_the_reason() -> None:
+    fake, steady = FakeBackend("flaky"), FakeBackend("steady")
+    async with routed(fake, steady, settings={"routing": {"request_timeout_seconds": 60}}) as (client, router, connectors):
+        connectors["flaky"].refuse = True
+        connectors["flaky"].cut()
+        while router.backends["flaky"].state == "ready":
+            await anyio.lowlevel.checkpoint()
+        for _ in range(3):  # the first waits for the reconnection attempt; none waits out the 60 s timeout
+            with pytest.raises(MCPError) as info:
+                await call(client, "flaky__echo")
+            assert info.value.code == mr.BACKEND_UNAVAILABLE
+            assert "'flaky' is down" in info.value.message and "refuses connections" in info.value.message
+        assert text_of(await call(client, "steady__echo", {"text": "ok"})) == "steady:echo:ok"
+        connectors["flaky"].refuse = False
+        router.restart_backend("flaky")
+        assert text_of(await call(client, "flaky__echo", {"text": "back"})) == "flaky:echo:back"
+
+
 async def test_a_backend_serving_only_part_of_a_capability_still_comes_up() -> None:
     fake = FakeBackend("partial", serves_templates=False, resources=[types.Resource(uri="file:///x", name="x")])
     async with routed(fake) as (client, router, _):
