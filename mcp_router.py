@@ -2215,6 +2215,15 @@ class Router:
 
     # -- the request path
 
+    def unknown(self, kind: Literal["tool", "prompt"], name: str) -> MCPError:
+        """The error for a name nobody lists, naming the backends never listed: the name may be theirs."""
+        unlisted = [
+            b.unavailable_reason()
+            for b in self.backends.values()
+            if b.state in ("connecting", "down") and not getattr(b.listing, f"{kind}s")
+        ]
+        return MCPError(INVALID_PARAMS, f"Unknown {kind}: {name!r}" + (f"; not listed yet: {'; '.join(unlisted)}" if unlisted else ""))
+
     async def find(self, lookup: Callable[[Catalogue], _T | None]) -> _T | None:
         """Look something up in the catalogue; before the first listing is complete, wait for it and look again."""
         found = lookup(self.catalogue)
@@ -2475,13 +2484,13 @@ def build_server(router: Router) -> RouterServer:
             return _management_call(router, params.name, params.arguments or {})
         entry = await router.find(lambda catalogue: catalogue.tools.get(params.name))
         if entry is None:
-            raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name!r}")
+            raise router.unknown("tool", params.name)
         return _passthrough(await router.call_tool(ctx, entry, params.arguments))
 
     async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> dict[str, Any]:
         entry = await router.find(lambda catalogue: catalogue.prompts.get(params.name))
         if entry is None:
-            raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name!r}")
+            raise router.unknown("prompt", params.name)
         out: dict[str, Any] = {"name": entry.original}
         if params.arguments is not None:
             out["arguments"] = params.arguments

@@ -913,6 +913,22 @@ async def test_a_down_backend_is_a_clear_error_naming_it() -> None:
                 assert text_of(await call(client, "up__echo", {"text": "ok"})) == "up:echo:ok"
 
 
+async def test_an_unknown_name_error_names_the_backends_never_listed() -> None:
+    never, up = FakeBackend("never"), FakeBackend("up")
+    connectors = {"never": InProcess(never), "up": InProcess(up)}
+    connectors["never"].refuse = True
+    router = mr.Router(config_for("never", "up"), connectors=connectors)
+    with anyio.fail_after(10):
+        async with router.running():
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                with pytest.raises(MCPError) as info:
+                    await call(client, "never__echo")
+                assert info.value.code == types.INVALID_PARAMS
+                assert info.value.message.startswith("Unknown tool: 'never__echo'; not listed yet: backend 'never' is down (")
+                assert "refuses connections" in info.value.message and "'up'" not in info.value.message
+
+
 async def test_no_python_exception_text_reaches_the_client() -> None:
     fake = FakeBackend("svc")
     async with routed(fake) as (client, router, _):
