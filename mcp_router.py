@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import gc
 import hashlib
@@ -111,6 +112,8 @@ RETRY_INITIAL_DELAY: Final = 0.1
 JITTER: Final = 0.2
 """Each backoff delay is scaled into [1 - JITTER, 1] so retries do not march in step."""
 CONFIG_FILE_NAME: Final = "backends.yaml"
+NO_CONFIG: Final = "(no config)"
+"""The source of the configuration when there is no file: zero-config."""
 MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health")
 LOG_SEVERITY: Final = {
     level: i for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
@@ -664,7 +667,7 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], ove
     explicit = path or env.get("MCP_BACKENDS_CONFIG")
     candidate = Path(explicit) if explicit else Path(CONFIG_FILE_NAME)
     if not explicit and not candidate.exists():
-        return parse_config({}, env, source="(no config)", overrides=overrides)
+        return parse_config({}, env, source=NO_CONFIG, overrides=overrides)
     source = str(candidate)
     try:
         text = candidate.read_text(encoding="utf-8")
@@ -844,7 +847,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise RouterError(f"cannot serve HTTP on {host}:{port}: {err.strerror} (is the port in use?)") from None
+        hint = " (is the port in use?)" if err.errno == errno.EADDRINUSE else ""
+        raise RouterError(f"cannot serve HTTP on {host}:{port}: {err.strerror or err}{hint}") from None
     sock.listen(128)
     sock.set_inheritable(False)
     return sock
@@ -2390,7 +2394,8 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
     wanted = arguments.get("name")
     backend = router.backends.get(wanted) if isinstance(wanted, str) else None
     if backend is None:
-        return _management_result(None, f"unknown backend {wanted!r}; known backends: {', '.join(router.backends) or 'none'}")
+        problem = f"unknown backend {wanted!r}" if wanted is not None else "the 'name' argument is missing"
+        return _management_result(None, f"{problem}; known backends: {', '.join(router.backends) or 'none'}")
     info = backend.status(detail=True)
     return _management_result(info, json.dumps(info, indent=2))
 
@@ -2758,9 +2763,8 @@ async def run_router(started: Started) -> None:
     router = Router(config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched})
     server = build_server(router)
     if not config.backends:
-        log.info(
-            "no backends configured: serving the management tools only; add backends in backends.yaml (see backends.example.yaml) or pass --config"
-        )
+        hint = f"add some to {config.source}" if config.source != NO_CONFIG else f"add some to {CONFIG_FILE_NAME} or pass --config"
+        log.info("no backends configured: serving the management tools only; %s (see backends.example.yaml)", hint)
     stop = anyio.Event()
     async with router.running(), anyio.create_task_group() as tg:
 

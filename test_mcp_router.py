@@ -963,13 +963,15 @@ async def test_management_tools_report_backends_without_secrets() -> None:
                 listed = await call(client, "list_backends")
                 health = await call(client, "get_backend_health", {"name": "gh"})
                 unknown = await call(client, "get_backend_health", {"name": "nope"})
+                unnamed = await call(client, "get_backend_health", {})
     assert listed.structured_content is not None and health.structured_content is not None
     row = listed.structured_content["backends"][0]
     assert (row["name"], row["transport"], row["state"], row["tools"]) == ("gh", "http", "ready", len(fake.tools()))
     assert row["target"] == "https://api.example.com/mcp"
     assert health.structured_content["circuit_state"] == "closed"
     assert "health_checks" in health.structured_content and "restarts" in health.structured_content
-    assert unknown.is_error and "known backends: gh" in text_of(unknown)
+    assert unknown.is_error and text_of(unknown) == "unknown backend 'nope'; known backends: gh"
+    assert unnamed.is_error and text_of(unnamed) == "the 'name' argument is missing; known backends: gh"
     everything = json.dumps([listed.model_dump(), health.model_dump()])
     for secret in ("tok-123456", "pw-987654", "user:", "query-secret-42"):
         assert secret not in everything
