@@ -1712,7 +1712,7 @@ class Backend:
                 "backend %s: ready (%d tools, %d resources, %d prompts)",
                 self.name,
                 len(listing.tools),
-                len(listing.resources),
+                len(listing.resources) + len(listing.templates),  # counted as list_backends counts them
                 len(listing.prompts),
             )
             self.router.set_listing(self, listing)
