@@ -1588,8 +1588,9 @@ class Backend:
         """Request contexts of the client calls now running on this backend, oldest first."""
         self.attempt_ended = anyio.Event()
         """Set when a connection attempt ends, up or failed (then replaced): calls waiting for this backend decide again."""
-        self.recovering = False
-        """Down after losing a working connection, and not yet failed to reconnect: calls wait for the reconnection."""
+        self.expected_back = True
+        """Starting, restarted, or just lost a working connection. A failed attempt clears it until the backend
+        is up again, so calls fail at once with the reason instead of each waiting out its timeout while it crash-loops."""
         self.secrets = config.secrets()
         self._headers: dict[str, str] = {}
         self._stop_scope: anyio.CancelScope | None = None
@@ -1605,16 +1606,18 @@ class Backend:
                 if self.state != "connecting":
                     self.restarts += 1
                 self.connected_at = None
+                self._connection_scope = connection = anyio.CancelScope()
                 try:
-                    with anyio.CancelScope() as self._connection_scope:
+                    with connection:
                         await self._connect_and_serve()
-                    if self._connection_scope.cancel_called:
-                        self._note_down("restarted on request")
-                        attempt = 0
-                        continue
-                    self._note_down("connection closed")
+                    failure = "connection closed"
                 except Exception as exc:  # noqa: BLE001 - any failure of one backend is contained here
-                    self._note_down(describe_error(exc))
+                    failure = describe_error(exc)
+                if connection.cancel_called:  # restart(), however the attempt ended
+                    self._note_down("restarted on request", expected_back=True)
+                    attempt = 0
+                    continue
+                self._note_down(failure)
                 attempt = 1 if self._was_stable() else attempt + 1
                 delay = backoff_delay(
                     attempt, initial=RESTART_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff
@@ -1628,10 +1631,12 @@ class Backend:
         if self._stop_scope is not None:
             self._stop_scope.cancel()
         self.state = "stopped"
+        self._attempt_over()  # calls waiting for it give up
 
     def restart(self) -> None:
         if self._connection_scope is not None:
             self._disconnect()
+            self.expected_back = True
             self._connection_scope.cancel()
 
     def _disconnect(self) -> None:
@@ -1644,27 +1649,25 @@ class Backend:
         self.attempt_ended = anyio.Event()
 
     def worth_waiting_for(self) -> bool:
-        """Not connected, but connecting, or about to reconnect after losing a working connection.
-
-        A backend that failed its last attempt is not: calls to it fail at once, with
-        the reason, instead of each waiting out its timeout while it crash-loops.
-        """
-        return self.session is None and (self.state == "connecting" or (self.state == "down" and self.recovering))
+        """Not connected, but expected back: calls wait for it (within their timeout) instead of failing."""
+        return self.session is None and self.state in ("connecting", "down") and self.expected_back
 
     def _was_stable(self) -> bool:
         """A connection that lived a while resets the restart backoff."""
         return self.connected_at is not None and self.router.clock() - self.connected_at > self.settings.max_backoff
 
-    def _note_down(self, error: str) -> None:
+    def _note_down(self, error: str, *, expected_back: bool = False) -> None:
         error = redact(error, self.secrets)
         was_ready = self.connected_at is not None
         self._disconnect()
         self.state = "down"
         self.last_error = error
-        self.recovering = was_ready
+        self.expected_back = was_ready or expected_back
         self.first_attempt_done.set()
         self._attempt_over()
-        if was_ready:
+        if expected_back:
+            log.info("backend %s: %s", self.name, error)
+        elif was_ready:
             log.warning("backend %s: connection lost: %s; reconnecting", self.name, error)
         else:
             log.warning("backend %s: cannot connect: %s; retrying", self.name, error)
@@ -2310,9 +2313,9 @@ class Router:
 
 
 async def _until_an_attempt_ends(backends: Sequence[Backend], timeout: float) -> bool:
-    """Wait until a connection attempt of the pool's backends worth waiting for ends, up or failed;
+    """Wait until a connection attempt of the pool's unconnected backends ends, up or failed (or one is stopped);
     False when `timeout` runs out first."""
-    backends = [b for b in backends if b.worth_waiting_for()]
+    backends = [b for b in backends if b.session is None and b.state in ("connecting", "down")]
     if not backends or timeout <= 0:
         return False
     with anyio.move_on_after(timeout):

@@ -254,12 +254,16 @@ class InProcess:
         self.server = backend.server()
         self.connects = 0
         self.refuse = False
+        self.stall: anyio.Event | None = None
+        """When set, each connection attempt waits for it, then fails: a backend that is slow to fail."""
         self._cut: Callable[[], Any] | None = None
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[Any]:
         self.connects += 1
-        if self.refuse:
+        if self.stall is not None:
+            await self.stall.wait()
+        if self.refuse or self.stall is not None:
             raise ConnectionRefusedError("fake backend refuses connections")
         async with create_client_server_memory_streams() as (client_streams, server_streams), anyio.create_task_group() as tg:
             tg.start_soon(self.server.run, server_streams[0], server_streams[1], self.server.create_initialization_options())
@@ -1323,6 +1327,43 @@ async def test_calls_to_a_backend_that_fails_to_reconnect_fail_at_once_with_the_
         connectors["flaky"].refuse = False
         router.restart_backend("flaky")
         assert text_of(await call(client, "flaky__echo", {"text": "back"})) == "flaky:echo:back"
+
+
+async def test_a_backend_whose_attempts_fail_slowly_fails_calls_at_once_after_the_first_failure() -> None:
+    async with routed(FakeBackend("slow"), settings={"routing": {"request_timeout_seconds": 60}}) as (client, router, connectors):
+        backend, first_attempt = router.backends["slow"], anyio.Event()
+        connectors["slow"].stall = first_attempt
+        connectors["slow"].cut()
+        while connectors["slow"].connects < 2:  # until the reconnection attempt stalls
+            await anyio.lowlevel.checkpoint()
+        first_attempt.set()  # it fails; the next attempt stalls
+        connectors["slow"].stall = anyio.Event()
+        while not (backend.state == "connecting" and not backend.expected_back):
+            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(5), pytest.raises(MCPError) as info:  # not the 60 s timeout: the last attempt failed
+            await call(client, "slow__echo")
+        assert "'slow' is connecting (ConnectionRefusedError: fake backend refuses connections)" in info.value.message
+
+
+async def test_calls_waiting_for_a_backend_fail_when_it_is_removed() -> None:
+    async with routed(FakeBackend("gone"), settings={"routing": {"request_timeout_seconds": 60}}) as (client, router, connectors):
+        connectors["gone"].stall = anyio.Event()  # the reconnection never ends
+        connectors["gone"].cut()
+        while router.backends["gone"].state == "ready":
+            await anyio.lowlevel.checkpoint()
+        errors: list[str] = []
+
+        async def waiting_call() -> None:
+            with pytest.raises(MCPError) as info:
+                await call(client, "gone__echo")
+            errors.append(info.value.message)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiting_call)
+                await anyio.wait_all_tasks_blocked()
+                router.remove_backend("gone")
+        assert errors and "'gone' is stopped" in errors[0]
 
 
 async def test_a_backend_serving_only_part_of_a_capability_still_comes_up() -> None:
