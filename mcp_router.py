@@ -114,6 +114,8 @@ JITTER: Final = 0.2
 CONFIG_FILE_NAME: Final = "backends.yaml"
 NO_CONFIG: Final = "(no config)"
 """The source of the configuration when there is no file: zero-config."""
+
+
 MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health")
 LOG_SEVERITY: Final = {
     level: i for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
@@ -121,7 +123,7 @@ LOG_SEVERITY: Final = {
 HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
 STOP_GRACE: Final = 2.0
-"""Seconds a stdio backend gets to exit after stdin closes, and again after SIGTERM."""
+"""Seconds a stdio backend gets to exit after stdin closes, after SIGTERM and after SIGKILL; and HTTP clients at shutdown."""
 SSE_DRAIN_TIMEOUT: Final = 0.1
 """Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
 STARTUP_GRACE: Final = 10.0
@@ -685,10 +687,16 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], ove
     return parse_config(raw, env, source=source, overrides=overrides)
 
 
+def no_backends_hint(source: str | None) -> str:
+    """What to say when there are no backends: where to add them."""
+    where = source if source not in (None, NO_CONFIG) else f"{CONFIG_FILE_NAME} or pass --config"
+    return f"no backends configured; add some to {where} (see backends.example.yaml)"
+
+
 # ---------------------------------------------------------------------------- start-up
 # Importing the SDK costs the router about 0.6 s of CPU, and stdio backends (npx, uvx, Python servers)
-# take as long or longer to start. So nothing above the next section needs the SDK: run as a script,
-# the router reads its command line and configuration and launches its stdio backends here, then
+# take as long or longer to start. So nothing above the next section needs the SDK: run as a program
+# (a script, or the installed `mcp-router` command), the router reads its command line and configuration and launches its stdio backends here, then
 # imports the SDK while they start. The two waits overlap instead of adding up.
 
 BASIC_ENV: Final = frozenset(
@@ -739,7 +747,7 @@ for signum in (signal.SIGTERM, signal.SIGKILL):
 
 
 class Warden:
-    """One helper process (`python -S`, about 5 MB) that makes stdio backends die with the router, even by SIGKILL.
+    """One helper process (`python -I -S`, about 5 MB) that makes stdio backends die with the router, even by SIGKILL.
 
     The router tells it each backend's process group as it starts and stops. The
     pipe between them closes when the router ends, however it ends; the warden
@@ -858,7 +866,7 @@ def bind(host: str, port: int) -> socket.socket:
 class Started:
     config: Config
     listening: socket.socket | None
-    """The HTTP socket, with `--transport http`."""
+    """The HTTP socket, when the transport is HTTP."""
     launched: dict[str, subprocess.Popen[bytes]]
     """The enabled stdio backends' processes by backend name, for their first connections to take."""
 
@@ -927,7 +935,7 @@ from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.uri_template import UriTemplate
-from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, REQUEST_TIMEOUT
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, REQUEST_TIMEOUT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 # ---------------------------------------------------------------------------- pure core
@@ -1358,7 +1366,7 @@ class LineReader:
         try:
             message = json.loads(line)
         except ValueError:
-            request_id, error = None, {"code": -32700, "message": "Parse error: not JSON"}
+            request_id, error = None, {"code": PARSE_ERROR, "message": "Parse error: not JSON"}
         else:
             if isinstance(message, dict) and "id" not in message:
                 return  # a malformed notification: nobody waits for an answer
@@ -1586,8 +1594,6 @@ class Backend:
         self.first_attempt_done = anyio.Event()
         self.inflight: dict[int, Any] = {}
         """Request contexts of the client calls now running on this backend, oldest first."""
-        self.attempt_ended = anyio.Event()
-        """Set when a connection attempt ends, up or failed (then replaced): calls waiting for this backend decide again."""
         self.expected_back = True
         """Starting, restarted, or just lost a working connection. A failed attempt clears it until the backend
         is up again, so calls fail at once with the reason instead of each waiting out its timeout while it crash-loops."""
@@ -1603,8 +1609,6 @@ class Backend:
         attempt = 0
         with anyio.CancelScope() as self._stop_scope:
             while True:
-                if self.state != "connecting":
-                    self.restarts += 1
                 self.connected_at = None
                 self._connection_scope = connection = anyio.CancelScope()
                 try:
@@ -1645,8 +1649,10 @@ class Backend:
         self.state = "connecting"
 
     def _attempt_over(self) -> None:
-        self.attempt_ended.set()
-        self.attempt_ended = anyio.Event()
+        """A connection attempt ended, up or failed, or the backend stopped: calls waiting for it decide again."""
+        self.first_attempt_done.set()
+        self.router.attempt_ended.set()
+        self.router.attempt_ended = anyio.Event()
 
     def worth_waiting_for(self) -> bool:
         """Not connected, but expected back: calls wait for it (within their timeout) instead of failing."""
@@ -1663,7 +1669,7 @@ class Backend:
         self.state = "down"
         self.last_error = error
         self.expected_back = was_ready or expected_back
-        self.first_attempt_done.set()
+        self.restarts += 1  # the supervisor starts it again, now or after its backoff
         self._attempt_over()
         if expected_back:
             log.info("backend %s: %s", self.name, error)
@@ -1720,7 +1726,6 @@ class Backend:
             )
             self.router.set_listing(self, listing)
             await self.router.resubscribe(self)
-            self.first_attempt_done.set()
             self._attempt_over()
             async with anyio.create_task_group() as tg:
                 if self.config.health_check.enabled:
@@ -1979,12 +1984,15 @@ class Router:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self.settings = config.settings
+        self.config_source = config.source
         self.clock = clock
         self.sleep = sleep
         connectors = connectors or {}
         self.backends: dict[str, Backend] = {b.name: Backend(b, self, connectors.get(b.name)) for b in config.backends}
         self._task_group: anyio.abc.TaskGroup | None = None
         self.ready = anyio.Event()
+        self.attempt_ended = anyio.Event()
+        """Set (then replaced) whenever a backend's connection attempt ends: calls waiting for a backend decide again."""
         self.log_level: str | None = None
         self.events = InMemorySubscriptionBus()
         """Change events for 2026-era clients, which hear them on `subscriptions/listen`."""
@@ -2284,8 +2292,10 @@ class Router:
             try:
                 backend = choose_backend(backends)
             except BackendUnavailable as exc:  # nothing was sent: wait for a reconnect, or fail at once
-                if exc.reconnecting and await _until_an_attempt_ends(backends, deadline - self.clock()):
-                    continue
+                if exc.reconnecting:
+                    with anyio.move_on_after(deadline - self.clock()):
+                        await self.attempt_ended.wait()
+                        continue
                 raise MCPError(BACKEND_UNAVAILABLE, str(exc)) from None
             attempt += 1
             key = id(ctx)
@@ -2310,25 +2320,6 @@ class Router:
                 raise _as_mcp_error(error, backend) from None
             log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
             await self.sleep(delay)
-
-
-async def _until_an_attempt_ends(backends: Sequence[Backend], timeout: float) -> bool:
-    """Wait until a connection attempt of the pool's unconnected backends ends, up or failed (or one is stopped);
-    False when `timeout` runs out first."""
-    backends = [b for b in backends if b.session is None and b.state in ("connecting", "down")]
-    if not backends or timeout <= 0:
-        return False
-    with anyio.move_on_after(timeout):
-        async with anyio.create_task_group() as tg:
-            for backend in backends:
-
-                async def attempt_ended(event: anyio.Event = backend.attempt_ended) -> None:
-                    await event.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(attempt_ended)
-        return True
-    return False
 
 
 def _as_mcp_error(error: Exception, backend: Backend) -> MCPError:
@@ -2392,7 +2383,7 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
             f"{r['name']}: {r['state']}, circuit {r['circuit_state']}, {r['tools']} tools, {r['resources']} resources, {r['prompts']} prompts"
             + (f", last error: {r['last_error']}" if r["last_error"] else "")
             for r in rows
-        ] or ["no backends configured; add some to backends.yaml (see backends.example.yaml)"]
+        ] or [no_backends_hint(router.config_source)]
         return _management_result({"backends": rows, "conflicts": list(router.catalogue.conflicts)}, "\n".join(lines))
     wanted = arguments.get("name")
     backend = router.backends.get(wanted) if isinstance(wanted, str) else None
@@ -2517,7 +2508,7 @@ def build_server(router: Router) -> RouterServer:
         if isinstance(ref, types.PromptReference):
             entry = router.catalogue.prompts.get(ref.name)
             if entry is None:
-                raise MCPError(INVALID_PARAMS, f"Unknown prompt: {ref.name!r}")
+                raise router.unknown("prompt", ref.name)
             out["ref"] = {**out["ref"], "name": entry.original}
             pool = entry.pool
         else:
@@ -2674,7 +2665,8 @@ async def serve_stdio(server: Server[Any], router: Router) -> None:
 def http_app(router: Router, server: RouterServer) -> Any:
     """The ASGI app serving streamable HTTP at /mcp."""
     settings = router.settings
-    return PlainAnswers(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response))
+    app = server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response)
+    return app if settings.json_response else PlainAnswers(app)
 
 
 SSE_ANSWER_EVENT: Final = re.compile(
@@ -2766,8 +2758,7 @@ async def run_router(started: Started) -> None:
     router = Router(config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched})
     server = build_server(router)
     if not config.backends:
-        hint = f"add some to {config.source}" if config.source != NO_CONFIG else f"add some to {CONFIG_FILE_NAME} or pass --config"
-        log.info("no backends configured: serving the management tools only; %s (see backends.example.yaml)", hint)
+        log.info("%s; serving the management tools only", no_backends_hint(config.source))
     stop = anyio.Event()
     async with router.running(), anyio.create_task_group() as tg:
 
