@@ -56,7 +56,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections import ChainMap
+from collections import ChainMap, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -116,7 +116,7 @@ NO_CONFIG: Final = "(no config)"
 """The source of the configuration when there is no file: zero-config."""
 
 
-MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health")
+MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health", "explain_route")
 LOG_SEVERITY: Final = {
     level: i for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
 }
@@ -145,23 +145,25 @@ class ConfigError(RouterError):
         super().__init__("\n".join(self.problems))
 
 
-class BackendUnavailable(RouterError):
-    """No backend could take the request; nothing was sent.
+class NotSent(RouterError):
+    """A request that provably never reached its backend (its connection was gone, or writing it failed): it may be
+    sent elsewhere, whatever it is."""
 
-    `reconnecting` says a backend of the pool is on its way back, so the
-    request may wait for it instead of failing.
-    """
 
-    def __init__(self, message: str, *, reconnecting: bool = False) -> None:
-        super().__init__(message)
-        self.reconnecting = reconnecting
+class InvalidCursor(RouterError):
+    """A list cursor the router never handed out."""
 
 
 # ---------------------------------------------------------------------------- config
 
 Transport: TypeAlias = Literal["stdio", "http", "sse"]
-Strategy: TypeAlias = Literal["path", "capability", "fallback"]
-STRATEGIES: Final = ("path", "capability", "fallback")
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The routing strategies config accepts: the pure core's registry (STRATEGIES) and its aliases."""
+    return (*STRATEGIES, *STRATEGY_ALIASES)
+
+
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -185,7 +187,7 @@ class CircuitBreakerConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     pattern: str
-    strategy: Strategy
+    strategy: str
     fallback_to: str | None = None
 
 
@@ -237,7 +239,7 @@ class Settings:
     port: int = 8000
     json_response: bool = False
     log_level: str = "INFO"
-    default_strategy: Strategy = "capability"
+    default_strategy: str = "capability"
     enable_namespaces: bool = True
     cache_ttl: float = 300.0
     request_timeout: float = 30.0
@@ -248,6 +250,10 @@ class Settings:
     health_check_timeout: float = 5.0
 
 
+Kind: TypeAlias = type | tuple[str, ...] | Callable[[], tuple[str, ...]]
+"""What a setting or key holds: a type, a choice of words, or a function naming the choices (read when checked)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """One router setting: where it is read from, and what it means."""
@@ -256,7 +262,7 @@ class Setting:
     yaml_path: str
     env: str
     flag: str | None
-    kind: type | tuple[str, ...]
+    kind: Kind
     help: str
 
 
@@ -269,7 +275,7 @@ SETTINGS: Final = (
     Setting("json_response", "server.json_response", "MCP_JSON_RESPONSE", "--json-response", bool,
             "answer every HTTP request with one JSON body, never a stream: no progress or sampling mid-call"),
     Setting("log_level", "server.log_level", "MCP_LOG_LEVEL", "--log-level", LOG_LEVELS, "stderr log level"),
-    Setting("default_strategy", "routing.default_strategy", "MCP_DEFAULT_STRATEGY", None, STRATEGIES,
+    Setting("default_strategy", "routing.default_strategy", "MCP_DEFAULT_STRATEGY", None, strategy_names,
             "routing strategy of a route that names none"),
     Setting("enable_namespaces", "routing.enable_namespace_prefixing", "MCP_ENABLE_NAMESPACES", "--namespaces", bool,
             "prefix tool and prompt names with the backend namespace"),
@@ -354,8 +360,10 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check(value: Any, kind: type | tuple[str, ...], path: str, problems: _Problems) -> Any:
+def _check(value: Any, kind: Kind, path: str, problems: _Problems) -> Any:
     """Return `value` as `kind`, or None after recording what was expected."""
+    if callable(kind) and not isinstance(kind, type):
+        kind = kind()
     if isinstance(value, str) and kind in (int, float, bool):
         value = _from_text(value, kind)  # "${PORT:-8001}" expands to text
     if isinstance(kind, tuple):
@@ -383,7 +391,7 @@ def _check(value: Any, kind: type | tuple[str, ...], path: str, problems: _Probl
     return None
 
 
-def _from_text(text: str, kind: type | tuple[str, ...]) -> Any:
+def _from_text(text: str, kind: Kind) -> Any:
     """Turn an env var or CLI string into the setting's kind (validated afterwards by `_check`)."""
     if kind is bool:
         lowered = text.strip().lower()
@@ -547,7 +555,7 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
             continue
         problems.unknown_keys(r, ("pattern", "strategy", "fallback_to"), rpath)
         pattern = _check(r.get("pattern"), str, _join(rpath, "pattern"), problems)
-        strategy = _check(r.get("strategy", settings.default_strategy), STRATEGIES, _join(rpath, "strategy"), problems)
+        strategy = _check(r.get("strategy", settings.default_strategy), strategy_names, _join(rpath, "strategy"), problems)
         fallback_to = r.get("fallback_to")
         if fallback_to is not None:
             _check(fallback_to, str, _join(rpath, "fallback_to"), problems)
@@ -656,6 +664,8 @@ def parse_config(
                 close = difflib.get_close_matches(r.fallback_to, list(seen), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 problems.add(f"backend {b.name!r}: routes", f"fallback_to names unknown backend {r.fallback_to!r}{hint}")
+    for cycle in fallback_cycles(r for rs in routes_of(backends).values() for r in rs):
+        problems.add("routes", f"fallback_to links form a cycle: {' -> '.join(cycle)} (a request would go round forever)")
     if problems.items:
         raise ConfigError(problems.items)
     return Config(settings=settings, backends=tuple(backends), source=source)
@@ -691,6 +701,646 @@ def no_backends_hint(source: str | None) -> str:
     """What to say when there are no backends: where to add them."""
     where = source if source not in (None, NO_CONFIG) else f"{CONFIG_FILE_NAME} or pass --config"
     return f"no backends configured; add some to {where} (see backends.example.yaml)"
+
+
+# ---------------------------------------------------------------------------- pure core
+# Rules for this section: no await, no I/O, no SDK; time and chance are passed in. Everything here is
+# deterministic given its arguments, so tests drive it with fake clocks and rngs.
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def expose_name(namespace: str | None, name: str, taken: Container[str] = frozenset()) -> str:
+    """The client-facing name for a backend's tool or prompt: `namespace__name`.
+
+    Clients reject names outside ^[A-Za-z0-9_-]{1,64}$, so illegal characters
+    become '_' and a name that is too long, was changed, or collides with one
+    already taken gets a short hash of the full original, which keeps it unique
+    and deterministic. The mapping back is kept in the catalogue, never re-parsed.
+    """
+    full = f"{namespace}{SEPARATOR}{name}" if namespace else name
+    clean = re.sub(r"[^A-Za-z0-9_-]", "_", full)
+    if clean == full and len(clean) <= MAX_NAME_LENGTH and clean not in taken:
+        return clean
+    suffix = "_" + _short_hash(full)
+    candidate = clean[: MAX_NAME_LENGTH - len(suffix)] + suffix
+    salt = 0
+    while candidate in taken:  # a hash collision: vanishingly rare, still handled
+        salt += 1
+        suffix = "_" + _short_hash(f"{full}#{salt}")
+        candidate = clean[: MAX_NAME_LENGTH - len(suffix)] + suffix
+    return candidate
+
+
+def strip_reserved_meta(item: dict[str, Any]) -> dict[str, Any]:
+    """Drop protocol-reserved `_meta` keys a backend set; they belong to the router's own hop."""
+    meta = item.get("_meta")
+    if meta and any(k.startswith(RESERVED_META_PREFIX) for k in meta):
+        kept = {k: v for k, v in meta.items() if not k.startswith(RESERVED_META_PREFIX)}
+        item = {**item, "_meta": kept} if kept else {k: v for k, v in item.items() if k != "_meta"}
+    return item
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What one backend offers, as the raw wire dicts it sent (after include/exclude)."""
+
+    tools: tuple[dict[str, Any], ...] = ()
+    resources: tuple[dict[str, Any], ...] = ()
+    templates: tuple[dict[str, Any], ...] = ()
+    prompts: tuple[dict[str, Any], ...] = ()
+    instructions: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A backend as the catalogue sees it."""
+
+    name: str
+    namespace: str
+    priority: int
+    listing: Listing
+    routes: tuple[Route, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Where an exposed name goes: the pool of backends that offer it (replicas sharing a namespace), its original
+    name, and how requests for it are routed."""
+
+    exposed: str
+    original: str
+    pool: tuple[str, ...]
+    retry_safe: bool = False
+    plan: Plan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    tools: Mapping[str, Entry] = field(default_factory=dict)
+    prompts: Mapping[str, Entry] = field(default_factory=dict)
+    resources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    templates: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Each resource template's text and the backends that list it."""
+    tool_items: tuple[dict[str, Any], ...] = ()
+    prompt_items: tuple[dict[str, Any], ...] = ()
+    resource_items: tuple[dict[str, Any], ...] = ()
+    template_items: tuple[dict[str, Any], ...] = ()
+    conflicts: tuple[str, ...] = ()
+    instructions: str | None = None
+
+
+def _is_retry_safe(tool: Mapping[str, Any]) -> bool:
+    annotations = tool.get("annotations") or {}
+    return bool(annotations.get("readOnlyHint") or annotations.get("idempotentHint"))
+
+
+def _expose_items(
+    members: Sequence[Member],
+    items_of: Callable[[Listing], Sequence[dict[str, Any]]],
+    namespaced: bool,
+    reserved: Mapping[str, object],
+    kind: str,
+    conflicts: list[str],
+) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
+    entries: dict[str, Entry] = {}
+    items: list[dict[str, Any]] = []
+    by_key: dict[tuple[str | None, str], str] = {}
+    owner_namespace: dict[str, str] = {}
+    for m in members:
+        for item in items_of(m.listing):
+            original = item.get("name")
+            if not isinstance(original, str):
+                continue
+            key = (m.namespace if namespaced else None, original)
+            if key in by_key:
+                exposed = by_key[key]
+                entry = entries[exposed]
+                if owner_namespace[exposed] == m.namespace:  # a replica: one pool
+                    entries[exposed] = dataclasses.replace(entry, pool=(*entry.pool, m.name))
+                else:  # namespaces off: another backend's tool of the same name, never reached through this one
+                    conflicts.append(f"{kind} {original!r} of {m.name} is hidden by {entry.pool[0]}'s (higher priority)")
+                continue
+            exposed = expose_name(key[0], original, ChainMap(cast("dict[str, object]", entries), dict(reserved)))
+            by_key[key] = exposed
+            owner_namespace[exposed] = m.namespace
+            entries[exposed] = Entry(exposed, original, (m.name,), retry_safe=kind == "tool" and _is_retry_safe(item))
+            items.append(strip_reserved_meta({**item, "name": exposed}))
+    return entries, items
+
+
+def build_catalogue(
+    members: Sequence[Member],
+    *,
+    namespaced: bool = True,
+    reserved: Iterable[str] = MANAGEMENT_TOOLS,
+    default_strategy: str = "capability",
+) -> Catalogue:
+    """Merge backends' listings into the names the client sees, each with its routing plan.
+
+    Members come in priority order (lower number first); a name offered by
+    several backends of one namespace becomes one entry whose pool lists them
+    in that order.
+    """
+    members = sorted(members, key=lambda m: m.priority)
+    conflicts: list[str] = []
+    routes = {m.name: m.routes for m in members}
+    priority = {m.name: m.priority for m in members}
+
+    def planned(entries: dict[str, Entry]) -> dict[str, Entry]:
+        return {
+            exposed: dataclasses.replace(e, plan=plan_route(e.original, e.pool, routes, priority, default_strategy))
+            for exposed, e in entries.items()
+        }
+
+    tools, tool_items = _expose_items(members, lambda lst: lst.tools, namespaced, dict.fromkeys(reserved), "tool", conflicts)
+    prompts, prompt_items = _expose_items(members, lambda lst: lst.prompts, namespaced, {}, "prompt", conflicts)
+    tools, prompts = planned(tools), planned(prompts)
+    offered = {
+        (kind, m.name): {i.get("name") for i in items}
+        for m in members
+        for kind, items in (("tool", m.listing.tools), ("prompt", m.listing.prompts))
+    }
+    for kind, entries in (("tool", tools), ("prompt", prompts)):
+        for e in entries.values():
+            assert e.plan is not None
+            for b in e.plan.candidates:
+                if e.original not in offered.get((kind, b), ()):
+                    conflicts.append(f"{kind} {e.original!r}: fallback backend {b} does not offer it")
+    resources: dict[str, tuple[str, ...]] = {}
+    resource_items: list[dict[str, Any]] = []
+    templates: list[tuple[str, tuple[str, ...]]] = []
+    template_items: list[dict[str, Any]] = []
+    template_index: dict[str, int] = {}
+    for m in members:
+        for res in m.listing.resources:
+            uri = res.get("uri")
+            if not isinstance(uri, str):
+                continue
+            if uri in resources:
+                resources[uri] = (*resources[uri], m.name)
+                continue
+            resources[uri] = (m.name,)
+            resource_items.append(strip_reserved_meta(res))
+        for tpl in m.listing.templates:
+            text = tpl.get("uriTemplate")
+            if not isinstance(text, str):
+                continue
+            if text in template_index:
+                i = template_index[text]
+                templates[i] = (text, (*templates[i][1], m.name))
+                continue
+            template_index[text] = len(templates)
+            templates.append((text, (m.name,)))
+            template_items.append(strip_reserved_meta(tpl))
+    instructions = "\n\n".join(
+        f"## {m.namespace if namespaced else m.name}\n{m.listing.instructions.strip()}" for m in members if m.listing.instructions
+    )
+    return Catalogue(
+        tools=tools,
+        prompts=prompts,
+        resources=resources,
+        templates=tuple(templates),
+        tool_items=tuple(tool_items),
+        prompt_items=tuple(prompt_items),
+        resource_items=tuple(resource_items),
+        template_items=tuple(template_items),
+        conflicts=tuple(dict.fromkeys(conflicts)),
+        instructions=instructions or None,
+    )
+
+
+def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: int = PAGE_SIZE) -> dict[str, Any]:
+    """One page of a list result; the cursor is the offset, opaque to clients."""
+    start = 0
+    if cursor is not None:
+        if not cursor.isdigit() or len(cursor) > 9 or int(cursor) > len(items):
+            raise InvalidCursor(f"Invalid cursor: {cursor[:40]!r}")
+        start = int(cursor)
+    end = start + size
+    result: dict[str, Any] = {key: list(items[start:end])}
+    if end < len(items):
+        result["nextCursor"] = str(end)
+    return result
+
+
+class EncodedItems(list[Any]):
+    """A page's items, kept until the catalogue changes; a line writer encodes them once for every listing."""
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        super().__init__(items)
+        self.encoded: bytes | None = None
+
+
+def filter_tools(tools: Iterable[dict[str, Any]], include: Sequence[str], exclude: Sequence[str]) -> tuple[dict[str, Any], ...]:
+    """Keep tools whose name matches an include glob (all, when none are given) and no exclude glob."""
+
+    def wanted(name: str) -> bool:
+        if include and not any(fnmatchcase(name, g) for g in include):
+            return False
+        return not any(fnmatchcase(name, g) for g in exclude)
+
+    return tuple(t for t in tools if isinstance(t.get("name"), str) and wanted(t["name"]))
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    initial: float,
+    multiplier: float,
+    cap: float,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before retry number `attempt` (1-based): initial * multiplier**(attempt-1), capped, with jitter.
+
+    Any attempt number is fine: past the cap the power is never computed (it overflows a float near attempt 1,025).
+    """
+    growth = max(0, attempt - 1)
+    if multiplier > 1 and initial > 0 and growth * math.log(multiplier) >= math.log(max(cap, initial) / initial):
+        base = cap
+    else:
+        base = min(cap, initial * multiplier**growth)
+    return base * (1.0 - JITTER * rng())
+
+
+BreakerState: TypeAlias = Literal["closed", "open", "half_open"]
+
+
+@dataclass(slots=True)
+class CircuitBreaker:
+    """Per-backend circuit breaker; state is derived from the clock on read.
+
+    closed: requests flow; `failure_threshold` consecutive failures open it.
+    open: requests are rejected at once until `reset_timeout` has passed.
+    half_open: up to `half_open_attempts` trial requests are admitted one at a
+    time; when that many have succeeded it closes, and any failure re-opens it.
+    `record_*` return the transition ("open", "closed", ...) or None, so the
+    caller logs once per transition, never per request.
+    """
+
+    name: str
+    failure_threshold: int = 5
+    reset_timeout: float = 60.0
+    half_open_attempts: int = 1
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    last_error: str | None = None
+    opened_at: float | None = None
+    trial_in_flight: bool = False
+    trial_successes: int = 0
+
+    @property
+    def state(self) -> BreakerState:
+        if self.opened_at is None:
+            return "closed"
+        if self.clock() - self.opened_at >= self.reset_timeout:
+            return "half_open"
+        return "open"
+
+    @property
+    def retry_at(self) -> float | None:
+        """Clock time when an open breaker will admit a trial request."""
+        return None if self.opened_at is None else self.opened_at + self.reset_timeout
+
+    def admits(self) -> bool:
+        """Would a request go through now? Changes nothing (routing decisions read it)."""
+        state = self.state
+        return state == "closed" or (state == "half_open" and not self.trial_in_flight)
+
+    def allow(self) -> bool:
+        """May a request go through now? In half-open, admits one trial at a time."""
+        if not self.admits():
+            return False
+        if self.state == "half_open":
+            self.trial_in_flight = True
+        return True
+
+    def release(self) -> None:
+        """A request it admitted ended with no verdict on the backend (never sent, cancelled): free the trial slot."""
+        self.trial_in_flight = False
+
+    def reconnected(self) -> BreakerState | None:
+        """The backend's connection was re-established (handshake and listing done): an open breaker half-opens,
+        so the next call is the trial, instead of every call being refused until the reset timeout."""
+        if self.state != "open":
+            return None
+        assert self.opened_at is not None
+        self.opened_at = self.clock() - self.reset_timeout
+        self.trial_in_flight = False
+        return "half_open"
+
+    def record_success(self) -> BreakerState | None:
+        if self.opened_at is None:
+            self.failures = 0
+            return None
+        if self.state == "open":
+            return None  # a straggler answering late proves nothing; wait for the trial
+        self.failures = 0
+        self.trial_in_flight = False
+        self.trial_successes += 1
+        if self.trial_successes < self.half_open_attempts:
+            return None
+        self.opened_at = None
+        self.trial_successes = 0
+        return "closed"
+
+    def record_failure(self, error: str) -> BreakerState | None:
+        state = self.state
+        self.failures += 1
+        self.last_error = error
+        self.trial_in_flight = False
+        self.trial_successes = 0
+        if state == "half_open" or (state == "closed" and self.failures >= self.failure_threshold):
+            self.opened_at = self.clock()
+            return "open"
+        return None  # still closed, or a straggler failing while already open
+
+    def open_error(self) -> str:
+        wait = max(0.0, (self.retry_at or 0.0) - self.clock())
+        return (
+            f"backend {self.name!r} is unavailable: circuit open after {self.failures} consecutive failures "
+            f"(last error: {self.last_error}); retrying in {wait:.1f}s"
+        )
+
+
+# -- time
+
+
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """Where the router's time and chance come from, handed to every backend (sched.scheduler's timefunc and delayfunc).
+
+    Restart backoff, health checks, list refresh, latency timing and jitter all read it,
+    so tests move a fake clock instead of sleeping.
+    """
+
+    now: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    random: Callable[[], float] = random.random
+
+
+# -- the backend lifecycle
+
+LifecycleState: TypeAlias = Literal["starting", "ready", "reconnecting", "failing", "stopped", "disabled"]
+LifecycleEvent: TypeAlias = Literal["connected", "failed", "lost", "restart", "stop"]
+LIFECYCLE: Final[Mapping[tuple[str, str], LifecycleState]] = {
+    ("starting", "connected"): "ready",
+    ("starting", "failed"): "failing",
+    ("starting", "restart"): "starting",
+    ("ready", "lost"): "reconnecting",
+    ("ready", "restart"): "reconnecting",
+    ("reconnecting", "connected"): "ready",
+    ("reconnecting", "failed"): "failing",
+    ("reconnecting", "restart"): "reconnecting",
+    ("failing", "connected"): "ready",
+    ("failing", "failed"): "failing",
+    ("failing", "restart"): "reconnecting",
+    **{(state, "stop"): "stopped" for state in ("starting", "ready", "reconnecting", "failing", "disabled", "stopped")},
+}
+"""Every legal move of a backend's lifecycle: (state, event) -> next state. Anything else is a router bug."""
+CALLS_WAIT: Final = frozenset({"starting", "reconnecting"})
+"""States of a backend on its way (back): calls wait for it within their deadline. Calls to a failing backend fail at once
+with its reason (it crash-loops: waiting would cost every caller its whole timeout), and so do calls to a stopped one."""
+
+
+class IllegalTransition(RouterError):
+    """A lifecycle event that has no move from the backend's state."""
+
+
+def next_state(state: LifecycleState, event: LifecycleEvent) -> LifecycleState:
+    try:
+        return LIFECYCLE[(state, event)]
+    except KeyError:
+        raise IllegalTransition(f"backend lifecycle: no transition on {event!r} from {state!r}") from None
+
+
+# -- routing
+# The shell takes a snapshot of each candidate backend and asks a strategy; the strategy returns a decision.
+# No live objects, no breaker changes, no exceptions as state: the shell acts on the decision.
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One `routes` entry of a backend's config: names matching `pattern` go to `backend` under `strategy`."""
+
+    backend: str
+    pattern: str
+    strategy: str
+    fallback_to: str | None = None
+    order: int = 0
+    """Position in the config, which breaks ties between equally specific patterns."""
+
+    def specificity(self) -> tuple[int, int, int]:
+        """Sorts the most specific first: fewest wildcards, then the longest literal part, then config order."""
+        wildcards = sum(self.pattern.count(c) for c in "*?[")
+        literal = len(re.sub(r"\[[^]]*\]|[*?]", "", self.pattern))
+        return wildcards, -literal, self.order
+
+
+def best_route(name: str, routes: Iterable[Route]) -> Route | None:
+    """The most specific route whose glob matches `name` (a tool or prompt's own name, or a resource URI)."""
+    matching = [r for r in routes if fnmatchcase(name, r.pattern)]
+    return min(matching, key=Route.specificity) if matching else None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How requests for one name are routed, worked out when the catalogue is built: the strategy, the route
+    that chose it (None: the default strategy), and the backends to consider, in the order the strategy reads them."""
+
+    strategy: str
+    route: Route | None
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A backend as a routing decision sees it, for one request."""
+
+    name: str
+    priority: int
+    state: LifecycleState
+    breaker: BreakerState
+    admits: bool
+    """Its breaker would admit a call now."""
+    in_flight: int
+    offers: bool
+    """Its current listing offers the requested name."""
+    latency_ms: float | None = None
+    reason: str = ""
+    """Why it cannot take calls, when it cannot."""
+
+    @property
+    def usable(self) -> bool:
+        return self.offers and self.state == "ready" and self.admits
+
+    def why_not(self) -> str:
+        if not self.offers:
+            return "does not offer it"
+        if self.state != "ready":
+            return self.reason or self.state
+        return self.reason or f"circuit {self.breaker.replace('_', '-')}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a request: send it (to `order[0]`, then the next on a failure that allows it), wait for a
+    backend that is coming back (within the request's deadline), or refuse it (`reason` says why)."""
+
+    action: Literal["send", "wait", "refuse"]
+    order: tuple[str, ...] = ()
+    reason: str = ""
+    skipped: tuple[tuple[str, str], ...] = ()
+    """Each candidate not first in `order`, with why."""
+
+
+RouteStrategy: TypeAlias = Callable[[Sequence[Candidate], int], Decision]
+"""A strategy: the candidates (in the plan's order) and the request's turn (for round-robin) in, a decision out."""
+
+
+def _decide(ranked: Sequence[Candidate], candidates: Sequence[Candidate], why_later: Callable[[Candidate], str]) -> Decision:
+    """The decision for candidates ranked best first: send to the usable ones, else wait or refuse."""
+    usable = [c for c in ranked if c.usable]
+    if usable:
+        later = [(c.name, why_later(c)) for c in usable[1:]] + [(c.name, c.why_not()) for c in candidates if not c.usable]
+        return Decision("send", tuple(c.name for c in usable), skipped=tuple(later))
+    skipped = tuple((c.name, c.why_not()) for c in candidates)
+    reason = "; ".join(why if repr(name) in why else f"backend {name!r}: {why}" for name, why in skipped) or "no backend offers it"
+    coming_back = any(c.offers and c.state in CALLS_WAIT for c in candidates)
+    return Decision("wait" if coming_back else "refuse", reason=reason, skipped=skipped)
+
+
+def route_in_order(candidates: Sequence[Candidate], turn: int) -> Decision:
+    """`fallback` (alias `priority`), and `path`: the first candidate that can take the request, in the plan's order
+    (priority, lower first, with each route's `fallback_to` after its backend; for `path`, the route's own backend first)."""
+    return _decide(candidates, candidates, lambda c: "later in the chain")
+
+
+def route_by_capability(candidates: Sequence[Candidate], turn: int) -> Decision:
+    """`capability`: among the backends that offer the name, a closed breaker first, then the fewest calls in flight,
+    then the lower priority, then round-robin."""
+    n = len(candidates)
+    ranked = sorted(enumerate(candidates), key=lambda ic: (ic[1].breaker != "closed", ic[1].in_flight, ic[1].priority, (ic[0] - turn) % n))
+    best = ranked[0][1] if ranked else None
+
+    def why_later(c: Candidate) -> str:
+        if best is None or c.in_flight > best.in_flight:
+            return f"busier ({c.in_flight} in flight)"
+        return "lower priority" if c.priority > best.priority else "not its turn"
+
+    return _decide([c for _, c in ranked], candidates, why_later)
+
+
+STRATEGIES: Final[Mapping[str, RouteStrategy]] = {
+    "path": route_in_order,
+    "capability": route_by_capability,
+    "fallback": route_in_order,
+}
+"""The routing strategies by name; config validation reads this table."""
+STRATEGY_ALIASES: Final = {"priority": "fallback"}
+
+
+def plan_route(name: str, pool: Sequence[str], routes: Mapping[str, Sequence[Route]], priority: Mapping[str, int], default: str) -> Plan:
+    """The plan for `name`, offered by `pool` (replicas, in priority order): the most specific route of a pool member
+    that matches decides the strategy; `fallback_to` links (followed while routes match) add backends outside the pool."""
+    route = best_route(name, (r for member in pool for r in routes.get(member, ())))
+    strategy = route.strategy if route else default
+    strategy = STRATEGY_ALIASES.get(strategy, strategy)
+    if strategy == "capability":
+        return Plan(strategy, route, tuple(pool))
+
+    def chain(start: str) -> list[str]:
+        found, here = [start], best_route(name, routes.get(start, ()))
+        while here is not None and here.fallback_to is not None and here.fallback_to not in found:
+            found.append(here.fallback_to)
+            here = best_route(name, routes.get(here.fallback_to, ()))
+        return found
+
+    if strategy == "path" and route is not None:
+        return Plan(strategy, route, tuple(chain(route.backend)))
+    ordered = sorted(pool, key=lambda member: (route is None or member != route.backend, priority.get(member, 0)))
+    return Plan(strategy, route, tuple(dict.fromkeys(b for member in ordered for b in chain(member))))
+
+
+def routes_of(backends: Iterable[BackendConfig]) -> dict[str, tuple[Route, ...]]:
+    """Every backend's routes, numbered in config order."""
+    numbered = enumerate((b.name, r) for b in backends for r in b.routes)
+    found: dict[str, list[Route]] = {}
+    for i, (name, r) in numbered:
+        found.setdefault(name, []).append(Route(name, r.pattern, r.strategy, r.fallback_to, i))
+    return {name: tuple(rs) for name, rs in found.items()}
+
+
+def fallback_cycles(routes: Iterable[Route]) -> list[list[str]]:
+    """Cycles of `fallback_to` links between backends, each as the backends it passes through, first repeated last."""
+    links: dict[str, set[str]] = {}
+    for r in routes:
+        if r.fallback_to is not None:
+            links.setdefault(r.backend, set()).add(r.fallback_to)
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycle = [*path[path.index(node) :], node]
+            if not any(set(cycle) == set(c) for c in cycles):
+                cycles.append(cycle)
+            return
+        if node in done:
+            return
+        for target in sorted(links.get(node, ())):
+            visit(target, [*path, node])
+        done.add(node)
+
+    for start in sorted(links):
+        visit(start, [])
+    return cycles
+
+
+def may_send_elsewhere(*, reached_backend: bool, retry_safe: bool) -> bool:
+    """The one rule for sending a failed request again, to the next candidate or the same one: always when it provably
+    never reached a backend; when it may have run there, only if repeating it is harmless (lists, reads, prompts,
+    completion, and tools annotated readOnlyHint or idempotentHint)."""
+    return retry_safe or not reached_backend
+
+
+LATENCY_WINDOW: Final = 256
+"""Recent calls per backend kept for its latency percentiles."""
+
+
+@dataclass(slots=True)
+class RouteStats:
+    """A backend's routing counters: what list_backends, get_backend_health and the debug log show."""
+
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    """Requests this backend served after another candidate failed or was passed over in a chain."""
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def record(self, milliseconds: float, *, ok: bool, fallback: bool) -> None:
+        self.requests += 1
+        self.errors += not ok
+        self.fallbacks += fallback
+        self.latencies_ms.append(milliseconds)
+
+    def percentile(self, q: float) -> float | None:
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 # ---------------------------------------------------------------------------- start-up
@@ -931,6 +1581,7 @@ from mcp.server.subscriptions import (
     ResourceUpdated,
     ToolsListChanged,
 )
+from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
@@ -938,362 +1589,7 @@ from mcp.shared.uri_template import UriTemplate
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, REQUEST_TIMEOUT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-# ---------------------------------------------------------------------------- pure core
-# Rules for this section: no await, no I/O, time is passed in. Everything here is
-# deterministic given its arguments, so tests drive it with fake clocks and rngs.
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def expose_name(namespace: str | None, name: str, taken: Container[str] = frozenset()) -> str:
-    """The client-facing name for a backend's tool or prompt: `namespace__name`.
-
-    Clients reject names outside ^[A-Za-z0-9_-]{1,64}$, so illegal characters
-    become '_' and a name that is too long, was changed, or collides with one
-    already taken gets a short hash of the full original, which keeps it unique
-    and deterministic. The mapping back is kept in the catalogue, never re-parsed.
-    """
-    full = f"{namespace}{SEPARATOR}{name}" if namespace else name
-    clean = re.sub(r"[^A-Za-z0-9_-]", "_", full)
-    if clean == full and len(clean) <= MAX_NAME_LENGTH and clean not in taken:
-        return clean
-    suffix = "_" + _short_hash(full)
-    candidate = clean[: MAX_NAME_LENGTH - len(suffix)] + suffix
-    salt = 0
-    while candidate in taken:  # a hash collision: vanishingly rare, still handled
-        salt += 1
-        suffix = "_" + _short_hash(f"{full}#{salt}")
-        candidate = clean[: MAX_NAME_LENGTH - len(suffix)] + suffix
-    return candidate
-
-
-def strip_reserved_meta(item: dict[str, Any]) -> dict[str, Any]:
-    """Drop protocol-reserved `_meta` keys a backend set; they belong to the router's own hop."""
-    meta = item.get("_meta")
-    if meta and any(k.startswith(RESERVED_META_PREFIX) for k in meta):
-        kept = {k: v for k, v in meta.items() if not k.startswith(RESERVED_META_PREFIX)}
-        item = {**item, "_meta": kept} if kept else {k: v for k, v in item.items() if k != "_meta"}
-    return item
-
-
-@dataclass(frozen=True, slots=True)
-class Listing:
-    """What one backend offers, as the raw wire dicts it sent (after include/exclude)."""
-
-    tools: tuple[dict[str, Any], ...] = ()
-    resources: tuple[dict[str, Any], ...] = ()
-    templates: tuple[dict[str, Any], ...] = ()
-    prompts: tuple[dict[str, Any], ...] = ()
-    instructions: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """A backend as the catalogue sees it."""
-
-    name: str
-    namespace: str
-    priority: int
-    listing: Listing
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """Where an exposed name goes: the pool of backends that offer it, and its original name."""
-
-    exposed: str
-    original: str
-    pool: tuple[str, ...]
-    retry_safe: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Catalogue:
-    tools: Mapping[str, Entry] = field(default_factory=dict)
-    prompts: Mapping[str, Entry] = field(default_factory=dict)
-    resources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    templates: tuple[tuple[UriTemplate | None, tuple[str, ...]], ...] = ()
-    tool_items: tuple[dict[str, Any], ...] = ()
-    prompt_items: tuple[dict[str, Any], ...] = ()
-    resource_items: tuple[dict[str, Any], ...] = ()
-    template_items: tuple[dict[str, Any], ...] = ()
-    conflicts: tuple[str, ...] = ()
-    instructions: str | None = None
-
-
-def _is_retry_safe(tool: Mapping[str, Any]) -> bool:
-    annotations = tool.get("annotations") or {}
-    return bool(annotations.get("readOnlyHint") or annotations.get("idempotentHint"))
-
-
-def _expose_items(
-    members: Sequence[Member],
-    items_of: Callable[[Listing], Sequence[dict[str, Any]]],
-    namespaced: bool,
-    reserved: Mapping[str, object],
-    kind: str,
-    conflicts: list[str],
-) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
-    entries: dict[str, Entry] = {}
-    items: list[dict[str, Any]] = []
-    by_key: dict[tuple[str | None, str], str] = {}
-    for m in members:
-        for item in items_of(m.listing):
-            original = item.get("name")
-            if not isinstance(original, str):
-                continue
-            key = (m.namespace if namespaced else None, original)
-            if key in by_key:  # a replica, or a collision with namespaces off: one pool
-                exposed = by_key[key]
-                entry = entries[exposed]
-                entries[exposed] = dataclasses.replace(entry, pool=(*entry.pool, m.name))
-                if not namespaced:
-                    conflicts.append(f"{kind} {original!r} is offered by {', '.join(entries[exposed].pool)}; routed by priority")
-                continue
-            exposed = expose_name(key[0], original, ChainMap(cast("dict[str, object]", entries), dict(reserved)))
-            by_key[key] = exposed
-            entries[exposed] = Entry(exposed, original, (m.name,), retry_safe=kind == "tool" and _is_retry_safe(item))
-            items.append(strip_reserved_meta({**item, "name": exposed}))
-    return entries, items
-
-
-def build_catalogue(members: Sequence[Member], *, namespaced: bool = True, reserved: Iterable[str] = MANAGEMENT_TOOLS) -> Catalogue:
-    """Merge backends' listings into the names the client sees.
-
-    Members come in priority order (lower number first); a name offered by
-    several backends becomes one entry whose pool lists them in that order.
-    """
-    members = sorted(members, key=lambda m: m.priority)
-    conflicts: list[str] = []
-    tools, tool_items = _expose_items(members, lambda lst: lst.tools, namespaced, dict.fromkeys(reserved), "tool", conflicts)
-    prompts, prompt_items = _expose_items(members, lambda lst: lst.prompts, namespaced, {}, "prompt", conflicts)
-    resources: dict[str, tuple[str, ...]] = {}
-    resource_items: list[dict[str, Any]] = []
-    templates: list[tuple[UriTemplate | None, tuple[str, ...]]] = []
-    template_items: list[dict[str, Any]] = []
-    template_index: dict[str, int] = {}
-    for m in members:
-        for res in m.listing.resources:
-            uri = res.get("uri")
-            if not isinstance(uri, str):
-                continue
-            if uri in resources:
-                resources[uri] = (*resources[uri], m.name)
-                continue
-            resources[uri] = (m.name,)
-            resource_items.append(strip_reserved_meta(res))
-        for tpl in m.listing.templates:
-            text = tpl.get("uriTemplate")
-            if not isinstance(text, str):
-                continue
-            if text in template_index:
-                i = template_index[text]
-                templates[i] = (templates[i][0], (*templates[i][1], m.name))
-                continue
-            try:
-                parsed: UriTemplate | None = UriTemplate.parse(text)
-            except ValueError:
-                parsed = None
-            template_index[text] = len(templates)
-            templates.append((parsed, (m.name,)))
-            template_items.append(strip_reserved_meta(tpl))
-    instructions = "\n\n".join(
-        f"## {m.namespace if namespaced else m.name}\n{m.listing.instructions.strip()}" for m in members if m.listing.instructions
-    )
-    return Catalogue(
-        tools=tools,
-        prompts=prompts,
-        resources=resources,
-        templates=tuple(templates),
-        tool_items=tuple(tool_items),
-        prompt_items=tuple(prompt_items),
-        resource_items=tuple(resource_items),
-        template_items=tuple(template_items),
-        conflicts=tuple(dict.fromkeys(conflicts)),
-        instructions=instructions or None,
-    )
-
-
-def resource_pool(catalogue: Catalogue, uri: str) -> tuple[str, ...] | None:
-    """Which backends serve `uri`: the one that listed it, else the owner of a matching template."""
-    pool = catalogue.resources.get(uri)
-    if pool is not None:
-        return pool
-    for template, owners in catalogue.templates:
-        if template is not None and template.match(uri) is not None:
-            return owners
-    return None
-
-
-def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: int = PAGE_SIZE) -> dict[str, Any]:
-    """One page of a list result; the cursor is the offset, opaque to clients."""
-    start = 0
-    if cursor is not None:
-        if not cursor.isdigit() or int(cursor) > len(items):
-            raise MCPError(INVALID_PARAMS, f"Invalid cursor: {cursor!r}")
-        start = int(cursor)
-    end = start + size
-    result: dict[str, Any] = {key: list(items[start:end])}
-    if end < len(items):
-        result["nextCursor"] = str(end)
-    return result
-
-
-class EncodedItems(list[Any]):
-    """A page's items, kept until the catalogue changes; a line writer encodes them once for every listing."""
-
-    __slots__ = ("encoded",)
-
-    def __init__(self, items: Iterable[Any]) -> None:
-        super().__init__(items)
-        self.encoded: bytes | None = None
-
-
-def filter_tools(tools: Iterable[dict[str, Any]], include: Sequence[str], exclude: Sequence[str]) -> tuple[dict[str, Any], ...]:
-    """Keep tools whose name matches an include glob (all, when none are given) and no exclude glob."""
-
-    def wanted(name: str) -> bool:
-        if include and not any(fnmatchcase(name, g) for g in include):
-            return False
-        return not any(fnmatchcase(name, g) for g in exclude)
-
-    return tuple(t for t in tools if isinstance(t.get("name"), str) and wanted(t["name"]))
-
-
-def backoff_delay(
-    attempt: int,
-    *,
-    initial: float,
-    multiplier: float,
-    cap: float,
-    rng: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait before retry number `attempt` (1-based): initial * multiplier**(attempt-1), capped, with jitter."""
-    base = min(cap, initial * multiplier ** max(0, attempt - 1))
-    return base * (1.0 - JITTER * rng())
-
-
-BreakerState: TypeAlias = Literal["closed", "open", "half_open"]
-
-
-@dataclass(slots=True)
-class CircuitBreaker:
-    """Per-backend circuit breaker; state is derived from the clock on read.
-
-    closed: requests flow; `failure_threshold` consecutive failures open it.
-    open: requests are rejected at once until `reset_timeout` has passed.
-    half_open: up to `half_open_attempts` trial requests are admitted one at a
-    time; when that many have succeeded it closes, and any failure re-opens it.
-    `record_*` return the transition ("open", "closed", ...) or None, so the
-    caller logs once per transition, never per request.
-    """
-
-    name: str
-    failure_threshold: int = 5
-    reset_timeout: float = 60.0
-    half_open_attempts: int = 1
-    clock: Callable[[], float] = time.monotonic
-    failures: int = 0
-    last_error: str | None = None
-    opened_at: float | None = None
-    trial_in_flight: bool = False
-    trial_successes: int = 0
-
-    @property
-    def state(self) -> BreakerState:
-        if self.opened_at is None:
-            return "closed"
-        if self.clock() - self.opened_at >= self.reset_timeout:
-            return "half_open"
-        return "open"
-
-    @property
-    def retry_at(self) -> float | None:
-        """Clock time when an open breaker will admit a trial request."""
-        return None if self.opened_at is None else self.opened_at + self.reset_timeout
-
-    def allow(self) -> bool:
-        """May a request go through now? In half-open, admits one trial at a time."""
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "open" or self.trial_in_flight:
-            return False
-        self.trial_in_flight = True
-        return True
-
-    def record_success(self) -> BreakerState | None:
-        if self.opened_at is None:
-            self.failures = 0
-            return None
-        if self.state == "open":
-            return None  # a straggler answering late proves nothing; wait for the trial
-        self.failures = 0
-        self.trial_in_flight = False
-        self.trial_successes += 1
-        if self.trial_successes < self.half_open_attempts:
-            return None
-        self.opened_at = None
-        self.trial_successes = 0
-        return "closed"
-
-    def record_failure(self, error: str) -> BreakerState | None:
-        state = self.state
-        self.failures += 1
-        self.last_error = error
-        self.trial_in_flight = False
-        self.trial_successes = 0
-        if state == "half_open" or (state == "closed" and self.failures >= self.failure_threshold):
-            self.opened_at = self.clock()
-            return "open"
-        return None  # still closed, or a straggler failing while already open
-
-    def open_error(self) -> str:
-        wait = max(0.0, (self.retry_at or 0.0) - self.clock())
-        return (
-            f"backend {self.name!r} is unavailable: circuit open after {self.failures} consecutive failures "
-            f"(last error: {self.last_error}); retrying in {wait:.1f}s"
-        )
-
-
-SESSION_LOST: Final = re.compile(r"session (not found|terminated)", re.IGNORECASE)
-"""How the SDKs spell an HTTP 404 for our session id (the server restarted and forgot it)."""
-
-
-def is_transport_failure(exc: BaseException) -> bool:
-    """Failures that say the backend (not the caller) is in trouble: they feed breakers and retries."""
-    if isinstance(exc, MCPError):
-        return exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
-    return isinstance(exc, Exception)
-
-
-def choose_backend(pool: Sequence[Backend]) -> Backend:
-    """The one place a backend is chosen for a request.
-
-    Today a pool is the backends that offer one name (replicas share a
-    namespace), in priority order: the first that is up and whose breaker
-    admits the request wins. Routing strategies plug in here.
-    """
-    reasons = []
-    reconnecting = False
-    for backend in pool:
-        if backend.session is None:
-            reasons.append(backend.unavailable_reason())
-            reconnecting |= backend.worth_waiting_for()
-        elif backend.breaker.allow():
-            return backend
-        else:
-            reasons.append(backend.breaker.open_error())
-    raise BackendUnavailable("; ".join(reasons) or "no backend offers this", reconnecting=reconnecting)
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+# ---------------------------------------------------------------------------- I/O shell: backends
 
 
 def describe_error(exc: BaseException) -> str:
@@ -1306,18 +1602,77 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-# ---------------------------------------------------------------------------- I/O shell: backends
-
-BackendState: TypeAlias = Literal["connecting", "ready", "down", "disabled", "stopped"]
 Streams: TypeAlias = tuple[Any, Any]
 Connector: TypeAlias = Callable[[], AbstractAsyncContextManager[Streams]]
 
 
-class _WatchedDispatcher(JSONRPCDispatcher[Any]):
-    """A JSON-RPC dispatcher that says when its connection has ended."""
+class InvalidMessage(ValueError):
+    """A line from a backend that is not a valid JSON-RPC message; kept whole, so an answer can still find its call."""
 
-    def __init__(self, read_stream: Any, write_stream: Any) -> None:
-        super().__init__(read_stream, write_stream)
+    def __init__(self, line: bytes) -> None:
+        super().__init__("not a valid JSON-RPC message")
+        self.line = line
+
+
+def _answer_problem(message: Any) -> str:
+    """What makes a backend's would-be answer invalid, in words."""
+    if not isinstance(message, dict):
+        return "not a JSON object"
+    if not isinstance(message.get("id"), str | int) or isinstance(message.get("id"), bool):
+        return "no usable id"
+    if "result" in message and not isinstance(message["result"], dict):
+        return "its result is not an object"
+    error = message.get("error")
+    if "error" in message and not (isinstance(error, dict) and isinstance(error.get("code"), int) and "message" in error):
+        return "its error has no code or message"
+    return "not a valid JSON-RPC answer"
+
+
+SESSION_LOST: Final = re.compile(r"session (not found|terminated)", re.IGNORECASE)
+"""How the SDKs spell an HTTP 404 for our session id (the server restarted and forgot it)."""
+TRANSPORT_ERRORS: Final = (NotSent, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError, httpx2.TransportError)
+
+
+def is_transport_failure(exc: BaseException) -> bool:
+    """Failures that say the backend's connection is in trouble: an explicit list, so a router bug never opens a
+    breaker or triggers a retry. Errors the backend answered are its own business and pass to the client."""
+    if isinstance(exc, MCPError):
+        return exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
+    return isinstance(exc, TRANSPORT_ERRORS)
+
+
+class _ReportedWrites:
+    """A backend connection's write stream that tells a request whose write failed (it never reached the backend,
+    so it may go elsewhere) from one that was sent; the SDK reports both as "Connection closed"."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def send(self, item: SessionMessage) -> None:
+        try:
+            await self._stream.send(item)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as err:
+            if isinstance(item.message, types.JSONRPCRequest):
+                raise NotSent("writing to the backend failed: its connection is gone") from err
+            raise
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def __aenter__(self) -> _ReportedWrites:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _WatchedDispatcher(JSONRPCDispatcher[Any]):
+    """A backend's JSON-RPC dispatcher: says when its connection has ended, refuses to send on an ended one
+    (`NotSent`), and fails a call at once when the backend answers it with something that is not a valid answer."""
+
+    def __init__(self, name: str, read_stream: Any, write_stream: Any) -> None:
+        super().__init__(read_stream, _ReportedWrites(write_stream))
+        self.name = name
         self.ended = anyio.Event()
 
     async def run(self, *args: Any, **kwargs: Any) -> None:
@@ -1325,6 +1680,39 @@ class _WatchedDispatcher(JSONRPCDispatcher[Any]):
             await super().run(*args, **kwargs)
         finally:
             self.ended.set()
+
+    async def send_raw_request(self, method: str, params: Mapping[str, Any] | None, opts: Any = None, **kwargs: Any) -> dict[str, Any]:
+        if self._closed:
+            raise NotSent("the backend's connection has ended")
+        return await super().send_raw_request(method, params, opts, **kwargs)
+
+    async def _dispatch(self, item: Any, *args: Any) -> None:
+        if isinstance(item, InvalidMessage):
+            self._fail_answered(item)
+        else:
+            await super()._dispatch(item, *args)
+
+    def _fail_answered(self, item: InvalidMessage) -> None:
+        """An invalid answer fails the call it answers; one whose id cannot be read fails every call now pending,
+        since none of them can be told apart (a backend this broken is answering garbage)."""
+        try:
+            message = json.loads(item.line)
+        except (ValueError, RecursionError):
+            message = None
+        if isinstance(message, dict) and "method" in message:
+            log.warning("backend %s: ignoring a request or notification that is not valid JSON-RPC", self.name)
+            return
+        problem = _answer_problem(message)
+        raw_id = message.get("id") if isinstance(message, dict) else None
+        key = coerce_request_id(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+        pending = [key] if key in self._pending else list(self._pending)
+        if not pending:
+            log.warning("backend %s: ignoring a line that is not JSON-RPC (%s)", self.name, problem)
+            return
+        log.warning("backend %s: invalid answer (%s); failing %d pending call(s)", self.name, problem, len(pending))
+        error = types.ErrorData(code=INTERNAL_ERROR, message=f"backend {self.name!r} sent an invalid answer: {problem}")
+        for request_id in pending:
+            self._resolve_pending(request_id, error)
 
 
 @dataclass(slots=True)
@@ -1354,9 +1742,9 @@ class LineReader:
             if line.strip():
                 try:
                     return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
-                except ValueError as exc:  # the dispatcher only logs it, so a client would wait forever
+                except ValueError:  # the dispatcher only logs it, so a client would wait forever
                     if self._errors_to is None:
-                        return exc
+                        return InvalidMessage(line)
                     await self._answer_malformed(line)
         raise anyio.EndOfStream
 
@@ -1570,7 +1958,8 @@ class Backend:
 
     `run()` is the supervisor: it connects, lists, serves until the connection
     ends, and reconnects with backoff, forever, in its own task so a backend's
-    failure never reaches another's.
+    failure never reaches another's. Its lifecycle moves only through `_move`,
+    by the LIFECYCLE table.
     """
 
     def __init__(self, config: BackendConfig, router: Router, connector: Connector | None = None) -> None:
@@ -1578,38 +1967,45 @@ class Backend:
         self.name = config.name
         self.router = router
         self.settings = router.settings
+        self.clock = router.clock
         self.connector = connector or _connector_for(config)
         cb = config.circuit_breaker
-        self.breaker = CircuitBreaker(config.name, cb.failure_threshold, cb.timeout_seconds, cb.half_open_attempts, router.clock)
+        self.breaker = CircuitBreaker(config.name, cb.failure_threshold, cb.timeout_seconds, cb.half_open_attempts, self.clock.now)
         self.timeout = config.timeout or router.settings.request_timeout
-        self.state: BackendState = "connecting" if config.enabled else "disabled"
+        self.state: LifecycleState = "starting" if config.enabled else "disabled"
         self.session: ClientSession | None = None
         self.dispatcher: _WatchedDispatcher | None = None
         self.listing = Listing()
+        self.offered: dict[str, frozenset[str]] = {"tool": frozenset(), "prompt": frozenset()}
+        """The listing's own names by kind, for routing decisions."""
         self.health = HealthRecord()
+        self.stats = RouteStats()
         self.last_error: str | None = None
+        self.failed_attempts = 0
+        """Connection attempts that failed in a row."""
         self.restarts = 0
         self.connected_at: float | None = None
         self.next_attempt_at: float | None = None
         self.first_attempt_done = anyio.Event()
-        self.inflight: dict[int, Any] = {}
+        self.inflight: dict[object, Any] = {}
         """Request contexts of the client calls now running on this backend, oldest first."""
-        self.expected_back = True
-        """Starting, restarted, or just lost a working connection. A failed attempt clears it until the backend
-        is up again, so calls fail at once with the reason instead of each waiting out its timeout while it crash-loops."""
         self.secrets = config.secrets()
         self._headers: dict[str, str] = {}
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
+        self._booked_delay: float | None = None
         self._refreshing = anyio.Lock()
 
     # -- supervision
 
     async def run(self) -> None:
-        attempt = 0
+        """Connect, serve, and after each end connect again with backoff; nothing but cancellation leaves this loop."""
         with anyio.CancelScope() as self._stop_scope:
+            started = False
             while True:
-                self.connected_at = None
+                self.restarts += started
+                started = True
+                self.connected_at = self._booked_delay = None
                 self._connection_scope = connection = anyio.CancelScope()
                 try:
                     with connection:
@@ -1617,72 +2013,97 @@ class Backend:
                     failure = "connection closed"
                 except Exception as exc:  # noqa: BLE001 - any failure of one backend is contained here
                     failure = describe_error(exc)
-                if connection.cancel_called:  # restart(), however the attempt ended
-                    self._note_down("restarted on request", expected_back=True)
-                    attempt = 0
-                    continue
-                self._note_down(failure)
-                attempt = 1 if self._was_stable() else attempt + 1
-                delay = backoff_delay(
-                    attempt, initial=RESTART_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff
-                )
-                self.next_attempt_at = self.router.clock() + delay
+                try:
+                    if connection.cancel_called:  # restart(): the lifecycle has moved already
+                        continue
+                    delay = self._booked_delay if self._booked_delay is not None else self._book_end(failure)
+                except Exception as exc:  # noqa: BLE001 - a router bug must not end the supervisor
+                    log.error("backend %s: supervisor error: %s", self.name, describe_error(exc))
+                    delay = self.settings.max_backoff
+                self.next_attempt_at = self.clock.now() + delay
                 with anyio.CancelScope() as self._connection_scope:  # restart() cuts the wait short
-                    await anyio.sleep(delay)
+                    await self.clock.sleep(delay)
                 self.next_attempt_at = None
+
+    def _book_end(self, failure: str) -> float:
+        """Book a connection that ended or an attempt that failed, at once (calls stop going to it); returns the
+        seconds until the next attempt."""
+        error = redact(failure, self.secrets)
+        lost = self.state == "ready"
+        stable = lost and self.connected_at is not None and self.clock.now() - self.connected_at > self.settings.max_backoff
+        self.failed_attempts = 0 if lost else self.failed_attempts + 1
+        self._disconnect("lost" if lost else "failed", error)
+        self._feed_breaker(error)  # once per connection, however many calls were in flight on it
+        attempt = 1 if stable else max(1, self.failed_attempts)
+        if lost:
+            log.warning("backend %s: connection lost: %s; reconnecting", self.name, error)
+        elif self.failed_attempts & (self.failed_attempts - 1) == 0 or error != self.last_error:  # 1, 2, 4, 8... or news
+            log.warning("backend %s: cannot connect (attempt %d): %s; retrying", self.name, self.failed_attempts, error)
+        self.last_error = error
+        self._booked_delay = backoff_delay(
+            attempt, initial=RESTART_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
+            rng=self.clock.random,
+        )  # fmt: skip
+        return self._booked_delay
 
     def stop(self) -> None:
         if self._stop_scope is not None:
             self._stop_scope.cancel()
-        self.state = "stopped"
-        self._attempt_over()  # calls waiting for it give up
+        self._disconnect("stop")
 
-    def restart(self) -> None:
-        if self._connection_scope is not None:
-            self._disconnect()
-            self.expected_back = True
+    def restart(self, reason: str = "restarted on request") -> None:
+        """Drop the connection (or cut the backoff short) and connect again at once; calls wait for it meanwhile."""
+        if self._connection_scope is not None and self.state not in ("stopped", "disabled"):
+            log.info("backend %s: %s", self.name, reason)
+            self.failed_attempts = 0
+            self._disconnect("restart")
             self._connection_scope.cancel()
 
-    def _disconnect(self) -> None:
-        """Stop taking calls at once: new ones wait for the next connection instead of failing on this one."""
+    def _move(self, event: LifecycleEvent) -> None:
+        self.state = next_state(self.state, event)
+        self.router.backend_changed()
+
+    def _disconnect(self, event: LifecycleEvent, error: str | None = None) -> None:
+        """Stop taking calls on this connection at once; the lifecycle says whether new ones wait or fail."""
         self.session = self.dispatcher = None
-        self.state = "connecting"
+        if error is not None:
+            self.last_error = error
+        self._move(event)
+        if event != "restart":
+            self.first_attempt_done.set()
 
-    def _attempt_over(self) -> None:
-        """A connection attempt ended, up or failed, or the backend stopped: calls waiting for it decide again."""
-        self.first_attempt_done.set()
-        self.router.attempt_ended.set()
-        self.router.attempt_ended = anyio.Event()
+    def unavailable_reason(self) -> str:
+        state = "failing to connect" if self.state == "failing" else self.state
+        return f"backend {self.name!r} is {state}" + (f" ({self.last_error})" if self.last_error else "")
 
-    def worth_waiting_for(self) -> bool:
-        """Not connected, but expected back: calls wait for it (within their timeout) instead of failing."""
-        return self.session is None and self.state in ("connecting", "down") and self.expected_back
-
-    def _was_stable(self) -> bool:
-        """A connection that lived a while resets the restart backoff."""
-        return self.connected_at is not None and self.router.clock() - self.connected_at > self.settings.max_backoff
-
-    def _note_down(self, error: str, *, expected_back: bool = False) -> None:
-        error = redact(error, self.secrets)
-        was_ready = self.connected_at is not None
-        self._disconnect()
-        self.state = "down"
-        self.last_error = error
-        self.expected_back = was_ready or expected_back
-        self.restarts += 1  # the supervisor starts it again, now or after its backoff
-        self._attempt_over()
-        if expected_back:
-            log.info("backend %s: %s", self.name, error)
-        elif was_ready:
-            log.warning("backend %s: connection lost: %s; reconnecting", self.name, error)
-        else:
-            log.warning("backend %s: cannot connect: %s; retrying", self.name, error)
+    def snapshot(self, kind: str, name: str) -> Candidate:
+        """This backend as a routing decision sees it, for a request for `name` (its own name of a tool or prompt,
+        or a resource URI, which the catalogue already matched)."""
+        b = self.breaker
+        return Candidate(
+            name=self.name,
+            priority=self.config.priority,
+            state=self.state,
+            breaker=b.state,
+            admits=b.admits(),
+            in_flight=len(self.inflight),
+            offers=kind == "resource" or name in self.offered[kind],
+            reason=self.unavailable_reason() if self.state != "ready" else (b.open_error() if not b.admits() else ""),
+        )
 
     async def _connect_and_serve(self) -> None:
-        self.state = "connecting"
+        # npx/uvx may download first: connecting and the handshake get the backend's own timeout, else a generous one.
+        limit = self.config.timeout or max(self.timeout, HANDSHAKE_TIMEOUT)
+        with anyio.CancelScope(deadline=anyio.current_time() + limit) as handshake:
+            await self._connect(handshake)
+        if handshake.cancelled_caught:
+            raise RouterError(f"no answer to connecting and initialize within {limit:g}s")
+
+    async def _connect(self, handshake: anyio.CancelScope) -> None:
+        """Connect, shake hands (under `handshake`'s deadline), list, and serve until the connection ends."""
         async with AsyncExitStack() as stack:
             read, write = await stack.enter_async_context(self.connector())
-            dispatcher = _WatchedDispatcher(read, write)
+            dispatcher = _WatchedDispatcher(self.name, read, write)
             session = ClientSession(
                 dispatcher=dispatcher,
                 read_timeout_seconds=self.timeout,
@@ -1695,28 +2116,25 @@ class Backend:
                 client_info=types.Implementation(name="mcp-router", version=__version__),
             )
             await stack.enter_async_context(session)
-            # npx/uvx may download first: the handshake gets the backend's own timeout, else a generous one.
-            handshake_timeout = self.config.timeout or max(self.timeout, HANDSHAKE_TIMEOUT)
             try:
-                with anyio.fail_after(handshake_timeout):
-                    init = await session.initialize()
-            except TimeoutError:
-                raise RouterError(f"no answer to initialize within {handshake_timeout:g}s") from None
-            except MCPError as err:
-                if err.code != CONNECTION_CLOSED:
+                init = await session.initialize()
+            except (MCPError, NotSent) as err:
+                if isinstance(err, MCPError) and err.code != CONNECTION_CLOSED:
                     raise
                 hint = " (did the command exit? its stderr is in the router's log)" if self.config.transport == "stdio" else ""
                 raise RouterError(f"connection closed during the MCP handshake{hint}") from None
+            handshake.deadline = math.inf
             if self.config.transport != "stdio":
                 self._headers = {"mcp-protocol-version": init.protocol_version}
             self.session, self.dispatcher = session, dispatcher
             if self.router.log_level is not None and init.capabilities.logging is not None:
                 await self.request("logging/setLevel", {"level": self.router.log_level}, self.timeout, guarded=False)
             listing = await self._fetch_listing(init.instructions)
-            self.connected_at = self.router.clock()
-            self.state = "ready"
+            self.connected_at = self.clock.now()
             self.last_error = None
-            self.breaker.record_success()
+            self.failed_attempts = 0
+            if self.breaker.reconnected() == "half_open":
+                log.info("backend %s: circuit half-open: the next call is its trial", self.name)
             log.info(
                 "backend %s: ready (%d tools, %d resources, %d prompts)",
                 self.name,
@@ -1725,15 +2143,16 @@ class Backend:
                 len(listing.prompts),
             )
             self.router.set_listing(self, listing)
+            self._move("connected")
+            self.first_attempt_done.set()
             await self.router.resubscribe(self)
-            self._attempt_over()
             async with anyio.create_task_group() as tg:
                 if self.config.health_check.enabled:
                     tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
                 if self.settings.cache_ttl > 0:
                     tg.start_soon(self._every, self.settings.cache_ttl, self.refresh)
                 await dispatcher.ended.wait()
-                self._disconnect()
+                self._book_end("connection closed")
                 tg.cancel_scope.cancel()
 
     async def _fetch_all(self, method: str, key: str) -> list[dict[str, Any]]:
@@ -1793,10 +2212,9 @@ class Backend:
                 return
             self.router.set_listing(self, listing)
 
-    @staticmethod
-    async def _every(seconds: float, task: Callable[[], Awaitable[Any]]) -> None:
+    async def _every(self, seconds: float, task: Callable[[], Awaitable[Any]]) -> None:
         while True:
-            await anyio.sleep(seconds)
+            await self.clock.sleep(seconds)
             await task()
 
     async def _on_message(self, message: Any) -> None:
@@ -1824,7 +2242,7 @@ class Backend:
     async def check_health(self) -> bool:
         """One health check: MCP ping (a cheap list where ping is not served), plus the optional HTTP endpoint."""
         check = self.config.health_check
-        started = time.perf_counter()
+        started = self.clock.now()
         try:
             with anyio.fail_after(check.timeout_seconds):
                 try:
@@ -1841,13 +2259,12 @@ class Backend:
                 + (describe_error(exc) if not isinstance(exc, TimeoutError) else f"no answer within {check.timeout_seconds}s"),
                 self.secrets,
             )
-            self._record_health(ok=False, error=error, latency=time.perf_counter() - started)
+            self._record_health(ok=False, error=error, latency=self.clock.now() - started)
             self._feed_breaker(error)
             if self.health.consecutive_failures >= self.config.circuit_breaker.failure_threshold:
-                log.warning("backend %s: %d health checks failed in a row; restarting it", self.name, self.health.consecutive_failures)
-                self.restart()
+                self.restart(f"restarting after {self.health.consecutive_failures} failed health checks in a row")
             return False
-        self._record_health(ok=True, error=None, latency=time.perf_counter() - started)
+        self._record_health(ok=True, error=None, latency=self.clock.now() - started)
         self._feed_breaker(None)
         return True
 
@@ -1862,7 +2279,7 @@ class Backend:
         h.checks += 1
         h.last_latency_ms = round(latency * 1000, 2)
         if ok:
-            h.last_success = time.time()
+            h.last_success = self.clock.wall()
             h.consecutive_failures = 0
         else:
             h.last_error = error
@@ -1888,11 +2305,13 @@ class Backend:
         on_progress: Any = None,
         guarded: bool = True,
     ) -> dict[str, Any]:
-        """Send one request; transport failures feed the breaker, answered errors do not (nor `guarded=False` housekeeping)."""
+        """Send one request. Transport failures feed the breaker (answered errors, router bugs and `guarded=False`
+        housekeeping do not); a lost connection is fed once, by the supervisor, not once per call it cut.
+        Raises NotSent when the request provably never reached the backend."""
         feed = self._feed_breaker if guarded else lambda failure: None
         dispatcher = self.dispatcher
         if dispatcher is None:
-            raise BackendUnavailable(self.unavailable_reason())
+            raise NotSent(self.unavailable_reason())
         opts: dict[str, Any] = {"timeout": timeout}
         if self._headers:
             opts["headers"] = self._headers
@@ -1907,32 +2326,36 @@ class Backend:
             raise MCPError(REQUEST_TIMEOUT, f"Request timed out: the backend is not reading (after {timeout:g}s)") from None
         except MCPError as err:
             if self.config.transport != "stdio" and err.code in (INVALID_REQUEST, REQUEST_TIMEOUT) and SESSION_LOST.fullmatch(err.message):
-                self.breaker.trial_in_flight = False
+                self.breaker.release()
                 if self.dispatcher is dispatcher:  # not a straggler from a connection already replaced
-                    self.restart()  # a restarted HTTP server forgot our session: nothing ran, so reconnect and retry
-                raise BackendUnavailable(f"backend {self.name!r} lost its session; reconnecting", reconnecting=True) from None
-            feed(err.message if is_transport_failure(err) else None)
+                    self.restart("its HTTP session was lost; reconnecting")  # the server forgot our session: nothing ran
+                raise NotSent(f"backend {self.name!r} lost its session; reconnecting") from None
+            if err.code == CONNECTION_CLOSED:
+                self.breaker.release()
+            else:
+                feed(err.message if err.code == REQUEST_TIMEOUT else None)
             raise
-        except Exception as exc:
+        except NotSent:
+            self.breaker.release()
+            raise
+        except TRANSPORT_ERRORS as exc:
             feed(redact(describe_error(exc), self.secrets))
             raise
         except BaseException:
-            self.breaker.trial_in_flight = False  # a cancelled trial must not wedge a half-open breaker
+            self.breaker.release()  # a cancelled trial, or a router bug, must not wedge a half-open breaker
             raise
         feed(None)
         return result
 
     # -- visibility
 
-    def unavailable_reason(self) -> str:
-        return f"backend {self.name!r} is {self.state}" + (f" ({self.last_error})" if self.last_error else "")
-
     def status(self, *, detail: bool = False) -> dict[str, Any]:
         """What list_backends and get_backend_health show. Never env values, headers or URL credentials."""
         b = self.breaker
         state = b.state
-        now_wall, now = time.time(), self.router.clock()
-        retry_in = None if b.retry_at is None or state != "open" else round(max(0.0, b.retry_at - now), 1)
+        now = self.clock.now()
+        retry_at = self.next_attempt_at if self.state == "failing" else b.retry_at if state == "open" else None
+        s = self.stats
         info: dict[str, Any] = {
             "name": self.name,
             "namespace": self.config.namespace,
@@ -1947,12 +2370,19 @@ class Backend:
             "prompts": len(self.listing.prompts),
             "restarts": self.restarts,
             "last_error": redact(self.last_error or (b.last_error if b.failures else None) or "", self.secrets) or None,
-            "next_retry_in_seconds": retry_in,
+            "next_retry_in_seconds": None if retry_at is None else round(max(0.0, retry_at - now), 1),
+            "requests": s.requests,
+            "errors": s.errors,
+            "fallbacks": s.fallbacks,
+            "in_flight": len(self.inflight),
+            "latency_p50_ms": s.percentile(0.5),
+            "latency_p95_ms": s.percentile(0.95),
         }
         if detail:
             h = self.health
             info |= {
                 "priority": self.config.priority,
+                "failed_attempts": self.failed_attempts,
                 "uptime_seconds": round(now - self.connected_at, 1) if self.connected_at is not None and self.state == "ready" else None,
                 "reconnect_in_seconds": round(max(0.0, self.next_attempt_at - now), 1) if self.next_attempt_at else None,
                 "health_checks": {
@@ -1962,7 +2392,7 @@ class Backend:
                     "failed": h.failed_checks,
                     "consecutive_failures": h.consecutive_failures,
                     "last_latency_ms": h.last_latency_ms,
-                    "last_success_ago_seconds": round(now_wall - h.last_success, 1) if h.last_success else None,
+                    "last_success_ago_seconds": round(self.clock.wall() - h.last_success, 1) if h.last_success else None,
                     "last_error": h.last_error,
                 },
             }
@@ -1980,27 +2410,29 @@ class Router:
         config: Config,
         *,
         connectors: Mapping[str, Connector] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        clock: Clock = Clock(),
     ) -> None:
         self.settings = config.settings
         self.config_source = config.source
         self.clock = clock
-        self.sleep = sleep
+        self.routes = routes_of(config.backends)
         connectors = connectors or {}
         self.backends: dict[str, Backend] = {b.name: Backend(b, self, connectors.get(b.name)) for b in config.backends}
         self._task_group: anyio.abc.TaskGroup | None = None
         self.ready = anyio.Event()
-        self.attempt_ended = anyio.Event()
-        """Set (then replaced) whenever a backend's connection attempt ends: calls waiting for a backend decide again."""
+        self.changed = anyio.Event()
+        """Set (then replaced) whenever a backend's lifecycle moves: calls waiting for a backend decide again."""
+        self.turn = 0
+        """Counts routed requests, for round-robin."""
         self.log_level: str | None = None
         self.events = InMemorySubscriptionBus()
         """Change events for 2026-era clients, which hear them on `subscriptions/listen`."""
         self._connections: dict[Any, None] = {}
         """Handshake-era client connections, oldest first: where list changes and logs go."""
         self._subscribers: dict[str, dict[Any, None]] = {}
-        self._pools: dict[tuple[str, ...], tuple[list[Backend], float]] = {}
-        """The backends behind each pool of the catalogue and their longest timeout, worked out once per catalogue."""
+        self._templates: tuple[tuple[UriTemplate | None, tuple[str, ...]], ...] = ()
+        self._resource_plans: dict[str, Plan] = {}
+        self._priorities: dict[str, int] = {}
         self._pages: dict[tuple[str, str | None], dict[str, Any]] = {}
         """List pages by method and cursor, built once per catalogue."""
         self.catalogue = Catalogue()
@@ -2032,6 +2464,7 @@ class Router:
         """Add and start a backend while serving."""
         backend = Backend(config, self, connector)
         self.backends[config.name] = backend
+        self.routes = routes_of(b.config for b in self.backends.values())
         self._start(backend)
         return backend
 
@@ -2044,6 +2477,11 @@ class Router:
     def restart_backend(self, name: str) -> None:
         """Drop a backend's connection; its supervisor reconnects at once."""
         self.backends[name].restart()
+
+    def backend_changed(self) -> None:
+        """A backend's lifecycle moved: wake the calls waiting for one."""
+        self.changed.set()
+        self.changed = anyio.Event()
 
     async def _mark_ready(self) -> None:
         """Lists wait for every backend's first connection attempt, for STARTUP_GRACE at most; later ones are announced."""
@@ -2065,18 +2503,25 @@ class Router:
         if listing == backend.listing:
             return
         backend.listing = listing
+        backend.offered = {
+            kind: frozenset(i["name"] for i in items) for kind, items in (("tool", listing.tools), ("prompt", listing.prompts))
+        }
         self._rebuild()
 
     def _rebuild(self) -> None:
         """Rebuild the catalogue from every backend's listing, and tell clients what changed."""
         old = self.catalogue
-        members = [Member(b.name, b.config.namespace, b.config.priority, b.listing) for b in self.backends.values()]
-        new = build_catalogue(members, namespaced=self.settings.enable_namespaces)
+        members = [
+            Member(b.name, b.config.namespace, b.config.priority, b.listing, self.routes.get(b.name, ())) for b in self.backends.values()
+        ]
+        new = build_catalogue(members, namespaced=self.settings.enable_namespaces, default_strategy=self.settings.default_strategy)
         new = dataclasses.replace(new, tool_items=MANAGEMENT_TOOL_ITEMS + new.tool_items)
         for conflict in set(new.conflicts) - set(old.conflicts):
-            log.warning("name collision: %s", conflict)
+            log.warning("routing: %s", conflict)
         self.catalogue = new
-        self._pools = {}
+        self._priorities = {m.name: m.priority for m in members}
+        self._templates = tuple((_compiled_template(text), owners) for text, owners in new.templates)
+        self._resource_plans = {}
         self._pages = {}
         changed = [
             signal
@@ -2130,7 +2575,7 @@ class Router:
         await self.events.publish(ResourceUpdated(uri=uri))
 
     async def subscribe(self, connection: Any, uri: str) -> None:
-        pool = resource_pool(self.catalogue, uri)
+        pool = self.resource_plan(uri)
         if pool is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
         subscribers = self._subscribers.setdefault(uri, {})
@@ -2147,13 +2592,13 @@ class Router:
     async def resubscribe(self, backend: Backend) -> None:
         """After a reconnect, subscribe again to what clients still follow on this backend."""
         for uri, subscribers in list(self._subscribers.items()):
-            pool = resource_pool(self.catalogue, uri)
-            if subscribers and pool and backend.name in pool:
+            pool = self.resource_plan(uri)
+            if subscribers and pool and backend.name in pool.candidates:
                 with contextlib.suppress(Exception):
                     await backend.request("resources/subscribe", {"uri": uri}, backend.timeout, guarded=False)
 
     async def _unsubscribe_backend(self, uri: str) -> None:
-        if self._subscribers.get(uri) or (pool := resource_pool(self.catalogue, uri)) is None:
+        if self._subscribers.get(uri) or (pool := self.resource_plan(uri)) is None:
             return
         self._subscribers.pop(uri, None)
         with contextlib.suppress(MCPError):
@@ -2235,7 +2680,7 @@ class Router:
         unlisted = [
             b.unavailable_reason()
             for b in self.backends.values()
-            if b.state in ("connecting", "down") and not getattr(b.listing, f"{kind}s")
+            if b.state in ("starting", "reconnecting", "failing") and not getattr(b.listing, f"{kind}s")
         ]
         return MCPError(INVALID_PARAMS, f"Unknown {kind}: {name!r}" + (f"; not listed yet: {'; '.join(unlisted)}" if unlisted else ""))
 
@@ -2247,79 +2692,162 @@ class Router:
             found = lookup(self.catalogue)
         return found
 
+    def plan_for(self, name: str, pool: Sequence[str]) -> Plan:
+        return plan_route(name, pool, self.routes, self._priorities, self.settings.default_strategy)
+
+    def resource_plan(self, uri: str) -> Plan | None:
+        """How a request for `uri` is routed: among the backends that listed it, else the owners of a matching template."""
+        if (plan := self._resource_plans.get(uri)) is not None:
+            return plan
+        pool = self.catalogue.resources.get(uri)
+        if pool is None:
+            pool = next((owners for template, owners in self._templates if template is not None and template.match(uri) is not None), None)
+        if pool is None:
+            return None
+        plan = self.plan_for(uri, pool)
+        if len(self._resource_plans) < PAGE_SIZE:  # URIs under templates are unbounded: keep the cache so
+            self._resource_plans[uri] = plan
+        return plan
+
     async def list_page(self, method: str, cursor: str | None) -> dict[str, Any]:
         """One page of a list, answered from cache for the cursors the router hands out."""
         await self.wait_ready()
         if (result := self._pages.get((method, cursor))) is None:
             attribute, key = LISTS[method]
-            result = page(getattr(self.catalogue, attribute), cursor, key)
+            try:
+                result = page(getattr(self.catalogue, attribute), cursor, key)
+            except InvalidCursor as err:
+                raise MCPError(INVALID_PARAMS, str(err)) from None
             if cursor is None or cursor == str(int(cursor) // PAGE_SIZE * PAGE_SIZE):  # the cursors the router hands out
                 result[key] = EncodedItems(result[key])
                 self._pages[(method, cursor)] = result
         return result
 
-    async def call_tool(self, ctx: Any, entry: Entry, arguments: dict[str, Any] | None) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": entry.original}
-        if arguments is not None:
-            out["arguments"] = arguments
-        if (meta := _forwarded_meta(ctx.params)) is not None:
-            out["_meta"] = meta
-        return await self.forward("tools/call", entry.pool, out, retry_safe=entry.retry_safe, ctx=ctx)
-
     async def forward(
         self,
         method: str,
-        pool: tuple[str, ...],
+        plan: Plan,
         params: Mapping[str, Any],
         *,
         retry_safe: bool,
         ctx: Any = None,
     ) -> dict[str, Any]:
-        """Send a request to the pool's chosen backend, retrying what is safe to retry.
+        """Send a request where its plan's strategy decides, and on a failure, where the one rule allows, to the next.
 
         `ctx` is the client's request context: progress flows back to it, and
         requests the backend makes while serving this one go to its client.
         """
+        kind, name = _subject(method, params)
+        members = [self.backends[n] for n in plan.candidates if n in self.backends]
+        deadline = self.clock.now() + max(self.settings.request_timeout, *(b.timeout for b in members))
+        strategy = STRATEGIES[plan.strategy]
+        turn, self.turn = self.turn, self.turn + 1
         on_progress = _progress_forwarder(ctx)
-        if (known := self._pools.get(pool)) is None:  # worked out once per catalogue: _rebuild clears the cache
-            members = [self.backends[name] for name in pool if name in self.backends]
-            known = self._pools[pool] = members, max(self.settings.request_timeout, *(b.timeout for b in members))
-        backends, longest = known
-        settings = self.settings
-        deadline = self.clock() + longest
-        attempt = 0
+        failed: set[str] = set()
+        attempts = 0  # attempts that may have run
         while True:
-            try:
-                backend = choose_backend(backends)
-            except BackendUnavailable as exc:  # nothing was sent: wait for a reconnect, or fail at once
-                if exc.reconnecting:
-                    with anyio.move_on_after(deadline - self.clock()):
-                        await self.attempt_ended.wait()
+            decision = strategy([b.snapshot(kind, name) for b in members], turn)
+            if decision.action != "send":
+                if decision.action == "wait":
+                    with anyio.move_on_after(deadline - self.clock.now()):
+                        await self.changed.wait()
                         continue
-                raise MCPError(BACKEND_UNAVAILABLE, str(exc)) from None
-            attempt += 1
-            key = id(ctx)
+                raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
+            target = next((n for n in decision.order if n not in failed), decision.order[0])
+            backend = self.backends[target]
+            backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
+            key = object()
             backend.inflight[key] = ctx
+            started = self.clock.now()
             try:
                 result = await backend.request(
-                    method, params, min(backend.timeout, max(0.001, deadline - self.clock())), on_progress=on_progress
+                    method, params, min(backend.timeout, max(0.001, deadline - started)), on_progress=on_progress
                 )
                 if on_progress is not None:
                     await on_progress.drained()  # the client hears every update before the result
-                return result
-            except BackendUnavailable:
-                continue  # the backend lost its session before running anything: wait for it as above
+                if method == "tools/call":
+                    result = _checked_call_result(result, target)
+            except NotSent as exc:
+                reached, error = False, cast(Exception, exc)
             except Exception as exc:
                 if not is_transport_failure(exc):
+                    self._account(method, name, backend, started, exc, fallback=False)
                     raise
-                error = exc
+                reached, error = True, exc
+            else:
+                fell_back = bool(failed) or (plan.strategy != "capability" and target != plan.candidates[0])
+                self._account(method, name, backend, started, None, fallback=fell_back)
+                return result
             finally:
                 backend.inflight.pop(key, None)
-            delay = backoff_delay(attempt, initial=RETRY_INITIAL_DELAY, multiplier=settings.retry_backoff, cap=settings.max_backoff)
-            if not retry_safe or attempt >= settings.max_retries or self.clock() + delay >= deadline:
+            if reached:
+                self._account(method, name, backend, started, error, fallback=False)
+            if not may_send_elsewhere(reached_backend=reached, retry_safe=retry_safe) or (
+                reached and attempts + 1 >= self.settings.max_retries
+            ):
                 raise _as_mcp_error(error, backend) from None
-            log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
-            await self.sleep(delay)
+            attempts += reached
+            failed.add(target)
+            if all(n in failed for n in decision.order):  # no other candidate: the same one again, once it can take it
+                failed.clear()
+                if reached:
+                    delay = backoff_delay(
+                        attempts, initial=RETRY_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
+                        rng=self.clock.random,
+                    )  # fmt: skip
+                    if self.clock.now() + delay >= deadline:
+                        raise _as_mcp_error(error, backend) from None
+                    log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
+                    await self.clock.sleep(delay)
+                else:  # its connection is going: wait until the supervisor has seen it
+                    with anyio.move_on_after(deadline - self.clock.now()):
+                        await self.changed.wait()
+
+    def _account(self, method: str, name: str, backend: Backend, started: float, error: BaseException | None, *, fallback: bool) -> None:
+        """Count one attempt on `backend`, and at debug level say how it went."""
+        milliseconds = (self.clock.now() - started) * 1000
+        backend.stats.record(milliseconds, ok=error is None, fallback=fallback)
+        if log.isEnabledFor(logging.DEBUG):
+            outcome = "ok" if error is None else redact(describe_error(error), backend.secrets)
+            via = " (fallback)" if fallback else ""
+            log.debug("%s %s -> %s%s: %s in %.1f ms", method, name, backend.name, via, outcome, milliseconds)
+
+
+def _compiled_template(text: str) -> UriTemplate | None:
+    try:
+        return UriTemplate.parse(text)
+    except ValueError:
+        return None
+
+
+def _subject(method: str, params: Mapping[str, Any]) -> tuple[str, str]:
+    """What a request asks a backend for, as routing snapshots need it: the kind, and the backend's own name or URI."""
+    if method in ("tools/call", "prompts/get"):
+        return ("tool" if method == "tools/call" else "prompt"), str(params.get("name"))
+    ref = params.get("ref")
+    if method == "completion/complete" and isinstance(ref, Mapping) and ref.get("type") == "ref/prompt":
+        return "prompt", str(ref.get("name"))
+    return "resource", str(params.get("uri") or (ref.get("uri") if isinstance(ref, Mapping) else ""))
+
+
+ROUTER_META_KEY: Final = "mcp-router/backend"
+"""The `_meta` key of a tools/call result that names the backend that served it (the router's own, not a reserved key)."""
+
+
+def _checked_call_result(result: dict[str, Any], backend: str) -> dict[str, Any]:
+    """A backend's tools/call result, checked for the shape every client parses (cheaply: no model is built), and
+    stamped with the backend that served it."""
+    content = result.get("content")
+    if not isinstance(content, list) or not all(isinstance(c, dict) and isinstance(c.get("type"), str) for c in content):
+        problem = "content is not a list of typed blocks"
+    elif "structuredContent" in result and not isinstance(result["structuredContent"], dict):
+        problem = "structuredContent is not an object"
+    elif "isError" in result and not isinstance(result["isError"], bool):
+        problem = "isError is not true or false"
+    else:
+        meta = result.get("_meta")
+        return {**result, "_meta": {**meta, ROUTER_META_KEY: backend} if isinstance(meta, dict) else {ROUTER_META_KEY: backend}}
+    raise MCPError(INTERNAL_ERROR, f"backend {backend!r} sent an invalid tools/call result: {problem}")
 
 
 def _as_mcp_error(error: Exception, backend: Backend) -> MCPError:
@@ -2335,10 +2863,13 @@ _OUTPUT_BACKEND: Final[dict[str, Any]] = {
     "type": "object",
     "properties": {
         **{key: {"type": "string"} for key in ("name", "namespace", "transport", "target", "state", "circuit_state")},
-        **{key: {"type": "integer"} for key in ("consecutive_failures", "tools", "resources", "prompts", "restarts")},
+        **{
+            key: {"type": "integer"}
+            for key in ("consecutive_failures", "tools", "resources", "prompts", "restarts", "requests", "errors", "fallbacks", "in_flight")
+        },
         "healthy": {"type": "boolean"},
         "last_error": {"type": ["string", "null"]},
-        "next_retry_in_seconds": {"type": ["number", "null"]},
+        **{key: {"type": ["number", "null"]} for key in ("next_retry_in_seconds", "latency_p50_ms", "latency_p95_ms")},
     },
     "required": ["name", "state", "healthy", "circuit_state"],
 }
@@ -2367,12 +2898,46 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
         "outputSchema": _OUTPUT_BACKEND,
         "annotations": {"readOnlyHint": True, "openWorldHint": False},
     },
+    {
+        "name": "explain_route",
+        "title": "Explain a route",
+        "description": "Which backend would serve a tool, prompt or resource URI right now, under which strategy and route, "
+        "and why each other candidate was passed over.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "description": "a tool or prompt name as listed here, or a resource URI"}},
+            "required": ["name"],
+        },
+        "outputSchema": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "kind": {"type": ["string", "null"]},
+                "original": {"type": ["string", "null"]},
+                "strategy": {"type": ["string", "null"]},
+                "route": {"type": ["object", "null"]},
+                "decision": {"type": "string", "enum": ["send", "wait", "refuse", "unknown"]},
+                "backend": {"type": ["string", "null"]},
+                "reason": {"type": ["string", "null"]},
+                "candidates": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"backend": {"type": "string"}, "verdict": {"type": "string"}, "state": {"type": "string"}},
+                        "required": ["backend", "verdict"],
+                    },
+                },
+            },
+            "required": ["name", "decision", "candidates"],
+        },
+        "annotations": {"readOnlyHint": True, "openWorldHint": False},
+    },
 )
 
 
 def _management_result(payload: dict[str, Any] | None, text: str) -> dict[str, Any]:
     """A management tool's result; without a payload, an error result."""
-    result = {"content": [{"type": "text", "text": text}], "resultType": "complete"}
+    result: dict[str, Any] = {"content": [{"type": "text", "text": text}]}
     return result | ({"structuredContent": payload} if payload is not None else {"isError": True})
 
 
@@ -2386,12 +2951,91 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
         ] or [no_backends_hint(router.config_source)]
         return _management_result({"backends": rows, "conflicts": list(router.catalogue.conflicts)}, "\n".join(lines))
     wanted = arguments.get("name")
+    if name == "explain_route":
+        if not isinstance(wanted, str):
+            return _management_result(None, "the 'name' argument is missing: give a tool or prompt name, or a resource URI")
+        explained = explain_route(router, wanted)
+        lines = [f"{wanted}: {explained['decision']}" + (f" to {explained['backend']}" if explained["backend"] else "")]
+        lines += (
+            [
+                f"  strategy {explained['strategy']}"
+                + (f", route {explained['route']['pattern']!r} of {explained['route']['backend']}" if explained["route"] else ", no route")
+            ]
+            if explained["strategy"]
+            else []
+        )
+        lines += [f"  {c['backend']}: {c['verdict']}" for c in explained["candidates"]]
+        lines += [f"  {explained['reason']}"] if explained["reason"] and explained["decision"] != "send" else []
+        return _management_result(explained, "\n".join(lines))
     backend = router.backends.get(wanted) if isinstance(wanted, str) else None
     if backend is None:
         problem = f"unknown backend {wanted!r}" if wanted is not None else "the 'name' argument is missing"
         return _management_result(None, f"{problem}; known backends: {', '.join(router.backends) or 'none'}")
     info = backend.status(detail=True)
     return _management_result(info, json.dumps(info, indent=2))
+
+
+def explain_route(router: Router, name: str) -> dict[str, Any]:
+    """What explain_route says: the decision the router would take for `name` now, and why, candidate by candidate."""
+    catalogue = router.catalogue
+    entry = catalogue.tools.get(name) or catalogue.prompts.get(name)
+    if entry is not None:
+        kind, original, plan, pool = ("tool" if name in catalogue.tools else "prompt"), entry.original, entry.plan, entry.pool
+    else:
+        kind, original, plan, pool = "resource", name, router.resource_plan(name), ()
+    if plan is None:
+        hidden = [c for c in catalogue.conflicts if repr(name) in c]
+        reason = "; ".join(hidden) if hidden else f"no backend lists {name!r}"
+        return {"name": name, "kind": None, "original": None, "strategy": None, "route": None, "decision": "unknown",
+                "backend": None, "reason": reason, "candidates": []}  # fmt: skip
+    snapshots = [router.backends[b].snapshot(kind, original) for b in plan.candidates if b in router.backends]
+    decision = STRATEGIES[plan.strategy](snapshots, router.turn)
+    why = dict(decision.skipped)
+    candidates = [
+        {"backend": s.name, "state": s.state, "circuit_state": s.breaker, "in_flight": s.in_flight, "priority": s.priority,
+         "offers": s.offers, "verdict": "chosen" if decision.order[:1] == (s.name,) else why.get(s.name, "")}
+        for s in snapshots
+    ]  # fmt: skip
+    candidates += [
+        {"backend": b, "verdict": f"no pattern match: {plan.strategy} route {plan.route.pattern!r} of {plan.route.backend} applies"}
+        for b in pool
+        if b not in plan.candidates and plan.route is not None
+    ]
+    route = plan.route
+    return {
+        "name": name,
+        "kind": kind,
+        "original": original,
+        "strategy": plan.strategy,
+        "route": {"backend": route.backend, "pattern": route.pattern, "fallback_to": route.fallback_to} if route else None,
+        "decision": decision.action,
+        "backend": decision.order[0] if decision.order else None,
+        "reason": decision.reason or None,
+        "candidates": candidates,
+    }
+
+
+async def route_tool_call(router: Router, ctx: Any, name: str, arguments: dict[str, Any] | None, *, checked: bool) -> dict[str, Any]:
+    """The one implementation of tools/call. `checked`: the SDK validated the request and checks the result on its way
+    out (2026-era calls, and handshake-era ones the fast path passed over); otherwise the result goes to the wire as is."""
+    if name in MANAGEMENT_TOOLS:
+        result = _management_call(router, name, arguments or {})
+    else:
+        entry = await router.find(lambda catalogue: catalogue.tools.get(name))
+        if entry is None:
+            raise router.unknown("tool", name)
+        assert entry.plan is not None
+        out: dict[str, Any] = {"name": entry.original}
+        if arguments is not None:
+            out["arguments"] = arguments
+        if (meta := _forwarded_meta(ctx.params)) is not None:
+            out["_meta"] = meta
+        result = strip_reserved_meta(await router.forward("tools/call", entry.plan, out, retry_safe=entry.retry_safe, ctx=ctx))
+    if checked:
+        result.setdefault("resultType", "complete")  # the SDK drops it again on handshake-era connections
+    else:
+        result.pop("resultType", None)
+    return result
 
 
 def _passthrough(result: dict[str, Any]) -> dict[str, Any]:
@@ -2479,12 +3123,7 @@ def build_server(router: Router) -> RouterServer:
         return _guard(handler)
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
-        if params.name in MANAGEMENT_TOOLS:
-            return _management_call(router, params.name, params.arguments or {})
-        entry = await router.find(lambda catalogue: catalogue.tools.get(params.name))
-        if entry is None:
-            raise router.unknown("tool", params.name)
-        return _passthrough(await router.call_tool(ctx, entry, params.arguments))
+        return await route_tool_call(router, ctx, params.name, params.arguments, checked=True)
 
     async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> dict[str, Any]:
         entry = await router.find(lambda catalogue: catalogue.prompts.get(params.name))
@@ -2493,14 +3132,15 @@ def build_server(router: Router) -> RouterServer:
         out: dict[str, Any] = {"name": entry.original}
         if params.arguments is not None:
             out["arguments"] = params.arguments
-        return _passthrough(await router.forward("prompts/get", entry.pool, out, retry_safe=True, ctx=ctx))
+        assert entry.plan is not None
+        return _passthrough(await router.forward("prompts/get", entry.plan, out, retry_safe=True, ctx=ctx))
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
         uri = str(params.uri)
-        pool = await router.find(lambda catalogue: resource_pool(catalogue, uri))
-        if pool is None:
+        plan = await router.find(lambda catalogue: router.resource_plan(uri))
+        if plan is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
-        return _passthrough(await router.forward("resources/read", pool, {"uri": uri}, retry_safe=True, ctx=ctx))
+        return _passthrough(await router.forward("resources/read", plan, {"uri": uri}, retry_safe=True, ctx=ctx))
 
     async def complete(ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
         ref = params.ref
@@ -2510,13 +3150,14 @@ def build_server(router: Router) -> RouterServer:
             if entry is None:
                 raise router.unknown("prompt", ref.name)
             out["ref"] = {**out["ref"], "name": entry.original}
-            pool = entry.pool
+            assert entry.plan is not None
+            plan = entry.plan
         else:
-            found = next((owners for tpl, owners in router.catalogue.templates if tpl is not None and str(tpl) == ref.uri), None)
+            found = next((owners for text, owners in router.catalogue.templates if text == ref.uri), None)
             if found is None:
                 raise MCPError(RESOURCE_NOT_FOUND, f"Resource template not found: {ref.uri!r}")
-            pool = found
-        return _passthrough(await router.forward("completion/complete", pool, out, retry_safe=True, ctx=ctx))
+            plan = router.plan_for(ref.uri, found)
+        return _passthrough(await router.forward("completion/complete", plan, out, retry_safe=True, ctx=ctx))
 
     async def subscribe(ctx: Any, params: types.SubscribeRequestParams) -> dict[str, Any]:
         await router.subscribe(_connection_of(ctx), str(params.uri))
@@ -2587,11 +3228,10 @@ class _RouterMiddleware:
             return None  # the SDK answers requests before the handshake
         if method == "tools/call":
             name = params.get("name") if isinstance(params, Mapping) else None
-            entry = router.catalogue.tools.get(name) if isinstance(name, str) else None
-            arguments = params.get("arguments") if params else None
-            if entry is None or not isinstance(arguments, dict | None):
-                return None  # management tools, unknown names and malformed calls take the checked path
-            return strip_reserved_meta(await router.call_tool(ctx, entry, arguments))
+            arguments = params.get("arguments") if isinstance(params, Mapping) else None
+            if not isinstance(name, str) or not isinstance(arguments, dict | None):
+                return None  # the SDK's checked path says what is wrong with it
+            return await route_tool_call(router, ctx, name, arguments, checked=False)
         if method in LISTS:
             cursor = (params or {}).get("cursor")
             return await router.list_page(method, cursor) if isinstance(cursor, str | None) else None
