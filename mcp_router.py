@@ -2155,9 +2155,9 @@ class Backend:
                 self._book_end("connection closed")
                 tg.cancel_scope.cancel()
 
-    async def _fetch_all(self, method: str, key: str) -> list[dict[str, Any]]:
-        """Every item of a paginated list, following cursors to the end."""
-        items: list[dict[str, Any]] = []
+    async def _fetch_all(self, method: str, key: str) -> list[Any]:
+        """Every item of a paginated list, following cursors to the end (items unchecked: see _valid)."""
+        items: list[Any] = []
         cursor: str | None = None
         seen: set[str] = set()
         while True:
@@ -2167,9 +2167,13 @@ class Backend:
                 if err.code == METHOD_NOT_FOUND:  # advertised the capability, serves only part of it
                     return items
                 raise
-            items.extend(result.get(key) or [])
+            page = result.get(key) or []
+            if not isinstance(page, list):
+                log.warning("backend %s: ignoring its %s: %s is not a list", self.name, method, key)
+                return items
+            items.extend(page)
             cursor = result.get("nextCursor")
-            if not cursor or cursor in seen:
+            if not cursor or not isinstance(cursor, str) or cursor in seen:
                 return items
             seen.add(cursor)
 
@@ -2188,18 +2192,22 @@ class Backend:
             instructions=instructions if instructions is not None else self.listing.instructions,
         )
 
-    def _valid(self, items: Iterable[dict[str, Any]], model: type[pydantic.BaseModel]) -> tuple[dict[str, Any], ...]:
-        """The items that are valid MCP, checked once here so that no client call re-checks them."""
-        kept = []
-        for item in items:
+    def _valid(self, items: Iterable[Any], model: type[pydantic.BaseModel]) -> tuple[dict[str, Any], ...]:
+        """The items that are valid MCP, checked once here so that no client call re-checks them; the others are
+        skipped, with one warning that names each by its place in the list."""
+        kept, problems = [], []
+        for i, item in enumerate(items):
             try:
                 model.model_validate(item)
             except pydantic.ValidationError as err:
-                log.warning(
-                    "backend %s: ignoring an invalid %s %r: %s", self.name, model.__name__, item.get("name"), err.errors()[0]["msg"]
-                )
+                first = err.errors()[0]
+                where = ".".join(map(str, first["loc"]))
+                name = f" {item.get('name')!r}" if isinstance(item, dict) and isinstance(item.get("name"), str) else ""
+                problems.append(f"#{i}{name} ({where + ': ' if where else ''}{first['msg']})")
                 continue
             kept.append(item)
+        if problems:
+            log.warning("backend %s: ignoring %d invalid %s items: %s", self.name, len(problems), model.__name__, "; ".join(problems))
         return tuple(kept)
 
     async def refresh(self) -> None:

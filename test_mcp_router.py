@@ -126,6 +126,7 @@ class FakeBackend:
     subscribed: list[str] = field(default_factory=list)
     roots_changes: int = 0
     forget_session: bool = False
+    tool_lists: int = 0
     crashes: int = 0
     """Calls that crash the backend (its connection drops mid-call), the next ones first."""
     crash: Callable[[], None] | None = None
@@ -154,6 +155,7 @@ class FakeBackend:
 
     def server(self) -> Server[Any]:
         async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+            self.tool_lists += 1
             items, cursor = self._page(self.tools(), params)
             return types.ListToolsResult(tools=items, next_cursor=cursor)
 
@@ -272,6 +274,31 @@ class FakeBackend:
         return server
 
 
+class BreakableWrites:
+    """A connection's write stream whose writes can be made to fail, as a broken pipe's do, while reads go on."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def break_(self) -> None:
+        self.broken = True
+
+    async def send(self, item: Any) -> None:
+        if self.broken:
+            raise anyio.BrokenResourceError
+        await self.stream.send(item)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def __aenter__(self) -> BreakableWrites:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 class InProcess:
     """A connector to an in-process backend whose connection the test can cut."""
 
@@ -285,6 +312,8 @@ class InProcess:
         self.stall: anyio.Event | None = None
         """When set, each connection attempt waits for it, then fails: a backend that is slow to fail."""
         self._cut: Callable[[], Any] | None = None
+        self.break_writes: Callable[[], None] = lambda: None
+        """Makes writing to the backend fail while its connection still looks up (set while connected)."""
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[Any]:
@@ -297,8 +326,10 @@ class InProcess:
         async with create_client_server_memory_streams() as (client_streams, server_streams), anyio.create_task_group() as tg:
             tg.start_soon(self.server.run, server_streams[0], server_streams[1], self.server.create_initialization_options())
             self._cut = self.backend.crash = tg.cancel_scope.cancel
+            writes = BreakableWrites(client_streams[1])
+            self.break_writes = writes.break_
             try:
-                yield client_streams
+                yield client_streams[0], writes
             finally:
                 tg.cancel_scope.cancel()
 
@@ -931,6 +962,16 @@ async def test_errors_are_clear_mcp_errors_and_the_router_keeps_serving() -> Non
         assert text_of(await call(client, "svc__echo", {"text": "still here"})) == "svc:echo:still here"
 
 
+async def test_a_request_that_cannot_be_written_goes_to_the_next_replica_whatever_the_tool() -> None:
+    first, second = FakeBackend("first"), FakeBackend("second")
+    settings = {"routing": {"default_strategy": "fallback"}}
+    async with routed(first, second, namespace="svc", settings=settings) as (client, router, connectors):
+        connectors["first"].break_writes()  # the router has not seen anything wrong: first is still "ready"
+        assert router.backends["first"].state == "ready"
+        assert text_of(await call(client, "svc__echo", {"text": "x"})) == "second:echo:x"  # echo is not idempotent
+        assert "echo" not in first.calls
+
+
 async def test_a_down_backend_is_a_clear_error_naming_it() -> None:
     up, down = FakeBackend("up"), FakeBackend("down")
     config = config_for("up", "down", settings={"routing": {"request_timeout_seconds": 0.5}})
@@ -1058,6 +1099,123 @@ def test_backoff_grows_by_the_multiplier_up_to_the_cap_with_bounded_jitter() -> 
     assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
     jittered = mr.backoff_delay(2, initial=0.5, multiplier=2, cap=3, rng=lambda: 1.0)
     assert jittered == pytest.approx(1.0 * (1 - mr.JITTER))
+
+
+# ---------------------------------------------------------------------------- pure core: routing and lifecycle
+
+
+def candidate(name: str, **overrides: Any) -> mr.Candidate:
+    values: dict[str, Any] = {"priority": 10, "state": "ready", "breaker": "closed", "admits": True, "in_flight": 0, "offers": True}
+    return mr.Candidate(name=name, **(values | overrides))
+
+
+def test_strategies_live_in_one_registry_that_config_validation_reads() -> None:
+    assert set(mr.STRATEGIES) == {"path", "capability", "fallback"}
+    problems = problems_of({"backends": [{"name": "a", "command": "x", "routes": [{"pattern": "*", "strategy": "fastest"}]}]})
+    assert problems == [
+        "backends.yaml: backends[0].routes[0].strategy: expected one of path, capability, fallback, priority, got 'fastest'"
+    ]
+    config = config_for("a", routes=[{"pattern": "*", "strategy": "priority"}], settings={"routing": {"default_strategy": "path"}})
+    assert config.backends[0].routes[0].strategy == "priority" and config.settings.default_strategy == "path"
+    assert mr.plan_route("x", ["a"], mr.routes_of(config.backends), {"a": 10}, "capability").strategy == "fallback"  # an alias
+
+
+def test_the_most_specific_matching_pattern_wins_and_config_order_breaks_ties() -> None:
+    routes = [mr.Route("any", "*", "path", order=0), mr.Route("gh", "github_*", "path", order=1),
+              mr.Route("search", "github_search", "path", order=2), mr.Route("late", "github_*", "path", order=3),
+              mr.Route("q", "github_?ssue", "path", order=4)]  # fmt: skip
+
+    def owner(name: str) -> str | None:
+        route = mr.best_route(name, routes)
+        return route.backend if route else None
+
+    assert owner("github_search") == "search"  # no wildcard at all
+    assert owner("github_pr") == "gh"  # one wildcard, and first of two equals in config
+    assert owner("github_issue") == "q"  # one wildcard, longer literal part than github_*
+    assert owner("slack_post") == "any"
+    assert mr.best_route("slack_post", routes[1:]) is None  # no pattern matches: the default strategy routes it
+
+
+def test_capability_prefers_a_closed_breaker_then_fewest_calls_in_flight_then_priority_then_takes_turns() -> None:
+    route = mr.STRATEGIES["capability"]
+    assert route([candidate("half", breaker="half_open"), candidate("closed", in_flight=3)], 0).order == ("closed", "half")
+    assert route([candidate("busy", in_flight=2), candidate("idle")], 0).order == ("idle", "busy")
+    assert route([candidate("low", priority=20), candidate("high", priority=1)], 0).order[0] == "high"
+    assert [route([candidate("a"), candidate("b"), candidate("c")], turn).order[0] for turn in range(4)] == ["a", "b", "c", "a"]
+    decision = route([candidate("a", in_flight=1), candidate("b", offers=False), candidate("c")], 0)
+    assert decision.order == ("c", "a") and dict(decision.skipped) == {"a": "busier (1 in flight)", "b": "does not offer it"}
+
+
+def test_a_chain_takes_the_first_candidate_that_can_serve_and_says_why_it_passed_the_others() -> None:
+    route = mr.STRATEGIES["fallback"]
+    chain = [candidate("primary", state="failing", reason="backend 'primary' is failing to connect (refused)"),
+             candidate("open", breaker="open", admits=False, reason="backend 'open' is unavailable: circuit open"),
+             candidate("secondary", priority=20), candidate("last", priority=30)]  # fmt: skip
+    decision = route(chain, 0)
+    assert decision.action == "send" and decision.order == ("secondary", "last")
+    assert (
+        dict(decision.skipped)["primary"].startswith("backend 'primary' is failing")
+        and dict(decision.skipped)["last"] == "later in the chain"
+    )
+    waiting = route([candidate("a", state="reconnecting", reason="backend 'a' is reconnecting"), candidate("b", state="stopped")], 0)
+    assert waiting.action == "wait"  # a is on its way back: calls wait for it, within their deadline
+    refused = route([candidate("a", state="failing", reason="backend 'a' is failing to connect (boom)"), candidate("b", offers=False)], 0)
+    assert refused.action == "refuse" and refused.reason == "backend 'a' is failing to connect (boom); backend 'b': does not offer it"
+
+
+def test_plans_follow_priority_and_fallback_links_and_a_path_route_pins_its_backend() -> None:
+    routes = {"primary": (mr.Route("primary", "*", "fallback", "backup"),), "backup": (mr.Route("backup", "*", "fallback", "last"),),
+              "gh": (mr.Route("gh", "github_*", "path"),)}  # fmt: skip
+    priority = {"primary": 1, "replica": 5, "backup": 50, "last": 90, "gh": 10, "other": 10}
+    assert mr.plan_route("search", ["replica", "primary"], routes, priority, "capability").candidates == (
+        "primary",
+        "backup",
+        "last",
+        "replica",
+    )
+    assert mr.plan_route("echo", ["replica"], routes, priority, "fallback") == mr.Plan("fallback", None, ("replica",))
+    pinned = mr.plan_route("github_pr", ["other", "gh"], routes, priority, "capability")
+    assert pinned.strategy == "path" and pinned.candidates == ("gh",)
+    assert mr.plan_route("echo", ["other", "gh"], routes, priority, "capability") == mr.Plan("capability", None, ("other", "gh"))
+
+
+def test_a_cycle_of_fallback_links_is_a_config_error_naming_the_cycle() -> None:
+    raw = {"backends": [{"name": n, "command": "x", "routes": [{"pattern": "*", "strategy": "fallback", "fallback_to": to}]}
+                        for n, to in (("a", "b"), ("b", "c"), ("c", "a"))]}  # fmt: skip
+    assert problems_of(raw) == [
+        "backends.yaml: routes: fallback_to links form a cycle: a -> b -> c -> a (a request would go round forever)"
+    ]
+
+
+def test_the_lifecycle_moves_only_by_its_table_and_says_which_states_make_calls_wait() -> None:
+    assert mr.next_state("starting", "connected") == "ready"
+    assert mr.next_state("ready", "lost") == "reconnecting" and "reconnecting" in mr.CALLS_WAIT
+    assert mr.next_state("reconnecting", "failed") == "failing" and "failing" not in mr.CALLS_WAIT
+    assert mr.next_state("failing", "restart") == "reconnecting"
+    with pytest.raises(mr.IllegalTransition, match="no transition on 'connected' from 'stopped'"):
+        mr.next_state("stopped", "connected")
+
+
+def test_backoff_stays_at_its_cap_for_any_number_of_attempts() -> None:
+    for attempt in (1_025, 2_000, 10**9):
+        assert mr.backoff_delay(attempt, initial=0.5, multiplier=2, cap=10, rng=lambda: 0.0) == 10
+    assert mr.backoff_delay(10**6, initial=0.5, multiplier=1.0, cap=10, rng=lambda: 0.0) == 0.5
+
+
+def test_only_a_request_that_never_reached_a_backend_or_is_harmless_to_repeat_goes_elsewhere() -> None:
+    assert mr.may_send_elsewhere(reached_backend=False, retry_safe=False)
+    assert mr.may_send_elsewhere(reached_backend=True, retry_safe=True)
+    assert not mr.may_send_elsewhere(reached_backend=True, retry_safe=False)
+
+
+def test_a_reconnect_half_opens_an_open_breaker() -> None:
+    clock = FakeClock()
+    breaker = mr.CircuitBreaker("db", failure_threshold=1, reset_timeout=60, clock=clock)
+    assert breaker.reconnected() is None  # closed: nothing to do
+    breaker.record_failure("crash")
+    assert breaker.reconnected() == "half_open" and breaker.state == "half_open"
+    assert breaker.allow() and not breaker.admits()  # the next call is the one trial
+    assert breaker.record_success() == "closed"
 
 
 # ---------------------------------------------------------------------------- resilience through the router
@@ -1438,6 +1596,143 @@ async def test_backends_are_added_restarted_and_removed_while_serving() -> None:
             await call(client, "second__echo")
 
 
+# ---------------------------------------------------------------------------- routing through the router
+
+
+async def explain(client: Client, name: str) -> dict[str, Any]:
+    result = await call(client, "explain_route", {"name": name})
+    assert result.structured_content is not None and not result.is_error
+    return result.structured_content
+
+
+async def test_path_routes_send_a_family_of_tools_to_its_backend_and_the_rest_by_capability() -> None:
+    github_tool = types.Tool(name="github_search", input_schema={"type": "object"})
+    gh, other = FakeBackend("gh", extra_tools=[github_tool]), FakeBackend("other", extra_tools=[github_tool])
+    config = mr.parse_config(
+        {"backends": [{"name": "gh", "command": "x", "namespace": "tools", "routes": [{"pattern": "github_*", "strategy": "path"}]},
+                      {"name": "other", "command": "x", "namespace": "tools"}]}, {})  # fmt: skip
+    router = mr.Router(config, connectors={"gh": InProcess(gh), "other": InProcess(other)})
+    with anyio.fail_after(20):
+        async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+            served = {(await call(client, "tools__github_search")).meta[mr.ROUTER_META_KEY] for _ in range(4)}  # type: ignore[index]
+            assert served == {"gh"}
+            echoed = [text_of(await call(client, "tools__echo", {"text": "x"})) for _ in range(4)]
+            assert sorted(echoed) == ["gh:echo:x"] * 2 + ["other:echo:x"] * 2  # no route: capability takes turns
+            why = await explain(client, "tools__github_search")
+            assert (why["strategy"], why["backend"], why["route"]["pattern"]) == ("path", "gh", "github_*")
+            assert next(c for c in why["candidates"] if c["backend"] == "other")["verdict"].startswith("no pattern match")
+            assert (await explain(client, "tools__echo"))["strategy"] == "capability"
+
+
+async def test_a_priority_chain_falls_back_on_transport_failure_but_never_resends_a_call_that_may_have_run() -> None:
+    primary, secondary = FakeBackend("primary"), FakeBackend("secondary")
+    config = mr.parse_config(
+        {"backends": [{"name": "primary", "command": "x", "priority": 1,
+                       "routes": [{"pattern": "*", "strategy": "fallback", "fallback_to": "secondary"}]},
+                      {"name": "secondary", "command": "x", "priority": 50}]} | no_refresh(), {})  # fmt: skip
+    connectors = {"primary": InProcess(primary), "secondary": InProcess(secondary)}
+    router = mr.Router(config, connectors=connectors, clock=FakeClock(autojump=True).clock())
+    with anyio.fail_after(20):
+        async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+            assert text_of(await call(client, "primary__echo", {"text": "1"})) == "primary:echo:1"
+            primary.crashes = 1
+            with pytest.raises(MCPError) as info:  # it may have run on primary: not sent again anywhere
+                await call(client, "primary__echo", {"text": "2"})
+            assert info.value.code == mr.BACKEND_UNAVAILABLE and "'primary' failed: Connection closed" in info.value.message
+            assert "echo" not in secondary.calls
+            await until(router, lambda: router.backends["primary"].state == "ready")
+            primary.crashes = 1
+            counted = await call(client, "primary__count", {"text": "3"})  # idempotent: safe to send to the next in the chain
+            assert text_of(counted) == "secondary:count:3" and counted.meta == {mr.ROUTER_META_KEY: "secondary"}
+            await until(router, lambda: router.backends["primary"].state == "ready")
+            connectors["primary"].refuse = True
+            connectors["primary"].cut()
+            await until(router, lambda: router.backends["primary"].state == "failing")
+            assert text_of(await call(client, "primary__echo", {"text": "4"})) == "secondary:echo:4"  # primary down: never sent
+            why = await explain(client, "primary__echo")
+            assert (why["strategy"], why["decision"], why["backend"]) == ("fallback", "send", "secondary")
+            assert "failing to connect" in next(c for c in why["candidates"] if c["backend"] == "primary")["verdict"]
+            rows = {r["name"]: r for r in ((await call(client, "list_backends")).structured_content or {})["backends"]}
+            assert rows["secondary"]["fallbacks"] == 2 and rows["primary"]["errors"] >= 1 and rows["primary"]["requests"] >= 2
+
+
+async def test_with_namespaces_off_a_down_owner_gives_a_clear_error_and_never_the_other_backends_tool() -> None:
+    owner, other = FakeBackend("owner"), FakeBackend("other")
+    connectors = {"owner": InProcess(owner), "other": InProcess(other)}
+    config = mr.parse_config({"backends": [{"name": "owner", "command": "x", "priority": 1}, {"name": "other", "command": "x"}],
+                              "routing": {"enable_namespace_prefixing": False}}, {})  # fmt: skip
+    router = mr.Router(config, connectors=connectors)
+    with anyio.fail_after(20):
+        async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+            connectors["owner"].refuse = True
+            connectors["owner"].cut()
+            await until(router, lambda: router.backends["owner"].state == "failing")
+            with pytest.raises(MCPError) as info:
+                await call(client, "echo", {"text": "x"})
+            assert info.value.code == mr.BACKEND_UNAVAILABLE and "'owner' is failing to connect" in info.value.message
+            assert "echo" not in other.calls
+            why = await explain(client, "echo")
+            assert why["decision"] == "refuse" and [c["backend"] for c in why["candidates"]] == ["owner"]
+            assert (await explain(client, "no_such_tool"))["decision"] == "unknown"
+
+
+async def test_a_backend_down_for_thousands_of_restarts_never_stops_the_router_and_tells_the_truth() -> None:
+    dead, alive_ = FakeBackend("dead"), FakeBackend("alive")
+    async with routed(dead, alive_, clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (client, router, connectors):
+        connectors["dead"].refuse = True
+        connectors["dead"].cut()
+        await until(router, lambda: connectors["dead"].connects >= 2_000, seconds=60)
+        assert text_of(await call(client, "alive__echo", {"text": "still"})) == "alive:echo:still"
+        health = (await call(client, "get_backend_health", {"name": "dead"})).structured_content
+        assert health is not None and health["state"] == "failing" and health["circuit_state"] != "closed"
+        assert health["failed_attempts"] >= 1_999 and health["restarts"] >= 1_999 and health["next_retry_in_seconds"] is not None
+        assert health["consecutive_failures"] >= 1_999 and "refuses connections" in health["last_error"]
+
+
+async def test_lists_inside_the_cache_ttl_never_touch_the_backends() -> None:
+    a, b = FakeBackend("a"), FakeBackend("b")
+    async with routed(a, b) as (client, _, _):
+        before = (a.tool_lists, b.tool_lists)
+        for _ in range(100):
+            await client.list_tools()
+        assert (a.tool_lists, b.tool_lists) == before == (1, 1)
+
+
+async def test_a_healed_backend_takes_calls_at_once_and_calls_cut_by_its_crash_count_once() -> None:
+    fake = FakeBackend("svc")
+    settings = {"routing": {"request_timeout_seconds": 30}}
+    async with routed(fake, settings=settings, circuit_breaker={"failure_threshold": 2, "timeout_seconds": 600}) as (
+        client,
+        router,
+        connectors,
+    ):
+        backend = router.backends["svc"]
+        errors: list[MCPError] = []
+
+        async def hang() -> None:
+            try:
+                await call(client, "svc__hang")
+            except MCPError as err:
+                errors.append(err)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(hang)
+            await anyio.wait_all_tasks_blocked()
+            assert len(backend.inflight) == 5
+            connectors["svc"].cut()
+        assert len(errors) == 5
+        assert backend.breaker.failures == 1 and backend.breaker.state == "closed"  # one crash, not five failures
+        await until(router, lambda: backend.state == "ready")
+        connectors["svc"].cut()  # a second crash opens the breaker (threshold 2)...
+        await until(router, lambda: backend.state == "reconnecting")
+        assert backend.breaker.state == "open"
+        await until(router, lambda: backend.state == "ready")  # ...and the completed reconnect half-opens it
+        assert backend.breaker.state == "half_open"
+        assert text_of(await call(client, "svc__echo", {"text": "healed"})) == "svc:echo:healed"
+        assert backend.breaker.state == "closed"
+
+
 # ---------------------------------------------------------------------------- end to end: real processes
 
 
@@ -1761,6 +2056,89 @@ async def test_malformed_lines_from_a_client_get_json_rpc_errors_and_the_router_
             assert (bad["id"], bad["error"]["code"]) == (7, types.INVALID_REQUEST)
             assert (await exchange(b'{"jsonrpc": "2.0", "id": 8, "method": "ping"}')) == {"jsonrpc": "2.0", "id": 8, "result": {}}
             await proc.stdin.aclose()
+
+
+async def test_a_sigkilled_replica_costs_no_call_the_very_next_one_included() -> None:
+    config = mr.parse_config({"backends": [{"name": n, "namespace": "pool", **fake_backend_command()} for n in ("one", "two")]}, {})
+    router = mr.Router(config)
+    with anyio.fail_after(30):
+        async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+            await router.wait_ready()
+            pids = {}
+            for _ in range(2):  # capability routing takes turns between equals
+                result = await call(client, "pool__pid")
+                pids[result.meta[mr.ROUTER_META_KEY]] = pids_from(result)  # type: ignore[index]
+            assert set(pids) == {"one", "two"}
+            death = os.pidfd_open(pids["one"])
+            os.kill(pids["one"], signal.SIGKILL)
+            await anyio.wait_readable(death)  # it is dead: its pipe is broken, whether or not the router has noticed
+            os.close(death)
+            for i in range(10):  # echo may not be re-sent once it may have run: none of these reached the dead one
+                result = await call(client, "pool__echo", {"text": str(i)})
+                assert text_of(result) == f"fake:echo:{i}"
+            assert result.meta == {mr.ROUTER_META_KEY: "two"} or router.backends["one"].state == "ready"
+
+
+INVALID_BACKEND = """
+import json, sys
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\\n"); sys.stdout.flush()
+for line in sys.stdin:
+    message = json.loads(line)
+    method, rid = message.get("method"), message.get("id")
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+              "serverInfo": {"name": "invalid", "version": "1"}}})
+    elif method == "tools/list":
+        tools = ["a bare string", {"name": 5}, {"name": "shape", "inputSchema": {"type": "object"}}]
+        send({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+    elif method == "tools/call":
+        shape = message["params"]["arguments"]["shape"]
+        send({"null": {"jsonrpc": "2.0", "id": rid, "result": None},
+              "list": {"jsonrpc": "2.0", "id": rid, "result": [1]},
+              "no-code": {"jsonrpc": "2.0", "id": rid, "error": {"message": "x"}},
+              "no-id": {"jsonrpc": "2.0", "result": {"content": []}},
+              "no-content": {"jsonrpc": "2.0", "id": rid, "result": {"content": "text"}},
+              "fine": {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "fine"}]}}}[shape])
+    elif rid is not None:
+        send({"jsonrpc": "2.0", "id": rid, "result": {}})
+"""
+
+
+async def test_invalid_list_items_and_invalid_answers_cost_nothing_but_themselves(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    script = tmp_path / "invalid_backend.py"
+    script.write_text(INVALID_BACKEND)
+    config = mr.parse_config({"backends": [{"name": "raw", "command": sys.executable, "args": [str(script)], "timeout": 60}]}, {})
+    router = mr.Router(config)
+    with anyio.fail_after(20):  # a call waiting out the 60 s timeout fails the test
+        async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+            await router.wait_ready()
+            assert router.backends["raw"].state == "ready"
+            assert [t.name for t in (await client.list_tools()).tools if t.name not in mr.MANAGEMENT_TOOLS] == ["raw__shape"]
+            for shape in ("null", "list", "no-code", "no-id"):
+                with pytest.raises(MCPError) as info:
+                    await call(client, "raw__shape", {"shape": shape})
+                assert info.value.code == types.INTERNAL_ERROR and "backend 'raw' sent an invalid answer" in info.value.message
+            with pytest.raises(MCPError) as info:
+                await call(client, "raw__shape", {"shape": "no-content"})
+            assert "invalid tools/call result: content is not a list" in info.value.message
+            assert text_of(await call(client, "raw__shape", {"shape": "fine"})) == "fine"
+            assert router.backends["raw"].breaker.failures == 0  # answered, however badly: no transport failure
+    warnings = [r.getMessage() for r in caplog.records if "invalid Tool items" in r.getMessage()]
+    assert len(warnings) == 1 and "#0" in warnings[0] and "#1" in warnings[0] and "backend raw" in warnings[0]
+
+
+async def test_an_sse_backend_that_never_answers_fails_within_its_timeout() -> None:
+    with socket.socket() as listener:  # accepts the TCP connection, then says nothing
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/sse"
+        config = mr.parse_config({"backends": [{"name": "mute", "url": url, "transport": "sse", "timeout": 1}]}, {})
+        router = mr.Router(config)
+        with anyio.fail_after(20):
+            async with router.running():
+                await until(router, lambda: router.backends["mute"].state == "failing")
+                assert "no answer to connecting and initialize within 1s" in (router.backends["mute"].last_error or "")
 
 
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
