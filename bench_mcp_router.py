@@ -25,7 +25,8 @@ overhead  The `echo` tool called directly on a backend and through the router, s
           stdio (stdio client -> router -> stdio backend) and over streamable HTTP (HTTP client ->
           router -> HTTP backend) twice: a backend answering with SSE streams (the SDK's default)
           behind a router in its default mode, and backend and router both set to plain JSON
-          (json_response, --json-response): p50, p99 and calls/s with one caller and with 32
+          (json_response, --json-response), and over stdio to a pool of two replicas with routes
+          (the routing decision's share): p50, p99 and calls/s with one caller and with 32
           concurrent callers sharing one session, and the ratio routed/direct. Direct and routed are measured in alternating rounds so that drift on
           a busy machine hits both alike.
 scale     tools/list through a stdio router (every page, catalogue warm) with 1, 10 and 50 backends
@@ -772,6 +773,18 @@ async def overhead_stdio(lab: Lab, profile: Profile) -> dict[str, Any]:
         return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "b0__echo"))
 
 
+async def overhead_stdio_pool(lab: Lab, profile: Profile) -> dict[str, Any]:
+    """The same call to a pool of two replicas with routes: the routing decision's share of a call."""
+    routes = [{"pattern": "github_*", "strategy": "path"}, {"pattern": "ech?", "strategy": "capability"}]
+    replicas = [stdio_backend("p0") | {"namespace": "pool", "routes": routes}, stdio_backend("p1") | {"namespace": "pool"}]
+    async with (
+        stdio_client_of(lab, "overhead-pool-backend", fake_backend_argv()) as direct,
+        stdio_router(lab, "overhead-pool-router", replicas) as routed,
+    ):
+        await wait_for_tools(routed, {"pool": 1})
+        return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "pool__echo"))
+
+
 async def overhead_http(lab: Lab, profile: Profile, *, sse: bool) -> dict[str, Any]:
     """A backend answering with SSE streams behind a router in its default mode, or both set to plain JSON."""
     async with AsyncExitStack() as stack:
@@ -786,6 +799,7 @@ async def overhead_http(lab: Lab, profile: Profile, *, sse: bool) -> dict[str, A
 async def bench_overhead(lab: Lab, profile: Profile) -> dict[str, Any]:
     return {
         "stdio": await overhead_stdio(lab, profile),
+        "stdio-pool": await overhead_stdio_pool(lab, profile),
         "http": await overhead_http(lab, profile, sse=True),
         "http-json": await overhead_http(lab, profile, sse=False),
     }
@@ -997,6 +1011,7 @@ class Target:
 
 TARGETS: Final = (
     Target("routed/direct p50, stdio", ("overhead", "stdio", "sequential", "ratio", "p50_ms"), 2.0, True, "x"),
+    Target("routed/direct p50, stdio, 2 replicas with routes", ("overhead", "stdio-pool", "sequential", "ratio", "p50_ms"), 2.0, True, "x"),
     Target("routed/direct calls/s, 32 callers, stdio", ("overhead", "stdio", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
     Target("routed/direct calls/s, 32 callers, http", ("overhead", "http", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
     Target("tools/list p50, 50 backends x 50 tools", ("scale", "50x50", "list", "p50_ms"), 5.0, True, " ms"),

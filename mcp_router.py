@@ -28,6 +28,40 @@ A minimal backends.yaml:
       - name: docs
         url: https://example.com/mcp
 
+Map of this file, contract first, machinery last:
+
+    constants, errors      names, limits and the error hierarchy
+    config                 frozen dataclasses; parse_config(raw, env) is pure, load_config(path) reads the file
+    pure core              no await, no I/O, no SDK: naming and the catalogue, backoff, the circuit breaker,
+                           the Clock, the backend lifecycle table, and routing (plans, snapshots, STRATEGIES)
+    start-up               run as a program: the command line and config, then stdio backends launch
+                           while the SDK (next) is imported
+    the SDK                its imports
+    I/O shell: backends    one Backend per server: connection, supervisor, health, requests
+    I/O shell: the router  Router: the backends, the catalogue, and the request path between them
+    MCP wiring             the SDK Server's handlers, the management tools, the fast path
+    serving, CLI           stdio and HTTP serving; main()
+
+The path of one tools/call (handshake era, stdio):
+
+    LineReader (serving) reads the client's line -> the SDK Server -> _RouterMiddleware's fast path
+    (2026-era calls: the SDK's checked handler) -> route_tool_call -> Router.find: the catalogue's
+    Entry (original name, pool, plan) -> Router.forward: Backend.snapshot of each candidate ->
+    STRATEGIES[plan.strategy] -> Decision -> Backend.request -> the backend's pipe; the answer comes
+    back through _WatchedDispatcher, is checked and stamped with the serving backend, and is written
+    by LineWriter. A failure goes to the next candidate only where may_send_elsewhere() allows.
+
+Where the router bypasses the SDK for speed (each guarded by the test named):
+    LineReader/LineWriter read and write pipes on the event loop, no thread or memory-stream hop
+        (test_end_to_end_over_stdio_with_real_stdio_backends, test_malformed_lines_from_a_client_...)
+    _RouterMiddleware answers handshake-era tools/call and lists without re-validating what the
+        backend's listing validated once (test_parity_router_changes_nothing_but_names)
+    EncodedItems: list pages encoded once per catalogue (test_a_cached_page_is_written_as_the_sdk_would_write_it)
+    PlainAnswers: plain JSON instead of a one-event SSE stream (test_http_answers_are_plain_json_unless_the_call_streams)
+    _DrainedOnClose: an answered SSE stream from a backend is read to its end, so its connection is
+        reused (test_an_http_backends_streamed_answers_leave_its_connection_open_for_the_next_call)
+    bind(): a TCP socket, so asyncio turns Nagle off (test_http_connections_are_served_without_nagle_delays)
+
 SPDX-License-Identifier: MIT
 """
 
@@ -1322,12 +1356,15 @@ class RouteStats:
     fallbacks: int = 0
     """Requests this backend served after another candidate failed or was passed over in a chain."""
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    recent_ms: float | None = None
+    """A moving average of the latency, cheap enough for every routing snapshot."""
 
     def record(self, milliseconds: float, *, ok: bool, fallback: bool) -> None:
         self.requests += 1
         self.errors += not ok
         self.fallbacks += fallback
         self.latencies_ms.append(milliseconds)
+        self.recent_ms = milliseconds if self.recent_ms is None else 0.8 * self.recent_ms + 0.2 * milliseconds
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies_ms:
@@ -2088,6 +2125,7 @@ class Backend:
             admits=b.admits(),
             in_flight=len(self.inflight),
             offers=kind == "resource" or name in self.offered[kind],
+            latency_ms=self.stats.recent_ms,
             reason=self.unavailable_reason() if self.state != "ready" else (b.open_error() if not b.admits() else ""),
         )
 
