@@ -616,6 +616,22 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
     )
 
 
+def _check_namespaces(backends: Sequence[BackendConfig], entries: Mapping[str, Any], problems: _Problems) -> None:
+    """Backends share a namespace only as replicas by choice: each declares it. Names that merely clean to the
+    same namespace (`a.b`, `a_b`) would otherwise pool two different servers."""
+    paths = {entry.get("name"): path for path, entry in entries.items() if isinstance(entry, dict)}
+    first: dict[str, BackendConfig] = {}
+    for b in backends:
+        other = first.setdefault(b.namespace, b)
+        if other.name == b.name or all("namespace" in entries[paths[x.name]] for x in (b, other)):
+            continue  # the same backend, a duplicate name (reported), or replicas by choice
+        problems.add(
+            _join(paths[b.name], "name"),
+            f"backend {b.name!r} has the namespace {b.namespace!r} of {other.name!r} ({paths[other.name]}); "
+            f"rename one, or give both `namespace: {b.namespace}` to make them replicas",
+        )
+
+
 def parse_config(
     raw: Any,
     env: Mapping[str, str],
@@ -658,6 +674,7 @@ def parse_config(
     backends = [
         b for path, entry, foreign in entries if (b := _parse_backend(entry, path, settings, problems, foreign_keys=foreign)) is not None
     ]
+    _check_namespaces(backends, {path: entry for path, entry, _ in entries}, problems)
     for b in backends:
         for r in b.routes:
             if r.fallback_to is not None and r.fallback_to not in seen:
@@ -671,6 +688,101 @@ def parse_config(
     return Config(settings=settings, backends=tuple(backends), source=source)
 
 
+MAX_CONFIG_BYTES: Final = 10 * 1024 * 1024
+MAX_CONFIG_DEPTH: Final = 100
+"""Levels of nesting a config file may have; a real one has under ten."""
+MAX_ALIAS_NODES: Final = 10_000
+"""Values that YAML aliases (`*name`, `<<: *name`) may add to a config, so a small file cannot expand to gigabytes."""
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds: nesting depth and what aliases add; duplicate keys are collected,
+    and values Python cannot build (a 5,000-digit integer, 2026-13-45) are YAML errors with a line."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.depth = 0
+        self.composed = 0
+        """Values composed so far, counting each alias as the values it stands for."""
+        self.alias_nodes = 0
+        self.anchored: dict[str, int] = {}
+        """The size of each anchored value, known once it is complete."""
+        self.duplicates: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            size = self.anchored.get(event.anchor or "")
+            if size is None and event.anchor in self.anchors:
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is inside its own anchor", event.start_mark)
+            self.alias_nodes += size or 0
+            self.composed += size or 0
+            if self.alias_nodes > MAX_ALIAS_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand to more than {MAX_ALIAS_NODES:,} values", event.start_mark
+                )
+            return cast(yaml.Node, super().compose_node(parent, index))
+        if self.depth >= MAX_CONFIG_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", event.start_mark)
+        anchor, before = getattr(event, "anchor", None), self.composed
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        self.composed += 1
+        if anchor is not None:
+            self.anchored[anchor] = self.composed - before
+        return cast(yaml.Node, node)
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                line = key.start_mark.line + 1
+                if (seen := first.setdefault((key.tag, key.value), line)) != line:
+                    self.duplicates.append(f"line {line}: duplicate key {_describe(key.value)} (first at line {seen})")
+        return cast(yaml.MappingNode, node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as err:  # e.g. int() past sys.get_int_max_str_digits()
+            reason = str(err).split(":")[0]
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {reason}", node.start_mark) from None
+
+
+def _read_config(candidate: Path, source: str) -> Any:
+    """The parsed document of a config file, bounded in size, nesting and alias expansion."""
+    try:
+        with candidate.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES // 2**20} MB; a config file must be smaller"])
+        text = data.decode("utf-8")
+    except OSError as err:
+        raise ConfigError([f"{source}: cannot read: {err.strerror or err}"]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{source}: not UTF-8 text: {err.reason}"]) from err
+    loader = _ConfigLoader(text)  # JSON is YAML, so .mcp.json files load too
+    try:
+        raw = loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"{source}: invalid YAML: {where}{problem}"]) from err
+    except RecursionError as err:  # bounded above; kept so that no input can end in a traceback
+        raise ConfigError([f"{source}: invalid YAML: nested too deep"]) from err
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([f"{source}: {duplicate}" for duplicate in loader.duplicates])
+    return raw
+
+
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Config:
     """Find, read and parse the config file: --config, else MCP_BACKENDS_CONFIG, else ./backends.yaml.
 
@@ -681,19 +793,7 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], ove
     if not explicit and not candidate.exists():
         return parse_config({}, env, source=NO_CONFIG, overrides=overrides)
     source = str(candidate)
-    try:
-        text = candidate.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"{source}: cannot read: {err.strerror or err}"]) from err
-    except UnicodeDecodeError as err:
-        raise ConfigError([f"{source}: not UTF-8 text: {err.reason}"]) from err
-    try:
-        raw = yaml.safe_load(text)  # JSON is YAML, so .mcp.json files load too
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError([f"{source}: invalid YAML: {where}{problem}"]) from err
+    raw = _read_config(candidate, source)
     return parse_config(raw, env, source=source, overrides=overrides)
 
 

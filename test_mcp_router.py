@@ -531,6 +531,72 @@ def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
     assert "cannot read" in info.value.problems[0]
 
 
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+"""Nine lines that a plain YAML load expands to 9**9 strings."""
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (ALIAS_BOMB, "line 5, column 8: aliases expand to more than 10,000 values"),
+        ("backends:\n  - name: a\n    priority: " + "9" * 5000 + "\n", "line 3, column 15: cannot read this value"),
+        ("x: " + "[" * 1000 + "]" * 1000 + "\n", "nested more than 100 levels deep"),
+        ("x: &x [*x]\n", "alias *x is inside its own anchor"),
+        ("server:\n  since: 2026-13-45\n", "line 2, column 10: cannot read this value: month must be in 1..12"),
+    ],
+    ids=["alias-bomb", "5000-digits", "1000-deep", "self-alias", "bad-date"],
+)
+def test_config_bombs_and_unbuildable_values_are_config_errors_naming_file_and_line(tmp_path: Path, text: str, reason: str) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text(text)
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems[0].startswith(f"{path}: invalid YAML: ")
+    assert reason in info.value.problems[0]
+
+
+def test_config_aliases_within_the_budget_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text(
+        "backends:\n  - &base {name: a, url: 'http://a/mcp', timeout: 5}\n  - {<<: *base, name: b, url: 'http://b/mcp'}\n"
+    )
+    a, b = mr.load_config(path, {}).backends
+    assert (b.name, b.url, b.timeout) == ("b", "http://b/mcp", 5.0) and a.timeout == 5.0
+
+
+def test_config_larger_than_10_mb_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text("backends: []\n" + "#" * mr.MAX_CONFIG_BYTES)
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems == [f"{path}: larger than 10 MB; a config file must be smaller"]
+
+
+def test_config_duplicate_keys_are_errors_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text("backends:\n  - name: a\n    url: http://a/mcp\n    url: http://b/mcp\n    name: c\n")
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems == [
+        f"{path}: line 4: duplicate key 'url' (first at line 3)",
+        f"{path}: line 5: duplicate key 'name' (first at line 2)",
+    ]
+
+
+def test_config_names_that_clean_to_one_namespace_are_an_error_unless_both_declare_it() -> None:
+    clash = {"backends": [{"name": "a.b", "url": "http://x/mcp"}, {"name": "a_b", "url": "http://y/mcp"}]}
+    assert problems_of(clash) == [
+        "backends.yaml: backends[1].name: backend 'a_b' has the namespace 'a_b' of 'a.b' (backends[0]); "
+        "rename one, or give both `namespace: a_b` to make them replicas"
+    ]
+    half = {"backends": [{"name": "one", "url": "http://x/mcp", "namespace": "two"}, {"name": "two", "url": "http://y/mcp"}]}
+    assert "backends[1].name: backend 'two' has the namespace 'two' of 'one'" in problems_of(half)[0]
+    replicas = {"backends": [{"name": n, "url": f"http://{n}/mcp", "namespace": "a_b"} for n in ("a.b", "a_b")]}
+    assert [b.namespace for b in mr.parse_config(replicas, {}).backends] == ["a_b", "a_b"]
+
+
 def test_config_precedence_is_cli_then_env_then_yaml_then_default() -> None:
     raw = {"routing": {"request_timeout_seconds": 5, "retry": {"max_attempts": 2}}, "server": {"port": 9000, "name": "yaml-name"}}
     env = {"MCP_REQUEST_TIMEOUT": "7", "MCP_PORT": "9001", "MCP_ENABLE_NAMESPACES": "false"}
@@ -2175,6 +2241,15 @@ def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) 
     assert proc.returncode == 2
     assert f"{config}: backends[0].url: expected an http(s) URL, got 'localhost:8000'" in proc.stderr
     assert "backends[1].prio: unknown key (did you mean 'priority'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_an_alias_bomb_config_exits_2_with_a_clear_message_and_no_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "backends.yaml"
+    config.write_text(ALIAS_BOMB)
+    proc = subprocess.run([sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"{config}: invalid YAML: line 5, column 8: aliases expand to more than 10,000 values" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
