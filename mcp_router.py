@@ -719,9 +719,7 @@ class _ConfigLoader(yaml.SafeLoader):
             self.alias_nodes += size or 0
             self.composed += size or 0
             if self.alias_nodes > MAX_ALIAS_NODES:
-                raise yaml.composer.ComposerError(
-                    None, None, f"aliases expand to more than {MAX_ALIAS_NODES:,} values", event.start_mark
-                )
+                raise yaml.composer.ComposerError(None, None, f"aliases expand to more than {MAX_ALIAS_NODES:,} values", event.start_mark)
             return cast(yaml.Node, super().compose_node(parent, index))
         if self.depth >= MAX_CONFIG_DEPTH:
             raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", event.start_mark)

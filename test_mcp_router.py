@@ -559,9 +559,7 @@ def test_config_bombs_and_unbuildable_values_are_config_errors_naming_file_and_l
 
 def test_config_aliases_within_the_budget_still_work(tmp_path: Path) -> None:
     path = tmp_path / "backends.yaml"
-    path.write_text(
-        "backends:\n  - &base {name: a, url: 'http://a/mcp', timeout: 5}\n  - {<<: *base, name: b, url: 'http://b/mcp'}\n"
-    )
+    path.write_text("backends:\n  - &base {name: a, url: 'http://a/mcp', timeout: 5}\n  - {<<: *base, name: b, url: 'http://b/mcp'}\n")
     a, b = mr.load_config(path, {}).backends
     assert (b.name, b.url, b.timeout) == ("b", "http://b/mcp", 5.0) and a.timeout == 5.0
 
