@@ -210,25 +210,30 @@ class BackendConfig:
     enabled: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    expanded: tuple[str, ...] = field(default=(), repr=False)
+    """The values `${VAR}` references in this backend's entry took from the environment: secrets, wherever they went."""
 
     def secrets(self) -> list[str]:
-        """Values that must never appear in output: env and header values (and their last word, the token), URL credentials and query values."""
-        found = [*self.env.values(), *self.headers.values(), *(v.split()[-1] for v in self.headers.values() if v.split())]
-        if self.url:
-            parts = urlsplit(self.url)
+        """Values that must never appear in output: what came from `${VAR}`, env and header values (and their last
+        word, the token), credentials and query values of the URL and of URLs among the args."""
+        found = [*self.expanded, *self.env.values(), *self.headers.values()]
+        found += [v.split()[-1] for v in self.headers.values() if v.split()]
+        for url in (self.url or "", *(a for a in self.args if "://" in a)):
+            parts = urlsplit(url)
             found += [p for p in (parts.password, parts.username) if p]
             found += [value for _, value in parse_qsl(parts.query)]
-        return sorted({s for s in found if len(s) >= 6}, key=len, reverse=True)  # longest first, so no partial redaction
+        return sorted({s for s in found if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)  # longest first
 
     def public_target(self) -> str:
         """What to show of where this backend lives: the URL without credentials or query, or the program and its package."""
+        secrets = self.secrets()
         if self.url:
             parts = urlsplit(self.url)
             host = parts.hostname or ""
             port = f":{parts.port}" if parts.port else ""
-            return f"{parts.scheme}://{host}{port}{parts.path}"
-        package = next((a for a in self.args if not a.startswith("-") and "=" not in a), "")
-        return redact(f"{Path(self.command or '').name} {package}".strip(), self.secrets())
+            return redact(f"{parts.scheme}://{host}{port}{parts.path}", secrets)  # a key in the path: /mcp/${KEY}/sse
+        package = next((a for a in self.args if not a.startswith("-") and "=" not in a and redact(a, secrets) == a), "")
+        return redact(f"{Path(self.command or '').name} {package}".strip(), secrets)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -296,6 +301,8 @@ SETTINGS: Final = (
 )
 # fmt: on
 
+MIN_SECRET_LENGTH: Final = 6
+"""Shorter secret values are not redacted from output: `***` in place of every `true` or `8080` would say nothing."""
 _POSITIVE: Final = {"request_timeout", "health_check_interval", "health_check_timeout", "retry_backoff", "max_backoff"}
 
 
@@ -304,17 +311,34 @@ class Config:
     settings: Settings = Settings()
     backends: tuple[BackendConfig, ...] = ()
     source: str | None = None
+    expanded: tuple[str, ...] = field(default=(), repr=False)
+    """Every value a `${VAR}` reference took from the environment, anywhere in the file."""
+
+    def secrets(self) -> list[str]:
+        """What the router must never say, in any backend's words: every backend's secrets, and all that was expanded."""
+        found = {s for b in self.backends for s in b.secrets()} | {s for s in self.expanded if len(s) >= MIN_SECRET_LENGTH}
+        return sorted(found, key=len, reverse=True)
 
 
 class _Problems:
-    """Collects config problems so they can be reported together."""
+    """Collects config problems so they can be reported together; never with a value that came from `${VAR}`."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.items: list[str] = []
+        self.expanded: list[tuple[str, str]] = []
+        """(path, value) of each value a `${VAR}` took from the environment."""
 
     def add(self, path: str, message: str) -> None:
+        here = [value for where, value in self.expanded if _within(where, path)]  # any length: the message is about it
+        message = redact(message, sorted({*here, *self.expanded_secrets()}, key=len, reverse=True))
         self.items.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def expanded_under(self, path: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(value for where, value in self.expanded if _within(where, path)))
+
+    def expanded_secrets(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(value for _, value in self.expanded if len(value) >= MIN_SECRET_LENGTH))
 
     def unknown_keys(self, mapping: Mapping[str, Any], known: Iterable[str], path: str) -> None:
         known = list(known)
@@ -331,6 +355,11 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _within(path: str, ancestor: str) -> bool:
+    """Whether `path` is `ancestor` or lies inside it (`backends[0].env.T` inside `backends[0]`)."""
+    return not ancestor or path == ancestor or path.startswith((ancestor + ".", ancestor + "["))
+
+
 _ENV_REF: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -341,6 +370,8 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: _Problems) 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in env:
+                if env[name]:
+                    problems.expanded.append((path, env[name]))
                 return env[name]
             if default is not None:
                 return default
@@ -353,6 +384,14 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: _Problems) 
     if isinstance(value, list):
         return [_expand(v, env, _join(path, i), problems) for i, v in enumerate(value)]
     return value
+
+
+def _same_origin(url: str, other: str) -> bool:
+    a, b = urlsplit(url), urlsplit(other)
+    try:
+        return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+    except ValueError:  # a port that is not a number
+        return False
 
 
 def _describe(value: Any) -> str:
@@ -570,6 +609,11 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
     )
     if health.interval_seconds <= 0 or health.timeout_seconds <= 0:
         problems.add(_join(path, "health_check"), "expected interval_seconds and timeout_seconds > 0")
+    if health.endpoint and isinstance(url, str) and not _same_origin(url, urljoin(url, health.endpoint)):
+        problems.add(
+            _join(path, "health_check.endpoint"),
+            f"expected a path on the backend's own server, which gets its headers, got {_describe(health.endpoint)}",
+        )
     defaults = {}
     if not (isinstance(raw.get("health_check"), dict) and "interval_seconds" in raw["health_check"]):
         defaults["interval_seconds"] = settings.health_check_interval
@@ -613,6 +657,7 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
         enabled=enabled,
         include=include,
         exclude=exclude,
+        expanded=problems.expanded_under(path),
     )
 
 
@@ -685,7 +730,7 @@ def parse_config(
         problems.add("routes", f"fallback_to links form a cycle: {' -> '.join(cycle)} (a request would go round forever)")
     if problems.items:
         raise ConfigError(problems.items)
-    return Config(settings=settings, backends=tuple(backends), source=source)
+    return Config(settings=settings, backends=tuple(backends), source=source, expanded=problems.expanded_secrets())
 
 
 MAX_CONFIG_BYTES: Final = 10 * 1024 * 1024
@@ -1435,8 +1480,9 @@ class RouteStats:
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret shown as `***`; pass the secrets longest first, so none is left half shown."""
     for secret in secrets:
-        if secret:
+        if secret and secret in text:
             text = text.replace(secret, "***")
     return text
 
@@ -1561,6 +1607,33 @@ def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
     return process
 
 
+class RedactSecrets(logging.Filter):
+    """Takes the configuration's secrets out of every log line, the SDK's and httpx's too (a filter on the handlers).
+
+    Belt and braces: the router's own lines are redacted where they are written. It
+    costs nothing on the call path, where nothing is logged, and little per line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: Sequence[str] = ()
+        """Longest first; replaced whole when the configuration changes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (secrets := self.secrets):
+            return True
+        message = record.getMessage()
+        if (clean := redact(message, secrets)) != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # the formatter keeps a text it finds
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, secrets)
+        return True
+
+
+log_redaction = RedactSecrets()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-router",
@@ -1633,6 +1706,9 @@ def start(argv: Sequence[str] | None) -> Started | int:
             print(f"  {problem}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.settings.log_level)
+    log_redaction.secrets = config.secrets()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(log_redaction)
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = config.settings

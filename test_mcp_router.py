@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -38,7 +40,7 @@ import mcp_types as types
 import pytest
 import yaml
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
@@ -626,6 +628,74 @@ def test_config_rejects_a_health_interval_of_zero_and_never_echoes_url_credentia
     text = "\n".join(problems)
     assert "backends[0].health_check: expected interval_seconds and timeout_seconds > 0" in text
     assert "backends[0].url: expected an http(s) URL" in text and "topsecretpw" not in text
+
+
+SECRET = "s3cr3t-VALUE-4217"
+"""A value given by environment variable: whatever it lands in, it must never be shown."""
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ({"server": {"port": "${PORT}"}}, "server.port"),
+        ({"server": {"log_level": "${S}"}}, "server.log_level"),
+        ({"server": "${S}"}, "server"),
+        ({"backends": ["${S}"]}, "backends[0]"),
+        ({"backends": [{"name": "a", "url": "${URL}"}]}, "backends[0].url"),
+        ({"backends": [{"name": "a", "url": "htps://u:${S}@x/mcp"}]}, "backends[0].url"),
+        ({"backends": [{"name": "a", "url": "http://x/", "transport": "${S}"}]}, "backends[0].transport"),
+        ({"backends": [{"name": "a", "url": "http://x/", "enabled": "${S}"}]}, "backends[0].enabled"),
+        ({"backends": [{"name": "a", "url": "http://x/", "timeout": "${S}"}]}, "backends[0].timeout"),
+        ({"backends": [{"name": "a", "url": "http://x/", "namespace": "${S}!"}]}, "backends[0].namespace"),
+        ({"backends": [{"name": "a", "command": "x", "args": "${S}"}]}, "backends[0].args"),
+        ({"backends": [{"name": "a", "url": "http://x/", "circuit_breaker": {"failure_threshold": "${S}"}}]}, "failure_threshold"),
+        ({"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "strategy": "${S}"}]}]}, "strategy"),
+        ({"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "fallback_to": "${S}"}]}]}, "routes"),
+        ({"backends": [{"name": "${S}", "url": "http://x/"}, {"name": "${S}", "url": "http://y/"}]}, "backends[1].name"),
+    ],
+)
+def test_config_errors_never_echo_values_from_environment_variables(raw: dict[str, Any], path: str) -> None:
+    env = {"S": SECRET, "PORT": "99999", "URL": f"localhost/{SECRET}"}
+    problems = problems_of(raw, env)
+    assert len(problems) == 1 and path in problems[0] and "***" in problems[0]
+    assert SECRET not in problems[0] and "99999" not in problems[0]
+
+
+@pytest.mark.parametrize("endpoint", ["//other.example:8000/health", "http://other.example/health", "https://api.example.com/h"])
+def test_a_health_endpoint_on_another_server_is_refused_so_the_headers_stay_home(endpoint: str) -> None:
+    raw = {"backends": [{"name": "a", "url": "http://api.example.com/mcp", "health_check": {"endpoint": endpoint}}]}
+    assert problems_of(raw) == [
+        "backends.yaml: backends[0].health_check.endpoint: expected a path on the backend's own server, "
+        f"which gets its headers, got {endpoint!r}"
+    ]
+    same = mr.parse_config({"backends": [{**raw["backends"][0], "health_check": {"endpoint": "/healthz"}}]}, {})
+    assert same.backends[0].health_check.endpoint == "/healthz"
+
+
+def test_values_from_environment_variables_in_args_and_url_paths_are_secrets() -> None:
+    raw = {
+        "backends": [
+            {"name": "web", "url": "http://h:1/mcp/${KEY}/sse"},
+            {"name": "cli", "command": "/usr/bin/uvx", "args": ["--token", "${T}", "git+https://x:${T}@github.com/o/r", "pkg"]},
+            {"name": "lit", "command": "npx", "args": ["git+https://x:literal-pw-99@github.com/o/r"]},
+        ]
+    }
+    web, cli, lit = mr.parse_config(raw, {"KEY": "key-0123456789", "T": SECRET}).backends
+    assert (web.public_target(), web.secrets()) == ("http://h:1/mcp/***/sse", ["key-0123456789"])
+    assert (cli.public_target(), cli.secrets()) == ("uvx pkg", [SECRET])
+    assert "literal-pw-99" in lit.secrets() and "literal-pw-99" not in lit.public_target()
+
+
+def test_the_log_filter_takes_secrets_out_of_every_line_and_traceback() -> None:
+    redaction = mr.RedactSecrets()
+    redaction.secrets = [SECRET]
+    try:
+        raise ValueError(f"bad token {SECRET}")
+    except ValueError:
+        record = logging.LogRecord("httpx", logging.WARNING, __file__, 1, "GET %s failed", (f"/mcp/{SECRET}",), sys.exc_info())
+    assert redaction.filter(record)
+    line = logging.Formatter().format(record)
+    assert "GET /mcp/*** failed" in line and "ValueError: bad token ***" in line and SECRET not in line
 
 
 def test_config_health_defaults_come_from_the_router_settings() -> None:
@@ -2054,6 +2124,51 @@ async def test_broken_backends_are_reported_and_the_others_served(tmp_path: Path
     assert all(rows[b["name"]]["state"] != "ready" for b in broken)
 
 
+@asynccontextmanager
+async def not_found_server() -> AsyncIterator[int]:
+    """An HTTP server on 127.0.0.1 that answers every request 404 with the request line (which echoes the URL)."""
+
+    async def answer(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                request_line = (await stream.receive()).split(b"\r\n", 1)[0]
+                await stream.send(
+                    b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(request_line), request_line)
+                )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, answer)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+async def test_secrets_in_args_and_url_paths_never_reach_status_errors_or_logs(tmp_path: Path) -> None:
+    errors = tmp_path / "stderr.log"
+    async with not_found_server() as port:
+        keyed = {"name": "keyed", "url": f"http://127.0.0.1:{port}/mcp/${{KEY}}/sse", "transport": "sse", "timeout": 5}
+        flagged = {"name": "flagged", **fake_backend_command()}
+        flagged["args"] += ["--token", "${KEY}"]
+        config = write_config(tmp_path, [keyed, flagged])
+        params = router_params(config, "--log-level", "DEBUG")
+        params.env = {**os.environ, "KEY": SECRET}
+        with anyio.fail_after(30), errors.open("w") as errlog:
+            async with Client(stdio_client(params, errlog), mode="legacy", cache=None) as client:
+                listed = await call(client, "list_backends")
+                health = await call(client, "get_backend_health", {"name": "keyed"})
+                with pytest.raises(MCPError) as unknown:
+                    await client.call_tool("keyed__anything", {})
+    assert listed.structured_content is not None and health.structured_content is not None
+    rows = {r["name"]: r for r in listed.structured_content["backends"]}
+    assert rows["keyed"]["target"] == f"http://127.0.0.1:{port}/mcp/***/sse"
+    assert rows["flagged"]["target"].endswith("test_mcp_router.py") and rows["flagged"]["state"] == "ready"
+    assert "404" in health.structured_content["last_error"] and "***" in health.structured_content["last_error"]
+    assert "not listed yet: backend 'keyed'" in unknown.value.error.message
+    everything = json.dumps([listed.model_dump(), health.model_dump()]) + unknown.value.error.message + errors.read_text()
+    assert "mcp/***/sse" in errors.read_text()  # the log says what failed, with the key shown as ***
+    assert SECRET not in everything
+
+
 async def test_zero_config_serves_the_management_tools(tmp_path: Path) -> None:
     params = StdioServerParameters(command=sys.executable, args=[str(ROUTER)], cwd=str(tmp_path))
     with anyio.fail_after(20):
@@ -2262,6 +2377,7 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--fake-backend", action="store_true")
     parser.add_argument("--http", type=int)
     parser.add_argument("--fillers", type=int, default=0)
+    parser.add_argument("--token", help="ignored: stands for a secret given on the command line")
     args = parser.parse_args(argv)
     own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ")]
     fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
