@@ -123,7 +123,8 @@ LOG_SEVERITY: Final = {
 HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
 STOP_GRACE: Final = 2.0
-"""Seconds a stdio backend gets to exit after stdin closes, after SIGTERM and after SIGKILL; and HTTP clients at shutdown."""
+"""Seconds a stdio backend gets to exit, half after stdin closes and half after SIGTERM, before SIGKILL; and HTTP
+clients at shutdown."""
 SSE_DRAIN_TIMEOUT: Final = 0.1
 """Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
 STARTUP_GRACE: Final = 10.0
@@ -1515,7 +1516,67 @@ def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict
     return inherited | dict(own)  # "()": an exported shell function
 
 
-WARDEN: Final = """# mcp-router warden: stops the router's stdio backends if the router is killed
+ESCAPED: Final = '''
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in "ZX" else fields[19]  # a zombie is gone
+    except (OSError, IndexError):
+        return None
+
+
+def escaped_descendants(groups):
+    """Descendants of the members of process `groups` that left them (setsid, setpgid), with their start times.
+    Read from /proc (Linux; elsewhere none): only while their parent lives is it known whose they are."""
+    import os
+    try:
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return {}
+    children, group, started = {}, {}, {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(pid)
+            group[pid], started[pid] = int(fields[2]), fields[19]
+        except (OSError, IndexError, ValueError):
+            continue
+    todo = [pid for pid in group if group[pid] in groups]
+    seen, found = set(todo), {}
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+                if group.get(child) not in groups:
+                    found[child] = started[child]
+    return found
+
+
+def signal_escaped(escaped, signum):
+    """Send `signum` (0: none) to each of `escaped` still there, checked by start time as pids are reused; return those."""
+    import os
+    there = {pid: start for pid, start in escaped.items() if _start_time(pid) == start}
+    for pid in there:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+    return there
+'''
+"""Finds and stops what a backend started in a session or group of its own, which the stop of its group misses.
+One text, run by the warden and (below) by the router, so a killed router and a graceful stop stop the same."""
+_tree: dict[str, Any] = {}
+exec(ESCAPED, _tree)  # our own text: the one the warden runs
+escaped_descendants: Callable[[Container[int]], dict[int, str]] = _tree["escaped_descendants"]
+signal_escaped: Callable[[Mapping[int, str], int], dict[int, str]] = _tree["signal_escaped"]
+
+WARDEN: Final = (
+    "# mcp-router warden: stops the router's stdio backends if the router is killed\n"
+    + ESCAPED
+    + """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 listed = {}
@@ -1523,6 +1584,7 @@ for line in sys.stdin:  # the router's pipe: it ends when the router does, howev
     group = int(line[1:])
     listed[group] = listed.get(group, 0) + (1 if line[0] == "+" else -1)  # counted: a reused pid may come before its -
 groups = {group for group, count in listed.items() if count > 0}
+escaped = escaped_descendants(groups)  # before any signal: once a backend is gone, whose they were is not known
 def alive(group):
     try:
         os.killpg(group, 0)
@@ -1533,11 +1595,14 @@ for signum in (signal.SIGTERM, signal.SIGKILL):
     for group in groups:
         try: os.killpg(group, signum)
         except OSError: pass
+    escaped = signal_escaped(escaped, signum)
     deadline = time.monotonic() + 2
-    while (groups := {g for g in groups if alive(g)}) and time.monotonic() < deadline:
+    while ((groups := {g for g in groups if alive(g)}) or (escaped := signal_escaped(escaped, 0))) and time.monotonic() < deadline:
         time.sleep(0.05)
 """
-"""Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too)."""
+)
+"""Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too), and the
+descendants of theirs that left their group (a daemon's setsid): SIGTERM, 2 s, SIGKILL."""
 
 
 class Warden:
@@ -2038,19 +2103,22 @@ async def stdio_connection(process: subprocess.Popen[bytes]) -> AsyncIterator[St
         try:
             yield reader, writer
         finally:
+            with anyio.CancelScope(shield=True):  # found while the backend lives: after, they are nobody's
+                escaped = await anyio.to_thread.run_sync(escaped_descendants, {process.pid})
             await writer.aclose()  # stdin EOF asks the server to exit; its stdout is read until it has,
             with anyio.CancelScope(shield=True):  # so what it writes meanwhile meets no broken pipe
-                await _stop(process)
+                await _stop(process, escaped)
             warden.forget(process.pid)
 
 
-async def _stop(process: subprocess.Popen[bytes]) -> None:
-    """The MCP shutdown sequence for a stdio server whose stdin is closed, bounded: SIGTERM, then SIGKILL, to its whole group."""
+async def _stop(process: subprocess.Popen[bytes], escaped: Mapping[int, str]) -> None:
+    """The MCP shutdown sequence for a stdio server whose stdin is closed, within STOP_GRACE whatever it does: half of it
+    to exit, half after SIGTERM to its whole group, then SIGKILL; then the same for its `escaped` descendants."""
     for signum in (None, signal.SIGTERM, signal.SIGKILL):
         if signum is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signum)
-        with anyio.move_on_after(STOP_GRACE):
+        with anyio.move_on_after(STOP_GRACE / 2):
             while process.poll() is None:  # not wait(): that blocks the event loop
                 await anyio.sleep(0.02)
         if process.returncode is not None:
@@ -2058,6 +2126,12 @@ async def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.returncode is not None:  # the backend is gone; so must be what it left in its group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if not (escaped := signal_escaped(escaped, signum)):
+            break
+        with anyio.move_on_after(STOP_GRACE / 2):
+            while escaped := signal_escaped(escaped, 0):
+                await anyio.sleep(0.02)
 
 
 @functools.cache

@@ -2069,6 +2069,42 @@ async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path:
             proc.wait()
 
 
+async def process_exit(pidfd: int) -> None:
+    """Returns when the process of `pidfd` has ended (a pidfd becomes readable then), whoever its parent is."""
+    await anyio.wait_readable(pidfd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="escaped descendants are found through /proc")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_router(tmp_path: Path, stop: int) -> None:
+    port = free_port()
+    escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
+    config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
+    proc = subprocess.Popen(
+        [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    )
+    pidfds: list[int] = []
+    try:
+        await wait_for_http_router(port)
+        async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+            names = ("escaper__pid", "escaper__escapee", "stubborn__pid")
+            pids = [pids_from(await call(client, name)) for name in names]
+        pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
+        assert os.getsid(pids[1]) == pids[1] != os.getpgid(pids[0])  # it did leave its backend's group
+        proc.send_signal(stop)
+        with anyio.fail_after(20):
+            await anyio.to_thread.run_sync(proc.wait)
+            for pidfd in pidfds:
+                await process_exit(pidfd)
+        assert proc.returncode == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 async def test_a_sigkilled_stdio_backend_comes_back_while_the_others_keep_answering(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
@@ -2378,11 +2414,21 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--http", type=int)
     parser.add_argument("--fillers", type=int, default=0)
     parser.add_argument("--token", help="ignored: stands for a secret given on the command line")
+    parser.add_argument("--escape", action="store_true", help="start a child that leaves for a session of its own")
+    parser.add_argument("--stubborn", action="store_true", help="ignore SIGTERM and stdin EOF")
     args = parser.parse_args(argv)
-    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ")]
+    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ", "escapee")]
+    if args.stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.escape:  # the child says when it has left, so the test never races its setsid
+        code = "import os, time; os.setsid(); print(flush=True); time.sleep(120)"
+        escapee = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert escapee.stdout is not None and escapee.stdout.readline() == b"\n"
     fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
     fake.result_for["environ"] = types.CallToolResult(content=[types.TextContent(text=" ".join(sorted(os.environ)))])
+    if args.escape:
+        fake.result_for["escapee"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{escapee.pid}")])
     server = fake.server()
 
     async def serve() -> None:
@@ -2396,6 +2442,8 @@ def run_fake_backend(argv: list[str]) -> None:
 
             async with stdio_server() as (read, write):
                 await server.run(read, write, server.create_initialization_options())
+            if args.stubborn:
+                await anyio.sleep(120)
 
     anyio.run(serve)
 
