@@ -157,7 +157,8 @@ LOG_SEVERITY: Final = {
 HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
 STOP_GRACE: Final = 2.0
-"""Seconds a stdio backend gets to exit after stdin closes, after SIGTERM and after SIGKILL; and HTTP clients at shutdown."""
+"""Seconds a stdio backend gets to exit, half after stdin closes and half after SIGTERM, before SIGKILL; and HTTP
+clients at shutdown."""
 SSE_DRAIN_TIMEOUT: Final = 0.1
 """Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
 STARTUP_GRACE: Final = 10.0
@@ -244,25 +245,30 @@ class BackendConfig:
     enabled: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    expanded: tuple[str, ...] = field(default=(), repr=False)
+    """The values `${VAR}` references in this backend's entry took from the environment: secrets, wherever they went."""
 
     def secrets(self) -> list[str]:
-        """Values that must never appear in output: env and header values (and their last word, the token), URL credentials and query values."""
-        found = [*self.env.values(), *self.headers.values(), *(v.split()[-1] for v in self.headers.values() if v.split())]
-        if self.url:
-            parts = urlsplit(self.url)
+        """Values that must never appear in output: what came from `${VAR}`, env and header values (and their last
+        word, the token), credentials and query values of the URL and of URLs among the args."""
+        found = [*self.expanded, *self.env.values(), *self.headers.values()]
+        found += [v.split()[-1] for v in self.headers.values() if v.split()]
+        for url in (self.url or "", *(a for a in self.args if "://" in a)):
+            parts = urlsplit(url)
             found += [p for p in (parts.password, parts.username) if p]
             found += [value for _, value in parse_qsl(parts.query)]
-        return sorted({s for s in found if len(s) >= 6}, key=len, reverse=True)  # longest first, so no partial redaction
+        return sorted({s for s in found if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)  # longest first
 
     def public_target(self) -> str:
         """What to show of where this backend lives: the URL without credentials or query, or the program and its package."""
+        secrets = self.secrets()
         if self.url:
             parts = urlsplit(self.url)
             host = parts.hostname or ""
             port = f":{parts.port}" if parts.port else ""
-            return f"{parts.scheme}://{host}{port}{parts.path}"
-        package = next((a for a in self.args if not a.startswith("-") and "=" not in a), "")
-        return redact(f"{Path(self.command or '').name} {package}".strip(), self.secrets())
+            return redact(f"{parts.scheme}://{host}{port}{parts.path}", secrets)  # a key in the path: /mcp/${KEY}/sse
+        package = next((a for a in self.args if not a.startswith("-") and "=" not in a and redact(a, secrets) == a), "")
+        return redact(f"{Path(self.command or '').name} {package}".strip(), secrets)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,6 +336,8 @@ SETTINGS: Final = (
 )
 # fmt: on
 
+MIN_SECRET_LENGTH: Final = 6
+"""Shorter secret values are not redacted from output: `***` in place of every `true` or `8080` would say nothing."""
 _POSITIVE: Final = {"request_timeout", "health_check_interval", "health_check_timeout", "retry_backoff", "max_backoff"}
 
 
@@ -338,17 +346,34 @@ class Config:
     settings: Settings = Settings()
     backends: tuple[BackendConfig, ...] = ()
     source: str | None = None
+    expanded: tuple[str, ...] = field(default=(), repr=False)
+    """Every value a `${VAR}` reference took from the environment, anywhere in the file."""
+
+    def secrets(self) -> list[str]:
+        """What the router must never say, in any backend's words: every backend's secrets, and all that was expanded."""
+        found = {s for b in self.backends for s in b.secrets()} | {s for s in self.expanded if len(s) >= MIN_SECRET_LENGTH}
+        return sorted(found, key=len, reverse=True)
 
 
 class _Problems:
-    """Collects config problems so they can be reported together."""
+    """Collects config problems so they can be reported together; never with a value that came from `${VAR}`."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.items: list[str] = []
+        self.expanded: list[tuple[str, str]] = []
+        """(path, value) of each value a `${VAR}` took from the environment."""
 
     def add(self, path: str, message: str) -> None:
+        here = [value for where, value in self.expanded if _within(where, path)]  # any length: the message is about it
+        message = redact(message, sorted({*here, *self.expanded_secrets()}, key=len, reverse=True))
         self.items.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def expanded_under(self, path: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(value for where, value in self.expanded if _within(where, path)))
+
+    def expanded_secrets(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(value for _, value in self.expanded if len(value) >= MIN_SECRET_LENGTH))
 
     def unknown_keys(self, mapping: Mapping[str, Any], known: Iterable[str], path: str) -> None:
         known = list(known)
@@ -365,6 +390,11 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _within(path: str, ancestor: str) -> bool:
+    """Whether `path` is `ancestor` or lies inside it (`backends[0].env.T` inside `backends[0]`)."""
+    return not ancestor or path == ancestor or path.startswith((ancestor + ".", ancestor + "["))
+
+
 _ENV_REF: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -375,6 +405,8 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: _Problems) 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in env:
+                if env[name]:
+                    problems.expanded.append((path, env[name]))
                 return env[name]
             if default is not None:
                 return default
@@ -387,6 +419,14 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: _Problems) 
     if isinstance(value, list):
         return [_expand(v, env, _join(path, i), problems) for i, v in enumerate(value)]
     return value
+
+
+def _same_origin(url: str, other: str) -> bool:
+    a, b = urlsplit(url), urlsplit(other)
+    try:
+        return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+    except ValueError:  # a port that is not a number
+        return False
 
 
 def _describe(value: Any) -> str:
@@ -604,6 +644,11 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
     )
     if health.interval_seconds <= 0 or health.timeout_seconds <= 0:
         problems.add(_join(path, "health_check"), "expected interval_seconds and timeout_seconds > 0")
+    if health.endpoint and isinstance(url, str) and not _same_origin(url, urljoin(url, health.endpoint)):
+        problems.add(
+            _join(path, "health_check.endpoint"),
+            f"expected a path on the backend's own server, which gets its headers, got {_describe(health.endpoint)}",
+        )
     defaults = {}
     if not (isinstance(raw.get("health_check"), dict) and "interval_seconds" in raw["health_check"]):
         defaults["interval_seconds"] = settings.health_check_interval
@@ -647,7 +692,24 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
         enabled=enabled,
         include=include,
         exclude=exclude,
+        expanded=problems.expanded_under(path),
     )
+
+
+def _check_namespaces(backends: Sequence[BackendConfig], entries: Mapping[str, Any], problems: _Problems) -> None:
+    """Backends share a namespace only as replicas by choice: each declares it. Names that merely clean to the
+    same namespace (`a.b`, `a_b`) would otherwise pool two different servers."""
+    paths = {entry.get("name"): path for path, entry in entries.items() if isinstance(entry, dict)}
+    first: dict[str, BackendConfig] = {}
+    for b in backends:
+        other = first.setdefault(b.namespace, b)
+        if other.name == b.name or all("namespace" in entries[paths[x.name]] for x in (b, other)):
+            continue  # the same backend, a duplicate name (reported), or replicas by choice
+        problems.add(
+            _join(paths[b.name], "name"),
+            f"backend {b.name!r} has the namespace {b.namespace!r} of {other.name!r} ({paths[other.name]}); "
+            f"rename one, or give both `namespace: {b.namespace}` to make them replicas",
+        )
 
 
 def parse_config(
@@ -692,6 +754,7 @@ def parse_config(
     backends = [
         b for path, entry, foreign in entries if (b := _parse_backend(entry, path, settings, problems, foreign_keys=foreign)) is not None
     ]
+    _check_namespaces(backends, {path: entry for path, entry, _ in entries}, problems)
     for b in backends:
         for r in b.routes:
             if r.fallback_to is not None and r.fallback_to not in seen:
@@ -702,7 +765,100 @@ def parse_config(
         problems.add("routes", f"fallback_to links form a cycle: {' -> '.join(cycle)} (a request would go round forever)")
     if problems.items:
         raise ConfigError(problems.items)
-    return Config(settings=settings, backends=tuple(backends), source=source)
+    return Config(settings=settings, backends=tuple(backends), source=source, expanded=problems.expanded_secrets())
+
+
+MAX_CONFIG_BYTES: Final = 10 * 1024 * 1024
+MAX_CONFIG_DEPTH: Final = 100
+"""Levels of nesting a config file may have; a real one has under ten."""
+MAX_ALIAS_NODES: Final = 10_000
+"""Values that YAML aliases (`*name`, `<<: *name`) may add to a config, so a small file cannot expand to gigabytes."""
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds: nesting depth and what aliases add; duplicate keys are collected,
+    and values Python cannot build (a 5,000-digit integer, 2026-13-45) are YAML errors with a line."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.depth = 0
+        self.composed = 0
+        """Values composed so far, counting each alias as the values it stands for."""
+        self.alias_nodes = 0
+        self.anchored: dict[str, int] = {}
+        """The size of each anchored value, known once it is complete."""
+        self.duplicates: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            size = self.anchored.get(event.anchor or "")
+            if size is None and event.anchor in self.anchors:
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is inside its own anchor", event.start_mark)
+            self.alias_nodes += size or 0
+            self.composed += size or 0
+            if self.alias_nodes > MAX_ALIAS_NODES:
+                raise yaml.composer.ComposerError(None, None, f"aliases expand to more than {MAX_ALIAS_NODES:,} values", event.start_mark)
+            return cast(yaml.Node, super().compose_node(parent, index))
+        if self.depth >= MAX_CONFIG_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", event.start_mark)
+        anchor, before = getattr(event, "anchor", None), self.composed
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        self.composed += 1
+        if anchor is not None:
+            self.anchored[anchor] = self.composed - before
+        return cast(yaml.Node, node)
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                line = key.start_mark.line + 1
+                if (seen := first.setdefault((key.tag, key.value), line)) != line:
+                    self.duplicates.append(f"line {line}: duplicate key {_describe(key.value)} (first at line {seen})")
+        return cast(yaml.MappingNode, node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as err:  # e.g. int() past sys.get_int_max_str_digits()
+            reason = str(err).split(":")[0]
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {reason}", node.start_mark) from None
+
+
+def _read_config(candidate: Path, source: str) -> Any:
+    """The parsed document of a config file, bounded in size, nesting and alias expansion."""
+    try:
+        with candidate.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES // 2**20} MB; a config file must be smaller"])
+        text = data.decode("utf-8")
+    except OSError as err:
+        raise ConfigError([f"{source}: cannot read: {err.strerror or err}"]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{source}: not UTF-8 text: {err.reason}"]) from err
+    loader = _ConfigLoader(text)  # JSON is YAML, so .mcp.json files load too
+    try:
+        raw = loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"{source}: invalid YAML: {where}{problem}"]) from err
+    except RecursionError as err:  # bounded above; kept so that no input can end in a traceback
+        raise ConfigError([f"{source}: invalid YAML: nested too deep"]) from err
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([f"{source}: {duplicate}" for duplicate in loader.duplicates])
+    return raw
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Config:
@@ -715,19 +871,7 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], ove
     if not explicit and not candidate.exists():
         return parse_config({}, env, source=NO_CONFIG, overrides=overrides)
     source = str(candidate)
-    try:
-        text = candidate.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"{source}: cannot read: {err.strerror or err}"]) from err
-    except UnicodeDecodeError as err:
-        raise ConfigError([f"{source}: not UTF-8 text: {err.reason}"]) from err
-    try:
-        raw = yaml.safe_load(text)  # JSON is YAML, so .mcp.json files load too
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError([f"{source}: invalid YAML: {where}{problem}"]) from err
+    raw = _read_config(candidate, source)
     return parse_config(raw, env, source=source, overrides=overrides)
 
 
@@ -1374,8 +1518,9 @@ class RouteStats:
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret shown as `***`; pass the secrets longest first, so none is left half shown."""
     for secret in secrets:
-        if secret:
+        if secret and secret in text:
             text = text.replace(secret, "***")
     return text
 
@@ -1408,7 +1553,67 @@ def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict
     return inherited | dict(own)  # "()": an exported shell function
 
 
-WARDEN: Final = """# mcp-router warden: stops the router's stdio backends if the router is killed
+ESCAPED: Final = '''
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in "ZX" else fields[19]  # a zombie is gone
+    except (OSError, IndexError):
+        return None
+
+
+def escaped_descendants(groups):
+    """Descendants of the members of process `groups` that left them (setsid, setpgid), with their start times.
+    Read from /proc (Linux; elsewhere none): only while their parent lives is it known whose they are."""
+    import os
+    try:
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return {}
+    children, group, started = {}, {}, {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(pid)
+            group[pid], started[pid] = int(fields[2]), fields[19]
+        except (OSError, IndexError, ValueError):
+            continue
+    todo = [pid for pid in group if group[pid] in groups]
+    seen, found = set(todo), {}
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+                if group.get(child) not in groups:
+                    found[child] = started[child]
+    return found
+
+
+def signal_escaped(escaped, signum):
+    """Send `signum` (0: none) to each of `escaped` still there, checked by start time as pids are reused; return those."""
+    import os
+    there = {pid: start for pid, start in escaped.items() if _start_time(pid) == start}
+    for pid in there:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+    return there
+'''
+"""Finds and stops what a backend started in a session or group of its own, which the stop of its group misses.
+One text, run by the warden and (below) by the router, so a killed router and a graceful stop stop the same."""
+_tree: dict[str, Any] = {}
+exec(ESCAPED, _tree)  # our own text: the one the warden runs
+escaped_descendants: Callable[[Container[int]], dict[int, str]] = _tree["escaped_descendants"]
+signal_escaped: Callable[[Mapping[int, str], int], dict[int, str]] = _tree["signal_escaped"]
+
+WARDEN: Final = (
+    "# mcp-router warden: stops the router's stdio backends if the router is killed\n"
+    + ESCAPED
+    + """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 listed = {}
@@ -1416,6 +1621,7 @@ for line in sys.stdin:  # the router's pipe: it ends when the router does, howev
     group = int(line[1:])
     listed[group] = listed.get(group, 0) + (1 if line[0] == "+" else -1)  # counted: a reused pid may come before its -
 groups = {group for group, count in listed.items() if count > 0}
+escaped = escaped_descendants(groups)  # before any signal: once a backend is gone, whose they were is not known
 def alive(group):
     try:
         os.killpg(group, 0)
@@ -1426,11 +1632,14 @@ for signum in (signal.SIGTERM, signal.SIGKILL):
     for group in groups:
         try: os.killpg(group, signum)
         except OSError: pass
+    escaped = signal_escaped(escaped, signum)
     deadline = time.monotonic() + 2
-    while (groups := {g for g in groups if alive(g)}) and time.monotonic() < deadline:
+    while ((groups := {g for g in groups if alive(g)}) or (escaped := signal_escaped(escaped, 0))) and time.monotonic() < deadline:
         time.sleep(0.05)
 """
-"""Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too)."""
+)
+"""Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too), and the
+descendants of theirs that left their group (a daemon's setsid): SIGTERM, 2 s, SIGKILL."""
 
 
 class Warden:
@@ -1498,6 +1707,33 @@ def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
         raise RouterError(f"cannot run {config.command!r}{where}: {err.strerror or err}") from None
     warden.watch(process.pid)
     return process
+
+
+class RedactSecrets(logging.Filter):
+    """Takes the configuration's secrets out of every log line, the SDK's and httpx's too (a filter on the handlers).
+
+    Belt and braces: the router's own lines are redacted where they are written. It
+    costs nothing on the call path, where nothing is logged, and little per line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: Sequence[str] = ()
+        """Longest first; replaced whole when the configuration changes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (secrets := self.secrets):
+            return True
+        message = record.getMessage()
+        if (clean := redact(message, secrets)) != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # the formatter keeps a text it finds
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, secrets)
+        return True
+
+
+log_redaction = RedactSecrets()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1572,6 +1808,9 @@ def start(argv: Sequence[str] | None) -> Started | int:
             print(f"  {problem}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.settings.log_level)
+    log_redaction.secrets = config.secrets()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(log_redaction)
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = config.settings
@@ -1901,19 +2140,22 @@ async def stdio_connection(process: subprocess.Popen[bytes]) -> AsyncIterator[St
         try:
             yield reader, writer
         finally:
+            with anyio.CancelScope(shield=True):  # found while the backend lives: after, they are nobody's
+                escaped = await anyio.to_thread.run_sync(escaped_descendants, {process.pid})
             await writer.aclose()  # stdin EOF asks the server to exit; its stdout is read until it has,
             with anyio.CancelScope(shield=True):  # so what it writes meanwhile meets no broken pipe
-                await _stop(process)
+                await _stop(process, escaped)
             warden.forget(process.pid)
 
 
-async def _stop(process: subprocess.Popen[bytes]) -> None:
-    """The MCP shutdown sequence for a stdio server whose stdin is closed, bounded: SIGTERM, then SIGKILL, to its whole group."""
+async def _stop(process: subprocess.Popen[bytes], escaped: Mapping[int, str]) -> None:
+    """The MCP shutdown sequence for a stdio server whose stdin is closed, within STOP_GRACE whatever it does: half of it
+    to exit, half after SIGTERM to its whole group, then SIGKILL; then the same for its `escaped` descendants."""
     for signum in (None, signal.SIGTERM, signal.SIGKILL):
         if signum is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signum)
-        with anyio.move_on_after(STOP_GRACE):
+        with anyio.move_on_after(STOP_GRACE / 2):
             while process.poll() is None:  # not wait(): that blocks the event loop
                 await anyio.sleep(0.02)
         if process.returncode is not None:
@@ -1921,6 +2163,12 @@ async def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.returncode is not None:  # the backend is gone; so must be what it left in its group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if not (escaped := signal_escaped(escaped, signum)):
+            break
+        with anyio.move_on_after(STOP_GRACE / 2):
+            while escaped := signal_escaped(escaped, 0):
+                await anyio.sleep(0.02)
 
 
 @functools.cache

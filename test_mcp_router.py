@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -38,7 +40,7 @@ import mcp_types as types
 import pytest
 import yaml
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
@@ -531,6 +533,70 @@ def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
     assert "cannot read" in info.value.problems[0]
 
 
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+"""Nine lines that a plain YAML load expands to 9**9 strings."""
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (ALIAS_BOMB, "line 5, column 8: aliases expand to more than 10,000 values"),
+        ("backends:\n  - name: a\n    priority: " + "9" * 5000 + "\n", "line 3, column 15: cannot read this value"),
+        ("x: " + "[" * 1000 + "]" * 1000 + "\n", "nested more than 100 levels deep"),
+        ("x: &x [*x]\n", "alias *x is inside its own anchor"),
+        ("server:\n  since: 2026-13-45\n", "line 2, column 10: cannot read this value: month must be in 1..12"),
+    ],
+    ids=["alias-bomb", "5000-digits", "1000-deep", "self-alias", "bad-date"],
+)
+def test_config_bombs_and_unbuildable_values_are_config_errors_naming_file_and_line(tmp_path: Path, text: str, reason: str) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text(text)
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems[0].startswith(f"{path}: invalid YAML: ")
+    assert reason in info.value.problems[0]
+
+
+def test_config_aliases_within_the_budget_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text("backends:\n  - &base {name: a, url: 'http://a/mcp', timeout: 5}\n  - {<<: *base, name: b, url: 'http://b/mcp'}\n")
+    a, b = mr.load_config(path, {}).backends
+    assert (b.name, b.url, b.timeout) == ("b", "http://b/mcp", 5.0) and a.timeout == 5.0
+
+
+def test_config_larger_than_10_mb_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text("backends: []\n" + "#" * mr.MAX_CONFIG_BYTES)
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems == [f"{path}: larger than 10 MB; a config file must be smaller"]
+
+
+def test_config_duplicate_keys_are_errors_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text("backends:\n  - name: a\n    url: http://a/mcp\n    url: http://b/mcp\n    name: c\n")
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems == [
+        f"{path}: line 4: duplicate key 'url' (first at line 3)",
+        f"{path}: line 5: duplicate key 'name' (first at line 2)",
+    ]
+
+
+def test_config_names_that_clean_to_one_namespace_are_an_error_unless_both_declare_it() -> None:
+    clash = {"backends": [{"name": "a.b", "url": "http://x/mcp"}, {"name": "a_b", "url": "http://y/mcp"}]}
+    assert problems_of(clash) == [
+        "backends.yaml: backends[1].name: backend 'a_b' has the namespace 'a_b' of 'a.b' (backends[0]); "
+        "rename one, or give both `namespace: a_b` to make them replicas"
+    ]
+    half = {"backends": [{"name": "one", "url": "http://x/mcp", "namespace": "two"}, {"name": "two", "url": "http://y/mcp"}]}
+    assert "backends[1].name: backend 'two' has the namespace 'two' of 'one'" in problems_of(half)[0]
+    replicas = {"backends": [{"name": n, "url": f"http://{n}/mcp", "namespace": "a_b"} for n in ("a.b", "a_b")]}
+    assert [b.namespace for b in mr.parse_config(replicas, {}).backends] == ["a_b", "a_b"]
+
+
 def test_config_precedence_is_cli_then_env_then_yaml_then_default() -> None:
     raw = {"routing": {"request_timeout_seconds": 5, "retry": {"max_attempts": 2}}, "server": {"port": 9000, "name": "yaml-name"}}
     env = {"MCP_REQUEST_TIMEOUT": "7", "MCP_PORT": "9001", "MCP_ENABLE_NAMESPACES": "false"}
@@ -562,6 +628,74 @@ def test_config_rejects_a_health_interval_of_zero_and_never_echoes_url_credentia
     text = "\n".join(problems)
     assert "backends[0].health_check: expected interval_seconds and timeout_seconds > 0" in text
     assert "backends[0].url: expected an http(s) URL" in text and "topsecretpw" not in text
+
+
+SECRET = "s3cr3t-VALUE-4217"
+"""A value given by environment variable: whatever it lands in, it must never be shown."""
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ({"server": {"port": "${PORT}"}}, "server.port"),
+        ({"server": {"log_level": "${S}"}}, "server.log_level"),
+        ({"server": "${S}"}, "server"),
+        ({"backends": ["${S}"]}, "backends[0]"),
+        ({"backends": [{"name": "a", "url": "${URL}"}]}, "backends[0].url"),
+        ({"backends": [{"name": "a", "url": "htps://u:${S}@x/mcp"}]}, "backends[0].url"),
+        ({"backends": [{"name": "a", "url": "http://x/", "transport": "${S}"}]}, "backends[0].transport"),
+        ({"backends": [{"name": "a", "url": "http://x/", "enabled": "${S}"}]}, "backends[0].enabled"),
+        ({"backends": [{"name": "a", "url": "http://x/", "timeout": "${S}"}]}, "backends[0].timeout"),
+        ({"backends": [{"name": "a", "url": "http://x/", "namespace": "${S}!"}]}, "backends[0].namespace"),
+        ({"backends": [{"name": "a", "command": "x", "args": "${S}"}]}, "backends[0].args"),
+        ({"backends": [{"name": "a", "url": "http://x/", "circuit_breaker": {"failure_threshold": "${S}"}}]}, "failure_threshold"),
+        ({"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "strategy": "${S}"}]}]}, "strategy"),
+        ({"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "fallback_to": "${S}"}]}]}, "routes"),
+        ({"backends": [{"name": "${S}", "url": "http://x/"}, {"name": "${S}", "url": "http://y/"}]}, "backends[1].name"),
+    ],
+)
+def test_config_errors_never_echo_values_from_environment_variables(raw: dict[str, Any], path: str) -> None:
+    env = {"S": SECRET, "PORT": "99999", "URL": f"localhost/{SECRET}"}
+    problems = problems_of(raw, env)
+    assert len(problems) == 1 and path in problems[0] and "***" in problems[0]
+    assert SECRET not in problems[0] and "99999" not in problems[0]
+
+
+@pytest.mark.parametrize("endpoint", ["//other.example:8000/health", "http://other.example/health", "https://api.example.com/h"])
+def test_a_health_endpoint_on_another_server_is_refused_so_the_headers_stay_home(endpoint: str) -> None:
+    raw = {"backends": [{"name": "a", "url": "http://api.example.com/mcp", "health_check": {"endpoint": endpoint}}]}
+    assert problems_of(raw) == [
+        "backends.yaml: backends[0].health_check.endpoint: expected a path on the backend's own server, "
+        f"which gets its headers, got {endpoint!r}"
+    ]
+    same = mr.parse_config({"backends": [{**raw["backends"][0], "health_check": {"endpoint": "/healthz"}}]}, {})
+    assert same.backends[0].health_check.endpoint == "/healthz"
+
+
+def test_values_from_environment_variables_in_args_and_url_paths_are_secrets() -> None:
+    raw = {
+        "backends": [
+            {"name": "web", "url": "http://h:1/mcp/${KEY}/sse"},
+            {"name": "cli", "command": "/usr/bin/uvx", "args": ["--token", "${T}", "git+https://x:${T}@github.com/o/r", "pkg"]},
+            {"name": "lit", "command": "npx", "args": ["git+https://x:literal-pw-99@github.com/o/r"]},
+        ]
+    }
+    web, cli, lit = mr.parse_config(raw, {"KEY": "key-0123456789", "T": SECRET}).backends
+    assert (web.public_target(), web.secrets()) == ("http://h:1/mcp/***/sse", ["key-0123456789"])
+    assert (cli.public_target(), cli.secrets()) == ("uvx pkg", [SECRET])
+    assert "literal-pw-99" in lit.secrets() and "literal-pw-99" not in lit.public_target()
+
+
+def test_the_log_filter_takes_secrets_out_of_every_line_and_traceback() -> None:
+    redaction = mr.RedactSecrets()
+    redaction.secrets = [SECRET]
+    try:
+        raise ValueError(f"bad token {SECRET}")
+    except ValueError:
+        record = logging.LogRecord("httpx", logging.WARNING, __file__, 1, "GET %s failed", (f"/mcp/{SECRET}",), sys.exc_info())
+    assert redaction.filter(record)
+    line = logging.Formatter().format(record)
+    assert "GET /mcp/*** failed" in line and "ValueError: bad token ***" in line and SECRET not in line
 
 
 def test_config_health_defaults_come_from_the_router_settings() -> None:
@@ -1935,6 +2069,42 @@ async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path:
             proc.wait()
 
 
+async def process_exit(pidfd: int) -> None:
+    """Returns when the process of `pidfd` has ended (a pidfd becomes readable then), whoever its parent is."""
+    await anyio.wait_readable(pidfd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="escaped descendants are found through /proc")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_router(tmp_path: Path, stop: int) -> None:
+    port = free_port()
+    escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
+    config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
+    proc = subprocess.Popen(
+        [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    )
+    pidfds: list[int] = []
+    try:
+        await wait_for_http_router(port)
+        async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+            names = ("escaper__pid", "escaper__escapee", "stubborn__pid")
+            pids = [pids_from(await call(client, name)) for name in names]
+        pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
+        assert os.getsid(pids[1]) == pids[1] != os.getpgid(pids[0])  # it did leave its backend's group
+        proc.send_signal(stop)
+        with anyio.fail_after(20):
+            await anyio.to_thread.run_sync(proc.wait)
+            for pidfd in pidfds:
+                await process_exit(pidfd)
+        assert proc.returncode == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 async def test_a_sigkilled_stdio_backend_comes_back_while_the_others_keep_answering(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
@@ -1988,6 +2158,51 @@ async def test_broken_backends_are_reported_and_the_others_served(tmp_path: Path
     assert "handshake" in rows["early-exit"]["last_error"]
     assert rows["missing"]["last_error"] == "cannot run '/nonexistent/mcp-server': No such file or directory"
     assert all(rows[b["name"]]["state"] != "ready" for b in broken)
+
+
+@asynccontextmanager
+async def not_found_server() -> AsyncIterator[int]:
+    """An HTTP server on 127.0.0.1 that answers every request 404 with the request line (which echoes the URL)."""
+
+    async def answer(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                request_line = (await stream.receive()).split(b"\r\n", 1)[0]
+                await stream.send(
+                    b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(request_line), request_line)
+                )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, answer)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+async def test_secrets_in_args_and_url_paths_never_reach_status_errors_or_logs(tmp_path: Path) -> None:
+    errors = tmp_path / "stderr.log"
+    async with not_found_server() as port:
+        keyed = {"name": "keyed", "url": f"http://127.0.0.1:{port}/mcp/${{KEY}}/sse", "transport": "sse", "timeout": 5}
+        flagged = {"name": "flagged", **fake_backend_command()}
+        flagged["args"] += ["--token", "${KEY}"]
+        config = write_config(tmp_path, [keyed, flagged])
+        params = router_params(config, "--log-level", "DEBUG")
+        params.env = {**os.environ, "KEY": SECRET}
+        with anyio.fail_after(30), errors.open("w") as errlog:
+            async with Client(stdio_client(params, errlog), mode="legacy", cache=None) as client:
+                listed = await call(client, "list_backends")
+                health = await call(client, "get_backend_health", {"name": "keyed"})
+                with pytest.raises(MCPError) as unknown:
+                    await client.call_tool("keyed__anything", {})
+    assert listed.structured_content is not None and health.structured_content is not None
+    rows = {r["name"]: r for r in listed.structured_content["backends"]}
+    assert rows["keyed"]["target"] == f"http://127.0.0.1:{port}/mcp/***/sse"
+    assert rows["flagged"]["target"].endswith("test_mcp_router.py") and rows["flagged"]["state"] == "ready"
+    assert "404" in health.structured_content["last_error"] and "***" in health.structured_content["last_error"]
+    assert "not listed yet: backend 'keyed'" in unknown.value.error.message
+    everything = json.dumps([listed.model_dump(), health.model_dump()]) + unknown.value.error.message + errors.read_text()
+    assert "mcp/***/sse" in errors.read_text()  # the log says what failed, with the key shown as ***
+    assert SECRET not in everything
 
 
 async def test_zero_config_serves_the_management_tools(tmp_path: Path) -> None:
@@ -2178,6 +2393,15 @@ def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) 
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_an_alias_bomb_config_exits_2_with_a_clear_message_and_no_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "backends.yaml"
+    config.write_text(ALIAS_BOMB)
+    proc = subprocess.run([sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"{config}: invalid YAML: line 5, column 8: aliases expand to more than 10,000 values" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 # ---------------------------------------------------------------------------- the fake backend as a program
 
 
@@ -2189,11 +2413,22 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--fake-backend", action="store_true")
     parser.add_argument("--http", type=int)
     parser.add_argument("--fillers", type=int, default=0)
+    parser.add_argument("--token", help="ignored: stands for a secret given on the command line")
+    parser.add_argument("--escape", action="store_true", help="start a child that leaves for a session of its own")
+    parser.add_argument("--stubborn", action="store_true", help="ignore SIGTERM and stdin EOF")
     args = parser.parse_args(argv)
-    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ")]
+    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ", "escapee")]
+    if args.stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.escape:  # the child says when it has left, so the test never races its setsid
+        code = "import os, time; os.setsid(); print(flush=True); time.sleep(120)"
+        escapee = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert escapee.stdout is not None and escapee.stdout.readline() == b"\n"
     fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
     fake.result_for["environ"] = types.CallToolResult(content=[types.TextContent(text=" ".join(sorted(os.environ)))])
+    if args.escape:
+        fake.result_for["escapee"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{escapee.pid}")])
     server = fake.server()
 
     async def serve() -> None:
@@ -2207,6 +2442,8 @@ def run_fake_backend(argv: list[str]) -> None:
 
             async with stdio_server() as (read, write):
                 await server.run(read, write, server.create_initialization_options())
+            if args.stubborn:
+                await anyio.sleep(120)
 
     anyio.run(serve)
 
