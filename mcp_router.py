@@ -2363,18 +2363,21 @@ class Backend:
 
     def snapshot(self, kind: str, name: str) -> Candidate:
         """This backend as a routing decision sees it, for a request for `name` (its own name of a tool or prompt,
-        or a resource URI, which the catalogue already matched)."""
+        or a resource URI, which the catalogue already matched). On every call's path: computed once, and cheaply."""
         b = self.breaker
+        breaker = b.state
+        admits = breaker == "closed" or (breaker == "half_open" and not b.trial_in_flight)
+        ready = self.state == "ready"
         return Candidate(
             name=self.name,
             priority=self.config.priority,
             state=self.state,
-            breaker=b.state,
-            admits=b.admits(),
+            breaker=breaker,
+            admits=admits,
             in_flight=len(self.inflight),
             offers=kind == "resource" or name in self.offered[kind],
             latency_ms=self.stats.recent_ms,
-            reason=self.unavailable_reason() if self.state != "ready" else (b.open_error() if not b.admits() else ""),
+            reason="" if ready and admits else self.unavailable_reason() if not ready else b.open_error(),
         )
 
     async def _connect_and_serve(self) -> None:
