@@ -126,6 +126,9 @@ STOP_GRACE: Final = 2.0
 """Seconds a stdio backend gets to exit after stdin closes, after SIGTERM and after SIGKILL; and HTTP clients at shutdown."""
 SSE_DRAIN_TIMEOUT: Final = 0.1
 """Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
+MAX_JSON_DEPTH: Final = 201
+"""Arrays and objects one message may nest, its own object counted: as deep as the SDK's JSON parser reads.
+Real MCP traffic nests a few dozen levels at most; a deeper client line is answered -32600."""
 STARTUP_GRACE: Final = 10.0
 """Seconds the first initialize and lists wait for backends to connect, so the first tool list is complete.
 A backend that takes longer appears later, announced with list_changed."""
@@ -916,7 +919,7 @@ def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: in
     """One page of a list result; the cursor is the offset, opaque to clients."""
     start = 0
     if cursor is not None:
-        if not cursor.isdigit() or len(cursor) > 9 or int(cursor) > len(items):
+        if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 9 or int(cursor) > len(items):
             raise InvalidCursor(f"Invalid cursor: {cursor[:40]!r}")
         start = int(cursor)
     end = start + size
@@ -1741,27 +1744,25 @@ class LineReader:
         while line := await self._readline():
             if line.strip():
                 try:
-                    return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
-                except ValueError:  # the dispatcher only logs it, so a client would wait forever
+                    message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                except ValueError as exc:  # the dispatcher only logs it, so a client would wait forever
                     if self._errors_to is None:
                         return InvalidMessage(line)
-                    await self._answer_malformed(line)
+                    await self._answer(malformed_line_answer(line, exc))
+                    continue
+                # The SDK takes a request whose id is null, a float, a bool or an object for a notification.
+                if type(message) is types.JSONRPCNotification and self._errors_to is not None and b'"id"' in line:  # noqa: SIM102
+                    if (answer := bad_id_answer(line)) is not None:
+                        await self._answer(answer)
+                        continue
+                return SessionMessage(message)
         raise anyio.EndOfStream
 
-    async def _answer_malformed(self, line: bytes) -> None:
-        """The JSON-RPC answer to a line that is not a valid message: -32700 for bad JSON, else -32600."""
+    async def _answer(self, answer: dict[str, Any] | None) -> None:
+        if answer is None:
+            return
         assert self._errors_to is not None
-        try:
-            message = json.loads(line)
-        except ValueError:
-            request_id, error = None, {"code": PARSE_ERROR, "message": "Parse error: not JSON"}
-        else:
-            if isinstance(message, dict) and "id" not in message:
-                return  # a malformed notification: nobody waits for an answer
-            raw_id = message.get("id") if isinstance(message, dict) else None
-            request_id = raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
-            error = {"code": INVALID_REQUEST, "message": "Invalid request: not a valid JSON-RPC message"}
-        self._errors_to.write(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode() + b"\n")
+        self._errors_to.write(json.dumps(answer).encode() + b"\n")
         with contextlib.suppress(ConnectionError, OSError):
             await self._errors_to.drain()
 
@@ -1789,6 +1790,85 @@ class LineReader:
 
     async def __aexit__(self, *exc_info: object) -> None:
         pass
+
+
+_JSON_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[][{}]')
+"""A JSON string (skipped whole, brackets and all) or a bracket: enough to measure nesting."""
+_OUTLINED_LINE_LIMIT: Final = 1 << 20
+"""Bytes of a line too deep for the stdlib's parser that are searched (in Python) for its id; a longer one gets id null."""
+
+
+def _outer_levels(line: bytes, depth: int) -> bytes | None:
+    """`line` with every array or object nested deeper than `depth` replaced by null; None if none is.
+
+    Only for lines already refused: the stdlib's parser recurses, and ~1,000 levels overflow it.
+    """
+    if line.count(b"[") + line.count(b"{") <= depth:  # too few brackets to be that deep: C speed
+        return None
+    kept: list[bytes] = []
+    level, cut_from, last = 0, -1, 0
+    for token in _JSON_TOKEN.finditer(line):
+        bracket = token[0]
+        if bracket in (b"[", b"{"):
+            level += 1
+            if level == depth + 1:
+                cut_from = token.start()
+        elif bracket in (b"]", b"}"):
+            if level == depth + 1:
+                kept += (line[last:cut_from], b"null")
+                last = token.end()
+            level -= 1
+    if cut_from < 0:
+        return None
+    if level > depth:  # never closed: invalid JSON, but what comes before may still name the request
+        kept += (line[last:cut_from], b"null")
+        last = len(line)
+    return b"".join([*kept, line[last:]])
+
+
+def _error_answer(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+        request_id = None  # MCP ids are strings or integers: any other is answered as unreadable
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def _parser_went_too_deep(error: ValueError) -> bool:
+    """Whether pydantic's JSON parser stopped at its depth limit (MAX_JSON_DEPTH levels); cheap on huge errors."""
+    if not isinstance(error, pydantic.ValidationError) or error.error_count() != 1:
+        return False
+    return "recursion limit exceeded" in error.errors(include_url=False, include_input=False)[0]["msg"]
+
+
+def malformed_line_answer(line: bytes, error: ValueError) -> dict[str, Any] | None:
+    """The JSON-RPC answer to a line the SDK's parser refused (`error`); None for a notification: nobody waits.
+
+    -32700 for bad JSON; -32600 for JSON that is no JSON-RPC message, or nested deeper than the parser reads.
+    """
+    too_deep = _parser_went_too_deep(error)
+    try:
+        message = json.loads(line)
+    except RecursionError:  # deeper than the stdlib's parser goes: its outer levels alone may name the request
+        shallow = _outer_levels(line, MAX_JSON_DEPTH) if len(line) <= _OUTLINED_LINE_LIMIT else None
+        try:
+            message = json.loads(shallow) if shallow is not None else None
+        except ValueError:
+            return _error_answer(None, PARSE_ERROR, "Parse error: not JSON")
+    except ValueError:
+        return _error_answer(None, PARSE_ERROR, "Parse error: not JSON")
+    if isinstance(message, dict) and "id" not in message:
+        return None  # a malformed notification
+    request_id = message.get("id") if isinstance(message, dict) else None
+    if too_deep:
+        return _error_answer(request_id, INVALID_REQUEST, f"Invalid request: nested more than {MAX_JSON_DEPTH} levels deep")
+    return _error_answer(request_id, INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message")
+
+
+def bad_id_answer(line: bytes) -> dict[str, Any] | None:
+    """-32600 (id null) for a request whose id is not a string or an integer; None for a true notification."""
+    message = json.loads(line)  # it parsed once, within the depth limit: it parses again
+    if not isinstance(message, dict) or "id" not in message:
+        return None
+    return _error_answer(None, INVALID_REQUEST, "Invalid request: the id must be a string or an integer")
 
 
 def encode_line(message: types.JSONRPCMessage) -> bytes:
@@ -3203,7 +3283,7 @@ def build_server(router: Router) -> RouterServer:
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, _guard(set_level))
     server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
     # The router forwards; tracing each hop is the backends' and clients' business, and costs ~20 us a call.
-    server.middleware = [_RouterMiddleware(router)]
+    server.middleware = [_RouterMiddleware(router, server.get_request_handler)]
     return server
 
 
@@ -3220,8 +3300,10 @@ class _RouterMiddleware:
     re-validating both on the hot path would only cost time.
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, handler_of: Callable[[str], object] = lambda method: None) -> None:
         self.router = router
+        self.handler_of = handler_of
+        """The server's handler of a request method, or None."""
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -3232,8 +3314,10 @@ class _RouterMiddleware:
     async def _fast_path(self, ctx: Any) -> dict[str, Any] | None:
         """The result for a request the router answers itself, or None to take the SDK's checked path."""
         router, method, params = self.router, ctx.method, ctx.params
-        if (method == "tools/call" or method in LISTS) and not _connection_of(ctx).initialize_accepted:
-            return None  # the SDK answers requests before the handshake
+        if ctx.request_id is not None and method not in ("initialize", "ping") and not _connection_of(ctx).initialize_accepted:
+            if self.handler_of(method) is not None:  # the SDK would say "Invalid request parameters"
+                raise MCPError(INVALID_REQUEST, f"the MCP handshake is missing: send initialize before {method}")
+            return None  # the SDK answers the rest: method not found
         if method == "tools/call":
             name = params.get("name") if isinstance(params, Mapping) else None
             arguments = params.get("arguments") if isinstance(params, Mapping) else None

@@ -644,7 +644,7 @@ def test_page_rejects_a_bad_cursor() -> None:
     items = [{"name": str(i)} for i in range(5)]
     assert mr.page(items, None, "tools", size=2)["nextCursor"] == "2"
     assert "nextCursor" not in mr.page(items, "4", "tools", size=2)
-    for bad in ("nope", "9" * 5000, "6"):
+    for bad in ("nope", "9" * 5000, "6", "\u00b2"):  # int() refuses the second and the last: no internal errors
         with pytest.raises(mr.InvalidCursor):
             mr.page(items, bad, "tools")
 
@@ -2139,6 +2139,64 @@ async def test_an_sse_backend_that_never_answers_fails_within_its_timeout() -> N
             async with router.running():
                 await until(router, lambda: router.backends["mute"].state == "failing")
                 assert "no answer to connecting and initialize within 1s" in (router.backends["mute"].last_error or "")
+
+
+def nested_request(request_id: int, depth: int, *, closed: bool = True, method: str = "tools/call") -> bytes:
+    """A tools/call whose arguments nest lists until the whole message is `depth` levels deep."""
+    lists = "[" * (depth - 3) + ("]" * (depth - 3) if closed else "")
+    tail = "}}}" if closed else ""
+    return f'{{"jsonrpc":"2.0","id":{request_id},"method":"{method}","params":{{"name":"list_backends","arguments":{{"a":{lists}{tail}'.encode()
+
+
+async def test_hostile_client_lines_are_answered_and_the_router_keeps_serving(tmp_path: Path) -> None:
+    errors = tmp_path / "stderr.txt"
+    with errors.open("wb") as stderr:
+        proc = await anyio.open_process([sys.executable, str(ROUTER)], cwd=tmp_path, stderr=stderr)
+    async with proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        buffer = b""
+
+        async def exchange(line: bytes) -> dict[str, Any]:
+            nonlocal buffer
+            await proc.stdin.send(line + b"\n")  # type: ignore[union-attr]
+            while b"\n" not in buffer:
+                buffer += await proc.stdout.receive()  # type: ignore[union-attr]
+            answer, buffer = buffer.split(b"\n", 1)
+            return json.loads(answer)
+
+        def error_of(answer: dict[str, Any]) -> tuple[Any, int, str]:
+            return answer["id"], answer["error"]["code"], answer["error"]["message"]
+
+        with anyio.fail_after(20):
+            early = await exchange(b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_backends"}}')
+            assert error_of(early)[:2] == (1, types.INVALID_REQUEST) and "handshake is missing" in error_of(early)[2]
+            init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+            assert "result" in await exchange(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": init}).encode())
+            await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+
+            deep = nested_request(3, 975)
+            assert len(deep) < 2100  # the 2 KB line that used to stop the router
+            assert error_of(await exchange(deep)) == (3, types.INVALID_REQUEST, "Invalid request: nested more than 201 levels deep")
+            assert error_of(await exchange(nested_request(4, 5000)))[:2] == (4, types.INVALID_REQUEST)
+            assert error_of(await exchange(nested_request(5, 202)))[:2] == (5, types.INVALID_REQUEST)
+            assert error_of(await exchange(nested_request(6, 975, closed=False)))[:2] == (None, types.PARSE_ERROR)
+            notification = b'{"jsonrpc":"2.0","method":"notifications/progress","params":' + b"[" * 975 + b"]" * 975 + b"}"
+            await proc.stdin.send(notification + b"\n")  # no answer: the ping's answer comes next
+            assert await exchange(b'{"jsonrpc": "2.0", "id": 7, "method": "ping"}') == {"jsonrpc": "2.0", "id": 7, "result": {}}
+            served = await exchange(nested_request(8, 201))  # as deep as it gets, and served
+            assert served["id"] == 8 and "backends" in served["result"]["structuredContent"]
+
+            for bad_id in ("null", '{"a": 1}', "true", "1.5"):
+                answer = await exchange(f'{{"jsonrpc": "2.0", "id": {bad_id}, "method": "ping"}}'.encode())
+                assert error_of(answer)[:2] == (None, types.INVALID_REQUEST) and "id must be" in error_of(answer)[2]
+
+            cursor = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/list", "params": {"cursor": "9" * 5000}})
+            assert error_of(await exchange(cursor.encode()))[:2] == (9, types.INVALID_PARAMS)
+            assert "Invalid cursor" in error_of(await exchange(cursor.encode()))[2]
+            assert await exchange(b'{"jsonrpc": "2.0", "id": 10, "method": "ping"}') == {"jsonrpc": "2.0", "id": 10, "result": {}}
+            await proc.stdin.aclose()
+            assert await proc.wait() == 0
+    assert "Traceback" not in errors.read_text()
 
 
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
