@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -45,7 +46,6 @@ import hashlib
 import json
 import logging
 import math
-import operator
 import os
 import random
 import re
@@ -126,6 +126,9 @@ STOP_GRACE: Final = 2.0
 """Seconds a stdio backend gets to exit after stdin closes, after SIGTERM and after SIGKILL; and HTTP clients at shutdown."""
 SSE_DRAIN_TIMEOUT: Final = 0.1
 """Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
+NOTIFICATION_QUEUE_BOUND: Final = 1000
+"""Log messages from backends that may wait for one slow client; more are dropped, and counted in list_backends.
+List changes and resource updates coalesce instead (one pending per list and per URI); results never wait here."""
 MAX_JSON_DEPTH: Final = 201
 """Arrays and objects one message may nest, its own object counted: as deep as the SDK's JSON parser reads.
 Real MCP traffic nests a few dozen levels at most; a deeper client line is answered -32600."""
@@ -2490,6 +2493,163 @@ class Backend:
 # ---------------------------------------------------------------------------- I/O shell: the router
 
 
+class _Outbox:
+    """What waits to go out to one client outside any request, sent by one task: a slow reader holds up nobody.
+
+    List changes coalesce (one pending per list), resource updates too (one per URI); log messages wait in a
+    queue of at most `bound`, and those beyond it are dropped and counted.
+    """
+
+    def __init__(self, connection: Any, bound: int) -> None:
+        self.connection = connection
+        self.bound = bound
+        self.log_level: str | None = None
+        """Set by the client's logging/setLevel: until then it gets no backend's log messages."""
+        self.changes: dict[str, None] = {}
+        self.updates: dict[str, None] = {}
+        self.logs: collections.deque[dict[str, Any]] = collections.deque()
+        self.dropped = 0
+        self.scope = anyio.CancelScope()
+        self._wake = anyio.Event()
+
+    def change(self, sender: str) -> None:
+        self.changes[sender] = None
+        self._wake.set()
+
+    def update(self, uri: str) -> None:
+        self.updates[uri] = None
+        self._wake.set()
+
+    def log(self, message: dict[str, Any]) -> bool:
+        """Queue a log message; False when the queue is full and it was dropped."""
+        if len(self.logs) >= self.bound:
+            self.dropped += 1
+            return False
+        self.logs.append(message)
+        self._wake.set()
+        return True
+
+    async def run(self) -> None:
+        """Send what is queued, oldest kind first, until cancelled; a failed send ends it (the client is gone)."""
+        with self.scope:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                while self.changes or self.updates or self.logs:
+                    if self.changes:
+                        sender = next(iter(self.changes))
+                        del self.changes[sender]
+                        await getattr(self.connection, sender)()
+                    elif self.updates:
+                        uri = next(iter(self.updates))
+                        del self.updates[uri]
+                        await self.connection.send_resource_updated(uri)
+                    else:
+                        await self.connection.notify("notifications/message", self.logs.popleft())
+
+
+class ClientHub:
+    """The router's clients, for what reaches them outside any request.
+
+    Handshake-era connections get list changes, updates of the resources they
+    subscribed to, and (once they set a level) the backends' log messages, each
+    through its own bounded `_Outbox`. 2026-era clients hear list changes and
+    resource updates on `events` (`subscriptions/listen`) and no log messages:
+    in that era logs travel only with the request that asked for them.
+    Results and progress never pass here: they go out on their request's own
+    channel, and are never dropped.
+    """
+
+    def __init__(self, events: InMemorySubscriptionBus, *, bound: int = NOTIFICATION_QUEUE_BOUND) -> None:
+        self.events = events
+        self.bound = bound
+        self.dropped = 0
+        """Log messages dropped, for all clients, since the start: shown by list_backends."""
+        self.unfollowed: Callable[[str], None] = lambda uri: None
+        """Called when the last subscriber of a resource is gone."""
+        self._outboxes: dict[Any, _Outbox] = {}
+        self._followers: dict[str, dict[Any, None]] = {}
+
+    def add(self, connection: Any, task_group: anyio.abc.TaskGroup) -> bool:
+        """Remember a handshake-era connection until it closes; False if it is known already."""
+        if connection in self._outboxes:
+            return False
+        self._outboxes[connection] = outbox = _Outbox(connection, self.bound)
+        connection.exit_stack.callback(self.forget, connection)
+        task_group.start_soon(self._serve, outbox, name="client outbox")
+        return True
+
+    async def _serve(self, outbox: _Outbox) -> None:
+        try:
+            await outbox.run()
+        except Exception:  # noqa: BLE001 - a gone client must not stop the others
+            self.forget(outbox.connection)
+
+    def forget(self, connection: Any) -> None:
+        """Drop a closed (or failed) connection at once: its queue, its sender and its subscriptions."""
+        outbox = self._outboxes.pop(connection, None)
+        if outbox is not None:
+            outbox.scope.cancel()
+        for uri, followers in list(self._followers.items()):
+            if followers.pop(connection, False) is None and not followers:
+                del self._followers[uri]
+                self.unfollowed(uri)
+
+    def newest(self) -> Any | None:
+        """The connection that arrived last, or None."""
+        return next(reversed(self._outboxes), None)
+
+    def __len__(self) -> int:
+        return len(self._outboxes)
+
+    async def list_changed(self, signals: Sequence[tuple[str, Callable[[], Any]]]) -> None:
+        """Each change (the connection's `send_*_list_changed`, the bus event) to every client of both eras."""
+        for sender, event in signals:
+            for outbox in self._outboxes.values():
+                outbox.change(sender)
+            await self.events.publish(event())
+
+    async def resource_updated(self, uri: str) -> None:
+        for connection in self._followers.get(uri, ()):
+            if (outbox := self._outboxes.get(connection)) is not None:
+                outbox.update(uri)
+        await self.events.publish(ResourceUpdated(uri=uri))
+
+    def follow(self, connection: Any, uri: str) -> None:
+        self._followers.setdefault(uri, {})[connection] = None
+
+    def unfollow(self, connection: Any, uri: str) -> bool:
+        """Stop sending `uri`'s updates to `connection`; True if nobody follows it any more."""
+        followers = self._followers.get(uri, {})
+        followers.pop(connection, None)
+        if not followers:
+            self._followers.pop(uri, None)
+        return not followers
+
+    def followed(self, uri: str) -> bool:
+        return bool(self._followers.get(uri))
+
+    def followed_uris(self) -> list[str]:
+        return list(self._followers)
+
+    def set_log_level(self, connection: Any, level: str) -> str:
+        """Record a client's level; returns the most verbose level any client asked for (what backends get)."""
+        if (outbox := self._outboxes.get(connection)) is not None:
+            outbox.log_level = level
+        levels = [o.log_level for o in self._outboxes.values() if o.log_level is not None] or [level]
+        return min(levels, key=lambda lv: LOG_SEVERITY.get(lv, 0))
+
+    def log(self, message: dict[str, Any]) -> None:
+        """A backend's log message, to the clients whose level it meets; never waits (full queues drop it)."""
+        severity = LOG_SEVERITY.get(message["level"], 0)
+        for outbox in self._outboxes.values():
+            if outbox.log_level is not None and severity >= LOG_SEVERITY.get(outbox.log_level, 0) and not outbox.log(message):
+                self.dropped += 1
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}
+
+
 class Router:
     """Owns the backends, the catalogue, and the request path between them."""
 
@@ -2515,9 +2675,8 @@ class Router:
         self.log_level: str | None = None
         self.events = InMemorySubscriptionBus()
         """Change events for 2026-era clients, which hear them on `subscriptions/listen`."""
-        self._connections: dict[Any, None] = {}
-        """Handshake-era client connections, oldest first: where list changes and logs go."""
-        self._subscribers: dict[str, dict[Any, None]] = {}
+        self.clients = ClientHub(self.events)
+        self.clients.unfollowed = self._unfollowed
         self._templates: tuple[tuple[UriTemplate | None, tuple[str, ...]], ...] = ()
         self._resource_plans: dict[str, Plan] = {}
         self._priorities: dict[str, int] = {}
@@ -2629,72 +2788,54 @@ class Router:
 
     def register_connection(self, connection: Any) -> None:
         """Remember a client connection so notifications reach it; forgotten when it closes."""
-        if connection in self._connections:
+        if self._task_group is None or not self.clients.add(connection, self._task_group):
             return
-        self._connections[connection] = None
-        connection.exit_stack.callback(self._forget, connection)
         capabilities = connection.client_capabilities
-        if capabilities is not None and capabilities.roots is not None and self._task_group is not None:
+        if capabilities is not None and capabilities.roots is not None:
             self._task_group.start_soon(self.roots_changed)  # backends asked before any client could answer
 
-    def _forget(self, connection: Any) -> None:
-        self._connections.pop(connection, None)
-        for uri, subscribers in list(self._subscribers.items()):
-            if subscribers.pop(connection, False) is None and not subscribers and self._task_group is not None:
-                self._task_group.start_soon(self._unsubscribe_backend, uri)
-
-    async def _each_connection(self, send: Callable[[Any], Awaitable[None]], connections: Iterable[Any] | None = None) -> None:
-        for connection in list(self._connections if connections is None else connections):
-            try:
-                await send(connection)
-            except Exception:  # noqa: BLE001 - a gone client must not stop the others
-                self._forget(connection)
+    def _unfollowed(self, uri: str) -> None:
+        if self._task_group is not None:
+            self._task_group.start_soon(self._unsubscribe_backend, uri)
 
     async def _notify_changed(self, signals: Sequence[tuple[str, Callable[[], Any]]]) -> None:
-        """Each change, to handshake-era connections (their `send_*_list_changed`) and to 2026-era listeners."""
-        for sender, event in signals:
-            await self._each_connection(operator.methodcaller(sender))
-            await self.events.publish(event())
+        await self.clients.list_changed(signals)
 
     # -- notifications and requests that cross the router
 
     async def resource_updated(self, uri: str) -> None:
-        await self._each_connection(lambda c: c.send_resource_updated(uri), self._subscribers.get(uri, ()))
-        await self.events.publish(ResourceUpdated(uri=uri))
+        await self.clients.resource_updated(uri)
 
     async def subscribe(self, connection: Any, uri: str) -> None:
         pool = self.resource_plan(uri)
         if pool is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
-        subscribers = self._subscribers.setdefault(uri, {})
-        if not subscribers:
+        if not self.clients.followed(uri):
             await self.forward("resources/subscribe", pool, {"uri": uri}, retry_safe=True)
-        subscribers[connection] = None
+        self.clients.follow(connection, uri)
 
     async def unsubscribe(self, connection: Any, uri: str) -> None:
-        subscribers = self._subscribers.get(uri, {})
-        subscribers.pop(connection, None)
-        if not subscribers:
+        if self.clients.unfollow(connection, uri):
             await self._unsubscribe_backend(uri)
 
     async def resubscribe(self, backend: Backend) -> None:
         """After a reconnect, subscribe again to what clients still follow on this backend."""
-        for uri, subscribers in list(self._subscribers.items()):
+        for uri in self.clients.followed_uris():
             pool = self.resource_plan(uri)
-            if subscribers and pool and backend.name in pool.candidates:
+            if pool and backend.name in pool.candidates:
                 with contextlib.suppress(Exception):
                     await backend.request("resources/subscribe", {"uri": uri}, backend.timeout, guarded=False)
 
     async def _unsubscribe_backend(self, uri: str) -> None:
-        if self._subscribers.get(uri) or (pool := self.resource_plan(uri)) is None:
+        if self.clients.followed(uri) or (pool := self.resource_plan(uri)) is None:
             return
-        self._subscribers.pop(uri, None)
         with contextlib.suppress(MCPError):
             await self.forward("resources/unsubscribe", pool, {"uri": uri}, retry_safe=True)
 
-    async def set_log_level(self, level: str) -> None:
-        """A client's logging/setLevel, applied to every backend that logs (and to those that connect later)."""
-        self.log_level = level
+    async def set_log_level(self, level: str, connection: Any = None) -> None:
+        """A client's logging/setLevel: that client now gets log messages at `level` and above; every backend that
+        logs (and those that connect later) is set to the most verbose level any client asked for."""
+        level = self.log_level = self.clients.set_log_level(connection, level)
 
         async def apply(backend: Backend) -> None:
             with contextlib.suppress(Exception):
@@ -2707,15 +2848,13 @@ class Router:
                     tg.start_soon(apply, backend)
 
     async def forward_log(self, backend: Backend, params: types.LoggingMessageNotificationParams) -> None:
-        """A backend's log message, to every client, tagged with the backend's name."""
-        if self.log_level is not None and LOG_SEVERITY.get(params.level, 0) < LOG_SEVERITY.get(self.log_level, 0):
-            return
+        """A backend's log message, tagged with the backend's name, to the clients that asked for logs; never waits."""
         message = {
             "level": params.level,
             "logger": f"{backend.name}/{params.logger}" if params.logger else backend.name,
             "data": params.data,
         }
-        await self._each_connection(lambda c: c.notify("notifications/message", message))
+        self.clients.log(message)
 
     async def roots_changed(self) -> None:
         """A client's roots changed (or a client with roots arrived): backends that cache roots ask again."""
@@ -2741,7 +2880,7 @@ class Router:
         if len(callers) > 1:
             return refuse(f"calls of several clients are running on {backend.name!r}; cannot tell which one {request.method} is for")
         ctx = next(iter(callers.values()), None)
-        connection = next(reversed(self._connections)) if self._connections else None
+        connection = self.clients.newest()
         if ctx is not None:
             capabilities = ctx.session.client_capabilities
         elif capability == "roots" and connection is not None:
@@ -2973,6 +3112,11 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
             "properties": {
                 "backends": {"type": "array", "items": _OUTPUT_BACKEND},
                 "conflicts": {"type": "array", "items": {"type": "string"}},
+                "clients": {
+                    "type": "object",
+                    "description": "handshake-era client connections, and the log messages dropped for slow readers",
+                    "properties": {key: {"type": "integer"} for key in ("connected", "dropped_log_messages", "queue_bound")},
+                },
             },
             "required": ["backends"],
         },
@@ -3037,7 +3181,10 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
             + (f", last error: {r['last_error']}" if r["last_error"] else "")
             for r in rows
         ] or [no_backends_hint(router.config_source)]
-        return _management_result({"backends": rows, "conflicts": list(router.catalogue.conflicts)}, "\n".join(lines))
+        payload = {"backends": rows, "conflicts": list(router.catalogue.conflicts), "clients": router.clients.status()}
+        if router.clients.dropped:
+            lines.append(f"log messages dropped for clients that read too slowly: {router.clients.dropped}")
+        return _management_result(payload, "\n".join(lines))
     wanted = arguments.get("name")
     if name == "explain_route":
         if not isinstance(wanted, str):
@@ -3256,7 +3403,7 @@ def build_server(router: Router) -> RouterServer:
         return {}
 
     async def set_level(ctx: Any, params: types.SetLevelRequestParams) -> dict[str, Any]:
-        await router.set_log_level(params.level)
+        await router.set_log_level(params.level, _connection_of(ctx))
         return {}
 
     async def roots_changed(ctx: Any, params: Any) -> None:
