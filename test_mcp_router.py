@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import yaml
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.server import Server
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
 
@@ -929,6 +931,57 @@ async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged
             while len(logs) < 2:
                 await anyio.sleep(0.01)
     assert logs == [("info", "svc/fake", "info from svc"), ("warning", "svc/fake", "warning from svc")]
+
+
+class StalledClient:
+    """The router's view of a client connection that takes nothing until `reading` is set: a slow reader."""
+
+    def __init__(self) -> None:
+        self.exit_stack = contextlib.ExitStack()
+        self.reading = anyio.Event()
+        self.received: list[tuple[str, Any]] = []
+
+    async def notify(self, method: str, params: Any) -> None:
+        await self.reading.wait()
+        self.received.append((method, params["data"]))
+
+    async def send_tool_list_changed(self) -> None:
+        await self.reading.wait()
+        self.received.append(("tools/list_changed", None))
+
+
+async def test_a_slow_client_gets_bounded_logs_and_coalesced_changes_and_the_drops_are_counted() -> None:
+    hub = mr.ClientHub(InMemorySubscriptionBus(), bound=3)
+    slow, deaf, quiet = StalledClient(), StalledClient(), StalledClient()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for client in (slow, deaf, quiet):
+                hub.add(client, tg)
+            hub.set_log_level(slow, "info")
+            hub.set_log_level(deaf, "info")
+            await anyio.wait_all_tasks_blocked()
+            for i in range(10):
+                hub.log({"level": "info", "logger": "svc", "data": f"line {i}"})
+                await anyio.wait_all_tasks_blocked()  # each sender has taken what it can
+            hub.log({"level": "debug", "logger": "svc", "data": "below the level"})
+            for _ in range(5):
+                await hub.list_changed([("send_tool_list_changed", mr.ToolsListChanged)])
+            assert hub.dropped == 2 * 6  # per client: one being sent, three queued, six dropped
+            assert hub.status() == {"connected": 3, "dropped_log_messages": 12, "queue_bound": 3}
+
+            deaf.exit_stack.close()  # the deaf client closes: forgotten at once, its sender stopped
+            assert len(hub) == 2
+            slow.reading.set()
+            quiet.reading.set()
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+    assert slow.received == [
+        ("notifications/message", "line 0"),
+        ("tools/list_changed", None),  # five changes, one notification
+        *(("notifications/message", f"line {i}") for i in (1, 2, 3)),
+    ]
+    assert quiet.received == [("tools/list_changed", None)] * 2  # one in flight, four coalesced; no level: no logs
+    assert deaf.received == []
 
 
 async def test_both_protocol_eras_use_one_router_at_once() -> None:
@@ -2197,6 +2250,87 @@ async def test_hostile_client_lines_are_answered_and_the_router_keeps_serving(tm
             await proc.stdin.aclose()
             assert await proc.wait() == 0
     assert "Traceback" not in errors.read_text()
+
+
+FLOOD_BACKEND = """
+import json, sys
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\\n")
+for line in sys.stdin:
+    message = json.loads(line)
+    method, request_id = message.get("method"), message.get("id")
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}, "logging": {}},
+              "serverInfo": {"name": "flood", "version": "1"}}})
+    elif method == "tools/list":
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"tools": [{"name": "flood", "inputSchema": {"type": "object"}}]}})
+    elif method == "tools/call":
+        arguments = message["params"]["arguments"]
+        for i in range(arguments["count"]):
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "logger": "flood", "data": f"line {i} " + "x" * 200}})
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"content": [{"type": "text", "text": "flooded"}]}})
+        sys.stdout.flush()
+        with open(arguments["fifo"], "w") as done:
+            done.write("flooded\\n")
+    elif request_id is not None:
+        send({"jsonrpc": "2.0", "id": request_id, "result": {}})
+    sys.stdout.flush()
+"""
+"""A stdio backend whose one tool sends `count` log messages at once, then its result, then a line to `fifo`."""
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+@pytest.mark.parametrize("reads_after", [True, False])
+async def test_a_client_that_does_not_read_while_a_backend_floods_costs_bounded_memory(tmp_path: Path, reads_after: bool) -> None:
+    """20,000 log lines (5 MB of JSON) at a client that reads nothing: the router grew from 75 to 280 MB."""
+    fifo = tmp_path / "flooded"
+    os.mkfifo(fifo)
+    script = tmp_path / "flood_backend.py"
+    script.write_text(FLOOD_BACKEND)
+    config = write_config(tmp_path, [{"name": "svc", "command": sys.executable, "args": [str(script)]}])
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "ERROR"]
+    async with await anyio.open_process(args, stderr=None) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        async def send(message: dict[str, Any]) -> None:
+            await proc.stdin.send(json.dumps({"jsonrpc": "2.0", **message}).encode() + b"\n")  # type: ignore[union-attr]
+
+        with anyio.fail_after(30):
+            init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+            await send({"id": 1, "method": "initialize", "params": init})
+            assert b'"id":1' in await proc.stdout.receive()
+            await send({"method": "notifications/initialized"})
+            await send({"id": 2, "method": "logging/setLevel", "params": {"level": "debug"}})
+            flood = {"name": "svc__flood", "arguments": {"count": 20_000, "fifo": str(fifo)}}
+            await send({"id": 3, "method": "tools/call", "params": flood})
+            done = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:  # the backend has written every line when it writes here
+                await anyio.wait_readable(done)
+                assert os.read(done, 100) == b"flooded\n"
+            finally:
+                os.close(done)
+            assert rss_mb(proc.pid) < 150  # 75 MB at rest: bounded queues keep it there
+            if reads_after:  # a slow client, not a dead one: the result still comes, after what was queued
+                received = b""
+                while b'"id":3,' not in received:
+                    received += await proc.stdout.receive()
+                assert b'"isError"' not in received
+                # the queue, plus what the pipe and the router's write buffer held (64 KB each)
+                assert received.count(b"notifications/message") <= mr.NOTIFICATION_QUEUE_BOUND + 1_000
+                await send({"id": 4, "method": "tools/call", "params": {"name": "list_backends"}})
+                while b'"id":4,' not in received:
+                    received += await proc.stdout.receive()
+                answer = json.loads(received[received.rindex(b'{"jsonrpc":"2.0","id":4,') :].split(b"\n")[0])
+                clients = answer["result"]["structuredContent"]["clients"]
+                unsent = 20_000 - received.count(b"line ") - clients["dropped_log_messages"]  # still queued
+                assert clients["connected"] == 1 and 0 <= unsent <= mr.NOTIFICATION_QUEUE_BOUND
+            await proc.stdin.aclose()  # stdin EOF: the router exits, reading on or not
+            assert await proc.wait() == 0
 
 
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
