@@ -3545,7 +3545,63 @@ def http_app(router: Router, server: RouterServer) -> Any:
     """The ASGI app serving streamable HTTP at /mcp."""
     settings = router.settings
     app = server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response)
-    return app if settings.json_response else PlainAnswers(app)
+    return PlainRefusals(app if settings.json_response else PlainAnswers(app))
+
+
+class PlainRefusals:
+    """ASGI wrapper: the SDK's 400 for a body that is no valid message says what stdio says, without pydantic's text.
+
+    The SDK puts the parser's or validator's whole report (field paths, input values,
+    links to pydantic's docs) in the message. This answers as the stdio LineReader
+    does: -32700 for bad JSON, -32600 naming the depth limit or "not a valid JSON-RPC
+    message", with the request's id when it can be read.
+    """
+
+    _SDK_PREFIXES: Final = (b'"message":"Parse error: ', b'"message":"Validation error: ')
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body: list[bytes] = []
+        refusal: dict[str, Any] | None = None
+
+        async def keep_body() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                body.append(message.get("body", b""))
+            return message
+
+        async def relay(message: dict[str, Any]) -> None:
+            nonlocal refusal
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                refusal = message  # held until its body shows whose refusal it is
+                return
+            if refusal is not None and message["type"] == "http.response.body":
+                start, refusal = refusal, None
+                text = message.get("body", b"")
+                if any(prefix in text for prefix in self._SDK_PREFIXES):
+                    text = json.dumps(_refusal_of(b"".join(body))).encode()
+                    headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+                    start = {**start, "headers": [*headers, (b"content-length", b"%d" % len(text))]}
+                    message = {**message, "body": text, "more_body": False}
+                await send(start)
+            await send(message)
+
+        await self.app(scope, keep_body, relay)
+
+
+def _refusal_of(body: bytes) -> dict[str, Any]:
+    """What the stdio side would answer to `body` as a line; a refused notification still needs an HTTP answer."""
+    try:
+        types.jsonrpc_message_adapter.validate_json(body, by_name=False)
+    except ValueError as error:
+        answer = malformed_line_answer(body, error)
+    else:
+        answer = None  # valid after all (the SDK refused it for another reason): say so plainly
+    return answer or _error_answer(None, INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message")
 
 
 SSE_ANSWER_EVENT: Final = re.compile(

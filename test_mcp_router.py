@@ -1483,6 +1483,33 @@ async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
         web.should_exit = True
 
 
+async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_text() -> None:
+    import uvicorn
+
+    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning"))
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    async with router.running(), anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
+                answers = []
+                for body in (b"not json", b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}', nested_request(6, 975)):
+                    response = await http.post("/mcp", content=body)
+                    assert response.status_code == 400 and "pydantic" not in response.text
+                    assert int(response.headers["content-length"]) == len(response.content)
+                    answers.append((response.json()["id"], response.json()["error"]["code"], response.json()["error"]["message"]))
+        web.should_exit = True
+    assert answers == [
+        (None, types.PARSE_ERROR, "Parse error: not JSON"),
+        (5, types.INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message"),
+        (6, types.INVALID_REQUEST, "Invalid request: nested more than 201 levels deep"),
+    ]
+
+
 ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
 
 
