@@ -2009,6 +2009,32 @@ async def _reuse_after_sse_answers(response: httpx2.Response) -> None:
         response.stream = _DrainedOnClose(response.stream)
 
 
+async def _name_error_statuses(response: httpx2.Response) -> None:
+    """Response hook: an HTTP error answer that carries no JSON-RPC error gets one naming its status.
+
+    The SDK reports any such answer as "Server returned an error response"; 404
+    is left alone, as the SDK reads it (a lost session, which the router handles).
+    """
+    if response.request.method != "POST" or response.status_code < 400 or response.status_code == 404:
+        return
+    assert isinstance(response.stream, httpx2.AsyncByteStream)
+    body = b""
+    if response.headers.get("content-type", "").startswith("application/json"):
+        body = b"".join([chunk async for chunk in response.stream])
+        with contextlib.suppress(ValueError):
+            if isinstance(types.jsonrpc_message_adapter.validate_json(body, by_name=False), types.JSONRPCError):
+                response.stream = httpx2.ByteStream(body)  # the backend's own error says more than its status
+                return
+    await response.stream.aclose()
+    text = f"the backend answered HTTP {response.status_code} {response.reason_phrase}".strip()
+    body = json.dumps(_error_answer(None, INTERNAL_ERROR, text)).encode()
+    for header in ("content-encoding", "transfer-encoding"):
+        response.headers.pop(header, None)
+    response.headers["content-type"] = "application/json"
+    response.headers["content-length"] = str(len(body))
+    response.stream = httpx2.ByteStream(body)
+
+
 def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | None = None) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend (the first to a stdio
     backend takes the process `launched` at start-up, if any)."""
@@ -2026,7 +2052,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
     @asynccontextmanager
     async def http() -> AsyncIterator[Streams]:
         timeout = httpx2.Timeout(30.0, read=300.0)
-        hooks = {"response": [_reuse_after_sse_answers]}
+        hooks = {"response": [_reuse_after_sse_answers, _name_error_statuses]}
         async with (
             httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, verify=_tls_context(), event_hooks=hooks) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,

@@ -1510,6 +1510,44 @@ async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_
     ]
 
 
+async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
+    """A streamable HTTP backend that answers tools/call with a bare HTTP 500 (a crashed handler behind a proxy)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                length = re.search(r"(?i)content-length: (\d+)", head)
+                message = json.loads(await reader.readexactly(int(length[1]))) if length else {}
+                if not head.startswith("POST") or "id" not in message:
+                    writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                elif message["method"] == "tools/call":
+                    writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n\r\noops")
+                else:
+                    result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+                    if message["method"] == "initialize":
+                        result = {
+                            "protocolVersion": "2025-06-18",
+                            "capabilities": {"tools": {}},
+                            "serverInfo": {"name": "raw", "version": "1"},
+                        }
+                    out = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(out), out))
+                await writer.drain()
+
+    listening = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    config = config_for("web", url=f"http://127.0.0.1:{port}/mcp")
+    router = mr.Router(config)
+    async with listening, router.running():
+        with anyio.fail_after(20):
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                with pytest.raises(MCPError) as info:
+                    await call(client, "web__echo")
+    assert info.value.message == "the backend answered HTTP 500 Internal Server Error"
+
+
 ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
 
 
