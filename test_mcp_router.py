@@ -1524,7 +1524,7 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
                 elif message["method"] == "tools/call":
                     writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n\r\noops")
                 else:
-                    result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+                    result: dict[str, Any] = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
                     if message["method"] == "initialize":
                         result = {
                             "protocolVersion": "2025-06-18",
