@@ -49,6 +49,10 @@ hang      p50/p99 of calls to a healthy backend, normally and while 16 backgroun
           (short) request timeout. The phases alternate and are timed, each longer than the
           timeout. The hanging backend's circuit breaker threshold is raised so that its calls keep
           reaching it and timing out throughout, instead of being rejected at once.
+flood     p50/p99 of calls to a healthy backend through an HTTP router, normally and while another
+          backend floods log messages at a second client that set a level and opened its GET
+          stream but reads nothing; the router's RSS before and during, and the log messages it
+          dropped for the slow client (its queue is bounded).
 
 Calls use `session.send_request(CallToolRequest)`, the same on both sides, after a warm-up; latencies
 are time.perf_counter() around each call; p50/p99 are nearest-rank percentiles of all samples.
@@ -984,6 +988,83 @@ async def bench_hang(lab: Lab, profile: Profile) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------- scenario: a backend floods a slow client
+
+
+FLOOD_BACKEND: Final = """
+import json, sys, threading
+lock = threading.Lock()
+def send(message):
+    with lock:
+        sys.stdout.write(json.dumps(message) + "\\n")
+        sys.stdout.flush()
+def flood():
+    i = 0
+    while True:
+        i += 1
+        send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": f"line {i} " + "x" * 200}})
+for line in sys.stdin:
+    message = json.loads(line)
+    method, request_id = message.get("method"), message.get("id")
+    if method == "initialize":
+        result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}, "logging": {}}, "serverInfo": {"name": "f", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": "noop", "inputSchema": {"type": "object"}}]}
+    elif method == "logging/setLevel":
+        threading.Thread(target=flood, daemon=True).start()
+        result = {}
+    else:
+        result = {}
+    if request_id is not None:
+        send({"jsonrpc": "2.0", "id": request_id, "result": result})
+"""
+"""A stdlib-only stdio backend that, once a level is set, sends log messages as fast as the router reads them."""
+
+
+async def bench_flood(lab: Lab, profile: Profile) -> dict[str, Any]:
+    """Healthy calls through an HTTP router while a backend floods log messages at a client that reads none of them."""
+    import httpx2
+
+    backends = [stdio_backend("ok"), {"name": "flood", "command": sys.executable, "args": ["-c", FLOOD_BACKEND]}]
+    config = lab.write_config("flood-router", backends)
+    port = free_port()
+    url = f"http://{HOST}:{port}/mcp"
+    normal, flooded = Timing(), Timing()
+    with lab.spawn("flood-router", router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port))) as proc:
+        await wait_for_port(port, proc)
+        async with connect_http(url) as conn, httpx2.AsyncClient(headers={"accept": "application/json, text/event-stream"}) as http:
+            await wait_for_tools(conn, {"ok": 1, "flood": 1})
+            call = echo_call(conn, "ok__echo")
+            await sequential(call, profile.warmup_calls)
+            normal.add(await sequential(call, MAX_PHASE_CALLS, seconds=profile.hang_phase_seconds))
+            rss_before = memory_mb(proc.pid)["rss_mb"]
+
+            def rpc(request_id: int | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
+                return {"jsonrpc": "2.0", "method": method, "params": params} | ({"id": request_id} if request_id else {})
+
+            hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "slow", "version": "1"}}
+            opened = await http.post(url, json=rpc(1, "initialize", hello))
+            session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
+            await http.post(url, json=rpc(None, "notifications/initialized", {}), headers=session)
+            async with http.stream("GET", url, headers={**session, "accept": "text/event-stream"}):  # opened, never read
+                await http.post(url, json=rpc(2, "logging/setLevel", {"level": "debug"}), headers=session)
+                await anyio.sleep(1.0)  # the flood is on and the slow client's buffers are full
+                flooded.add(await sequential(call, MAX_PHASE_CALLS, seconds=profile.hang_phase_seconds))
+                memory = memory_mb(proc.pid)
+                listing = await conn.session.send_request(
+                    types.CallToolRequest(params=types.CallToolRequestParams(name="list_backends", arguments={})), types.CallToolResult
+                )
+    n, f = normal.summary(), flooded.summary()
+    return {
+        "normal": n,
+        "flooded": f,
+        "rss_before_mb": rss_before,
+        **memory,
+        "clients": (listing.structured_content or {}).get("clients"),
+        "ratio": {key: ratio(f[key], n[key]) for key in ("p50_ms", "p99_ms")},
+    }
+
+
 # ---------------------------------------------------------------------------- targets
 
 
@@ -1018,6 +1099,8 @@ TARGETS: Final = (
     Target("start-up, 10 backends / slowest alone", ("startup", "light", "ratio"), 1.3, True, "x"),
     Target("router RSS with 10 backends", ("scale", "10x50", "rss_mb"), 80.0, True, " MB"),
     Target("healthy p99 while one backend hangs / normal", ("hang", "ratio", "p99_ms"), 1.5, True, "x"),
+    Target("router RSS while a backend floods a slow client", ("flood", "rss_mb"), 150.0, True, " MB"),
+    Target("healthy p99 while a backend floods a slow client / normal", ("flood", "ratio", "p99_ms"), 1.5, True, "x"),
 )
 
 
@@ -1147,11 +1230,29 @@ def report_hang(results: Mapping[str, Any]) -> None:
     )
 
 
+def report_flood(results: Mapping[str, Any]) -> None:
+    rows = []
+    for phase, key in (("normal", "normal"), ("flood at a slow client", "flooded")):
+        s = results[key]
+        rows.append([phase, s["calls"], num(s["p50_ms"]), num(s["p99_ms"]), num(s["calls_per_s"], 0)])
+    r = results["ratio"]
+    rows.append(["flood / normal", "", num(r["p50_ms"]) + "x", num(r["p99_ms"]) + "x", ""])
+    clients = results.get("clients") or {}
+    print_table(
+        f"Slow reader: healthy calls while a backend floods log messages at an HTTP client that reads none (router RSS "
+        f"{num(results['rss_before_mb'], 1)} -> {num(results['rss_mb'], 1)} MB, peak {num(results['hwm_mb'], 1)} MB; "
+        f"log messages dropped: {clients.get('dropped_log_messages', '-')})",
+        ["phase", "calls", "p50 ms", "p99 ms", "calls/s"],
+        rows,
+    )
+
+
 REPORTERS: Final[dict[str, Callable[[Mapping[str, Any]], None]]] = {
     "overhead": report_overhead,
     "scale": report_scale,
     "startup": report_startup,
     "hang": report_hang,
+    "flood": report_flood,
 }
 
 
@@ -1175,6 +1276,7 @@ SCENARIOS: Final[dict[str, Callable[[Lab, Profile], Awaitable[dict[str, Any]]]]]
     "scale": bench_scale,
     "startup": bench_startup,
     "hang": bench_hang,
+    "flood": bench_flood,
 }
 
 

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -79,7 +80,6 @@ import hashlib
 import json
 import logging
 import math
-import operator
 import os
 import random
 import re
@@ -161,6 +161,12 @@ STOP_GRACE: Final = 2.0
 clients at shutdown."""
 SSE_DRAIN_TIMEOUT: Final = 0.1
 """Seconds the end of an answered SSE stream from a backend is waited for, so its connection can be reused."""
+NOTIFICATION_QUEUE_BOUND: Final = 1000
+"""Log messages from backends that may wait for one slow client; more are dropped, and counted in list_backends.
+List changes and resource updates coalesce instead (one pending per list and per URI); results never wait here."""
+MAX_JSON_DEPTH: Final = 201
+"""Arrays and objects one message may nest, its own object counted: as deep as the SDK's JSON parser reads.
+Real MCP traffic nests a few dozen levels at most; a deeper client line is answered -32600."""
 STARTUP_GRACE: Final = 10.0
 """Seconds the first initialize and lists wait for backends to connect, so the first tool list is complete.
 A backend that takes longer appears later, announced with list_changed."""
@@ -1094,7 +1100,7 @@ def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: in
     """One page of a list result; the cursor is the offset, opaque to clients."""
     start = 0
     if cursor is not None:
-        if not cursor.isdigit() or len(cursor) > 9 or int(cursor) > len(items):
+        if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 9 or int(cursor) > len(items):
             raise InvalidCursor(f"Invalid cursor: {cursor[:40]!r}")
         start = int(cursor)
     end = start + size
@@ -2017,27 +2023,25 @@ class LineReader:
         while line := await self._readline():
             if line.strip():
                 try:
-                    return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
-                except ValueError:  # the dispatcher only logs it, so a client would wait forever
+                    message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                except ValueError as exc:  # the dispatcher only logs it, so a client would wait forever
                     if self._errors_to is None:
                         return InvalidMessage(line)
-                    await self._answer_malformed(line)
+                    await self._answer(malformed_line_answer(line, exc))
+                    continue
+                # The SDK takes a request whose id is null, a float, a bool or an object for a notification.
+                if type(message) is types.JSONRPCNotification and self._errors_to is not None and b'"id"' in line:  # noqa: SIM102
+                    if (answer := bad_id_answer(line)) is not None:
+                        await self._answer(answer)
+                        continue
+                return SessionMessage(message)
         raise anyio.EndOfStream
 
-    async def _answer_malformed(self, line: bytes) -> None:
-        """The JSON-RPC answer to a line that is not a valid message: -32700 for bad JSON, else -32600."""
+    async def _answer(self, answer: dict[str, Any] | None) -> None:
+        if answer is None:
+            return
         assert self._errors_to is not None
-        try:
-            message = json.loads(line)
-        except ValueError:
-            request_id, error = None, {"code": PARSE_ERROR, "message": "Parse error: not JSON"}
-        else:
-            if isinstance(message, dict) and "id" not in message:
-                return  # a malformed notification: nobody waits for an answer
-            raw_id = message.get("id") if isinstance(message, dict) else None
-            request_id = raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
-            error = {"code": INVALID_REQUEST, "message": "Invalid request: not a valid JSON-RPC message"}
-        self._errors_to.write(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode() + b"\n")
+        self._errors_to.write(json.dumps(answer).encode() + b"\n")
         with contextlib.suppress(ConnectionError, OSError):
             await self._errors_to.drain()
 
@@ -2065,6 +2069,85 @@ class LineReader:
 
     async def __aexit__(self, *exc_info: object) -> None:
         pass
+
+
+_JSON_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[][{}]')
+"""A JSON string (skipped whole, brackets and all) or a bracket: enough to measure nesting."""
+_OUTLINED_LINE_LIMIT: Final = 1 << 20
+"""Bytes of a line too deep for the stdlib's parser that are searched (in Python) for its id; a longer one gets id null."""
+
+
+def _outer_levels(line: bytes, depth: int) -> bytes | None:
+    """`line` with every array or object nested deeper than `depth` replaced by null; None if none is.
+
+    Only for lines already refused: the stdlib's parser recurses, and ~1,000 levels overflow it.
+    """
+    if line.count(b"[") + line.count(b"{") <= depth:  # too few brackets to be that deep: C speed
+        return None
+    kept: list[bytes] = []
+    level, cut_from, last = 0, -1, 0
+    for token in _JSON_TOKEN.finditer(line):
+        bracket = token[0]
+        if bracket in (b"[", b"{"):
+            level += 1
+            if level == depth + 1:
+                cut_from = token.start()
+        elif bracket in (b"]", b"}"):
+            if level == depth + 1:
+                kept += (line[last:cut_from], b"null")
+                last = token.end()
+            level -= 1
+    if cut_from < 0:
+        return None
+    if level > depth:  # never closed: invalid JSON, but what comes before may still name the request
+        kept += (line[last:cut_from], b"null")
+        last = len(line)
+    return b"".join([*kept, line[last:]])
+
+
+def _error_answer(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+        request_id = None  # MCP ids are strings or integers: any other is answered as unreadable
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def _parser_went_too_deep(error: ValueError) -> bool:
+    """Whether pydantic's JSON parser stopped at its depth limit (MAX_JSON_DEPTH levels); cheap on huge errors."""
+    if not isinstance(error, pydantic.ValidationError) or error.error_count() != 1:
+        return False
+    return "recursion limit exceeded" in error.errors(include_url=False, include_input=False)[0]["msg"]
+
+
+def malformed_line_answer(line: bytes, error: ValueError) -> dict[str, Any] | None:
+    """The JSON-RPC answer to a line the SDK's parser refused (`error`); None for a notification: nobody waits.
+
+    -32700 for bad JSON; -32600 for JSON that is no JSON-RPC message, or nested deeper than the parser reads.
+    """
+    too_deep = _parser_went_too_deep(error)
+    try:
+        message = json.loads(line)
+    except RecursionError:  # deeper than the stdlib's parser goes: its outer levels alone may name the request
+        shallow = _outer_levels(line, MAX_JSON_DEPTH) if len(line) <= _OUTLINED_LINE_LIMIT else None
+        try:
+            message = json.loads(shallow) if shallow is not None else None
+        except ValueError:
+            return _error_answer(None, PARSE_ERROR, "Parse error: not JSON")
+    except ValueError:
+        return _error_answer(None, PARSE_ERROR, "Parse error: not JSON")
+    if isinstance(message, dict) and "id" not in message:
+        return None  # a malformed notification
+    request_id = message.get("id") if isinstance(message, dict) else None
+    if too_deep:
+        return _error_answer(request_id, INVALID_REQUEST, f"Invalid request: nested more than {MAX_JSON_DEPTH} levels deep")
+    return _error_answer(request_id, INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message")
+
+
+def bad_id_answer(line: bytes) -> dict[str, Any] | None:
+    """-32600 (id null) for a request whose id is not a string or an integer; None for a true notification."""
+    message = json.loads(line)  # it parsed once, within the depth limit: it parses again
+    if not isinstance(message, dict) or "id" not in message:
+        return None
+    return _error_answer(None, INVALID_REQUEST, "Invalid request: the id must be a string or an integer")
 
 
 def encode_line(message: types.JSONRPCMessage) -> bytes:
@@ -2211,6 +2294,32 @@ async def _reuse_after_sse_answers(response: httpx2.Response) -> None:
         response.stream = _DrainedOnClose(response.stream)
 
 
+async def _name_error_statuses(response: httpx2.Response) -> None:
+    """Response hook: an HTTP error answer that carries no JSON-RPC error gets one naming its status.
+
+    The SDK reports any such answer as "Server returned an error response"; 404
+    is left alone, as the SDK reads it (a lost session, which the router handles).
+    """
+    if response.request.method != "POST" or response.status_code < 400 or response.status_code == 404:
+        return
+    assert isinstance(response.stream, httpx2.AsyncByteStream)
+    body = b""
+    if response.headers.get("content-type", "").startswith("application/json"):
+        body = b"".join([chunk async for chunk in response.stream])
+        with contextlib.suppress(ValueError):
+            if isinstance(types.jsonrpc_message_adapter.validate_json(body, by_name=False), types.JSONRPCError):
+                response.stream = httpx2.ByteStream(body)  # the backend's own error says more than its status
+                return
+    await response.stream.aclose()
+    text = f"the backend answered HTTP {response.status_code} {response.reason_phrase}".strip()
+    body = json.dumps(_error_answer(None, INTERNAL_ERROR, text)).encode()
+    for header in ("content-encoding", "transfer-encoding"):
+        response.headers.pop(header, None)
+    response.headers["content-type"] = "application/json"
+    response.headers["content-length"] = str(len(body))
+    response.stream = httpx2.ByteStream(body)
+
+
 def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | None = None) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend (the first to a stdio
     backend takes the process `launched` at start-up, if any)."""
@@ -2228,7 +2337,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
     @asynccontextmanager
     async def http() -> AsyncIterator[Streams]:
         timeout = httpx2.Timeout(30.0, read=300.0)
-        hooks = {"response": [_reuse_after_sse_answers]}
+        hooks = {"response": [_reuse_after_sse_answers, _name_error_statuses]}
         async with (
             httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, verify=_tls_context(), event_hooks=hooks) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,
@@ -2699,6 +2808,163 @@ class Backend:
 # ---------------------------------------------------------------------------- I/O shell: the router
 
 
+class _Outbox:
+    """What waits to go out to one client outside any request, sent by one task: a slow reader holds up nobody.
+
+    List changes coalesce (one pending per list), resource updates too (one per URI); log messages wait in a
+    queue of at most `bound`, and those beyond it are dropped and counted.
+    """
+
+    def __init__(self, connection: Any, bound: int) -> None:
+        self.connection = connection
+        self.bound = bound
+        self.log_level: str | None = None
+        """Set by the client's logging/setLevel: until then it gets no backend's log messages."""
+        self.changes: dict[str, None] = {}
+        self.updates: dict[str, None] = {}
+        self.logs: collections.deque[dict[str, Any]] = collections.deque()
+        self.dropped = 0
+        self.scope = anyio.CancelScope()
+        self._wake = anyio.Event()
+
+    def change(self, sender: str) -> None:
+        self.changes[sender] = None
+        self._wake.set()
+
+    def update(self, uri: str) -> None:
+        self.updates[uri] = None
+        self._wake.set()
+
+    def log(self, message: dict[str, Any]) -> bool:
+        """Queue a log message; False when the queue is full and it was dropped."""
+        if len(self.logs) >= self.bound:
+            self.dropped += 1
+            return False
+        self.logs.append(message)
+        self._wake.set()
+        return True
+
+    async def run(self) -> None:
+        """Send what is queued, oldest kind first, until cancelled; a failed send ends it (the client is gone)."""
+        with self.scope:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                while self.changes or self.updates or self.logs:
+                    if self.changes:
+                        sender = next(iter(self.changes))
+                        del self.changes[sender]
+                        await getattr(self.connection, sender)()
+                    elif self.updates:
+                        uri = next(iter(self.updates))
+                        del self.updates[uri]
+                        await self.connection.send_resource_updated(uri)
+                    else:
+                        await self.connection.notify("notifications/message", self.logs.popleft())
+
+
+class ClientHub:
+    """The router's clients, for what reaches them outside any request.
+
+    Handshake-era connections get list changes, updates of the resources they
+    subscribed to, and (once they set a level) the backends' log messages, each
+    through its own bounded `_Outbox`. 2026-era clients hear list changes and
+    resource updates on `events` (`subscriptions/listen`) and no log messages:
+    in that era logs travel only with the request that asked for them.
+    Results and progress never pass here: they go out on their request's own
+    channel, and are never dropped.
+    """
+
+    def __init__(self, events: InMemorySubscriptionBus, *, bound: int = NOTIFICATION_QUEUE_BOUND) -> None:
+        self.events = events
+        self.bound = bound
+        self.dropped = 0
+        """Log messages dropped, for all clients, since the start: shown by list_backends."""
+        self.unfollowed: Callable[[str], None] = lambda uri: None
+        """Called when the last subscriber of a resource is gone."""
+        self._outboxes: dict[Any, _Outbox] = {}
+        self._followers: dict[str, dict[Any, None]] = {}
+
+    def add(self, connection: Any, task_group: anyio.abc.TaskGroup) -> bool:
+        """Remember a handshake-era connection until it closes; False if it is known already."""
+        if connection in self._outboxes:
+            return False
+        self._outboxes[connection] = outbox = _Outbox(connection, self.bound)
+        connection.exit_stack.callback(self.forget, connection)
+        task_group.start_soon(self._serve, outbox, name="client outbox")
+        return True
+
+    async def _serve(self, outbox: _Outbox) -> None:
+        try:
+            await outbox.run()
+        except Exception:  # noqa: BLE001 - a gone client must not stop the others
+            self.forget(outbox.connection)
+
+    def forget(self, connection: Any) -> None:
+        """Drop a closed (or failed) connection at once: its queue, its sender and its subscriptions."""
+        outbox = self._outboxes.pop(connection, None)
+        if outbox is not None:
+            outbox.scope.cancel()
+        for uri, followers in list(self._followers.items()):
+            if followers.pop(connection, False) is None and not followers:
+                del self._followers[uri]
+                self.unfollowed(uri)
+
+    def newest(self) -> Any | None:
+        """The connection that arrived last, or None."""
+        return next(reversed(self._outboxes), None)
+
+    def __len__(self) -> int:
+        return len(self._outboxes)
+
+    async def list_changed(self, signals: Sequence[tuple[str, Callable[[], Any]]]) -> None:
+        """Each change (the connection's `send_*_list_changed`, the bus event) to every client of both eras."""
+        for sender, event in signals:
+            for outbox in self._outboxes.values():
+                outbox.change(sender)
+            await self.events.publish(event())
+
+    async def resource_updated(self, uri: str) -> None:
+        for connection in self._followers.get(uri, ()):
+            if (outbox := self._outboxes.get(connection)) is not None:
+                outbox.update(uri)
+        await self.events.publish(ResourceUpdated(uri=uri))
+
+    def follow(self, connection: Any, uri: str) -> None:
+        self._followers.setdefault(uri, {})[connection] = None
+
+    def unfollow(self, connection: Any, uri: str) -> bool:
+        """Stop sending `uri`'s updates to `connection`; True if nobody follows it any more."""
+        followers = self._followers.get(uri, {})
+        followers.pop(connection, None)
+        if not followers:
+            self._followers.pop(uri, None)
+        return not followers
+
+    def followed(self, uri: str) -> bool:
+        return bool(self._followers.get(uri))
+
+    def followed_uris(self) -> list[str]:
+        return list(self._followers)
+
+    def set_log_level(self, connection: Any, level: str) -> str:
+        """Record a client's level; returns the most verbose level any client asked for (what backends get)."""
+        if (outbox := self._outboxes.get(connection)) is not None:
+            outbox.log_level = level
+        levels = [o.log_level for o in self._outboxes.values() if o.log_level is not None] or [level]
+        return min(levels, key=lambda lv: LOG_SEVERITY.get(lv, 0))
+
+    def log(self, message: dict[str, Any]) -> None:
+        """A backend's log message, to the clients whose level it meets; never waits (full queues drop it)."""
+        severity = LOG_SEVERITY.get(message["level"], 0)
+        for outbox in self._outboxes.values():
+            if outbox.log_level is not None and severity >= LOG_SEVERITY.get(outbox.log_level, 0) and not outbox.log(message):
+                self.dropped += 1
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}
+
+
 class Router:
     """Owns the backends, the catalogue, and the request path between them."""
 
@@ -2724,9 +2990,8 @@ class Router:
         self.log_level: str | None = None
         self.events = InMemorySubscriptionBus()
         """Change events for 2026-era clients, which hear them on `subscriptions/listen`."""
-        self._connections: dict[Any, None] = {}
-        """Handshake-era client connections, oldest first: where list changes and logs go."""
-        self._subscribers: dict[str, dict[Any, None]] = {}
+        self.clients = ClientHub(self.events)
+        self.clients.unfollowed = self._unfollowed
         self._templates: tuple[tuple[UriTemplate | None, tuple[str, ...]], ...] = ()
         self._resource_plans: dict[str, Plan] = {}
         self._priorities: dict[str, int] = {}
@@ -2838,72 +3103,54 @@ class Router:
 
     def register_connection(self, connection: Any) -> None:
         """Remember a client connection so notifications reach it; forgotten when it closes."""
-        if connection in self._connections:
+        if self._task_group is None or not self.clients.add(connection, self._task_group):
             return
-        self._connections[connection] = None
-        connection.exit_stack.callback(self._forget, connection)
         capabilities = connection.client_capabilities
-        if capabilities is not None and capabilities.roots is not None and self._task_group is not None:
+        if capabilities is not None and capabilities.roots is not None:
             self._task_group.start_soon(self.roots_changed)  # backends asked before any client could answer
 
-    def _forget(self, connection: Any) -> None:
-        self._connections.pop(connection, None)
-        for uri, subscribers in list(self._subscribers.items()):
-            if subscribers.pop(connection, False) is None and not subscribers and self._task_group is not None:
-                self._task_group.start_soon(self._unsubscribe_backend, uri)
-
-    async def _each_connection(self, send: Callable[[Any], Awaitable[None]], connections: Iterable[Any] | None = None) -> None:
-        for connection in list(self._connections if connections is None else connections):
-            try:
-                await send(connection)
-            except Exception:  # noqa: BLE001 - a gone client must not stop the others
-                self._forget(connection)
+    def _unfollowed(self, uri: str) -> None:
+        if self._task_group is not None:
+            self._task_group.start_soon(self._unsubscribe_backend, uri)
 
     async def _notify_changed(self, signals: Sequence[tuple[str, Callable[[], Any]]]) -> None:
-        """Each change, to handshake-era connections (their `send_*_list_changed`) and to 2026-era listeners."""
-        for sender, event in signals:
-            await self._each_connection(operator.methodcaller(sender))
-            await self.events.publish(event())
+        await self.clients.list_changed(signals)
 
     # -- notifications and requests that cross the router
 
     async def resource_updated(self, uri: str) -> None:
-        await self._each_connection(lambda c: c.send_resource_updated(uri), self._subscribers.get(uri, ()))
-        await self.events.publish(ResourceUpdated(uri=uri))
+        await self.clients.resource_updated(uri)
 
     async def subscribe(self, connection: Any, uri: str) -> None:
         pool = self.resource_plan(uri)
         if pool is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
-        subscribers = self._subscribers.setdefault(uri, {})
-        if not subscribers:
+        if not self.clients.followed(uri):
             await self.forward("resources/subscribe", pool, {"uri": uri}, retry_safe=True)
-        subscribers[connection] = None
+        self.clients.follow(connection, uri)
 
     async def unsubscribe(self, connection: Any, uri: str) -> None:
-        subscribers = self._subscribers.get(uri, {})
-        subscribers.pop(connection, None)
-        if not subscribers:
+        if self.clients.unfollow(connection, uri):
             await self._unsubscribe_backend(uri)
 
     async def resubscribe(self, backend: Backend) -> None:
         """After a reconnect, subscribe again to what clients still follow on this backend."""
-        for uri, subscribers in list(self._subscribers.items()):
+        for uri in self.clients.followed_uris():
             pool = self.resource_plan(uri)
-            if subscribers and pool and backend.name in pool.candidates:
+            if pool and backend.name in pool.candidates:
                 with contextlib.suppress(Exception):
                     await backend.request("resources/subscribe", {"uri": uri}, backend.timeout, guarded=False)
 
     async def _unsubscribe_backend(self, uri: str) -> None:
-        if self._subscribers.get(uri) or (pool := self.resource_plan(uri)) is None:
+        if self.clients.followed(uri) or (pool := self.resource_plan(uri)) is None:
             return
-        self._subscribers.pop(uri, None)
         with contextlib.suppress(MCPError):
             await self.forward("resources/unsubscribe", pool, {"uri": uri}, retry_safe=True)
 
-    async def set_log_level(self, level: str) -> None:
-        """A client's logging/setLevel, applied to every backend that logs (and to those that connect later)."""
-        self.log_level = level
+    async def set_log_level(self, level: str, connection: Any = None) -> None:
+        """A client's logging/setLevel: that client now gets log messages at `level` and above; every backend that
+        logs (and those that connect later) is set to the most verbose level any client asked for."""
+        level = self.log_level = self.clients.set_log_level(connection, level)
 
         async def apply(backend: Backend) -> None:
             with contextlib.suppress(Exception):
@@ -2916,15 +3163,13 @@ class Router:
                     tg.start_soon(apply, backend)
 
     async def forward_log(self, backend: Backend, params: types.LoggingMessageNotificationParams) -> None:
-        """A backend's log message, to every client, tagged with the backend's name."""
-        if self.log_level is not None and LOG_SEVERITY.get(params.level, 0) < LOG_SEVERITY.get(self.log_level, 0):
-            return
+        """A backend's log message, tagged with the backend's name, to the clients that asked for logs; never waits."""
         message = {
             "level": params.level,
             "logger": f"{backend.name}/{params.logger}" if params.logger else backend.name,
             "data": params.data,
         }
-        await self._each_connection(lambda c: c.notify("notifications/message", message))
+        self.clients.log(message)
 
     async def roots_changed(self) -> None:
         """A client's roots changed (or a client with roots arrived): backends that cache roots ask again."""
@@ -2950,7 +3195,7 @@ class Router:
         if len(callers) > 1:
             return refuse(f"calls of several clients are running on {backend.name!r}; cannot tell which one {request.method} is for")
         ctx = next(iter(callers.values()), None)
-        connection = next(reversed(self._connections)) if self._connections else None
+        connection = self.clients.newest()
         if ctx is not None:
             capabilities = ctx.session.client_capabilities
         elif capability == "roots" and connection is not None:
@@ -3182,6 +3427,11 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
             "properties": {
                 "backends": {"type": "array", "items": _OUTPUT_BACKEND},
                 "conflicts": {"type": "array", "items": {"type": "string"}},
+                "clients": {
+                    "type": "object",
+                    "description": "handshake-era client connections, and the log messages dropped for slow readers",
+                    "properties": {key: {"type": "integer"} for key in ("connected", "dropped_log_messages", "queue_bound")},
+                },
             },
             "required": ["backends"],
         },
@@ -3246,7 +3496,10 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
             + (f", last error: {r['last_error']}" if r["last_error"] else "")
             for r in rows
         ] or [no_backends_hint(router.config_source)]
-        return _management_result({"backends": rows, "conflicts": list(router.catalogue.conflicts)}, "\n".join(lines))
+        payload = {"backends": rows, "conflicts": list(router.catalogue.conflicts), "clients": router.clients.status()}
+        if router.clients.dropped:
+            lines.append(f"log messages dropped for clients that read too slowly: {router.clients.dropped}")
+        return _management_result(payload, "\n".join(lines))
     wanted = arguments.get("name")
     if name == "explain_route":
         if not isinstance(wanted, str):
@@ -3465,7 +3718,7 @@ def build_server(router: Router) -> RouterServer:
         return {}
 
     async def set_level(ctx: Any, params: types.SetLevelRequestParams) -> dict[str, Any]:
-        await router.set_log_level(params.level)
+        await router.set_log_level(params.level, _connection_of(ctx))
         return {}
 
     async def roots_changed(ctx: Any, params: Any) -> None:
@@ -3492,7 +3745,7 @@ def build_server(router: Router) -> RouterServer:
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, _guard(set_level))
     server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
     # The router forwards; tracing each hop is the backends' and clients' business, and costs ~20 us a call.
-    server.middleware = [_RouterMiddleware(router)]
+    server.middleware = [_RouterMiddleware(router, server.get_request_handler)]
     return server
 
 
@@ -3509,8 +3762,10 @@ class _RouterMiddleware:
     re-validating both on the hot path would only cost time.
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, handler_of: Callable[[str], object] = lambda method: None) -> None:
         self.router = router
+        self.handler_of = handler_of
+        """The server's handler of a request method, or None."""
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -3521,8 +3776,10 @@ class _RouterMiddleware:
     async def _fast_path(self, ctx: Any) -> dict[str, Any] | None:
         """The result for a request the router answers itself, or None to take the SDK's checked path."""
         router, method, params = self.router, ctx.method, ctx.params
-        if (method == "tools/call" or method in LISTS) and not _connection_of(ctx).initialize_accepted:
-            return None  # the SDK answers requests before the handshake
+        if ctx.request_id is not None and method not in ("initialize", "ping") and not _connection_of(ctx).initialize_accepted:
+            if self.handler_of(method) is not None:  # the SDK would say "Invalid request parameters"
+                raise MCPError(INVALID_REQUEST, f"the MCP handshake is missing: send initialize before {method}")
+            return None  # the SDK answers the rest: method not found
         if method == "tools/call":
             name = params.get("name") if isinstance(params, Mapping) else None
             arguments = params.get("arguments") if isinstance(params, Mapping) else None
@@ -3603,7 +3860,63 @@ def http_app(router: Router, server: RouterServer) -> Any:
     """The ASGI app serving streamable HTTP at /mcp."""
     settings = router.settings
     app = server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response)
-    return app if settings.json_response else PlainAnswers(app)
+    return PlainRefusals(app if settings.json_response else PlainAnswers(app))
+
+
+class PlainRefusals:
+    """ASGI wrapper: the SDK's 400 for a body that is no valid message says what stdio says, without pydantic's text.
+
+    The SDK puts the parser's or validator's whole report (field paths, input values,
+    links to pydantic's docs) in the message. This answers as the stdio LineReader
+    does: -32700 for bad JSON, -32600 naming the depth limit or "not a valid JSON-RPC
+    message", with the request's id when it can be read.
+    """
+
+    _SDK_PREFIXES: Final = (b'"message":"Parse error: ', b'"message":"Validation error: ')
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body: list[bytes] = []
+        refusal: dict[str, Any] | None = None
+
+        async def keep_body() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                body.append(message.get("body", b""))
+            return message
+
+        async def relay(message: dict[str, Any]) -> None:
+            nonlocal refusal
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                refusal = message  # held until its body shows whose refusal it is
+                return
+            if refusal is not None and message["type"] == "http.response.body":
+                start, refusal = refusal, None
+                text = message.get("body", b"")
+                if any(prefix in text for prefix in self._SDK_PREFIXES):
+                    text = json.dumps(_refusal_of(b"".join(body))).encode()
+                    headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+                    start = {**start, "headers": [*headers, (b"content-length", b"%d" % len(text))]}
+                    message = {**message, "body": text, "more_body": False}
+                await send(start)
+            await send(message)
+
+        await self.app(scope, keep_body, relay)
+
+
+def _refusal_of(body: bytes) -> dict[str, Any]:
+    """What the stdio side would answer to `body` as a line; a refused notification still needs an HTTP answer."""
+    try:
+        types.jsonrpc_message_adapter.validate_json(body, by_name=False)
+    except ValueError as error:
+        answer = malformed_line_answer(body, error)
+    else:
+        answer = None  # valid after all (the SDK refused it for another reason): say so plainly
+    return answer or _error_answer(None, INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message")
 
 
 SSE_ANSWER_EVENT: Final = re.compile(

@@ -42,6 +42,7 @@ import yaml
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
 
@@ -778,7 +779,7 @@ def test_page_rejects_a_bad_cursor() -> None:
     items = [{"name": str(i)} for i in range(5)]
     assert mr.page(items, None, "tools", size=2)["nextCursor"] == "2"
     assert "nextCursor" not in mr.page(items, "4", "tools", size=2)
-    for bad in ("nope", "9" * 5000, "6"):
+    for bad in ("nope", "9" * 5000, "6", "\u00b2"):  # int() refuses the second and the last: no internal errors
         with pytest.raises(mr.InvalidCursor):
             mr.page(items, bad, "tools")
 
@@ -1063,6 +1064,57 @@ async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged
             while len(logs) < 2:
                 await anyio.sleep(0.01)
     assert logs == [("info", "svc/fake", "info from svc"), ("warning", "svc/fake", "warning from svc")]
+
+
+class StalledClient:
+    """The router's view of a client connection that takes nothing until `reading` is set: a slow reader."""
+
+    def __init__(self) -> None:
+        self.exit_stack = contextlib.ExitStack()
+        self.reading = anyio.Event()
+        self.received: list[tuple[str, Any]] = []
+
+    async def notify(self, method: str, params: Any) -> None:
+        await self.reading.wait()
+        self.received.append((method, params["data"]))
+
+    async def send_tool_list_changed(self) -> None:
+        await self.reading.wait()
+        self.received.append(("tools/list_changed", None))
+
+
+async def test_a_slow_client_gets_bounded_logs_and_coalesced_changes_and_the_drops_are_counted() -> None:
+    hub = mr.ClientHub(InMemorySubscriptionBus(), bound=3)
+    slow, deaf, quiet = StalledClient(), StalledClient(), StalledClient()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for client in (slow, deaf, quiet):
+                hub.add(client, tg)
+            hub.set_log_level(slow, "info")
+            hub.set_log_level(deaf, "info")
+            await anyio.wait_all_tasks_blocked()
+            for i in range(10):
+                hub.log({"level": "info", "logger": "svc", "data": f"line {i}"})
+                await anyio.wait_all_tasks_blocked()  # each sender has taken what it can
+            hub.log({"level": "debug", "logger": "svc", "data": "below the level"})
+            for _ in range(5):
+                await hub.list_changed([("send_tool_list_changed", mr.ToolsListChanged)])
+            assert hub.dropped == 2 * 6  # per client: one being sent, three queued, six dropped
+            assert hub.status() == {"connected": 3, "dropped_log_messages": 12, "queue_bound": 3}
+
+            deaf.exit_stack.close()  # the deaf client closes: forgotten at once, its sender stopped
+            assert len(hub) == 2
+            slow.reading.set()
+            quiet.reading.set()
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+    assert slow.received == [
+        ("notifications/message", "line 0"),
+        ("tools/list_changed", None),  # five changes, one notification
+        *(("notifications/message", f"line {i}") for i in (1, 2, 3)),
+    ]
+    assert quiet.received == [("tools/list_changed", None)] * 2  # one in flight, four coalesced; no level: no logs
+    assert deaf.received == []
 
 
 async def test_both_protocol_eras_use_one_router_at_once() -> None:
@@ -1562,6 +1614,71 @@ async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
                 events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
                 assert [e.get("method") for e in events] == ["notifications/progress"] * 3 + [None] and events[-1]["id"] == 4
         web.should_exit = True
+
+
+async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_text() -> None:
+    import uvicorn
+
+    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning"))
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    async with router.running(), anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
+                answers = []
+                for body in (b"not json", b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}', nested_request(6, 975)):
+                    response = await http.post("/mcp", content=body)
+                    assert response.status_code == 400 and "pydantic" not in response.text
+                    assert int(response.headers["content-length"]) == len(response.content)
+                    answers.append((response.json()["id"], response.json()["error"]["code"], response.json()["error"]["message"]))
+        web.should_exit = True
+    assert answers == [
+        (None, types.PARSE_ERROR, "Parse error: not JSON"),
+        (5, types.INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message"),
+        (6, types.INVALID_REQUEST, "Invalid request: nested more than 201 levels deep"),
+    ]
+
+
+async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
+    """A streamable HTTP backend that answers tools/call with a bare HTTP 500 (a crashed handler behind a proxy)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                length = re.search(r"(?i)content-length: (\d+)", head)
+                message = json.loads(await reader.readexactly(int(length[1]))) if length else {}
+                if not head.startswith("POST") or "id" not in message:
+                    writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                elif message["method"] == "tools/call":
+                    writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n\r\noops")
+                else:
+                    result: dict[str, Any] = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+                    if message["method"] == "initialize":
+                        result = {
+                            "protocolVersion": "2025-06-18",
+                            "capabilities": {"tools": {}},
+                            "serverInfo": {"name": "raw", "version": "1"},
+                        }
+                    out = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(out), out))
+                await writer.drain()
+
+    listening = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    config = config_for("web", url=f"http://127.0.0.1:{port}/mcp")
+    router = mr.Router(config)
+    async with listening, router.running():
+        with anyio.fail_after(20):
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                with pytest.raises(MCPError) as info:
+                    await call(client, "web__echo")
+    assert info.value.message == "the backend answered HTTP 500 Internal Server Error"
 
 
 ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
@@ -2354,6 +2471,145 @@ async def test_an_sse_backend_that_never_answers_fails_within_its_timeout() -> N
             async with router.running():
                 await until(router, lambda: router.backends["mute"].state == "failing")
                 assert "no answer to connecting and initialize within 1s" in (router.backends["mute"].last_error or "")
+
+
+def nested_request(request_id: int, depth: int, *, closed: bool = True, method: str = "tools/call") -> bytes:
+    """A tools/call whose arguments nest lists until the whole message is `depth` levels deep."""
+    lists = "[" * (depth - 3) + ("]" * (depth - 3) if closed else "")
+    tail = "}}}" if closed else ""
+    return f'{{"jsonrpc":"2.0","id":{request_id},"method":"{method}","params":{{"name":"list_backends","arguments":{{"a":{lists}{tail}'.encode()
+
+
+async def test_hostile_client_lines_are_answered_and_the_router_keeps_serving(tmp_path: Path) -> None:
+    errors = tmp_path / "stderr.txt"
+    with errors.open("wb") as stderr:
+        proc = await anyio.open_process([sys.executable, str(ROUTER)], cwd=tmp_path, stderr=stderr)
+    async with proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        buffer = b""
+
+        async def exchange(line: bytes) -> dict[str, Any]:
+            nonlocal buffer
+            await proc.stdin.send(line + b"\n")  # type: ignore[union-attr]
+            while b"\n" not in buffer:
+                buffer += await proc.stdout.receive()  # type: ignore[union-attr]
+            answer, buffer = buffer.split(b"\n", 1)
+            return json.loads(answer)
+
+        def error_of(answer: dict[str, Any]) -> tuple[Any, int, str]:
+            return answer["id"], answer["error"]["code"], answer["error"]["message"]
+
+        with anyio.fail_after(20):
+            early = await exchange(b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_backends"}}')
+            assert error_of(early)[:2] == (1, types.INVALID_REQUEST) and "handshake is missing" in error_of(early)[2]
+            init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+            assert "result" in await exchange(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": init}).encode())
+            await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+
+            deep = nested_request(3, 975)
+            assert len(deep) < 2100  # the 2 KB line that used to stop the router
+            assert error_of(await exchange(deep)) == (3, types.INVALID_REQUEST, "Invalid request: nested more than 201 levels deep")
+            assert error_of(await exchange(nested_request(4, 5000)))[:2] == (4, types.INVALID_REQUEST)
+            assert error_of(await exchange(nested_request(5, 202)))[:2] == (5, types.INVALID_REQUEST)
+            assert error_of(await exchange(nested_request(6, 975, closed=False)))[:2] == (None, types.PARSE_ERROR)
+            notification = b'{"jsonrpc":"2.0","method":"notifications/progress","params":' + b"[" * 975 + b"]" * 975 + b"}"
+            await proc.stdin.send(notification + b"\n")  # no answer: the ping's answer comes next
+            assert await exchange(b'{"jsonrpc": "2.0", "id": 7, "method": "ping"}') == {"jsonrpc": "2.0", "id": 7, "result": {}}
+            served = await exchange(nested_request(8, 201))  # as deep as it gets, and served
+            assert served["id"] == 8 and "backends" in served["result"]["structuredContent"]
+
+            for bad_id in ("null", '{"a": 1}', "true", "1.5"):
+                answer = await exchange(f'{{"jsonrpc": "2.0", "id": {bad_id}, "method": "ping"}}'.encode())
+                assert error_of(answer)[:2] == (None, types.INVALID_REQUEST) and "id must be" in error_of(answer)[2]
+
+            cursor = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/list", "params": {"cursor": "9" * 5000}})
+            assert error_of(await exchange(cursor.encode()))[:2] == (9, types.INVALID_PARAMS)
+            assert "Invalid cursor" in error_of(await exchange(cursor.encode()))[2]
+            assert await exchange(b'{"jsonrpc": "2.0", "id": 10, "method": "ping"}') == {"jsonrpc": "2.0", "id": 10, "result": {}}
+            await proc.stdin.aclose()
+            assert await proc.wait() == 0
+    assert "Traceback" not in errors.read_text()
+
+
+FLOOD_BACKEND = """
+import json, sys
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\\n")
+for line in sys.stdin:
+    message = json.loads(line)
+    method, request_id = message.get("method"), message.get("id")
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}, "logging": {}},
+              "serverInfo": {"name": "flood", "version": "1"}}})
+    elif method == "tools/list":
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"tools": [{"name": "flood", "inputSchema": {"type": "object"}}]}})
+    elif method == "tools/call":
+        arguments = message["params"]["arguments"]
+        for i in range(arguments["count"]):
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "logger": "flood", "data": f"line {i} " + "x" * 200}})
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"content": [{"type": "text", "text": "flooded"}]}})
+        sys.stdout.flush()
+        with open(arguments["fifo"], "w") as done:
+            done.write("flooded\\n")
+    elif request_id is not None:
+        send({"jsonrpc": "2.0", "id": request_id, "result": {}})
+    sys.stdout.flush()
+"""
+"""A stdio backend whose one tool sends `count` log messages at once, then its result, then a line to `fifo`."""
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+@pytest.mark.parametrize("reads_after", [True, False])
+async def test_a_client_that_does_not_read_while_a_backend_floods_costs_bounded_memory(tmp_path: Path, reads_after: bool) -> None:
+    """20,000 log lines (5 MB of JSON) at a client that reads nothing: the router grew from 75 to 280 MB."""
+    fifo = tmp_path / "flooded"
+    os.mkfifo(fifo)
+    script = tmp_path / "flood_backend.py"
+    script.write_text(FLOOD_BACKEND)
+    config = write_config(tmp_path, [{"name": "svc", "command": sys.executable, "args": [str(script)]}])
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "ERROR"]
+    async with await anyio.open_process(args, stderr=None) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        async def send(message: dict[str, Any]) -> None:
+            await proc.stdin.send(json.dumps({"jsonrpc": "2.0", **message}).encode() + b"\n")  # type: ignore[union-attr]
+
+        with anyio.fail_after(30):
+            init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+            await send({"id": 1, "method": "initialize", "params": init})
+            assert b'"id":1' in await proc.stdout.receive()
+            await send({"method": "notifications/initialized"})
+            await send({"id": 2, "method": "logging/setLevel", "params": {"level": "debug"}})
+            flood = {"name": "svc__flood", "arguments": {"count": 20_000, "fifo": str(fifo)}}
+            await send({"id": 3, "method": "tools/call", "params": flood})
+            done = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:  # the backend has written every line when it writes here
+                await anyio.wait_readable(done)
+                assert os.read(done, 100) == b"flooded\n"
+            finally:
+                os.close(done)
+            assert rss_mb(proc.pid) < 150  # 75 MB at rest: bounded queues keep it there
+            if reads_after:  # a slow client, not a dead one: the result still comes, after what was queued
+                received = b""
+                while b'"id":3,' not in received:
+                    received += await proc.stdout.receive()
+                assert b'"isError"' not in received
+                # the queue, plus what the pipe and the router's write buffer held (64 KB each)
+                assert received.count(b"notifications/message") <= mr.NOTIFICATION_QUEUE_BOUND + 1_000
+                await send({"id": 4, "method": "tools/call", "params": {"name": "list_backends"}})
+                while b'"id":4,' not in received:
+                    received += await proc.stdout.receive()
+                answer = json.loads(received[received.rindex(b'{"jsonrpc":"2.0","id":4,') :].split(b"\n")[0])
+                clients = answer["result"]["structuredContent"]["clients"]
+                unsent = 20_000 - received.count(b"line ") - clients["dropped_log_messages"]  # still queued
+                assert clients["connected"] == 1 and 0 <= unsent <= mr.NOTIFICATION_QUEUE_BOUND
+            await proc.stdin.aclose()  # stdin EOF: the router exits, reading on or not
+            assert await proc.wait() == 0
 
 
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
