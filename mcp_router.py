@@ -154,6 +154,8 @@ MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health", "explain_route
 LOG_SEVERITY: Final = {
     level: i for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
 }
+LOG_MESSAGES_PER_SECOND: Final = 200
+"""Log messages a second (and at once) a stdio backend may send through the router; more are dropped and counted."""
 HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
 STOP_GRACE: Final = 2.0
@@ -1493,6 +1495,24 @@ def may_send_elsewhere(*, reached_backend: bool, retry_safe: bool) -> bool:
     return retry_safe or not reached_backend
 
 
+@dataclass(slots=True)
+class TokenBucket:
+    """Admits `rate` events a second on average and bursts of up to `burst`; time is passed in."""
+
+    rate: float
+    burst: float
+    tokens: float = -1.0
+    at: float = 0.0
+
+    def take(self, now: float) -> bool:
+        self.tokens = self.burst if self.tokens < 0 else min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 LATENCY_WINDOW: Final = 256
 """Recent calls per backend kept for its latency percentiles."""
 
@@ -2018,10 +2038,12 @@ class LineReader:
     def __init__(self, reader: asyncio.StreamReader, answer_errors_to: asyncio.StreamWriter | None = None) -> None:
         self._reader = reader
         self._errors_to = answer_errors_to
+        self.skip: Callable[[bytes], bool] | None = None
+        """Lines to drop before they are parsed (a backend's log messages nobody will take)."""
 
     async def receive(self) -> SessionMessage | Exception:
         while line := await self._readline():
-            if line.strip():
+            if line.strip() and not (self.skip is not None and self.skip(line)):
                 try:
                     message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
                 except ValueError as exc:  # the dispatcher only logs it, so a client would wait forever
@@ -2388,6 +2410,7 @@ class Backend:
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
         self._booked_delay: float | None = None
+        self._log_budget = TokenBucket(LOG_MESSAGES_PER_SECOND, LOG_MESSAGES_PER_SECOND)
         self._refreshing = anyio.Lock()
 
     # -- supervision
@@ -2466,6 +2489,25 @@ class Backend:
         if event != "restart":
             self.first_attempt_done.set()
 
+    def _sheds(self, line: bytes) -> bool:
+        """A log message line that no client takes, or past this backend's log budget: dropped before the SDK
+        parses it (about 0.3 ms each), so a backend flooding logs cannot starve everyone's calls."""
+        if b"notifications/message" not in line[:256]:
+            return False
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            return False
+        if not (isinstance(message, dict) and message.get("method") == "notifications/message" and "id" not in message):
+            return False
+        params = message.get("params")
+        if not self.router.clients.takes(params.get("level") if isinstance(params, dict) else None):
+            return True  # as the hub would: no client asked for this level
+        if self._log_budget.take(self.clock.now()):
+            return False
+        self.router.clients.dropped += 1
+        return True
+
     def unavailable_reason(self) -> str:
         state = "failing to connect" if self.state == "failing" else self.state
         return f"backend {self.name!r} is {state}" + (f" ({self.last_error})" if self.last_error else "")
@@ -2501,6 +2543,8 @@ class Backend:
         """Connect, shake hands (under `handshake`'s deadline), list, and serve until the connection ends."""
         async with AsyncExitStack() as stack:
             read, write = await stack.enter_async_context(self.connector())
+            if isinstance(read, LineReader):
+                read.skip = self._sheds
             dispatcher = _WatchedDispatcher(self.name, read, write)
             session = ClientSession(
                 dispatcher=dispatcher,
@@ -2960,6 +3004,11 @@ class ClientHub:
         for outbox in self._outboxes.values():
             if outbox.log_level is not None and severity >= LOG_SEVERITY.get(outbox.log_level, 0) and not outbox.log(message):
                 self.dropped += 1
+
+    def takes(self, level: Any) -> bool:
+        """Does any client take backends' log messages of `level` (a handshake-era client that set a level it meets)?"""
+        severity = LOG_SEVERITY.get(level, 0) if isinstance(level, str) else 0
+        return any(o.log_level is not None and LOG_SEVERITY.get(o.log_level, 0) <= severity for o in self._outboxes.values())
 
     def status(self) -> dict[str, Any]:
         return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}

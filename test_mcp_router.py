@@ -1083,6 +1083,53 @@ class StalledClient:
         self.received.append(("tools/list_changed", None))
 
 
+FLOODING_BACKEND = """
+import json, sys
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\\n")
+for line in sys.stdin:
+    message = json.loads(line)
+    method, rid = message.get("method"), message.get("id")
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}, "logging": {}},
+              "serverInfo": {"name": "flood", "version": "1"}}})
+    elif method == "tools/list":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"tools": [{"name": "flood", "inputSchema": {"type": "object"}}]}})
+    elif method == "tools/call":
+        for i in range(5000):
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": i}})
+        send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "flooded"}]}})
+    elif rid is not None:
+        send({"jsonrpc": "2.0", "id": rid, "result": {}})
+    sys.stdout.flush()
+"""
+
+
+async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_before_it_costs_anything() -> None:
+    config = mr.parse_config({"backends": [{"name": "flood", "command": sys.executable, "args": ["-c", FLOODING_BACKEND]}]}, {})
+    clock = FakeClock()  # time stands still: the budget's burst is all that passes
+    router = mr.Router(config, clock=clock.clock())
+    received: list[Any] = []
+    all_in = anyio.Event()
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        received.append(params.data)
+        if len(received) == mr.LOG_MESSAGES_PER_SECOND:
+            all_in.set()
+
+    with anyio.fail_after(20):
+        async with (
+            router.running(),
+            Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
+        ):
+            await client.set_logging_level("info")
+            assert text_of(await call(client, "flood__flood")) == "flooded"
+            assert router.clients.dropped == 5000 - mr.LOG_MESSAGES_PER_SECOND  # shed as they were read, before the result
+            await all_in.wait()
+            assert received == list(range(mr.LOG_MESSAGES_PER_SECOND))  # the first ones, in order
+            assert (await call(client, "list_backends")).structured_content["clients"]["dropped_log_messages"] == 4800  # type: ignore[index]
+
+
 async def test_a_slow_client_gets_bounded_logs_and_coalesced_changes_and_the_drops_are_counted() -> None:
     hub = mr.ClientHub(InMemorySubscriptionBus(), bound=3)
     slow, deaf, quiet = StalledClient(), StalledClient(), StalledClient()
