@@ -1875,6 +1875,7 @@ from mcp.server import Server
 from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
 from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.models import InitializationOptions
+from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp.server.subscriptions import (
     InMemorySubscriptionBus,
     ListenHandler,
@@ -3048,6 +3049,8 @@ class Router:
         """List pages by method and cursor, built once per catalogue."""
         self.catalogue = Catalogue()
         self._rebuild()
+        self.bridge = EraBridge(self)
+        """Calls of 2026-era clients whose handshake-era backend asks them for input, parked between rounds."""
 
     # -- lifecycle (the supervisor)
 
@@ -3253,6 +3256,8 @@ class Router:
             return refuse(f"no client request is in progress to carry {request.method}")
         if capabilities is None or getattr(capabilities, capability) is None:
             return refuse(f"the client does not support {capability}")
+        if isinstance(ctx, _ParkedContext):  # a 2026-era client: asked in its call's next input_required round
+            return await ctx.parked.ask(request, result_type)
         try:
             if ctx is None:
                 assert connection is not None
@@ -3448,6 +3453,211 @@ def _as_mcp_error(error: Exception, backend: Backend) -> MCPError:
     return MCPError(BACKEND_UNAVAILABLE, f"backend {backend.name!r} failed: {redact(describe_error(error), backend.secrets)}")
 
 
+# ---------------------------------------------------------------------------- I/O shell: the era bridge
+# A 2026-era client cannot take server requests: what a handshake-era backend asks while serving its
+# tools/call, resources/read or prompts/get goes back to that client as `input_required` rounds
+# (basic/patterns/mrtr). The backend's call runs on, parked here, until the client retries with the answers.
+
+INVALID_REQUEST_STATE: Final = "Invalid or expired requestState"
+"""The spec's (and the SDK's) words for a requestState the server did not mint, or no longer holds."""
+STATE_KEY_ENV: Final = "MCP_STATE_KEY"
+"""Environment variable with the key that seals requestState (at least 32 bytes); without it a key is generated."""
+_PARKED_STATE: Final = "parked:"
+
+
+def state_security(env: Mapping[str, str]) -> RequestStateSecurity:
+    """How requestState is sealed: with the operator's key (shared by replicas), else a key made for this process."""
+    key = env.get(STATE_KEY_ENV)
+    if not key:
+        return RequestStateSecurity.ephemeral()
+    try:
+        return RequestStateSecurity(keys=[key])
+    except ValueError:
+        raise RouterError(f"{STATE_KEY_ENV}: expected at least 32 bytes of secret randomness") from None
+
+
+def _wire(model: pydantic.BaseModel) -> dict[str, Any]:
+    return model.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def _stale_state() -> MCPError:
+    return MCPError(INVALID_PARAMS, INVALID_REQUEST_STATE, {"reason": "invalid_request_state"})
+
+
+@dataclass(eq=False, slots=True)
+class _InputAsk:
+    """One request of the backend, waiting for the client's answer."""
+
+    request: Any
+    result_type: type[Any]
+    answered: anyio.Event = field(default_factory=anyio.Event)
+    answer: Any = None
+    sent: bool = False
+
+
+class ParkedCall:
+    """One 2026-era client call on a handshake-era backend, running in its own task across the client's rounds."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.id = os.urandom(12).hex()
+        self.round = 0
+        """Counts the input_required answers given; each round's requestState names it, so each is good once."""
+        self.asks: dict[str, _InputAsk] = {}
+        self.changed = anyio.Event()
+        self.outcome: dict[str, Any] | MCPError | None = None
+        self.scope = anyio.CancelScope()
+        """Around the backend call: cancelled when the client gives up or never comes back."""
+        self.timer: anyio.CancelScope | None = None
+        self.current: Any = ctx
+        """The client's request now waiting on this call (the first, then each retry), or None between rounds."""
+        self.context = _ParkedContext(ctx, self)
+        self._asked = 0
+
+    def state(self) -> str:
+        return f"{_PARKED_STATE}{self.id}:{self.round}"
+
+    async def ask(self, request: Any, result_type: type[Any]) -> Any:
+        """The backend's request, put to the client in the next round; its answer (or an ErrorData) when it comes."""
+        self._asked += 1
+        ask = self.asks[f"{request.method.rpartition('/')[2]}-{self._asked}"] = _InputAsk(request, result_type)
+        self.changed.set()
+        await ask.answered.wait()
+        return ask.answer
+
+    def answer(self, responses: Any) -> None:
+        """The client's `inputResponses` to the requests of the last round; those it left out are asked again."""
+        responses = responses if isinstance(responses, Mapping) else {}
+        for key, ask in list(self.asks.items()):
+            if not ask.sent:
+                continue
+            if key not in responses:
+                ask.sent = False
+                continue
+            try:
+                ask.answer = ask.result_type.model_validate(responses[key])
+            except pydantic.ValidationError:
+                ask.answer = types.ErrorData(code=INVALID_PARAMS, message=f"mcp-router: the client's answer to {key} is invalid")
+            del self.asks[key]
+            ask.answered.set()
+
+    def end(self, reason: str) -> None:
+        """Cancel the backend's call and answer whatever it still waits for."""
+        self.scope.cancel()
+        for ask in self.asks.values():
+            ask.answer = types.ErrorData(code=REQUEST_TIMEOUT, message=f"mcp-router: {reason}")
+            ask.answered.set()
+        self.asks.clear()
+        if self.outcome is None:
+            self.outcome = MCPError(REQUEST_TIMEOUT, f"mcp-router: {reason}")
+        self.changed.set()
+
+
+class _ParkedContext:
+    """Stands for the client's request in the request path while the call outlives each round's request."""
+
+    def __init__(self, ctx: Any, parked: ParkedCall) -> None:
+        self.parked = parked
+        self.request_id = ctx.request_id
+        self.meta = ctx.meta
+        self.params = ctx.params
+        self.protocol_version = ctx.protocol_version
+        self.client_capabilities = ctx.session.client_capabilities
+        self.session = self  # ask_client and the progress relay look here
+        self._connection = parked  # one caller per call, as each 2026-era request is its own connection
+
+    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        """Progress goes to whichever of the client's requests is waiting now; between rounds there is none."""
+        current = self.parked.current
+        if current is not None:
+            with contextlib.suppress(Exception):
+                await current.session.report_progress(progress, total, message)
+
+
+class EraBridge:
+    """The table of parked calls, and the rounds that drive them."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.parked: dict[str, ParkedCall] = {}
+
+    def applies(self, ctx: Any) -> bool:
+        return ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and self.router._task_group is not None
+
+    async def run(self, ctx: Any, call: Callable[..., Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """The answer to one round of a 2026-era client's call: the backend's result, or the input it needs."""
+        state = (ctx.params or {}).get("requestState")
+        if state is None:
+            parked = ParkedCall(ctx)
+            self.parked[parked.id] = parked
+            assert self.router._task_group is not None
+            self.router._task_group.start_soon(self._drive, parked, call, name=f"parked call {parked.id}")
+        else:
+            parked = self._resume(str(state), ctx)
+        return await self._round(parked, ctx)
+
+    def _resume(self, state: str, ctx: Any) -> ParkedCall:
+        call_id, _, round_ = state.removeprefix(_PARKED_STATE).partition(":")
+        parked = self.parked.get(call_id) if state.startswith(_PARKED_STATE) else None
+        if parked is None or parked.current is not None or round_ != str(parked.round):
+            raise _stale_state()  # sealed by us, but its call has ended, or this round was answered already
+        if parked.timer is not None:
+            parked.timer.cancel()
+        parked.current = ctx
+        parked.answer((ctx.params or {}).get("inputResponses"))
+        return parked
+
+    async def _drive(self, parked: ParkedCall, call: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+        with parked.scope:
+            try:
+                parked.outcome = await call(ctx=parked.context)
+            except MCPError as err:
+                parked.outcome = err
+            except Exception:
+                log.exception("internal error")
+                parked.outcome = MCPError(INTERNAL_ERROR, "internal router error; see the router's log")
+        parked.changed.set()
+
+    async def _round(self, parked: ParkedCall, ctx: Any) -> dict[str, Any]:
+        try:
+            while True:
+                if parked.outcome is not None:
+                    self.parked.pop(parked.id, None)
+                    if isinstance(parked.outcome, MCPError):
+                        raise parked.outcome
+                    return parked.outcome
+                if asks := {key: ask for key, ask in parked.asks.items() if not ask.sent}:
+                    for ask in asks.values():
+                        ask.sent = True
+                    parked.round += 1
+                    parked.current = None
+                    parked.timer = anyio.CancelScope()  # a retry that comes before the timer starts still stops it
+                    spawn = cast("anyio.abc.TaskGroup", self.router._task_group).start_soon
+                    spawn(self._expire_unless_resumed, parked, parked.timer)
+                    requests = {key: _wire(ask.request) for key, ask in asks.items()}
+                    return {"resultType": "input_required", "inputRequests": requests, "requestState": parked.state()}
+                parked.changed = anyio.Event()
+                await parked.changed.wait()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                self._release(parked, "the client cancelled its request")
+            raise
+
+    async def _expire_unless_resumed(self, parked: ParkedCall, timer: anyio.CancelScope) -> None:
+        """A parked call the client does not resume within the request timeout is cancelled at the backend."""
+        timeout = self.router.settings.request_timeout
+        with timer:
+            await self.router.clock.sleep(timeout)
+            log.info("a 2026-era client did not resume its call within %gs; cancelling it", timeout)
+            self._release(parked, f"the client did not answer within {timeout:g}s")
+
+    def _release(self, parked: ParkedCall, reason: str) -> None:
+        self.parked.pop(parked.id, None)
+        if parked.timer is not None:
+            parked.timer.cancel()
+        parked.current = None
+        parked.end(reason)
+
+
 # ---------------------------------------------------------------------------- MCP wiring
 
 _OUTPUT_BACKEND: Final[dict[str, Any]] = {
@@ -3629,7 +3839,9 @@ async def route_tool_call(router: Router, ctx: Any, name: str, arguments: dict[s
             out["arguments"] = arguments
         if (meta := _forwarded_meta(ctx.params)) is not None:
             out["_meta"] = meta
-        result = strip_reserved_meta(await router.forward("tools/call", entry.plan, out, retry_safe=entry.retry_safe, ctx=ctx))
+        forward = functools.partial(router.forward, "tools/call", entry.plan, out, retry_safe=entry.retry_safe)
+        bridged = router.bridge.applies(ctx)  # a 2026-era client: what the backend asks becomes input_required rounds
+        result = strip_reserved_meta(await (router.bridge.run(ctx, forward) if bridged else forward(ctx=ctx)))
     if checked:
         result.setdefault("resultType", "complete")  # the SDK drops it again on handshake-era connections
     else:
@@ -3693,6 +3905,7 @@ class RouterServer(Server[Any]):
     """The router's MCP face: advertises listChanged, carries the backends' instructions."""
 
     router: Router | None = None
+    bridge: EraBridge | None = None
 
     @property
     def instructions(self) -> str | None:
@@ -3732,14 +3945,16 @@ def build_server(router: Router) -> RouterServer:
         if params.arguments is not None:
             out["arguments"] = params.arguments
         assert entry.plan is not None
-        return _passthrough(await router.forward("prompts/get", entry.plan, out, retry_safe=True, ctx=ctx))
+        forward = functools.partial(router.forward, "prompts/get", entry.plan, out, retry_safe=True)
+        return _passthrough(await (router.bridge.run(ctx, forward) if router.bridge.applies(ctx) else forward(ctx=ctx)))
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
         uri = str(params.uri)
         plan = await router.find(lambda catalogue: router.resource_plan(uri))
         if plan is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
-        return _passthrough(await router.forward("resources/read", plan, {"uri": uri}, retry_safe=True, ctx=ctx))
+        forward = functools.partial(router.forward, "resources/read", plan, {"uri": uri}, retry_safe=True)
+        return _passthrough(await (router.bridge.run(ctx, forward) if router.bridge.applies(ctx) else forward(ctx=ctx)))
 
     async def complete(ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
         ref = params.ref
@@ -3789,12 +4004,14 @@ def build_server(router: Router) -> RouterServer:
         on_unsubscribe_resource=_guard(unsubscribe),
         on_subscriptions_listen=ListenHandler(router.events),
     )
-    server.router = router
+    server.router, server.bridge = router, router.bridge
     # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, _guard(set_level))
     server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
     # The router forwards; tracing each hop is the backends' and clients' business, and costs ~20 us a call.
-    server.middleware = [_RouterMiddleware(router, server.get_request_handler)]
+    # requestState is sealed on the way out and checked on the way in (2026-era requests only; see EraBridge).
+    boundary = RequestStateBoundary(state_security(os.environ), default_audience=server.name)
+    server.middleware = [_RouterMiddleware(router, server.get_request_handler), boundary]
     return server
 
 

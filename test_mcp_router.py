@@ -192,7 +192,11 @@ class FakeBackend:
                     await ctx.session.report_progress(i + 1, 3, f"step {i + 1}")
             if params.name == "sample":
                 message = types.SamplingMessage(role="user", content=types.TextContent(text=args.get("text", "")))
-                sampled = await ctx.session.create_message([message], max_tokens=10, related_request_id=ctx.request_id)
+                try:
+                    sampled = await ctx.session.create_message([message], max_tokens=10, related_request_id=ctx.request_id)
+                except anyio.get_cancelled_exc_class():
+                    self.cancelled.set()
+                    raise
                 assert isinstance(sampled.content, types.TextContent)
                 return types.CallToolResult(content=[types.TextContent(text=f"sampled:{sampled.content.text}")])
             if params.name == "elicit":
@@ -202,6 +206,14 @@ class FakeBackend:
             if params.name == "roots":
                 roots = await ctx.session.send_request(types.ListRootsRequest(), types.ListRootsResult)
                 return types.CallToolResult(content=[types.TextContent(text="roots:" + ",".join(str(r.uri) for r in roots.roots))])
+            if params.name == "interview":  # two questions in one call: a name, then a sampled greeting for it
+                schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+                answer = await ctx.session.elicit_form("Who?", schema, related_request_id=ctx.request_id)
+                who = (answer.content or {}).get("name", "")
+                message = types.SamplingMessage(role="user", content=types.TextContent(text=f"greet {who}"))
+                sampled = await ctx.session.create_message([message], max_tokens=10, related_request_id=ctx.request_id)
+                assert isinstance(sampled.content, types.TextContent)
+                return types.CallToolResult(content=[types.TextContent(text=f"interview:{who}:{sampled.content.text}")])
             if params.name == "add_tool":
                 self.extra_tools.append(types.Tool(name=args.get("text", "added"), input_schema={"type": "object"}))
                 await ctx.session.send_tool_list_changed()
@@ -1007,43 +1019,101 @@ async def test_resource_updates_reach_only_subscribed_clients() -> None:
     assert updates == {"a": ["file:///a.txt"], "b": []}
 
 
-async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client() -> None:
+async def _sampling(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+    block = params.messages[0].content
+    assert isinstance(block, types.TextContent)
+    return types.CreateMessageResult(role="assistant", content=types.TextContent(text=block.text.upper()), model="fake-llm")
+
+
+async def _elicitation(context: Any, params: Any) -> types.ElicitResult:
+    return types.ElicitResult(action="accept", content={"name": "Ada"})
+
+
+async def _roots(context: Any) -> types.ListRootsResult:
+    return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///work"})])
+
+
+ASKING_CLIENT: dict[str, Any] = {"sampling_callback": _sampling, "elicitation_callback": _elicitation, "list_roots_callback": _roots}
+INTERVIEW = types.Tool(name="interview", input_schema={"type": "object"})
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client_in_either_era(mode: str) -> None:
+    """A 2026-07-28 client (mode auto) gets input_required rounds for what a handshake-era backend asks, and the
+    same answers as a 2025-11-25 client, which gets the backend's requests as requests."""
+    fake = FakeBackend("svc", extra_tools=[INTERVIEW])
+    async with routed(fake) as (_, router, _), Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client:
+        assert (client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS) == (mode == "auto")
+        assert text_of(await client.call_tool("svc__sample", {"text": "hi"})) == "sampled:HI"
+        assert text_of(await client.call_tool("svc__elicit")) == "elicited:accept:{'name': 'Ada'}"
+        assert text_of(await client.call_tool("svc__roots")) == "roots:file:///work"
+        assert text_of(await client.call_tool("svc__interview")) == "interview:Ada:GREET ADA"  # two rounds in one call
+        assert text_of(await client.call_tool("svc__echo", {"text": "plain"})) == "svc:echo:plain"
+
+
+async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_state_is_refused() -> None:
+    fake = FakeBackend("svc", extra_tools=[INTERVIEW])
+    async with routed(fake) as (_, router, _), Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client:
+        first = await client.session.call_tool("svc__interview", {}, allow_input_required=True)
+        assert isinstance(first, types.InputRequiredResult) and first.request_state
+        assert [r.method for r in (first.input_requests or {}).values()] == ["elicitation/create"]
+        key = next(iter(first.input_requests or {}))
+        answer: types.InputResponses = {key: types.ElicitResult(action="accept", content={"name": "Bo"})}
+        second = await client.session.call_tool(
+            "svc__interview", {}, input_responses=answer, request_state=first.request_state, allow_input_required=True
+        )
+        assert isinstance(second, types.InputRequiredResult)
+        assert [r.method for r in (second.input_requests or {}).values()] == ["sampling/createMessage"]
+        for stale in (first.request_state, first.request_state[:-4] + "AAAA", "v1.forged"):
+            with pytest.raises(MCPError) as info:  # an answered round, a tampered and a made-up state
+                await client.session.call_tool("svc__interview", {}, input_responses=answer, request_state=stale, allow_input_required=True)
+            assert (info.value.code, info.value.message) == (types.INVALID_PARAMS, "Invalid or expired requestState")
+        key = next(iter(second.input_requests or {}))
+        sampled: types.InputResponses = {
+            key: types.CreateMessageResult(role="assistant", content=types.TextContent(text="hello Bo"), model="m")
+        }
+        done = await client.session.call_tool(
+            "svc__interview", {}, input_responses=sampled, request_state=second.request_state, allow_input_required=True
+        )
+        assert isinstance(done, types.CallToolResult) and text_of(done) == "interview:Bo:hello Bo"
+
+
+async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_state_refused() -> None:
     fake = FakeBackend("svc")
+    async with routed(fake, clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (_, router, _):
+        server = mr.build_server(router)
+        async with Client(server, cache=None, **ASKING_CLIENT) as client:
+            first = await client.session.call_tool("svc__sample", {"text": "hi"}, allow_input_required=True)
+            assert isinstance(first, types.InputRequiredResult)
+            with anyio.fail_after(5):  # the clock jumps: the request timeout passes at once
+                await fake.cancelled.wait()
+            assert server.bridge is not None and server.bridge.parked == {}  # released
+            key = next(iter(first.input_requests or {}))
+            answer: types.InputResponses = {
+                key: types.CreateMessageResult(role="assistant", content=types.TextContent(text="late"), model="m")
+            }
+            with pytest.raises(MCPError) as info:
+                await client.session.call_tool("svc__sample", {"text": "hi"}, input_responses=answer, request_state=first.request_state)
+            assert info.value.message == "Invalid or expired requestState"
+            assert text_of(await client.call_tool("svc__echo", {"text": "still"})) == "svc:echo:still"
 
-    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
-        block = params.messages[0].content
-        assert isinstance(block, types.TextContent)
-        return types.CreateMessageResult(role="assistant", content=types.TextContent(text=block.text.upper()), model="fake-llm")
 
-    async def elicitation(context: Any, params: Any) -> types.ElicitResult:
-        return types.ElicitResult(action="accept", content={"name": "Ada"})
+async def test_a_client_without_the_capability_gets_a_clear_error_in_either_era() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake) as (bare, router, _), Client(mr.build_server(router), cache=None) as modern:
+        for client in (bare, modern):
+            with pytest.raises(MCPError) as info:  # a clear error, not a hang
+                await client.call_tool("svc__sample", {"text": "hi"})
+            assert "does not support sampling" in info.value.message
 
-    async def roots(context: Any) -> types.ListRootsResult:
-        return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///work"})])
 
-    async with routed(fake) as (bare, router, _):
-        async with Client(
-            mr.build_server(router),
-            mode="legacy",
-            cache=None,
-            sampling_callback=sampling,
-            elicitation_callback=elicitation,
-            list_roots_callback=roots,
-        ) as client:
-            assert text_of(await call(client, "svc__sample", {"text": "hi"})) == "sampled:HI"
-            assert text_of(await call(client, "svc__elicit")) == "elicited:accept:{'name': 'Ada'}"
-            assert text_of(await call(client, "svc__roots")) == "roots:file:///work"
-            await client.send_roots_list_changed()
-            with anyio.fail_after(1):
-                while not fake.roots_changes:
-                    await anyio.sleep(0.01)
-        with pytest.raises(MCPError) as info:  # a client without sampling gets a clear error, not a hang
-            await call(bare, "svc__sample", {"text": "hi"})
-        assert "does not support sampling" in info.value.message
-        async with Client(mr.build_server(router), cache=None, sampling_callback=sampling) as modern:
-            with pytest.raises(MCPError) as info:  # 2026-07-28 has no server-to-client requests
-                await call(modern, "svc__sample", {"text": "hi"})
-            assert "cannot carry sampling/createMessage" in info.value.message
+async def test_roots_changes_of_a_client_reach_the_backends() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake) as (_, router, _), Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client:
+        await client.send_roots_list_changed()
+        with anyio.fail_after(1):
+            while not fake.roots_changes:
+                await anyio.sleep(0.01)
 
 
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
