@@ -938,6 +938,8 @@ class Listing:
     templates: tuple[dict[str, Any], ...] = ()
     prompts: tuple[dict[str, Any], ...] = ()
     instructions: str | None = None
+    cache_hints: tuple[tuple[str, int, str], ...] = ()
+    """(list method, ttlMs, cacheScope) for each list the backend sent hints for (2026-era backends do)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1096,6 +1098,26 @@ def build_catalogue(
         conflicts=tuple(dict.fromkeys(conflicts)),
         instructions=instructions or None,
     )
+
+
+def list_cache_hint(method: str, listings: Iterable[Listing], refresh_seconds: float) -> dict[str, Any]:
+    """The cache hints of the router's `method` list: no longer than any contributing backend allows, nor than the
+    router's own re-listing interval (0: none, as it then relies on change notifications); private if any backend says so.
+
+    The router's lists are the same for every caller, so they are public unless a backend's is private.
+    """
+    hints = [(ttl, scope) for listing in listings for m, ttl, scope in listing.cache_hints if m == method]
+    ttls = [ttl for ttl, _ in hints] + ([round(refresh_seconds * 1000)] if refresh_seconds > 0 else [])
+    scope = "private" if any(scope == "private" for _, scope in hints) else "public"
+    return {"ttlMs": max(0, min(ttls)) if ttls else 0, "cacheScope": scope}
+
+
+def refresh_interval(listing: Listing, refresh_seconds: float) -> float | None:
+    """Seconds between re-listings of a backend: the router's interval, or sooner where the backend's hints say
+    its lists go stale sooner; None: only on change notifications. Hints under a second count as a second."""
+    seconds = [max(1.0, ttl / 1000) for _, ttl, _ in listing.cache_hints if ttl > 0]
+    seconds += [refresh_seconds] if refresh_seconds > 0 else []
+    return min(seconds) if seconds else None
 
 
 def page(items: Sequence[dict[str, Any]], cursor: str | None, key: str, size: int = PAGE_SIZE) -> dict[str, Any]:
@@ -2370,6 +2392,18 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
     return http
 
 
+def _note_cache_hint(hints: list[tuple[str, int, str]], method: str, page: Mapping[str, Any]) -> None:
+    """Keep a list page's cache hint, if it has a valid one; over several pages, the shortest and most private."""
+    ttl, scope = page.get("ttlMs"), page.get("cacheScope")
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or scope not in ("public", "private"):
+        return
+    for i, (m, old_ttl, old_scope) in enumerate(hints):
+        if m == method:
+            hints[i] = (m, min(ttl, old_ttl), "private" if "private" in (scope, old_scope) else "public")
+            return
+    hints.append((method, ttl, scope))
+
+
 class Backend:
     """One backend: its connection, supervisor, breaker and health.
 
@@ -2592,14 +2626,14 @@ class Backend:
             async with anyio.create_task_group() as tg:
                 if self.config.health_check.enabled:
                     tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
-                if self.settings.cache_ttl > 0:
-                    tg.start_soon(self._every, self.settings.cache_ttl, self.refresh)
+                tg.start_soon(self._refresh_when_stale)
                 await dispatcher.ended.wait()
                 self._book_end("connection closed")
                 tg.cancel_scope.cancel()
 
-    async def _fetch_all(self, method: str, key: str) -> list[Any]:
-        """Every item of a paginated list, following cursors to the end (items unchecked: see _valid)."""
+    async def _fetch_all(self, method: str, key: str, hints: list[tuple[str, int, str]] | None = None) -> list[Any]:
+        """Every item of a paginated list, following cursors to the end (items unchecked: see _valid); the pages'
+        cache hints go to `hints`."""
         items: list[Any] = []
         cursor: str | None = None
         seen: set[str] = set()
@@ -2615,6 +2649,8 @@ class Backend:
                 log.warning("backend %s: ignoring its %s: %s is not a list", self.name, method, key)
                 return items
             items.extend(page)
+            if hints is not None:
+                _note_cache_hint(hints, method, result)
             cursor = result.get("nextCursor")
             if not cursor or not isinstance(cursor, str) or cursor in seen:
                 return items
@@ -2623,11 +2659,13 @@ class Backend:
     async def _fetch_listing(self, instructions: str | None = None) -> Listing:
         assert self.session is not None
         caps = self.session.server_capabilities or types.ServerCapabilities()
-        tools = await self._fetch_all("tools/list", "tools") if caps.tools else []
-        resources = await self._fetch_all("resources/list", "resources") if caps.resources else []
-        templates = await self._fetch_all("resources/templates/list", "resourceTemplates") if caps.resources else []
-        prompts = await self._fetch_all("prompts/list", "prompts") if caps.prompts else []
+        hints: list[tuple[str, int, str]] = []
+        tools = await self._fetch_all("tools/list", "tools", hints) if caps.tools else []
+        resources = await self._fetch_all("resources/list", "resources", hints) if caps.resources else []
+        templates = await self._fetch_all("resources/templates/list", "resourceTemplates", hints) if caps.resources else []
+        prompts = await self._fetch_all("prompts/list", "prompts", hints) if caps.prompts else []
         return Listing(
+            cache_hints=tuple(hints),
             tools=filter_tools(self._valid(tools, types.Tool), self.config.include, self.config.exclude),
             resources=self._valid(resources, types.Resource),
             templates=self._valid(templates, types.ResourceTemplate),
@@ -2662,6 +2700,12 @@ class Backend:
                 log.warning("backend %s: re-listing failed: %s", self.name, redact(describe_error(exc), self.secrets))
                 return
             self.router.set_listing(self, listing)
+
+    async def _refresh_when_stale(self) -> None:
+        """Re-list on the router's interval, or sooner where the backend's cache hints say its lists expire sooner."""
+        while (seconds := refresh_interval(self.listing, self.settings.cache_ttl)) is not None:
+            await self.clock.sleep(seconds)
+            await self.refresh()
 
     async def _every(self, seconds: float, task: Callable[[], Awaitable[Any]]) -> None:
         while True:
@@ -3930,7 +3974,9 @@ def build_server(router: Router) -> RouterServer:
 
     def list_handler(method: str) -> Any:
         async def handler(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
-            return {**await router.list_page(method, params.cursor if params else None), "resultType": "complete"}
+            listings = (b.listing for b in router.backends.values())
+            hint = list_cache_hint(method, listings, router.settings.cache_ttl)
+            return {**await router.list_page(method, params.cursor if params else None), "resultType": "complete", **hint}
 
         return _guard(handler)
 

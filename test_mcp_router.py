@@ -361,6 +361,32 @@ async def until(router: mr.Router, holds: Callable[[], bool], seconds: float = 1
             await router.changed.wait()
 
 
+class HintingInProcess(InProcess):
+    """An in-process backend whose list answers carry 2026-style cache hints, added on the wire as it answers."""
+
+    def __init__(self, backend: FakeBackend, ttl_ms: int, scope: str, lists: tuple[str, ...] = ("tools", "prompts")) -> None:
+        super().__init__(backend)
+        self.hint = {"ttlMs": ttl_ms, "cacheScope": scope}
+        self.lists = set(lists)
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[Any]:
+        async with super().__call__() as (read, write), anyio.create_task_group() as tg:
+            send, hinted = anyio.create_memory_object_stream[Any](16)
+
+            async def pump() -> None:
+                async with send:
+                    async for item in read:
+                        message = getattr(item, "message", None)
+                        if isinstance(message, types.JSONRPCResponse) and self.lists & message.result.keys():
+                            message.result.update(self.hint)
+                        await send.send(item)
+
+            tg.start_soon(pump)
+            yield hinted, write
+            tg.cancel_scope.cancel()
+
+
 def config_for(*names: str, settings: dict[str, Any] | None = None, **backend_keys: Any) -> mr.Config:
     target = {} if "url" in backend_keys else {"command": "unused"}
     raw: dict[str, Any] = {"backends": [{"name": n, **target, **backend_keys} for n in names]}
@@ -932,6 +958,63 @@ async def test_instructions_of_backends_are_combined_under_their_namespace() -> 
     fake = rich_backend()
     async with routed(fake) as (_, router, _):
         assert router.catalogue.instructions == "## rich\nUse rich tools wisely."
+
+
+async def test_list_cache_hints_are_the_shortest_of_the_backends_and_the_routers_refresh() -> None:
+    fakes = [FakeBackend("a"), FakeBackend("b"), FakeBackend("c", prompts=[types.Prompt(name="p")])]
+    config = config_for("a", "b", "c", settings={"routing": {"capability_cache_ttl_seconds": 60}})
+    connectors = {
+        "a": InProcess(fakes[0]),
+        "b": HintingInProcess(fakes[1], 5000, "public", lists=("tools",)),
+        "c": HintingInProcess(fakes[2], 90000, "private"),
+    }
+    router = mr.Router(config, connectors=connectors)
+    async with router.running(), Client(mr.build_server(router), cache=None) as client:
+        await router.wait_ready()
+        tools = await client.list_tools()
+        assert (tools.ttl_ms, tools.cache_scope) == (5000, "private")  # b's 5 s; c's lists are private
+        prompts = await client.list_prompts()
+        assert (prompts.ttl_ms, prompts.cache_scope) == (60000, "private")  # c's 90 s is longer than the router's 60 s
+        resources = await client.list_resources()  # no backend sent hints for resources
+        assert (resources.ttl_ms, resources.cache_scope) == (60000, "public")
+    assert mr.refresh_interval(router.backends["b"].listing, 60) == 5.0  # b is re-listed as often as it asks
+    assert mr.refresh_interval(router.backends["a"].listing, 60) == 60
+    assert mr.refresh_interval(router.backends["a"].listing, 0) is None  # only on list_changed
+
+
+class Gated(InProcess):
+    """An in-process backend that connects only once its gate opens."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        super().__init__(backend)
+        self.gate = anyio.Event()
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[Any]:
+        await self.gate.wait()
+        async with super().__call__() as streams:
+            yield streams
+
+
+async def test_tool_order_and_cursors_are_the_same_whichever_backend_connects_first() -> None:
+    """Two replicas with one config list the same tools in the same order with the same cursors."""
+
+    async def pages(first: str, then: str) -> list[tuple[list[str], str | None]]:
+        connectors = {n: Gated(FakeBackend(n, fillers=700)) for n in ("a", "b")}
+        router = mr.Router(config_for("a", "b"), connectors=connectors)
+        async with router.running(), Client(mr.build_server(router), cache=None) as client:
+            with anyio.fail_after(10):
+                for name in (first, then):
+                    connectors[name].gate.set()
+                    await router.backends[name].first_attempt_done.wait()
+            got, cursor = [], None
+            while True:
+                result = await client.list_tools(cursor=cursor)
+                got.append(([t.name for t in result.tools], result.next_cursor))
+                if (cursor := result.next_cursor) is None:
+                    return got
+
+    assert await pages("a", "b") == await pages("b", "a")
 
 
 # ---------------------------------------------------------------------------- protocol fidelity
