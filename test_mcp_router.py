@@ -1881,6 +1881,39 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
     assert info.value.message == "the backend answered HTTP 500 Internal Server Error"
 
 
+async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_refused() -> None:
+    import uvicorn
+
+    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning"))
+    envelope = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "svc__echo", "arguments": {"text": "hi"}, "_meta": envelope},
+    }
+    base = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call"}
+    encoded = "=?base64?" + base64.b64encode(b"svc__echo").decode() + "?="
+
+    async with router.running(), anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                for name in ("svc__echo", encoded):  # a base64-encoded name is decoded before it is compared
+                    ok = await http.post("/mcp", json=body, headers={**base, "mcp-name": name})
+                    assert ok.status_code == 200, ok.text
+                    assert "svc:echo:hi" in ok.text
+                for wrong in ({"mcp-name": "svc__fail"}, {"mcp-name": "svc__echo", "mcp-method": "tools/list"}):
+                    refused = await http.post("/mcp", json=body, headers={**base, **wrong})
+                    assert refused.status_code == 400
+                    assert refused.json()["error"]["code"] == types.HEADER_MISMATCH
+        web.should_exit = True
+
+
 ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
 
 
