@@ -2355,7 +2355,7 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_progress_cancel_and_list_changed_end_to_end(tmp_path: Path, transport: str, mode: str) -> None:
+async def test_progress_cancel_server_requests_and_list_changed_end_to_end(tmp_path: Path, transport: str, mode: str) -> None:
     changes: list[types.ToolListChangedNotification] = []
 
     async def on_message(message: Any) -> None:
@@ -2368,13 +2368,18 @@ async def test_progress_cancel_and_list_changed_end_to_end(tmp_path: Path, trans
         seen.append(progress)
 
     with anyio.fail_after(40):
-        async with router_process(tmp_path, transport, mode, message_handler=on_message) as client:
+        async with router_process(tmp_path, transport, mode, message_handler=on_message, **ASKING_CLIENT) as client:
             await client.session.send_request(
                 types.CallToolRequest(params=types.CallToolRequestParams(name="svc__progress", arguments={})),
                 types.CallToolResult,
                 progress_callback=on_progress,
             )
             assert seen == [1, 2, 3]
+
+            # A backend's requests reach the client in either era (in 2026-07-28 as input_required rounds).
+            assert text_of(await client.call_tool("svc__sample", {"text": "hi"})) == "sampled:HI"
+            assert text_of(await client.call_tool("svc__elicit")) == "elicited:accept:{'name': 'Ada'}"
+            assert text_of(await client.call_tool("svc__roots")) == "roots:file:///work"
 
             with anyio.move_on_after(0.5):
                 await call(client, "svc__hang")
