@@ -1890,6 +1890,7 @@ import httpx2
 import mcp_types as types
 import pydantic
 import pydantic_core
+from mcp.client._probe import negotiate_auto
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -2404,6 +2405,47 @@ def _note_cache_hint(hints: list[tuple[str, int, str]], method: str, page: Mappi
     hints.append((method, ttl, scope))
 
 
+async def open_in_newest_era(session: ClientSession) -> types.InitializeResult | types.DiscoverResult:
+    """Classify a backend as the spec's version negotiation says, and open the session in its newest era.
+
+    The SDK's own policy (mcp.client._probe): `server/discover` first; any protocol-level refusal means the
+    handshake era, and `initialize` follows. A transport failure (refused, auth, 5xx) is no verdict: it fails
+    this connection attempt, and the next attempt probes again. Nothing that may have run is ever re-sent.
+    """
+    await negotiate_auto(session)
+    result = session.discover_result or session.initialize_result
+    if result is None:  # pragma: no cover - negotiate_auto sets one or raises
+        raise RouterError("the backend answered neither server/discover nor initialize")
+    return result
+
+
+Stamp: TypeAlias = Callable[[str, Mapping[str, Any] | None, dict[str, Any]], Mapping[str, Any]]
+"""(method, params, call options) -> the params to send, with the options' headers set."""
+
+
+def modern_stamp(session: ClientSession) -> Stamp | None:
+    """For a session opened in the 2026 era, what makes a raw request one of that era, else None.
+
+    The SDK's session stamp: the request `_meta` (protocol version, the router's client info and capabilities)
+    and, over HTTP, `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name`, the backend's own (un-prefixed) name,
+    as the router sends the backend's own names.
+    """
+    if session.discover_result is None:
+        return None
+    sdk_stamp = session._stamp  # the SDK keeps it private; Backend.request sends raw requests, past its send_request
+
+    def stamp(method: str, params: Mapping[str, Any] | None, opts: dict[str, Any]) -> Mapping[str, Any]:
+        own = dict(params or {})
+        if isinstance(meta := own.get("_meta"), Mapping):
+            own["_meta"] = dict(meta)  # the stamp writes into it; the caller's stays as it was
+        data = {"method": method, "params": own}
+        opts["headers"] = dict(opts.get("headers") or {})  # per request: Mcp-Name differs from call to call
+        sdk_stamp(data, cast(Any, opts))
+        return own
+
+    return stamp
+
+
 class Backend:
     """One backend: its connection, supervisor, breaker and health.
 
@@ -2442,6 +2484,8 @@ class Backend:
         """Request contexts of the client calls now running on this backend, oldest first."""
         self.secrets = config.secrets()
         self._headers: dict[str, str] = {}
+        self._stamp: Stamp | None = None
+        """For a backend spoken to in the 2026 era: adds the `_meta` envelope and mirrored headers to each request."""
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
         self._booked_delay: float | None = None
@@ -2594,17 +2638,19 @@ class Backend:
             )
             await stack.enter_async_context(session)
             try:
-                init = await session.initialize()
+                modern = self.router.backend_eras == "auto"
+                init = await open_in_newest_era(session) if modern else await session.initialize()
             except (MCPError, NotSent) as err:
                 if isinstance(err, MCPError) and err.code != CONNECTION_CLOSED:
                     raise
                 hint = " (did the command exit? its stderr is in the router's log)" if self.config.transport == "stdio" else ""
                 raise RouterError(f"connection closed during the MCP handshake{hint}") from None
             handshake.deadline = math.inf
-            if self.config.transport != "stdio":
-                self._headers = {"mcp-protocol-version": init.protocol_version}
+            self._stamp = modern_stamp(session)  # 2026 era: the stamp sets the version header with the others
+            if self.config.transport != "stdio" and self._stamp is None:
+                self._headers = {"mcp-protocol-version": init.protocol_version}  # type: ignore[union-attr]
             self.session, self.dispatcher = session, dispatcher
-            if self.router.log_level is not None and init.capabilities.logging is not None:
+            if self.router.log_level is not None and init.capabilities.logging is not None and self._stamp is None:
                 await self.request("logging/setLevel", {"level": self.router.log_level}, self.timeout, guarded=False)
             listing = await self._fetch_listing(init.instructions)
             self.connected_at = self.clock.now()
@@ -2812,6 +2858,8 @@ class Backend:
             opts["headers"] = self._headers
         if on_progress is not None:
             opts["on_progress"] = on_progress
+        if self._stamp is not None:
+            params = self._stamp(method, params, opts)
         try:
             # The SDK's own timeout starts once the request is written; this one also bounds a backend that stopped reading.
             with anyio.fail_after(timeout + 1):
@@ -2864,6 +2912,7 @@ class Backend:
             "resources": len(self.listing.resources) + len(self.listing.templates),
             "prompts": len(self.listing.prompts),
             "restarts": self.restarts,
+            "protocol_version": self.session.protocol_version if self.session is not None else None,
             "last_error": redact(self.last_error or (b.last_error if b.failures else None) or "", self.secrets) or None,
             "next_retry_in_seconds": None if retry_at is None else round(max(0.0, retry_at - now), 1),
             "requests": s.requests,
@@ -3068,8 +3117,11 @@ class Router:
         *,
         connectors: Mapping[str, Connector] | None = None,
         clock: Clock = Clock(),
+        backend_eras: Literal["legacy", "auto"] = "legacy",
     ) -> None:
         self.settings = config.settings
+        self.backend_eras = backend_eras
+        """"auto": speak 2026-07-28 to backends that serve it (see open_in_newest_era); "legacy": the handshake only."""
         self.config_source = config.source
         self.clock = clock
         self.routes = routes_of(config.backends)
@@ -3715,6 +3767,7 @@ _OUTPUT_BACKEND: Final[dict[str, Any]] = {
         "healthy": {"type": "boolean"},
         "last_error": {"type": ["string", "null"]},
         **{key: {"type": ["number", "null"]} for key in ("next_retry_in_seconds", "latency_p50_ms", "latency_p95_ms")},
+        "protocol_version": {"type": ["string", "null"], "description": "the era the router speaks to it in"},
     },
     "required": ["name", "state", "healthy", "circuit_state"],
 }

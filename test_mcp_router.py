@@ -45,6 +45,7 @@ from mcp.server import Server
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
+from mcp.shared.message import SessionMessage
 
 import mcp_router as mr
 
@@ -375,16 +376,46 @@ class HintingInProcess(InProcess):
             send, hinted = anyio.create_memory_object_stream[Any](16)
 
             async def pump() -> None:
-                async with send:
-                    async for item in read:
-                        message = getattr(item, "message", None)
-                        if isinstance(message, types.JSONRPCResponse) and self.lists & message.result.keys():
-                            message.result.update(self.hint)
-                        await send.send(item)
+                async for item in read:
+                    message = getattr(item, "message", None)
+                    if isinstance(message, types.JSONRPCResponse) and self.lists & message.result.keys():
+                        message.result.update(self.hint)
+                    await send.send(item)
 
-            tg.start_soon(pump)
-            yield hinted, write
-            tg.cancel_scope.cancel()
+            async with send, hinted:
+                tg.start_soon(pump)
+                yield hinted, write
+                tg.cancel_scope.cancel()
+
+
+class HandshakeOnly(InProcess):
+    """An in-process backend that answers server/discover as a 1.x server does (method not found), on the wire."""
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[Any]:
+        async with super().__call__() as (read, write), anyio.create_task_group() as tg:
+            to_server, from_router = anyio.create_memory_object_stream[Any](16)
+            to_router, answers = anyio.create_memory_object_stream[Any](16)
+
+            async def outbound() -> None:
+                async for item in from_router:
+                    request = getattr(item, "message", None)
+                    if isinstance(request, types.JSONRPCRequest) and request.method == "server/discover":
+                        error = types.ErrorData(code=types.METHOD_NOT_FOUND, message="Method not found")
+                        answer = types.JSONRPCError(jsonrpc="2.0", id=request.id, error=error)
+                        await to_router.send(SessionMessage(answer))
+                    else:
+                        await write.send(item)
+
+            async def inbound() -> None:
+                async for item in read:
+                    await to_router.send(item)
+
+            async with to_server, from_router, to_router, answers:
+                tg.start_soon(outbound)
+                tg.start_soon(inbound)
+                yield answers, to_server
+                tg.cancel_scope.cancel()
 
 
 def config_for(*names: str, settings: dict[str, Any] | None = None, **backend_keys: Any) -> mr.Config:
@@ -405,7 +436,8 @@ async def routed(
     """A router over in-process fakes, and a client connected to it."""
     config = config_for(*(f.name for f in fakes), settings=settings, **backend_keys)
     connectors = {f.name: InProcess(f) for f in fakes}
-    router = mr.Router(config, connectors=connectors, **({"clock": clock.clock()} if clock is not None else {}))
+    extra: dict[str, Any] = {"clock": clock.clock()} if clock is not None else {}
+    router = mr.Router(config, connectors=connectors, **extra)
     with anyio.fail_after(20):
         async with router.running():
             await router.wait_ready()
@@ -1912,6 +1944,44 @@ async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_r
                     assert refused.status_code == 400
                     assert refused.json()["error"]["code"] == types.HEADER_MISMATCH
         web.should_exit = True
+
+
+async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> None:
+    """With backend_eras="auto": a backend serving 2026-07-28 over HTTP gets that era's envelope and mirrored headers,
+    with its own un-prefixed tool name; a 1.x-style backend (no server/discover) keeps the handshake."""
+    import uvicorn
+
+    seen: list[dict[str, str]] = []
+    modern = FakeBackend("new").server()
+    app = modern.streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            seen.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        await app(scope, receive, send)
+
+    old = HandshakeOnly(FakeBackend("old"))
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    raw = {"backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}]}
+    router = mr.Router(mr.parse_config(raw, {}), connectors={"old": old}, backend_eras="auto")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with router.running():
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                    assert text_of(await client.call_tool("new__echo", {"text": "a"})) == "new:echo:a"
+                    assert text_of(await client.call_tool("old__echo", {"text": "b"})) == "old:echo:b"
+                    rows = (await client.call_tool("list_backends")).structured_content or {}
+        web.should_exit = True
+    eras = {row["name"]: row["protocol_version"] for row in rows["backends"]}
+    assert eras == {"new": "2026-07-28", "old": "2025-11-25"}
+    call = next(h for h in seen if h.get("mcp-method") == "tools/call")
+    assert (call["mcp-protocol-version"], call["mcp-name"]) == ("2026-07-28", "echo")
+    assert not any("mcp-session-id" in h for h in seen)  # no handshake, no session
 
 
 ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
