@@ -3455,9 +3455,11 @@ class Router:
                 result = await backend.request(
                     method, params, min(backend.timeout, max(0.001, deadline - started)), on_progress=on_progress
                 )
+                if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
+                    result = await answer_input_rounds(backend, method, params, result, ctx, on_progress)
                 if on_progress is not None:
                     await on_progress.drained()  # the client hears every update before the result
-                if method == "tools/call":
+                if method == "tools/call" and result.get("resultType") != "input_required":  # a round is no result yet
                     result = _checked_call_result(result, target)
             except NotSent as exc:
                 reached, error = False, cast(Exception, exc)
@@ -3682,6 +3684,8 @@ class EraBridge:
     async def run(self, ctx: Any, call: Callable[..., Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """The answer to one round of a 2026-era client's call: the backend's result, or the input it needs."""
         state = (ctx.params or {}).get("requestState")
+        if state is not None and not str(state).startswith(_PARKED_STATE):
+            return await call(ctx=ctx)  # a 2026-era backend's own round: the retry carries its state and answers
         if state is None:
             parked = ParkedCall(ctx)
             self.parked[parked.id] = parked
@@ -3752,6 +3756,63 @@ class EraBridge:
             parked.timer.cancel()
         parked.current = None
         parked.end(reason)
+
+
+def _resumed(ctx: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """A 2026-era client's retry of a 2026-era backend's input_required round carries its answers and state on."""
+    raw = ctx.params if ctx is not None else None
+    if raw and (state := raw.get("requestState")) is not None and not str(state).startswith(_PARKED_STATE):
+        params = {**params, "requestState": state}
+        if raw.get("inputResponses") is not None:
+            params["inputResponses"] = raw["inputResponses"]
+    return params
+
+
+INPUT_METHODS: Final[dict[str, tuple[str, type[Any]]]] = {
+    "sampling/createMessage": ("sampling", types.CreateMessageResult),
+    "elicitation/create": ("elicitation", types.ElicitResult),
+    "roots/list": ("roots", types.ListRootsResult),
+}
+"""What each input request of a 2026-era backend needs of the client: the capability, and the answer's type."""
+MAX_INPUT_ROUNDS: Final = 10
+"""As the SDK's client: a backend still asking after this many rounds gets an error."""
+
+
+async def answer_input_rounds(
+    backend: Backend, method: str, params: Mapping[str, Any], result: dict[str, Any], ctx: Any, on_progress: Any
+) -> dict[str, Any]:
+    """A 2026-era backend's input_required, for a handshake-era client: each input request goes to that client as
+    an ordinary server request, and the call is retried with the answers until the backend completes it.
+
+    A 2026-era client gets the backend's rounds as they are (its retry carries them back, see `_resumed`).
+    """
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        return result
+    for _ in range(MAX_INPUT_ROUNDS):
+        if result.get("resultType") != "input_required":
+            return result
+        try:
+            asked = types.InputRequiredResult.model_validate(result)
+        except pydantic.ValidationError:
+            raise MCPError(INTERNAL_ERROR, f"backend {backend.name!r} sent an invalid input_required result") from None
+        answers: dict[str, Any] = {}
+        for key, request in (asked.input_requests or {}).items():
+            capability, result_type = INPUT_METHODS[request.method]
+            if isinstance(request, types.CreateMessageRequest) and request.params.tools:
+                result_type = types.CreateMessageResultWithTools
+            capabilities = ctx.session.client_capabilities
+            if capabilities is None or getattr(capabilities, capability) is None:
+                raise MCPError(INVALID_REQUEST, f"mcp-router: the client does not support {capability}")
+            related = ServerMessageMetadata(related_request_id=ctx.request_id)  # the very call the backend asks for
+            try:
+                answers[key] = _wire(await ctx.session.send_request(request, result_type, metadata=related))
+            except NoBackChannelError:
+                raise MCPError(INVALID_REQUEST, f"mcp-router: the client's connection cannot carry {request.method}") from None
+        retry = {**params, "inputResponses": answers}
+        if asked.request_state is not None:
+            retry["requestState"] = asked.request_state
+        result = await backend.request(method, retry, backend.timeout, on_progress=on_progress)
+    raise MCPError(INTERNAL_ERROR, f"backend {backend.name!r} still asks for input after {MAX_INPUT_ROUNDS} rounds")
 
 
 # ---------------------------------------------------------------------------- MCP wiring
@@ -3936,7 +3997,7 @@ async def route_tool_call(router: Router, ctx: Any, name: str, arguments: dict[s
             out["arguments"] = arguments
         if (meta := _forwarded_meta(ctx.params)) is not None:
             out["_meta"] = meta
-        forward = functools.partial(router.forward, "tools/call", entry.plan, out, retry_safe=entry.retry_safe)
+        forward = functools.partial(router.forward, "tools/call", entry.plan, _resumed(ctx, out), retry_safe=entry.retry_safe)
         bridged = router.bridge.applies(ctx)  # a 2026-era client: what the backend asks becomes input_required rounds
         result = strip_reserved_meta(await (router.bridge.run(ctx, forward) if bridged else forward(ctx=ctx)))
     if checked:
@@ -4044,7 +4105,7 @@ def build_server(router: Router) -> RouterServer:
         if params.arguments is not None:
             out["arguments"] = params.arguments
         assert entry.plan is not None
-        forward = functools.partial(router.forward, "prompts/get", entry.plan, out, retry_safe=True)
+        forward = functools.partial(router.forward, "prompts/get", entry.plan, _resumed(ctx, out), retry_safe=True)
         return _passthrough(await (router.bridge.run(ctx, forward) if router.bridge.applies(ctx) else forward(ctx=ctx)))
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> dict[str, Any]:
@@ -4052,7 +4113,7 @@ def build_server(router: Router) -> RouterServer:
         plan = await router.find(lambda catalogue: router.resource_plan(uri))
         if plan is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
-        forward = functools.partial(router.forward, "resources/read", plan, {"uri": uri}, retry_safe=True)
+        forward = functools.partial(router.forward, "resources/read", plan, _resumed(ctx, {"uri": uri}), retry_safe=True)
         return _passthrough(await (router.bridge.run(ctx, forward) if router.bridge.applies(ctx) else forward(ctx=ctx)))
 
     async def complete(ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:

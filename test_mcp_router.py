@@ -1231,6 +1231,37 @@ async def test_roots_changes_of_a_client_reach_the_backends() -> None:
                 await anyio.sleep(0.01)
 
 
+def native_asking_server(name: str) -> Server[Any]:
+    """A 2026-native backend: its `ask` tool answers input_required (an elicitation) and completes on the retry."""
+    tools = [types.Tool(name="ask", input_schema={"type": "object"})]
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=tools)
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult | types.InputRequiredResult:
+        answer = (params.input_responses or {}).get("who")
+        if params.request_state != "asked-once" or not isinstance(answer, types.ElicitResult):
+            schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+            who = types.ElicitRequest(params=types.ElicitRequestFormParams(message="Who?", requested_schema=schema))
+            return types.InputRequiredResult(input_requests={"who": who}, request_state="asked-once")
+        return types.CallToolResult(content=[types.TextContent(text=f"asked:{(answer.content or {}).get('name')}")])
+
+    return Server(name, on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_2026_backends_input_rounds_reach_a_client_of_either_era(mode: str) -> None:
+    """A 2025-11-25 client gets a 2026-era backend's input requests as ordinary server requests; a 2026-07-28
+    client gets its rounds as they are, with the backend's own requestState carried back to it."""
+    connector = InProcess(FakeBackend("native"))
+    connector.server = native_asking_server("native")
+    router = mr.Router(config_for("native"), connectors={"native": connector}, backend_eras="auto")
+    async with router.running(), Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client:
+        await router.wait_ready()
+        assert router.backends["native"].status()["protocol_version"] == "2026-07-28"
+        assert text_of(await client.call_tool("native__ask")) == "asked:Ada"
+
+
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
     fake = FakeBackend("svc")
     logs: list[tuple[str, str | None, Any]] = []
