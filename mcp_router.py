@@ -1894,6 +1894,7 @@ from mcp.client._probe import negotiate_auto
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost, listen
 from mcp.server import Server
 from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
 from mcp.server.lowlevel.server import NotificationOptions
@@ -2446,6 +2447,19 @@ def modern_stamp(session: ClientSession) -> Stamp | None:
     return stamp
 
 
+async def listen_for_changes(backend: Backend, session: ClientSession) -> None:
+    """Hold a `subscriptions/listen` open to a 2026-era backend, and re-list it whenever one of its lists changes.
+
+    Per-resource updates are not asked for here (clients' resources/subscribe is handshake-era only so far).
+    """
+    try:
+        async with listen(session, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True) as events:
+            async for _ in events:
+                await backend.refresh()
+    except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
+        log.info("backend %s: no change notifications (%s); re-listed on its interval", backend.name, describe_error(err))
+
+
 class Backend:
     """One backend: its connection, supervisor, breaker and health.
 
@@ -2673,6 +2687,8 @@ class Backend:
                 if self.config.health_check.enabled:
                     tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
                 tg.start_soon(self._refresh_when_stale)
+                if self._stamp is not None:  # a 2026-era backend tells of changes only on a listen stream
+                    tg.start_soon(listen_for_changes, self, session)
                 await dispatcher.ended.wait()
                 self._book_end("connection closed")
                 tg.cancel_scope.cancel()

@@ -42,7 +42,7 @@ import yaml
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
-from mcp.server.subscriptions import InMemorySubscriptionBus
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
 from mcp.shared.message import SessionMessage
@@ -1260,6 +1260,36 @@ async def test_a_2026_backends_input_rounds_reach_a_client_of_either_era(mode: s
         await router.wait_ready()
         assert router.backends["native"].status()["protocol_version"] == "2026-07-28"
         assert text_of(await client.call_tool("native__ask")) == "asked:Ada"
+
+
+async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_stream() -> None:
+    bus = InMemorySubscriptionBus()
+    tools = [types.Tool(name="grow", input_schema={"type": "object"})]
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=tools)
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        tools.append(types.Tool(name="grown", input_schema={"type": "object"}))
+        await bus.publish(ToolsListChanged())
+        return types.CallToolResult(content=[types.TextContent(text="grew")])
+
+    connector = InProcess(FakeBackend("native"))
+    connector.server = Server("native", on_list_tools=list_tools, on_call_tool=call_tool, on_subscriptions_listen=ListenHandler(bus))
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    router = mr.Router(config_for("native"), connectors={"native": connector}, backend_eras="auto")
+    async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client:
+        await router.wait_ready()
+        await client.list_tools()
+        assert text_of(await client.call_tool("native__grow")) == "grew"
+        with anyio.fail_after(5):
+            await changed.wait()
+        assert "native__grown" in {t.name for t in (await client.list_tools()).tools}
 
 
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
