@@ -3366,8 +3366,8 @@ class Router:
             capabilities = connection.client_capabilities
         else:
             return refuse(f"no client request is in progress to carry {request.method}")
-        if capabilities is None or getattr(capabilities, capability) is None:
-            return refuse(f"the client does not support {capability}")
+        if (lacking := missing_capability(capabilities, capability, request)) is not None:
+            return refuse(f"the client does not support {lacking}")
         if isinstance(ctx, _ParkedContext):  # a 2026-era client: asked in its call's next input_required round
             return await ctx.parked.ask(request, result_type)
         try:
@@ -3774,6 +3774,19 @@ class EraBridge:
         parked.end(reason)
 
 
+def missing_capability(capabilities: types.ClientCapabilities | None, capability: str, request: Any) -> str | None:
+    """What the client did not declare that answering `request` needs, in words; None if it declared it all."""
+    declared = getattr(capabilities, capability, None) if capabilities is not None else None
+    if declared is None:
+        return capability
+    params = getattr(request, "params", None)
+    if isinstance(params, types.ElicitRequestURLParams) and declared.url is None:
+        return "URL-mode elicitation"  # an empty elicitation capability means form mode only
+    if capability == "sampling" and getattr(params, "tools", None) and declared.tools is None:
+        return "sampling with tools"
+    return None
+
+
 def _resumed(ctx: Any, params: dict[str, Any]) -> dict[str, Any]:
     """A 2026-era client's retry of a 2026-era backend's input_required round carries its answers and state on."""
     raw = ctx.params if ctx is not None else None
@@ -3816,9 +3829,8 @@ async def answer_input_rounds(
             capability, result_type = INPUT_METHODS[request.method]
             if isinstance(request, types.CreateMessageRequest) and request.params.tools:
                 result_type = types.CreateMessageResultWithTools
-            capabilities = ctx.session.client_capabilities
-            if capabilities is None or getattr(capabilities, capability) is None:
-                raise MCPError(INVALID_REQUEST, f"mcp-router: the client does not support {capability}")
+            if (lacking := missing_capability(ctx.session.client_capabilities, capability, request)) is not None:
+                raise MCPError(INVALID_REQUEST, f"mcp-router: the client does not support {lacking}")
             related = ServerMessageMetadata(related_request_id=ctx.request_id)  # the very call the backend asks for
             try:
                 answers[key] = _wire(await ctx.session.send_request(request, result_type, metadata=related))

@@ -1222,6 +1222,23 @@ async def test_a_client_without_the_capability_gets_a_clear_error_in_either_era(
             assert "does not support sampling" in info.value.message
 
 
+def test_only_what_the_client_declared_is_asked_of_it() -> None:
+    form_only = types.ClientCapabilities(elicitation=types.ElicitationCapability(), sampling=types.SamplingCapability())
+    url = types.ElicitRequest(params=types.ElicitRequestURLParams(message="Pay", url="https://example.com/pay", elicitation_id="e1"))
+    form = types.ElicitRequest(params=types.ElicitRequestFormParams(message="Who?", requested_schema={"type": "object"}))
+    message = types.SamplingMessage(role="user", content=types.TextContent(text="hi"))
+    with_tools = types.CreateMessageRequest(
+        params=types.CreateMessageRequestParams(
+            messages=[message], max_tokens=5, tools=[types.Tool(name="t", input_schema={"type": "object"})]
+        )
+    )
+    assert mr.missing_capability(form_only, "elicitation", form) is None
+    assert mr.missing_capability(form_only, "elicitation", url) == "URL-mode elicitation"
+    assert mr.missing_capability(form_only, "sampling", with_tools) == "sampling with tools"
+    assert mr.missing_capability(form_only, "roots", types.ListRootsRequest()) == "roots"
+    assert mr.missing_capability(None, "sampling", with_tools) == "sampling"
+
+
 async def test_roots_changes_of_a_client_reach_the_backends() -> None:
     fake = FakeBackend("svc")
     async with routed(fake) as (_, router, _), Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client:
