@@ -431,12 +431,13 @@ async def routed(
     settings: dict[str, Any] | None = None,
     mode: str = "legacy",
     clock: FakeClock | None = None,
+    backend_eras: str = "legacy",
     **backend_keys: Any,
 ) -> AsyncIterator[tuple[Client, mr.Router, dict[str, InProcess]]]:
     """A router over in-process fakes, and a client connected to it."""
     config = config_for(*(f.name for f in fakes), settings=settings, **backend_keys)
     connectors = {f.name: InProcess(f) for f in fakes}
-    extra: dict[str, Any] = {"clock": clock.clock()} if clock is not None else {}
+    extra: dict[str, Any] = {"backend_eras": backend_eras} | ({"clock": clock.clock()} if clock is not None else {})
     router = mr.Router(config, connectors=connectors, **extra)
     with anyio.fail_after(20):
         async with router.running():
@@ -935,10 +936,16 @@ def rich_backend(name: str = "rich") -> FakeBackend:
     )
 
 
+@pytest.mark.parametrize("backend_eras", ["legacy", "auto"])
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_parity_router_changes_nothing_but_names(mode: str) -> None:
+async def test_parity_router_changes_nothing_but_names(mode: str, backend_eras: str) -> None:
+    """Direct and routed look alike for a client of either era, with the backend spoken to in either era."""
     fake = rich_backend()
-    async with Client(fake.server(), mode=mode, cache=None) as direct, routed(fake, mode=mode) as (client, _, _):
+    async with (
+        Client(fake.server(), mode=mode, cache=None) as direct,
+        routed(fake, mode=mode, backend_eras=backend_eras) as (client, router, _),
+    ):
+        assert router.backends["rich"].status()["protocol_version"] == ("2026-07-28" if backend_eras == "auto" else "2025-11-25")
         d_tool = next(t for t in (await direct.list_tools()).tools if t.name == "rich")
         r_tool = next(t for t in (await client.list_tools()).tools if t.name == "rich__rich")
         d_dump, r_dump = d_tool.model_dump(exclude={"name"}), r_tool.model_dump(exclude={"name"})
