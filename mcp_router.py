@@ -2424,12 +2424,13 @@ Stamp: TypeAlias = Callable[[str, Mapping[str, Any] | None, dict[str, Any]], Map
 """(method, params, call options) -> the params to send, with the options' headers set."""
 
 
-def modern_stamp(session: ClientSession) -> Stamp | None:
+def modern_stamp(session: ClientSession, log_level: Callable[[], str | None] = lambda: None) -> Stamp | None:
     """For a session opened in the 2026 era, what makes a raw request one of that era, else None.
 
     The SDK's session stamp: the request `_meta` (protocol version, the router's client info and capabilities)
     and, over HTTP, `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name`, the backend's own (un-prefixed) name,
-    as the router sends the backend's own names.
+    as the router sends the backend's own names. The level clients set (`log_level()`) goes with every request,
+    as the 2026 era has no logging/setLevel.
     """
     if session.discover_result is None:
         return None
@@ -2439,6 +2440,8 @@ def modern_stamp(session: ClientSession) -> Stamp | None:
         own = dict(params or {})
         if isinstance(meta := own.get("_meta"), Mapping):
             own["_meta"] = dict(meta)  # the stamp writes into it; the caller's stays as it was
+        if (level := log_level()) is not None:
+            own["_meta"] = {**own.get("_meta", {}), types.LOG_LEVEL_META_KEY: level}
         data = {"method": method, "params": own}
         opts["headers"] = dict(opts.get("headers") or {})  # per request: Mcp-Name differs from call to call
         sdk_stamp(data, cast(Any, opts))
@@ -2660,7 +2663,8 @@ class Backend:
                 hint = " (did the command exit? its stderr is in the router's log)" if self.config.transport == "stdio" else ""
                 raise RouterError(f"connection closed during the MCP handshake{hint}") from None
             handshake.deadline = math.inf
-            self._stamp = modern_stamp(session)  # 2026 era: the stamp sets the version header with the others
+            # 2026 era: the stamp sets the version header with the others, and the level clients set
+            self._stamp = modern_stamp(session, lambda: self.router.log_level)
             if self.config.transport != "stdio" and self._stamp is None:
                 self._headers = {"mcp-protocol-version": init.protocol_version}  # type: ignore[union-attr]
             self.session, self.dispatcher = session, dispatcher

@@ -1434,6 +1434,30 @@ async def test_a_slow_client_gets_bounded_logs_and_coalesced_changes_and_the_dro
     assert deaf.received == []
 
 
+async def test_the_log_level_clients_set_goes_with_each_request_to_a_2026_era_backend() -> None:
+    fake = FakeBackend("svc")
+    got_info = anyio.Event()
+    logs: list[tuple[str, str | None, Any]] = []
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append((params.level, params.logger, params.data))
+        if params.level == "warning":
+            got_info.set()
+
+    async with (
+        routed(fake, backend_eras="auto") as (_, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
+    ):
+        assert router.backends["svc"].status()["protocol_version"] == "2026-07-28"
+        await call(client, "svc__log")  # no level set yet: the backend sends none
+        await client.set_logging_level("info")
+        assert fake.log_levels == []  # no logging/setLevel in the 2026 era
+        await call(client, "svc__log")
+        with anyio.fail_after(5):
+            await got_info.wait()
+    assert logs == [("info", "svc/fake", "info from svc"), ("warning", "svc/fake", "warning from svc")]
+
+
 async def test_both_protocol_eras_use_one_router_at_once() -> None:
     fake = FakeBackend("svc", instructions="Be kind to svc.")
     async with routed(fake) as (legacy, router, _), Client(mr.build_server(router), cache=None) as modern:
