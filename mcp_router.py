@@ -4029,9 +4029,11 @@ async def route_tool_call(router: Router, ctx: Any, name: str, arguments: dict[s
             out["arguments"] = arguments
         if (meta := _forwarded_meta(ctx.params)) is not None:
             out["_meta"] = meta
-        forward = functools.partial(router.forward, "tools/call", entry.plan, _resumed(ctx, out), retry_safe=entry.retry_safe)
-        bridged = router.bridge.applies(ctx)  # a 2026-era client: what the backend asks becomes input_required rounds
-        result = strip_reserved_meta(await (router.bridge.run(ctx, forward) if bridged else forward(ctx=ctx)))
+        if router.bridge.applies(ctx):  # a 2026-era client: what the backend asks becomes input_required rounds
+            forward = functools.partial(router.forward, "tools/call", entry.plan, _resumed(ctx, out), retry_safe=entry.retry_safe)
+            result = strip_reserved_meta(await router.bridge.run(ctx, forward))
+        else:
+            result = strip_reserved_meta(await router.forward("tools/call", entry.plan, out, retry_safe=entry.retry_safe, ctx=ctx))
     if checked:
         result.setdefault("resultType", "complete")  # the SDK drops it again on handshake-era connections
     else:
