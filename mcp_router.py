@@ -1101,8 +1101,9 @@ def build_catalogue(
 
 
 def list_cache_hint(method: str, listings: Iterable[Listing], refresh_seconds: float) -> dict[str, Any]:
-    """The cache hints of the router's `method` list: no longer than any contributing backend allows, nor than the
-    router's own re-listing interval (0: none, as it then relies on change notifications); private if any backend says so.
+    """The cache hints of the router's `method` list: no longer than any contributing backend allows, nor than
+    the router's own re-listing interval (0: none, as it then relies on change notifications); private if any
+    backend says so.
 
     The router's lists are the same for every caller, so they are public unless a backend's is private.
     """
@@ -2456,11 +2457,13 @@ async def listen_for_changes(backend: Backend, session: ClientSession) -> None:
     Per-resource updates are not asked for here (clients' resources/subscribe is handshake-era only so far).
     """
     try:
-        async with listen(session, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True) as events:
+        every_list = functools.partial(listen, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True)
+        async with every_list(session) as events:
             async for _ in events:
                 await backend.refresh()
     except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
-        log.info("backend %s: no change notifications (%s); re-listed on its interval", backend.name, describe_error(err))
+        reason = describe_error(err)
+        log.info("backend %s: no change notifications (%s); re-listed on its interval", backend.name, reason)
 
 
 class Backend:
@@ -3654,7 +3657,8 @@ class ParkedCall:
             try:
                 ask.answer = ask.result_type.model_validate(responses[key])
             except pydantic.ValidationError:
-                ask.answer = types.ErrorData(code=INVALID_PARAMS, message=f"mcp-router: the client's answer to {key} is invalid")
+                problem = f"mcp-router: the client's answer to {key} is invalid"
+                ask.answer = types.ErrorData(code=INVALID_PARAMS, message=problem)
             del self.asks[key]
             ask.answered.set()
 
@@ -3839,7 +3843,8 @@ async def answer_input_rounds(
             try:
                 answers[key] = _wire(await ctx.session.send_request(request, result_type, metadata=related))
             except NoBackChannelError:
-                raise MCPError(INVALID_REQUEST, f"mcp-router: the client's connection cannot carry {request.method}") from None
+                problem = f"mcp-router: the client's connection cannot carry {request.method}"
+                raise MCPError(INVALID_REQUEST, problem) from None
         retry = {**params, "inputResponses": answers}
         if asked.request_state is not None:
             retry["requestState"] = asked.request_state
@@ -4030,10 +4035,12 @@ async def route_tool_call(router: Router, ctx: Any, name: str, arguments: dict[s
         if (meta := _forwarded_meta(ctx.params)) is not None:
             out["_meta"] = meta
         if router.bridge.applies(ctx):  # a 2026-era client: what the backend asks becomes input_required rounds
-            forward = functools.partial(router.forward, "tools/call", entry.plan, _resumed(ctx, out), retry_safe=entry.retry_safe)
+            resumed = _resumed(ctx, out)
+            forward = functools.partial(router.forward, "tools/call", entry.plan, resumed, retry_safe=entry.retry_safe)
             result = strip_reserved_meta(await router.bridge.run(ctx, forward))
         else:
-            result = strip_reserved_meta(await router.forward("tools/call", entry.plan, out, retry_safe=entry.retry_safe, ctx=ctx))
+            result = await router.forward("tools/call", entry.plan, out, retry_safe=entry.retry_safe, ctx=ctx)
+            result = strip_reserved_meta(result)
     if checked:
         result.setdefault("resultType", "complete")  # the SDK drops it again on handshake-era connections
     else:
@@ -4124,7 +4131,8 @@ def build_server(router: Router) -> RouterServer:
         async def handler(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
             listings = (b.listing for b in router.backends.values())
             hint = list_cache_hint(method, listings, router.settings.cache_ttl)
-            return {**await router.list_page(method, params.cursor if params else None), "resultType": "complete", **hint}
+            listed = await router.list_page(method, params.cursor if params else None)
+            return {**listed, "resultType": "complete", **hint}
 
         return _guard(handler)
 
@@ -4147,7 +4155,8 @@ def build_server(router: Router) -> RouterServer:
         plan = await router.find(lambda catalogue: router.resource_plan(uri))
         if plan is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
-        forward = functools.partial(router.forward, "resources/read", plan, _resumed(ctx, {"uri": uri}), retry_safe=True)
+        resumed = _resumed(ctx, {"uri": uri})
+        forward = functools.partial(router.forward, "resources/read", plan, resumed, retry_safe=True)
         return _passthrough(await (router.bridge.run(ctx, forward) if router.bridge.applies(ctx) else forward(ctx=ctx)))
 
     async def complete(ctx: Any, params: types.CompleteRequestParams) -> dict[str, Any]:
