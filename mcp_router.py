@@ -296,6 +296,7 @@ class Settings:
     max_backoff: float = 10.0
     health_check_interval: float = 30.0
     health_check_timeout: float = 5.0
+    backend_eras: str = "legacy"
 
 
 Kind: TypeAlias = type | tuple[str, ...] | Callable[[], tuple[str, ...]]
@@ -341,6 +342,9 @@ SETTINGS: Final = (
             "default seconds between a backend's health checks"),
     Setting("health_check_timeout", "health_check.timeout_seconds", "MCP_HEALTH_CHECK_TIMEOUT", None, float,
             "default seconds a health check may take"),
+    Setting("backend_eras", "routing.backend_eras", "MCP_BACKEND_ERAS", None, ("legacy", "auto"),
+            "protocol era spoken to backends: legacy (the handshake era, which every server speaks) or auto "
+            "(2026-07-28 with backends that serve it, found by server/discover)"),
 )
 # fmt: on
 
@@ -3140,10 +3144,10 @@ class Router:
         *,
         connectors: Mapping[str, Connector] | None = None,
         clock: Clock = Clock(),
-        backend_eras: Literal["legacy", "auto"] = "legacy",
+        backend_eras: Literal["legacy", "auto"] | None = None,
     ) -> None:
         self.settings = config.settings
-        self.backend_eras = backend_eras
+        self.backend_eras = backend_eras or config.settings.backend_eras
         """"auto": speak 2026-07-28 to backends that serve it (see open_in_newest_era); "legacy": the handshake only."""
         self.config_source = config.source
         self.clock = clock

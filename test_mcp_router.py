@@ -2072,8 +2072,11 @@ async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> No
     old = HandshakeOnly(FakeBackend("old"))
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    raw = {"backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}]}
-    router = mr.Router(mr.parse_config(raw, {}), connectors={"old": old}, backend_eras="auto")
+    raw = {
+        "backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}],
+        "routing": {"backend_eras": "auto"},  # the setting that turns it on
+    }
+    router = mr.Router(mr.parse_config(raw, {}), connectors={"old": old})
     async with anyio.create_task_group() as tg:
         tg.start_soon(web.serve)
         with anyio.fail_after(20):
