@@ -124,6 +124,8 @@ __all__ = [
 
 log = logging.getLogger("mcp_router")
 
+MAX_PATTERN_LENGTH: Final = 256
+"""Longest route glob: fnmatch compiles a glob in time that grows with the square of its length."""
 SEPARATOR: Final = "__"
 """Joins namespace and name: `github` + `search` -> `github__search`."""
 MAX_NAME_LENGTH: Final = 64
@@ -143,6 +145,8 @@ BACKEND_UNAVAILABLE: Final = -32050
 """JSON-RPC server-error code for 'the backend is down or its circuit is open'."""
 RESTART_INITIAL_DELAY: Final = 0.5
 RETRY_INITIAL_DELAY: Final = 0.1
+MIN_ATTEMPT_SECONDS: Final = 0.05
+"""A request with less time left than this is not tried again: the last error is the answer."""
 JITTER: Final = 0.2
 """Each backoff delay is scaled into [1 - JITTER, 1] so retries do not march in step."""
 CONFIG_FILE_NAME: Final = "backends.yaml"
@@ -586,7 +590,10 @@ def _block(value: Any, cls: type, kinds: Mapping[str, type], path: str, problems
     return cls(**values)
 
 
-def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems, *, foreign_keys: bool) -> BackendConfig | None:
+def _parse_backend(
+    raw: Any, path: str, settings: Settings, problems: _Problems, *, foreign_keys: bool, names: Sequence[str] = ()
+) -> BackendConfig | None:
+    """One backend entry; `names` are all the backends' names, which `fallback_to` must be one of."""
     if not isinstance(raw, dict):
         problems.add(path, f"expected a mapping with name and url or command, got {_describe(raw)}")
         return None
@@ -643,8 +650,12 @@ def _parse_backend(raw: Any, path: str, settings: Settings, problems: _Problems,
         pattern = _check(r.get("pattern"), str, _join(rpath, "pattern"), problems)
         strategy = _check(r.get("strategy", settings.default_strategy), strategy_names, _join(rpath, "strategy"), problems)
         fallback_to = r.get("fallback_to")
-        if fallback_to is not None:
-            _check(fallback_to, str, _join(rpath, "fallback_to"), problems)
+        if fallback_to is not None and _check(fallback_to, str, _join(rpath, "fallback_to"), problems) and fallback_to not in names:
+            close = difflib.get_close_matches(fallback_to, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.add(_join(rpath, "fallback_to"), f"names unknown backend {_describe(fallback_to)}{hint}")
+        if pattern is not None and len(pattern) > MAX_PATTERN_LENGTH:
+            problems.add(_join(rpath, "pattern"), f"expected a glob of at most {MAX_PATTERN_LENGTH} characters")
         if pattern and strategy:
             routes.append(RouteConfig(pattern=pattern, strategy=strategy, fallback_to=fallback_to))
     health = _block(
@@ -764,15 +775,11 @@ def parse_config(
         elif isinstance(name, str):
             seen[name] = path
     backends = [
-        b for path, entry, foreign in entries if (b := _parse_backend(entry, path, settings, problems, foreign_keys=foreign)) is not None
+        b
+        for path, entry, foreign in entries
+        if (b := _parse_backend(entry, path, settings, problems, foreign_keys=foreign, names=list(seen))) is not None
     ]
     _check_namespaces(backends, {path: entry for path, entry, _ in entries}, problems)
-    for b in backends:
-        for r in b.routes:
-            if r.fallback_to is not None and r.fallback_to not in seen:
-                close = difflib.get_close_matches(r.fallback_to, list(seen), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                problems.add(f"backend {b.name!r}: routes", f"fallback_to names unknown backend {r.fallback_to!r}{hint}")
     for cycle in fallback_cycles(r for rs in routes_of(backends).values() for r in rs):
         problems.add("routes", f"fallback_to links form a cycle: {' -> '.join(cycle)} (a request would go round forever)")
     if problems.items:
@@ -1050,29 +1057,43 @@ def build_catalogue(
     tools, tool_items = _expose_items(members, lambda lst: lst.tools, namespaced, dict.fromkeys(reserved), "tool", conflicts)
     prompts, prompt_items = _expose_items(members, lambda lst: lst.prompts, namespaced, {}, "prompt", conflicts)
     tools, prompts = planned(tools), planned(prompts)
-    offered = {
-        (kind, m.name): {i.get("name") for i in items}
+    offered = {  # a backend not listed yet offers nothing so far: it is not counted
+        (kind, m.name): frozenset(i.get("name") for i in getattr(m.listing, f"{kind}s"))
         for m in members
-        for kind, items in (("tool", m.listing.tools), ("prompt", m.listing.prompts))
+        if m.listing != Listing()
+        for kind in ("tool", "prompt")
     }
+    missing: dict[tuple[str, str], list[str]] = {}
     for kind, entries in (("tool", tools), ("prompt", prompts)):
         for e in entries.values():
             assert e.plan is not None
             for b in e.plan.candidates:
-                if e.original not in offered.get((kind, b), ()):
-                    conflicts.append(f"{kind} {e.original!r}: fallback backend {b} does not offer it")
+                if b not in e.pool and (kind, b) in offered and e.original not in offered[(kind, b)]:
+                    missing.setdefault((kind, b), []).append(e.original)
+    for (kind, b), names in missing.items():
+        shown = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        conflicts.append(f"fallback backend {b} does not offer {len(names)} {kind}(s) routed to it: {shown}")
     resources: dict[str, tuple[str, ...]] = {}
     resource_items: list[dict[str, Any]] = []
     templates: list[tuple[str, tuple[str, ...]]] = []
     template_items: list[dict[str, Any]] = []
     template_index: dict[str, int] = {}
+    namespace = {m.name: m.namespace for m in members}
+
+    def pooled(owners: tuple[str, ...], m: Member, what: str) -> tuple[str, ...]:
+        """A replica joins the owners' pool; an unrelated backend listing the same URI is hidden, never reached."""
+        if namespace[owners[0]] == m.namespace:
+            return (*owners, m.name)
+        conflicts.append(f"{what} of {m.name} is hidden by {owners[0]}'s (higher priority)")
+        return owners
+
     for m in members:
         for res in m.listing.resources:
             uri = res.get("uri")
             if not isinstance(uri, str):
                 continue
             if uri in resources:
-                resources[uri] = (*resources[uri], m.name)
+                resources[uri] = pooled(resources[uri], m, f"resource {uri!r}")
                 continue
             resources[uri] = (m.name,)
             resource_items.append(strip_reserved_meta(res))
@@ -1082,7 +1103,7 @@ def build_catalogue(
                 continue
             if text in template_index:
                 i = template_index[text]
-                templates[i] = (text, (*templates[i][1], m.name))
+                templates[i] = (text, pooled(templates[i][1], m, f"resource template {text!r}"))
                 continue
             template_index[text] = len(templates)
             templates.append((text, (m.name,)))
@@ -1219,9 +1240,9 @@ class CircuitBreaker:
         """Clock time when an open breaker will admit a trial request."""
         return None if self.opened_at is None else self.opened_at + self.reset_timeout
 
-    def admits(self) -> bool:
-        """Would a request go through now? Changes nothing (routing decisions read it)."""
-        state = self.state
+    def admits(self, state: BreakerState | None = None) -> bool:
+        """Would a request go through now? Changes nothing (routing decisions read it); `state`, if read already."""
+        state = state or self.state
         return state == "closed" or (state == "half_open" and not self.trial_in_flight)
 
     def allow(self) -> bool:
@@ -1371,7 +1392,7 @@ class Plan:
     candidates: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per candidate on every call, and frozen ones cost four times as much
 class Candidate:
     """A backend as a routing decision sees it, for one request."""
 
@@ -2013,6 +2034,10 @@ class _WatchedDispatcher(JSONRPCDispatcher[Any]):
         finally:
             self.ended.set()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def send_raw_request(self, method: str, params: Mapping[str, Any] | None, opts: Any = None, **kwargs: Any) -> dict[str, Any]:
         if self._closed:
             raise NotSent("the backend's connection has ended")
@@ -2493,8 +2518,10 @@ class Backend:
         self.session: ClientSession | None = None
         self.dispatcher: _WatchedDispatcher | None = None
         self.listing = Listing()
-        self.offered: dict[str, frozenset[str]] = {"tool": frozenset(), "prompt": frozenset()}
-        """The listing's own names by kind, for routing decisions."""
+        self.offered: dict[str, frozenset[str]] = {"tool": frozenset(), "prompt": frozenset(), "resource": frozenset()}
+        """The listing's own names (and resource URIs) by kind, for routing decisions."""
+        self.templates: tuple[UriTemplate, ...] = ()
+        """The listing's resource templates, compiled."""
         self.health = HealthRecord()
         self.stats = RouteStats()
         self.last_error: str | None = None
@@ -2620,8 +2647,14 @@ class Backend:
         or a resource URI, which the catalogue already matched). On every call's path: computed once, and cheaply."""
         b = self.breaker
         breaker = b.state
-        admits = breaker == "closed" or (breaker == "half_open" and not b.trial_in_flight)
-        ready = self.state == "ready"
+        admits = b.admits(breaker)
+        offers = name in self.offered[kind] or (kind == "resource" and any(t.match(name) is not None for t in self.templates))
+        if self.state != "ready":
+            reason = self.unavailable_reason()
+        elif not admits:
+            reason = b.open_error() if breaker == "open" else f"backend {self.name!r}: circuit half-open, its trial call is under way"
+        else:
+            reason = ""
         return Candidate(
             name=self.name,
             priority=self.config.priority,
@@ -2629,9 +2662,9 @@ class Backend:
             breaker=breaker,
             admits=admits,
             in_flight=len(self.inflight),
-            offers=kind == "resource" or name in self.offered[kind],
+            offers=offers,
             latency_ms=self.stats.recent_ms,
-            reason="" if ready and admits else self.unavailable_reason() if not ready else b.open_error(),
+            reason=reason,
         )
 
     async def _connect_and_serve(self) -> None:
@@ -2900,13 +2933,15 @@ class Backend:
                 if self.dispatcher is dispatcher:  # not a straggler from a connection already replaced
                     self.restart("its HTTP session was lost; reconnecting")  # the server forgot our session: nothing ran
                 raise NotSent(f"backend {self.name!r} lost its session; reconnecting") from None
-            if err.code == CONNECTION_CLOSED:
-                self.breaker.release()
+            if err.code == CONNECTION_CLOSED or (err.code == REQUEST_TIMEOUT and timeout < self.timeout):
+                self.breaker.release()  # counted once for the lost connection; or the router cut its time short
             else:
                 feed(err.message if err.code == REQUEST_TIMEOUT else None)
             raise
         except NotSent:
             self.breaker.release()
+            if self.dispatcher is dispatcher and not dispatcher.closed:  # its writes fail, yet nothing else noticed
+                self.restart("writing to it failed; reconnecting")
             raise
         except TRANSPORT_ERRORS as exc:
             feed(redact(describe_error(exc), self.secrets))
@@ -3158,8 +3193,8 @@ class Router:
         self.ready = anyio.Event()
         self.changed = anyio.Event()
         """Set (then replaced) whenever a backend's lifecycle moves: calls waiting for a backend decide again."""
-        self.turn = 0
-        """Counts routed requests, for round-robin."""
+        self._turns: dict[tuple[str, ...], int] = {}
+        """Requests routed to each set of candidates, for round-robin."""
         self.log_level: str | None = None
         self.events = InMemorySubscriptionBus()
         """Change events for 2026-era clients, which hear them on `subscriptions/listen`."""
@@ -3208,6 +3243,7 @@ class Router:
     def remove_backend(self, name: str) -> None:
         """Stop a backend and withdraw its tools, resources and prompts while serving."""
         backend = self.backends.pop(name)
+        self.routes = routes_of(b.config for b in self.backends.values())
         backend.stop()
         self._rebuild()
 
@@ -3242,7 +3278,8 @@ class Router:
         backend.listing = listing
         backend.offered = {
             kind: frozenset(i["name"] for i in items) for kind, items in (("tool", listing.tools), ("prompt", listing.prompts))
-        }
+        } | {"resource": frozenset(r["uri"] for r in listing.resources)}
+        backend.templates = tuple(t for t in (_compiled_template(t["uriTemplate"]) for t in listing.templates) if t is not None)
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -3458,19 +3495,26 @@ class Router:
         """
         kind, name = _subject(method, params)
         members = [self.backends[n] for n in plan.candidates if n in self.backends]
+        if not members:
+            raise MCPError(BACKEND_UNAVAILABLE, f"no backend serves {name!r} any more")
         deadline = self.clock.now() + max(self.settings.request_timeout, *(b.timeout for b in members))
+        backend = members[0]
         strategy = STRATEGIES[plan.strategy]
-        turn, self.turn = self.turn, self.turn + 1
+        turn = self._turns[plan.candidates] = self._turns.get(plan.candidates, -1) + 1  # each pool takes its own turns
         on_progress = _progress_forwarder(ctx)
         failed: set[str] = set()
         attempts = 0  # attempts that may have run
+        error: Exception | None = None
         while True:
+            remaining = deadline - self.clock.now()
+            if error is not None and remaining < MIN_ATTEMPT_SECONDS:  # no time left to try again
+                raise _as_mcp_error(error, backend) from None
             decision = strategy([b.snapshot(kind, name) for b in members], turn)
             if decision.action != "send":
-                if decision.action == "wait":
-                    with anyio.move_on_after(deadline - self.clock.now()):
+                if decision.action == "wait" and remaining > 0:
+                    with anyio.move_on_after(remaining):
                         await self.changed.wait()
-                        continue
+                    continue
                 raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
             target = next((n for n in decision.order if n not in failed), decision.order[0])
             backend = self.backends[target]
@@ -3520,8 +3564,8 @@ class Router:
                         raise _as_mcp_error(error, backend) from None
                     log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
                     await self.clock.sleep(delay)
-                else:  # its connection is going: wait until the supervisor has seen it
-                    with anyio.move_on_after(deadline - self.clock.now()):
+                else:  # its connection is going (Backend.request restarts it): wait until its lifecycle has moved
+                    with anyio.move_on_after(max(0.0, deadline - self.clock.now())):
                         await self.changed.wait()
 
     def _account(self, method: str, name: str, backend: Backend, started: float, error: BaseException | None, *, fallback: bool) -> None:
@@ -3961,7 +4005,8 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
     wanted = arguments.get("name")
     if name == "explain_route":
         if not isinstance(wanted, str):
-            return _management_result(None, "the 'name' argument is missing: give a tool or prompt name, or a resource URI")
+            problem = "is missing" if wanted is None else f"must be a string, not {type(wanted).__name__}"
+            return _management_result(None, f"the 'name' argument {problem}: give a tool or prompt name, or a resource URI")
         explained = explain_route(router, wanted)
         lines = [f"{wanted}: {explained['decision']}" + (f" to {explained['backend']}" if explained["backend"] else "")]
         lines += (
@@ -3993,11 +4038,13 @@ def explain_route(router: Router, name: str) -> dict[str, Any]:
         kind, original, plan, pool = "resource", name, router.resource_plan(name), ()
     if plan is None:
         hidden = [c for c in catalogue.conflicts if repr(name) in c]
-        reason = "; ".join(hidden) if hidden else f"no backend lists {name!r}"
+        reason = "; ".join(hidden) if hidden else f"no backend lists {name[:200]!r}"
+        if name in MANAGEMENT_TOOLS:
+            reason = "the router serves it itself"
         return {"name": name, "kind": None, "original": None, "strategy": None, "route": None, "decision": "unknown",
                 "backend": None, "reason": reason, "candidates": []}  # fmt: skip
     snapshots = [router.backends[b].snapshot(kind, original) for b in plan.candidates if b in router.backends]
-    decision = STRATEGIES[plan.strategy](snapshots, router.turn)
+    decision = STRATEGIES[plan.strategy](snapshots, router._turns.get(plan.candidates, -1) + 1)
     why = dict(decision.skipped)
     candidates = [
         {"backend": s.name, "state": s.state, "circuit_state": s.breaker, "in_flight": s.in_flight, "priority": s.priority,

@@ -1499,6 +1499,37 @@ async def test_a_request_that_cannot_be_written_goes_to_the_next_replica_whateve
         assert "echo" not in first.calls
 
 
+async def test_a_lone_backend_whose_writes_fail_is_reconnected_and_the_call_served_within_its_deadline() -> None:
+    fake = FakeBackend("svc")
+    async with routed(fake, settings={"routing": {"request_timeout_seconds": 5}}) as (client, router, connectors):
+        connectors["svc"].break_writes()  # nothing else notices: the router must, from the failed write
+        assert text_of(await call(client, "svc__echo", {"text": "x"})) == "svc:echo:x"
+        assert connectors["svc"].connects == 2 and router.backends["svc"].restarts == 1
+
+
+async def test_a_replica_that_hangs_is_blamed_for_its_timeout_and_the_other_is_not() -> None:
+    first, second = FakeBackend("first"), FakeBackend("second")
+    second.release.set()  # second answers peek at once; first never does
+    settings = {"routing": {"request_timeout_seconds": 0.3, "default_strategy": "fallback"}}
+    async with routed(first, second, namespace="svc", settings=settings) as (client, router, _):
+        with pytest.raises(MCPError) as info:
+            await call(client, "svc__peek")
+        assert info.value.code == types.REQUEST_TIMEOUT and "'first'" in info.value.message
+        assert router.backends["second"].breaker.failures == 0 and "peek" not in second.calls  # no 1 ms attempt there
+
+
+async def test_each_pool_takes_its_own_turns() -> None:
+    fakes = [FakeBackend(n) for n in ("a", "b", "c", "d")]
+    config = mr.parse_config(
+        {"backends": [{"name": f.name, "command": "x", "namespace": "one" if f.name in "ab" else "two"} for f in fakes]}, {}
+    )
+    router = mr.Router(config, connectors={f.name: InProcess(f) for f in fakes})
+    with anyio.fail_after(20):
+        async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+            served = [text_of(await call(client, f"{pool}__echo"))[0] for _ in range(2) for pool in ("one", "two")]
+            assert sorted(served) == ["a", "b", "c", "d"]  # interleaved calls to two pools still reach every replica
+
+
 async def test_a_down_backend_is_a_clear_error_naming_it() -> None:
     up, down = FakeBackend("up"), FakeBackend("down")
     config = config_for("up", "down", settings={"routing": {"request_timeout_seconds": 0.5}})
@@ -1712,6 +1743,35 @@ def test_a_cycle_of_fallback_links_is_a_config_error_naming_the_cycle() -> None:
     assert problems_of(raw) == [
         "backends.yaml: routes: fallback_to links form a cycle: a -> b -> c -> a (a request would go round forever)"
     ]
+
+
+def test_route_errors_name_the_route_and_the_fix() -> None:
+    raw = {"backends": [{"name": "api", "command": "x"},
+                        {"name": "db", "command": "x", "routes": [{"pattern": "*", "fallback_to": "apo"}, {"pattern": "[" * 300}]}]}  # fmt: skip
+    assert problems_of(raw) == [
+        "backends.yaml: backends[1].routes[0].fallback_to: names unknown backend 'apo' (did you mean 'api'?)",
+        "backends.yaml: backends[1].routes[1].pattern: expected a glob of at most 256 characters",
+    ]
+
+
+def test_a_resource_listed_by_unrelated_backends_has_one_owner_and_replicas_share_it() -> None:
+    memo = mr.Listing(resources=({"uri": "memo://settings", "name": "settings"},))
+    alpha, beta, gamma = mr.Member("alpha", "a", 1, memo), mr.Member("beta", "b", 5, memo), mr.Member("gamma", "a", 9, memo)
+    cat = mr.build_catalogue([beta, gamma, alpha])
+    assert cat.resources["memo://settings"] == ("alpha", "gamma")  # gamma is alpha's replica; beta is another server
+    assert "resource 'memo://settings' of beta is hidden by alpha's (higher priority)" in cat.conflicts
+
+
+def test_a_fallback_backend_that_lacks_routed_tools_is_reported_once_and_only_once_listed() -> None:
+    tools = tuple({"name": f"t{i}", "inputSchema": {}} for i in range(5))
+    route = mr.Route("main", "*", "fallback", "spare")
+    main = mr.Member("main", "main", 1, mr.Listing(tools=tools), (route,))
+    unlisted = mr.Member("spare", "spare", 9, mr.Listing())
+    assert mr.build_catalogue([main, unlisted]).conflicts == ()  # not listed yet: no verdict
+    spare = mr.Member("spare", "spare", 9, mr.Listing(tools=({"name": "t0", "inputSchema": {}},)))
+    assert mr.build_catalogue([main, spare]).conflicts == (
+        "fallback backend spare does not offer 4 tool(s) routed to it: 't1', 't2', 't3' and 1 more",
+    )
 
 
 def test_the_lifecycle_moves_only_by_its_table_and_says_which_states_make_calls_wait() -> None:
