@@ -1005,9 +1005,9 @@ def _expose_items(
     conflicts: list[str],
 ) -> tuple[dict[str, Entry], list[dict[str, Any]]]:
     entries: dict[str, Entry] = {}
-    items: list[dict[str, Any]] = []
+    items: dict[str, dict[str, Any]] = {}
     by_key: dict[tuple[str | None, str], str] = {}
-    owner_namespace: dict[str, str] = {}
+    owner: dict[str, Member] = {}
     for m in members:
         for item in items_of(m.listing):
             original = item.get("name")
@@ -1017,17 +1017,27 @@ def _expose_items(
             if key in by_key:
                 exposed = by_key[key]
                 entry = entries[exposed]
-                if owner_namespace[exposed] == m.namespace:  # a replica: one pool
+                if owner[exposed].namespace == m.namespace:  # a replica: one pool
                     entries[exposed] = dataclasses.replace(entry, pool=(*entry.pool, m.name))
-                else:  # namespaces off: another backend's tool of the same name, never reached through this one
+                    continue
+                # Namespaces off: another backend's tool of the same name. One owner, the other never reached
+                # through this name: by priority, unless the other's path route claims the name.
+                if not (_path_claims(m, original) and not _path_claims(owner[exposed], original)):
                     conflicts.append(f"{kind} {original!r} of {m.name} is hidden by {entry.pool[0]}'s (higher priority)")
-                continue
-            exposed = expose_name(key[0], original, ChainMap(cast("dict[str, object]", entries), dict(reserved)))
-            by_key[key] = exposed
-            owner_namespace[exposed] = m.namespace
+                    continue
+                conflicts.append(f"{kind} {original!r} of {entry.pool[0]} is hidden by {m.name}'s (its path route)")
+            else:
+                exposed = by_key[key] = expose_name(key[0], original, ChainMap(cast("dict[str, object]", entries), dict(reserved)))
+            owner[exposed] = m
             entries[exposed] = Entry(exposed, original, (m.name,), retry_safe=kind == "tool" and _is_retry_safe(item))
-            items.append(strip_reserved_meta({**item, "name": exposed}))
-    return entries, items
+            items[exposed] = strip_reserved_meta({**item, "name": exposed})
+    return entries, list(items.values())
+
+
+def _path_claims(m: Member, name: str) -> bool:
+    """Does a `path` route of this backend claim `name`?"""
+    route = best_route(name, m.routes)
+    return route is not None and route.strategy == "path"
 
 
 def build_catalogue(

@@ -1774,6 +1774,16 @@ def test_a_fallback_backend_that_lacks_routed_tools_is_reported_once_and_only_on
     )
 
 
+def test_with_namespaces_off_a_path_route_claims_a_name_from_the_priority_owner() -> None:
+    search = mr.Listing(tools=({"name": "github_search", "inputSchema": {}}, {"name": "echo", "inputSchema": {}}))
+    a = mr.Member("a", "a", 1, search)
+    gh = mr.Member("gh", "gh", 10, search, (mr.Route("gh", "github_*", "path"),))
+    cat = mr.build_catalogue([a, gh], namespaced=False)
+    assert cat.tools["github_search"].pool == ("gh",) and cat.tools["echo"].pool == ("a",)
+    assert "tool 'github_search' of a is hidden by gh's (its path route)" in cat.conflicts
+    assert [t["name"] for t in cat.tool_items] == ["github_search", "echo"]
+
+
 def test_the_lifecycle_moves_only_by_its_table_and_says_which_states_make_calls_wait() -> None:
     assert mr.next_state("starting", "connected") == "ready"
     assert mr.next_state("ready", "lost") == "reconnecting" and "reconnecting" in mr.CALLS_WAIT
