@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -77,6 +78,8 @@ import errno
 import functools
 import gc
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -286,7 +289,7 @@ class BackendConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     server_name: str = "mcp-router"
-    transport: Literal["stdio", "http"] = "stdio"
+    transport: Literal["stdio", "http", "sse"] = "stdio"
     host: str = "127.0.0.1"
     port: int = 8000
     json_response: bool = False
@@ -301,6 +304,31 @@ class Settings:
     health_check_interval: float = 30.0
     health_check_timeout: float = 5.0
     backend_eras: str = "legacy"
+    # the HTTP service (see the serving section)
+    allow_unauthenticated: bool = False
+    auth_token: str | None = None
+    auth_tokens_file: str | None = None
+    auth_issuer: str | None = None
+    auth_jwks_url: str | None = None
+    auth_resource_url: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    stateless: bool = False
+    min_ready: int = 1
+    drain_seconds: float = 10.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_connections: int = 1000
+    max_sessions: int = 1000
+    max_sessions_per_client: int = 100
+    max_requests_per_session: int = 64
+    session_idle_seconds: float = 600.0
+    header_timeout_seconds: float = 10.0
+    keep_alive_seconds: float = 5.0
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.auth_token or self.auth_tokens_file or self.auth_jwks_url)
 
 
 Kind: TypeAlias = type | tuple[str, ...] | Callable[[], tuple[str, ...]]
@@ -322,7 +350,8 @@ class Setting:
 # fmt: off
 SETTINGS: Final = (
     Setting("server_name", "server.name", "MCP_SERVER_NAME", "--name", str, "name the router reports to clients"),
-    Setting("transport", "server.transport", "MCP_TRANSPORT", "--transport", ("stdio", "http"), "how clients reach the router"),
+    Setting("transport", "server.transport", "MCP_TRANSPORT", "--transport", ("stdio", "http", "sse"),
+            "how clients reach the router (sse: the legacy HTTP+SSE transport, for older clients)"),
     Setting("host", "server.host", "MCP_HOST", "--host", str, "HTTP bind address"),
     Setting("port", "server.port", "MCP_PORT", "--port", int, "HTTP port"),
     Setting("json_response", "server.json_response", "MCP_JSON_RESPONSE", "--json-response", bool,
@@ -349,12 +378,51 @@ SETTINGS: Final = (
     Setting("backend_eras", "routing.backend_eras", "MCP_BACKEND_ERAS", None, ("legacy", "auto"),
             "protocol era spoken to backends: legacy (the handshake era, which every server speaks) or auto "
             "(2026-07-28 with backends that serve it, found by server/discover)"),
+    # the HTTP service
+    Setting("allow_unauthenticated", "server.allow_unauthenticated", "MCP_ALLOW_UNAUTHENTICATED", "--allow-unauthenticated", bool,
+            "serve a non-loopback address without authentication (logs a warning)"),
+    Setting("auth_token", "server.auth.token", "MCP_AUTH_TOKEN", None, str, "a bearer token clients must present"),
+    Setting("auth_tokens_file", "server.auth.tokens_file", "MCP_AUTH_TOKENS_FILE", "--auth-tokens-file", str,
+            "file of accepted bearer tokens, one a line, re-read when it changes"),
+    Setting("auth_issuer", "server.auth.issuer", "MCP_AUTH_ISSUER", "--auth-issuer", str,
+            "OAuth authorization server whose JWT access tokens are accepted (the tokens' iss)"),
+    Setting("auth_jwks_url", "server.auth.jwks_url", "MCP_AUTH_JWKS_URL", "--auth-jwks-url", str, "the issuer's JWKS URL"),
+    Setting("auth_resource_url", "server.auth.resource_url", "MCP_AUTH_RESOURCE_URL", "--auth-resource-url", str,
+            "this router's public URL, e.g. https://mcp.example.com/mcp: the JWT audience and the metadata's resource"),
+    Setting("allowed_hosts", "server.allowed_hosts", "MCP_ALLOWED_HOSTS", "--allowed-hosts", list,
+            "Host headers accepted besides localhost and the bound address (host or host:port, host:* for any port)"),
+    Setting("allowed_origins", "server.allowed_origins", "MCP_ALLOWED_ORIGINS", "--allowed-origins", list,
+            "browser Origins accepted besides localhost's (scheme://host:port, :* for any port)"),
+    Setting("cors_origins", "server.cors_origins", "MCP_CORS_ORIGINS", None, list, "Origins given CORS headers (none: CORS off)"),
+    Setting("stateless", "server.stateless", "MCP_STATELESS", "--stateless", bool,
+            "streamable HTTP without sessions, JSON answers: any request may land on any replica"),
+    Setting("min_ready", "server.min_ready", "MCP_MIN_READY", None, int, "backends that must be up for /readyz to say ready"),
+    Setting("drain_seconds", "server.drain_seconds", "MCP_DRAIN_SECONDS", None, float,
+            "seconds in-flight calls get to finish after SIGTERM"),
+    Setting("max_body_bytes", "server.limits.max_body_bytes", "MCP_MAX_BODY_BYTES", None, int, "largest request body (413 above)"),
+    Setting("max_connections", "server.limits.max_connections", "MCP_MAX_CONNECTIONS", None, int,
+            "open HTTP connections (503 above; kept below the file limit)"),
+    Setting("max_sessions", "server.limits.max_sessions", "MCP_MAX_SESSIONS", None, int, "open sessions (503 above)"),
+    Setting("max_sessions_per_client", "server.limits.max_sessions_per_client", "MCP_MAX_SESSIONS_PER_CLIENT", None, int,
+            "open sessions of one client, by token or else address (429 above)"),
+    Setting("max_requests_per_session", "server.limits.max_requests_per_session", "MCP_MAX_REQUESTS_PER_SESSION", None, int,
+            "requests one session may have in flight (429 above)"),
+    Setting("session_idle_seconds", "server.limits.session_idle_seconds", "MCP_SESSION_IDLE_SECONDS", None, float,
+            "seconds an idle session lives"),
+    Setting("header_timeout_seconds", "server.limits.header_timeout_seconds", "MCP_HEADER_TIMEOUT_SECONDS", None, float,
+            "seconds a new connection has to send its request headers"),
+    Setting("keep_alive_seconds", "server.limits.keep_alive_seconds", "MCP_KEEP_ALIVE_SECONDS", None, float,
+            "seconds an idle keep-alive connection stays open"),
 )
 # fmt: on
 
 MIN_SECRET_LENGTH: Final = 6
 """Shorter secret values are not redacted from output: `***` in place of every `true` or `8080` would say nothing."""
-_POSITIVE: Final = {"request_timeout", "health_check_interval", "health_check_timeout", "retry_backoff", "max_backoff"}
+_POSITIVE: Final = {
+    "request_timeout", "health_check_interval", "health_check_timeout", "retry_backoff", "max_backoff",
+    "max_body_bytes", "max_connections", "max_sessions", "max_sessions_per_client", "max_requests_per_session",
+    "session_idle_seconds", "header_timeout_seconds", "keep_alive_seconds",
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -478,6 +546,10 @@ def _check(value: Any, kind: Kind, path: str, problems: _Problems) -> Any:
         if isinstance(value, str) and value:
             return value
         problems.add(path, f"expected a non-empty string, got {_describe(value)}")
+    elif kind is list:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        problems.add(path, f"expected a list of non-empty strings, got {_describe(value)}")
     return None
 
 
@@ -486,6 +558,8 @@ def _from_text(text: str, kind: Kind) -> Any:
     if kind is bool:
         lowered = text.strip().lower()
         return {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}.get(lowered, text)
+    if kind is list:  # comma-separated in the environment and on the command line
+        return [part.strip() for part in text.split(",") if part.strip()]
     if kind in (int, float):
         try:
             return int(text) if kind is int else float(text)
@@ -543,7 +617,7 @@ _MCP_SERVERS_EXTRA_KEYS: Final = ("type",)
 def _check_sections(raw: Mapping[str, Any], problems: _Problems) -> None:
     """Unknown keys and non-mappings in the settings sections, whose keys the SETTINGS table knows."""
     problems.unknown_keys(raw, _TOP_KEYS, "")
-    for section in ("server", "routing", "routing.retry", "health_check"):
+    for section in ("server", "server.auth", "server.limits", "routing", "routing.retry", "health_check"):
         block = _lookup(raw, section)
         if block is None:
             continue
@@ -1847,6 +1921,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
         elif isinstance(s.kind, tuple):
             parser.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
+        elif s.kind is list:
+            parser.add_argument(
+                s.flag, dest=s.field, type=functools.partial(_from_text, kind=list), metavar="A,B", help=f"{s.help} (env {s.env})"
+            )
         else:
             parser.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -1867,6 +1945,29 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.set_inheritable(False)
     return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def http_service_problems(settings: Settings) -> list[str]:
+    """What stops the HTTP service from starting as configured (exit 2): above all, an open door to every backend."""
+    problems = []
+    if settings.auth_jwks_url and not (settings.auth_issuer and settings.auth_resource_url):
+        problems.append("server.auth.jwks_url needs server.auth.issuer and server.auth.resource_url (the tokens' iss and aud)")
+    if not settings.authenticated and not settings.allow_unauthenticated and not is_loopback(settings.host):
+        problems.append(
+            f"serving {settings.host} without authentication would hand every backend's credentials to anyone who can "
+            "reach it; set MCP_AUTH_TOKEN (or MCP_AUTH_TOKENS_FILE, or server.auth.jwks_url for OAuth), "
+            "or pass --allow-unauthenticated if a proxy in front authenticates"
+        )
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -1898,8 +1999,14 @@ def start(argv: Sequence[str] | None) -> Started | int:
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = config.settings
+    serves_http = settings.transport in ("http", "sse")
+    if serves_http and (problems := http_service_problems(settings)):
+        print("mcp-router: cannot serve HTTP:", *(f"  {p}" for p in problems), sep="\n", file=sys.stderr)
+        return 2
+    if serves_http and not settings.authenticated and not is_loopback(settings.host):
+        log.warning("serving %s without authentication (--allow-unauthenticated): anyone who reaches it uses every backend", settings.host)
     try:
-        listening = bind(settings.host, settings.port) if settings.transport == "http" else None
+        listening = bind(settings.host, settings.port) if serves_http else None
     except RouterError as err:
         log.error("%s", err)
         return 1
@@ -1932,6 +2039,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost, listen
 from mcp.server import Server
+from mcp.server.auth.provider import AccessToken
 from mcp.server.caching import CACHEABLE_METHODS, CacheableMethod, CacheHint
 from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.models import InitializationOptions
@@ -1944,6 +2052,7 @@ from mcp.server.subscriptions import (
     ResourceUpdated,
     ToolsListChanged,
 )
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
@@ -4166,6 +4275,7 @@ class RouterServer(Server[Any]):
 
     router: Router | None = None
     bridge: EraBridge | None = None
+    metrics: Metrics
 
     @property
     def instructions(self) -> str | None:
@@ -4275,7 +4385,8 @@ def build_server(router: Router) -> RouterServer:
     # The router forwards; tracing each hop is the backends' and clients' business, and costs ~20 us a call.
     # requestState is sealed on the way out and checked on the way in (2026-era requests only; see EraBridge).
     boundary = RequestStateBoundary(state_security(os.environ), default_audience=server.name)
-    server.middleware = [_RouterMiddleware(router, server.get_request_handler), boundary]
+    server.metrics = Metrics()
+    server.middleware = [_RouterMiddleware(router, server.get_request_handler, server.metrics), boundary]
     return server
 
 
@@ -4292,12 +4403,28 @@ class _RouterMiddleware:
     re-validating both on the hot path would only cost time.
     """
 
-    def __init__(self, router: Router, handler_of: Callable[[str], object] = lambda method: None) -> None:
+    def __init__(self, router: Router, handler_of: Callable[[str], object] = lambda method: None, metrics: Metrics | None = None) -> None:
         self.router = router
         self.handler_of = handler_of
         """The server's handler of a request method, or None."""
+        self.metrics = metrics or Metrics()
 
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+        if ctx.request_id is None or ctx.method == "subscriptions/listen":  # notifications; a listen lasts the session
+            return await self._serve(ctx, call_next)
+        metrics, began, outcome = self.metrics, time.perf_counter(), "error"
+        metrics.started()
+        try:
+            result = await self._serve(ctx, call_next)
+            outcome = "tool_error" if isinstance(result, dict) and result.get("isError") else "ok"
+            return result
+        except anyio.get_cancelled_exc_class():
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.observe(ctx.method, _metrics_target(self.router, ctx.method, ctx.params), outcome, time.perf_counter() - began)
+
+    async def _serve(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return await call_next(ctx)
         result = await _guarded_call(self._fast_path(ctx))
@@ -4384,13 +4511,6 @@ async def serve_stdio(server: Server[Any], router: Router) -> None:
             return
         async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
-
-
-def http_app(router: Router, server: RouterServer) -> Any:
-    """The ASGI app serving streamable HTTP at /mcp."""
-    settings = router.settings
-    app = server.streamable_http_app(streamable_http_path="/mcp", host=settings.host, json_response=settings.json_response)
-    return PlainRefusals(app if settings.json_response else PlainAnswers(app))
 
 
 class PlainRefusals:
@@ -4503,7 +4623,525 @@ class PlainAnswers:
         await self.app(scope, receive, relay)
 
 
+# -- the HTTP service
+# Who may call (bearer tokens or OAuth JWTs, through the SDK's auth middleware), from where (the SDK's Host and
+# Origin checks), how much (limits on bodies, connections, sessions and requests), and what operators see
+# (/healthz, /readyz, /metrics, outside auth). Every refusal is an HTTP status with a JSON-RPC error body.
+
+LIMIT_EXCEEDED: Final = -32051
+"""JSON-RPC server-error code for 'a limit of the HTTP service was reached'."""
+JWKS_MAX_AGE: Final = 600.0
+"""Seconds the issuer's key set is trusted before it is fetched again."""
+JWKS_MIN_REFETCH: Final = 30.0
+"""An unknown key id fetches the key set again at most this often, so made-up key ids cannot flood the issuer."""
+FD_RESERVE: Final = 64
+"""File descriptors kept for backends, logs and the listening socket, beyond HTTP connections."""
+OPERATIONS_PATHS: Final = ("/healthz", "/readyz", "/metrics")
+LATENCY_BUCKETS: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+"""Seconds: the OpenTelemetry MCP conventions' buckets for mcp.server.operation.duration, with finer ones below 10 ms."""
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    """A limit hit by a flood is worth one line in the log, not one per connection."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def _json_rpc_refusal(status: int, message: str, code: int = LIMIT_EXCEEDED) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}, status_code=status)
+
+
+class StaticTokens:
+    """The SDK's TokenVerifier for fixed bearer tokens: MCP_AUTH_TOKEN and a file of them, re-read when it changes.
+
+    Tokens are compared by their SHA-256 digests in constant time, against every
+    accepted token, so neither timing nor an early exit tells which one nearly matched.
+    """
+
+    def __init__(self, token: str | None, path: str | None) -> None:
+        self._fixed = [self._digest(token)] if token else []
+        self._path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._from_file: list[bytes] = []
+        self._tokens()
+
+    @staticmethod
+    def _digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def _tokens(self) -> list[bytes]:
+        if self._path is not None:
+            try:
+                info = os.stat(self._path)  # about a microsecond: cheaper than a timer, and rotation is seen at once
+                stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+                if stamp != self._stamp:
+                    lines = Path(self._path).read_text().splitlines()
+                    self._from_file = [self._digest(t.strip()) for t in lines if t.strip() and not t.lstrip().startswith("#")]
+                    self._stamp = stamp
+                    log.info("accepting %d token(s) from %s", len(self._from_file), self._path)
+            except OSError as err:
+                _warn_once(f"tokens:{err.errno}", "cannot read %s (%s); keeping the tokens read before", self._path, err.strerror)
+        return self._fixed + self._from_file
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        offered = self._digest(token)
+        matched = False
+        for accepted in self._tokens():
+            matched |= hmac.compare_digest(offered, accepted)
+        if not matched:
+            return None
+        return AccessToken(token=token, client_id=f"token-{offered.hex()[:8]}", scopes=[])
+
+
+class JwtVerifier:
+    """The SDK's TokenVerifier for an OAuth 2.1 resource server: JWT access tokens signed by the issuer's JWKS keys.
+
+    Checks signature, issuer, audience (this router's resource URL) and expiry. The
+    key set is cached; a token with an unknown key id fetches it again (at most
+    every JWKS_MIN_REFETCH seconds), so the issuer can rotate keys. Fetching runs
+    in a thread: PyJWT's client blocks.
+    """
+
+    def __init__(self, issuer: str, audience: str, jwks_url: str, clock: Callable[[], float] = time.monotonic) -> None:
+        import jwt
+
+        self._jwt = jwt
+        self._issuer, self._resource = issuer, audience
+        self._audiences = list(dict.fromkeys((audience, audience.rstrip("/"), audience.rstrip("/") + "/")))
+        self._client = jwt.PyJWKClient(jwks_url, cache_jwk_set=False, cache_keys=False, timeout=5)
+        self._where = urlsplit(jwks_url)._replace(query="", fragment="").geturl()
+        self._keys: dict[str, Any] = {}
+        self._fetched_at = -math.inf
+        self._clock = clock
+        self._lock = anyio.Lock()
+
+    async def _key(self, kid: str) -> Any:
+        def due() -> bool:
+            age = self._clock() - self._fetched_at
+            return age >= JWKS_MAX_AGE or (kid not in self._keys and age >= JWKS_MIN_REFETCH)
+
+        if due():
+            async with self._lock:
+                if due():  # another request may have fetched it while this one waited
+                    self._fetched_at = self._clock()
+                    try:
+                        keys = await anyio.to_thread.run_sync(self._client.get_signing_keys, True)
+                        self._keys = {k.key_id: k for k in keys if k.key_id}
+                    except self._jwt.PyJWTError as err:
+                        log.warning("cannot fetch the signing keys from %s: %s", self._where, err)
+        return self._keys.get(kid)
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        jwt = self._jwt
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            key = await self._key(kid) if isinstance(kid, str) else None
+            if key is None:
+                log.info("refused a bearer token: its key id is not in the issuer's key set")
+                return None
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[key.algorithm_name],
+                audience=self._audiences,
+                issuer=self._issuer,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.PyJWTError as err:  # the messages name the failed check, never the token
+            log.info("refused a bearer token: %s", err)
+            return None
+        client = claims.get("client_id") or claims.get("azp") or claims.get("sub") or "jwt"
+        scopes = claims.get("scope", "")
+        return AccessToken(
+            token=token,
+            client_id=str(client),
+            scopes=scopes.split() if isinstance(scopes, str) else [],
+            expires_at=int(claims["exp"]),
+            resource=self._resource,
+            subject=claims.get("sub"),
+            claims={"iss": claims["iss"]},
+        )
+
+
+def token_verifier(settings: Settings) -> StaticTokens | JwtVerifier | None:
+    if settings.auth_jwks_url and settings.auth_issuer and settings.auth_resource_url:
+        return JwtVerifier(settings.auth_issuer, settings.auth_resource_url, settings.auth_jwks_url)
+    if settings.auth_token or settings.auth_tokens_file:
+        return StaticTokens(settings.auth_token, settings.auth_tokens_file)
+    return None
+
+
+def transport_security(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection whatever the bind address: Host and Origin must be localhost's, the bound name's
+    or configured ones."""
+    names = ["localhost", "127.0.0.1", "[::1]"]
+    if settings.host in ("0.0.0.0", "::", ""):
+        names.append(socket.gethostname())
+    else:
+        names.append(f"[{settings.host}]" if ":" in settings.host else settings.host)
+    with_port = re.compile(r".*:(\d+|\*)")
+    hosts = [
+        pattern for name in (*names, *settings.allowed_hosts) for pattern in ((name,) if with_port.fullmatch(name) else (name, f"{name}:*"))
+    ]
+    local = [f"{scheme}://{name}" for scheme in ("http", "https") for name in names]
+    origins = [pattern for o in (*local, *settings.allowed_origins, *settings.cors_origins) for pattern in (o, f"{o}:*")]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+class Metrics:
+    """Request counters by method, backend and outcome, and a latency histogram per backend, for /metrics.
+
+    Fed by one hook, `_RouterMiddleware`, for every request of every transport.
+    Rendered in the Prometheus text format with the stdlib; the histogram is named
+    after the OpenTelemetry MCP conventions (mcp.server.operation.duration).
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[tuple[str, str], list[float]] = {}
+        """(method, backend): a count per bucket (the last for +Inf), then the sum."""
+        self.in_flight = 0
+        self.idle = anyio.Event()
+        self.idle.set()
+
+    def started(self) -> None:
+        if not self.in_flight:
+            self.idle = anyio.Event()
+        self.in_flight += 1
+
+    def observe(self, method: str, backend: str, outcome: str, seconds: float) -> None:
+        """One finished request: outcome is ok, tool_error (an isError result), error (a JSON-RPC error) or cancelled."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
+        key = (method, backend, outcome)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        histogram = self.latency.get((method, backend))
+        if histogram is None:
+            histogram = self.latency[(method, backend)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        histogram[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        histogram[-1] += seconds
+
+    def render(self, rows: Sequence[Mapping[str, Any]], sessions: int) -> str:
+        """The exposition text; `rows` are the backends' status() rows (state, breaker, restarts)."""
+
+        def labels(**values: Any) -> str:
+            inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in values.items())
+            return "{" + inner + "}"
+
+        out = ["# HELP mcp_router_requests_total MCP requests served, by method, backend and outcome.",
+               "# TYPE mcp_router_requests_total counter"]  # fmt: skip
+        out += [f"mcp_router_requests_total{labels(mcp_method_name=m, backend=b, outcome=o)} {n}" for (m, b, o), n in self.requests.items()]
+        out += ["# HELP mcp_server_operation_duration_seconds Time to answer an MCP request.",
+                "# TYPE mcp_server_operation_duration_seconds histogram"]  # fmt: skip
+        for (m, b), histogram in self.latency.items():
+            total = 0.0
+            for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram[:-1], strict=True):
+                total += count
+                out.append(f"mcp_server_operation_duration_seconds_bucket{labels(mcp_method_name=m, backend=b, le=bound)} {int(total)}")
+            out.append(f"mcp_server_operation_duration_seconds_sum{labels(mcp_method_name=m, backend=b)} {histogram[-1]:.6f}")
+            out.append(f"mcp_server_operation_duration_seconds_count{labels(mcp_method_name=m, backend=b)} {int(total)}")
+        out += ["# HELP mcp_router_backend_up Whether the backend is connected and listed (1) or not (0).",
+                "# TYPE mcp_router_backend_up gauge"]  # fmt: skip
+        out += [f"mcp_router_backend_up{labels(backend=r['name'])} {int(r['state'] == 'ready')}" for r in rows]
+        out += ["# HELP mcp_router_backend_circuit_state The backend's circuit breaker state (1 for the current one).",
+                "# TYPE mcp_router_backend_circuit_state gauge"]  # fmt: skip
+        for r in rows:
+            out += [f"mcp_router_backend_circuit_state{labels(backend=r['name'], state=st)} {int(r['circuit_state'] == st)}"
+                    for st in ("closed", "open", "half_open")]  # fmt: skip
+        out += ["# HELP mcp_router_backend_restarts_total Times the backend was reconnected or restarted.",
+                "# TYPE mcp_router_backend_restarts_total counter"]  # fmt: skip
+        out += [f"mcp_router_backend_restarts_total{labels(backend=r['name'])} {r['restarts']}" for r in rows]
+        out += ["# HELP mcp_router_sessions Open client sessions.", "# TYPE mcp_router_sessions gauge", f"mcp_router_sessions {sessions}"]
+        out += ["# HELP mcp_router_in_flight MCP requests being served.", "# TYPE mcp_router_in_flight gauge",
+                f"mcp_router_in_flight {self.in_flight}"]  # fmt: skip
+        return "\n".join(out) + "\n"
+
+
+def _metrics_target(router: Router, method: str, params: Any) -> str:
+    """The backend label of a request: the backend (or replicas, joined by +) its name routes to; else the router."""
+    name = params.get("name") if isinstance(params, Mapping) else None
+    entry = None
+    if method == "tools/call" and isinstance(name, str):
+        entry = router.catalogue.tools.get(name)
+    elif method == "prompts/get" and isinstance(name, str):
+        entry = router.catalogue.prompts.get(name)
+    elif method == "resources/read" and isinstance(params, Mapping) and isinstance(uri := params.get("uri"), str):
+        plan = router.resource_plan(uri)
+        return "+".join(plan.candidates) if plan is not None else "router"
+    return "+".join(entry.pool) if entry is not None else "router"
+
+
+class SessionLimits:
+    """ASGI wrapper for the MCP endpoint: body size, sessions per client, and requests in flight per session.
+
+    The SDK caps all sessions together and expires idle ones; this adds the caps
+    that keep one client from locking out the others. A client is its token's
+    principal when authenticated, else its address.
+    """
+
+    def __init__(self, app: Any, settings: Settings, live_sessions: Container[str]) -> None:
+        self.app, self.settings, self.live = app, settings, live_sessions
+        self.busy: dict[str, int] = {}
+        """Requests in flight by session id."""
+        self.opened: dict[str, set[str]] = {}
+        """Session ids by client, pruned of ended sessions when the client opens another."""
+
+    def _client(self, scope: Any) -> str:
+        user = scope.get("user")
+        token = getattr(user, "access_token", None)
+        if token is not None:
+            return f"principal:{token.client_id}"
+        return f"address:{(scope.get('client') or ('?',))[0]}"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings = self.settings
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > settings.max_body_bytes:
+            limit = f"{settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
+            return await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(scope, receive, send)
+        session = dict(scope["headers"]).get(b"mcp-session-id")
+        if session is None:
+            if scope["method"] == "POST" and not settings.stateless:
+                return await self._opening(scope, receive, send)
+            return await self.app(scope, receive, send)
+        key = session.decode("latin-1")
+        if self.busy.get(key, 0) >= settings.max_requests_per_session:
+            _warn_once("per-session", "a session reached max_requests_per_session (%d); refusing more", settings.max_requests_per_session)
+            message = f"too many requests in flight on this session (at most {settings.max_requests_per_session})"
+            return await _json_rpc_refusal(429, message)(scope, receive, send)
+        self.busy[key] = self.busy.get(key, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if (left := self.busy.pop(key) - 1) > 0:
+                self.busy[key] = left
+
+    async def _opening(self, scope: Any, receive: Any, send: Any) -> None:
+        """A request without a session id, which may open one: counted against its client's sessions."""
+        client = self._client(scope)
+        sessions = self.opened.setdefault(client, set())
+        sessions.intersection_update([s for s in sessions if s in self.live])
+        if len(sessions) >= self.settings.max_sessions_per_client:
+            _warn_once("per-client", "a client reached max_sessions_per_client (%d); refusing more", self.settings.max_sessions_per_client)
+            message = f"too many open sessions for this client (at most {self.settings.max_sessions_per_client}); end some with DELETE"
+            return await _json_rpc_refusal(429, message)(scope, receive, send)
+
+        async def record(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                opened = dict(message.get("headers", ())).get(b"mcp-session-id")
+                if opened is not None:
+                    sessions.add(opened.decode("latin-1"))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            if not sessions:
+                self.opened.pop(client, None)
+
+
+class LongStreams:
+    """The long-lived GET streams (the MCP GET stream, legacy /sse), which the router ends when it drains."""
+
+    def __init__(self) -> None:
+        self.open: set[anyio.CancelScope] = set()
+
+    def end_all(self) -> None:
+        for stream in list(self.open):
+            stream.cancel()
+
+
+class Tracked:
+    """ASGI wrapper whose GET requests join `streams` (an object, not a function, so Starlette takes it as ASGI)."""
+
+    def __init__(self, app: Any, streams: LongStreams) -> None:
+        self.app, self.streams = app, streams
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return await self.app(scope, receive, send)
+        with anyio.CancelScope() as stream:
+            self.streams.open.add(stream)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.streams.open.discard(stream)
+
+
+@dataclass(slots=True)
+class HttpService:
+    """The pieces of the HTTP service that serving needs to reach after it is built."""
+
+    app: Any
+    streams: LongStreams
+    sessions: Callable[[], int]
+
+
+def http_app(router: Router, server: RouterServer) -> Any:
+    """The ASGI app: streamable HTTP at /mcp (and legacy SSE at /sse with --transport sse), operations endpoints."""
+    return http_service(router, server).app
+
+
+def http_service(router: Router, server: RouterServer) -> HttpService:
+    from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+    from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+    from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
+    from mcp.server.sse import SseServerTransport
+    from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+    from pydantic import AnyHttpUrl
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    settings = router.settings
+    security = transport_security(settings)
+    json_only = settings.json_response or settings.stateless
+    manager = StreamableHTTPSessionManager(
+        app=server,
+        json_response=json_only,
+        stateless=settings.stateless,
+        security_settings=security,
+        max_request_body_size=settings.max_body_bytes,
+        session_idle_timeout=settings.session_idle_seconds,
+        max_sessions=settings.max_sessions,
+    )
+    server._session_manager = manager  # as Server.streamable_http_app would
+    live = manager._server_instances  # the SDK's table of open sessions; it offers no public view
+    mcp_endpoint: Any = StreamableHTTPASGIApp(manager)
+    mcp_endpoint = PlainRefusals(mcp_endpoint if json_only else PlainAnswers(mcp_endpoint))
+    streams = LongStreams()
+    sse = SseServerTransport("/messages/", security_settings=security, max_request_body_size=settings.max_body_bytes)
+
+    async def sse_endpoint(scope: Any, receive: Any, send: Any) -> None:
+        async with sse.connect_sse(scope, receive, send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+
+    verifier = token_verifier(settings)
+    middleware = []
+    metadata_routes: list[Any] = []
+    protect: Callable[[Any], Any] = lambda app: app  # noqa: E731
+    if verifier is not None:
+        resource = AnyHttpUrl(settings.auth_resource_url) if settings.auth_resource_url else None
+        metadata_url = build_resource_metadata_url(resource) if resource is not None and settings.auth_issuer else None
+        middleware = [Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)), Middleware(AuthContextMiddleware)]
+        protect = functools.partial(RequireAuthMiddleware, required_scopes=[], resource_metadata_url=metadata_url)
+        if metadata_url is not None and resource is not None:
+            metadata_routes = create_protected_resource_routes(resource, [AnyHttpUrl(cast(str, settings.auth_issuer))])
+    if settings.cors_origins:
+        middleware.insert(0, Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["Mcp-Session-Id", "WWW-Authenticate"],
+        ))  # fmt: skip
+
+    def sessions() -> int:
+        return len(live) + len(sse._read_stream_writers)  # the SDK's table of SSE sessions
+
+    async def healthz(request: Any) -> Any:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Any) -> Any:
+        enabled = [b for b in router.backends.values() if b.config.enabled]
+        up = [b.name for b in enabled if b.state == "ready"]
+        down = {b.name: b.state for b in enabled if b.state != "ready"}
+        needed = min(settings.min_ready, len(enabled))
+        ready = len(up) >= needed
+        return JSONResponse({"ready": ready, "needed": needed, "up": up, "down": down}, status_code=200 if ready else 503)
+
+    async def metrics(request: Any) -> Any:
+        text = server.metrics.render([b.status() for b in router.backends.values()], sessions())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    routes: list[Any] = [
+        Route("/mcp", endpoint=protect(Tracked(SessionLimits(mcp_endpoint, settings, live), streams))),
+        *metadata_routes,
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    if settings.transport == "sse":
+        routes += [
+            Route("/sse", endpoint=protect(Tracked(sse_endpoint, streams))),
+            Mount("/messages/", app=protect(sse.handle_post_message)),
+        ]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lambda app: manager.run())
+    return HttpService(app, streams, sessions)
+
+
+def _guarded_protocol(base: type, settings: Settings, max_connections: int) -> type:
+    """uvicorn's HTTP protocol, with a cap on open connections and a time limit for each request's headers."""
+    busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": LIMIT_EXCEEDED, "message": "too many open connections"}})
+
+    class GuardedProtocol(base):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                _warn_once("connections", "%d connections are open (server.limits.max_connections); refusing more", max_connections)
+                transport.write(busy % (len(body), body.encode()))
+                transport.close()
+                return
+            self._expect_headers()
+
+        def _expect_headers(self) -> None:
+            waiting_after = self.cycle  # a new request replaces it once its headers are complete
+            self._header_timer = self.loop.call_later(settings.header_timeout_seconds, self._headers_overdue, waiting_after)
+
+        def _headers_overdue(self, waiting_after: Any) -> None:
+            if self.cycle is waiting_after and not self.transport.is_closing():
+                self.transport.close()  # a client dribbling its headers holds a connection no longer
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._header_timer.cancel()
+                self._expect_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedProtocol
+
+
+def connection_cap(settings: Settings, backends: int) -> int:
+    """max_connections, lowered to stay below the process's file limit (raised to its hard limit first)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return settings.max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.max_connections + FD_RESERVE + 4 * backends
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections
+    cap = max(1, min(settings.max_connections, soft - FD_RESERVE - 4 * backends))
+    if cap < settings.max_connections:
+        log.warning("serving at most %d connections: the file limit is %d (ulimit -n)", cap, soft)
+    return cap
+
+
 async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, listening: socket.socket) -> None:
+    """Serve until `stop`, then drain: stop accepting, let calls in flight finish (up to drain_seconds), end streams."""
     import uvicorn
 
     class _Uvicorn(uvicorn.Server):
@@ -4512,22 +5150,32 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
             yield
 
     settings = router.settings
+    service = http_service(router, server)
     config = uvicorn.Config(
-        http_app(router, server),
+        service.app,
         host=settings.host,
         port=settings.port,
         log_level="warning",
         lifespan="on",
-        timeout_graceful_shutdown=int(STOP_GRACE),  # clients' open GET streams must not hold shutdown hostage
+        timeout_keep_alive=max(1, round(settings.keep_alive_seconds)),
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_seconds + STOP_GRACE)),
     )
+    config.load()
+    config.http_protocol_class = _guarded_protocol(config.http_protocol_class, settings, connection_cap(settings, len(router.backends)))
     web = _Uvicorn(config)
     async with anyio.create_task_group() as tg:
 
-        async def stop_on_signal() -> None:
+        async def drain_on_stop() -> None:
             await stop.wait()
-            web.should_exit = True
+            web.should_exit = True  # uvicorn stops accepting and closes idle connections
+            with anyio.move_on_after(settings.drain_seconds):
+                await server.metrics.idle.wait()
+            if server.metrics.in_flight:
+                log.warning("%d call(s) still running after %gs (server.drain_seconds); ending them", server.metrics.in_flight,
+                            settings.drain_seconds)  # fmt: skip
+            service.streams.end_all()
 
-        tg.start_soon(stop_on_signal)
+        tg.start_soon(drain_on_stop)
         await web.serve(sockets=[listening])
         tg.cancel_scope.cancel()
 
@@ -4553,7 +5201,12 @@ async def run_router(started: Started) -> None:
 
         tg.start_soon(watch_signals)
         if listening is not None:
-            log.info("serving streamable HTTP on http://%s:%d/mcp", config.settings.host, config.settings.port)
+            where = f"http://{config.settings.host}:{config.settings.port}"
+            log.info(
+                "serving streamable HTTP on %s/mcp%s",
+                where,
+                f" and legacy SSE on {where}/sse" if config.settings.transport == "sse" else "",
+            )
             await serve_http(router, server, stop, listening)
         else:
             await serve_stdio(server, router)
