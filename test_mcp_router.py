@@ -3148,6 +3148,247 @@ def test_an_alias_bomb_config_exits_2_with_a_clear_message_and_no_traceback(tmp_
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+# ---------------------------------------------------------------------------- the HTTP service
+
+MCP_ACCEPT: dict[str, str] = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+HELLO: dict[str, Any] = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+}
+
+
+def rpc(request_id: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
+
+
+@asynccontextmanager
+async def served(
+    *fakes: FakeBackend, server: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[httpx2.AsyncClient, mr.Router, dict[str, InProcess]]]:
+    """The router's HTTP app over in-process fakes, served by uvicorn on 127.0.0.1, and an HTTP client for it.
+
+    The socket listens before uvicorn starts, so requests wait in its backlog: nothing to poll for.
+    """
+    import uvicorn
+
+    connectors = {f.name: InProcess(f) for f in fakes}
+    router = mr.Router(config_for(*connectors, settings={"server": server or {}}), connectors=connectors)
+    listening = mr.bind("127.0.0.1", 0)
+    port = listening.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), log_level="warning"))
+    async with router.running(), anyio.create_task_group() as tg:
+        tg.start_soon(lambda: web.serve(sockets=[listening]))
+        await router.wait_ready()
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
+            yield http, router, connectors
+        web.should_exit = True
+
+
+async def open_session(http: httpx2.AsyncClient, **headers: str) -> dict[str, str]:
+    opened = await http.post("/mcp", json=HELLO, headers=headers)
+    assert opened.status_code == 200, opened.text
+    session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25", **headers}
+    await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+    return session
+
+
+@asynccontextmanager
+async def http_router(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[str, Path]]:
+    """The router as a real HTTP subprocess on 127.0.0.1 with one stdio fake behind it; yields its URL and its log file."""
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    log_path = tmp_path / "router.log"
+    command = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), *args]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(command, stderr=log_file, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with anyio.fail_after(30):
+            async with httpx2.AsyncClient() as http:
+                while True:  # the port is the subprocess's own: ask until it answers
+                    try:
+                        if (await http.get(f"{url}/readyz")).status_code == 200:
+                            break
+                    except httpx2.TransportError:
+                        assert proc.poll() is None, log_path.read_text()
+                    await anyio.sleep(0.05)
+        yield url, log_path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def authorized_client(url: str, token: str) -> Client:
+    http = httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"})
+    return Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None)
+
+
+async def test_http_refuses_a_missing_or_wrong_token_and_serves_the_right_one(tmp_path: Path) -> None:
+    async with http_router(tmp_path, env={"MCP_AUTH_TOKEN": "s3cret-token"}) as (url, log_path):
+        async with httpx2.AsyncClient(base_url=url, headers=MCP_ACCEPT) as http:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic czNjcmV0LXRva2Vu"}):
+                refused = await http.post("/mcp", json=HELLO, headers=headers)
+                assert refused.status_code == 401
+                assert refused.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
+            assert (await http.get("/healthz")).status_code == 200  # operations endpoints stay outside auth
+        with anyio.fail_after(20):
+            async with authorized_client(url, "s3cret-token") as client:
+                assert text_of(await call(client, "one__echo", {"text": "in"})) == "fake:echo:in"
+    assert "s3cret-token" not in log_path.read_text()
+
+
+async def test_tokens_rotate_through_the_tokens_file_without_a_restart(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one a line\nold-token\n")
+    async with http_router(tmp_path, "--auth-tokens-file", str(tokens)) as (url, _), httpx2.AsyncClient(base_url=url) as http:
+
+        async def status(token: str) -> int:
+            headers = {**MCP_ACCEPT, "authorization": f"Bearer {token}"}
+            return (await http.post("/mcp", json=HELLO, headers=headers)).status_code
+
+        assert (await status("old-token"), await status("new-token")) == (200, 401)
+        rotated = tmp_path / "tokens.next"
+        rotated.write_text("new-token\n")
+        rotated.replace(tokens)
+        assert (await status("old-token"), await status("new-token")) == (401, 200)
+
+
+def test_a_non_loopback_bind_without_auth_refuses_to_start(tmp_path: Path) -> None:
+    args = [sys.executable, str(ROUTER), "--transport", "http", "--host", "0.0.0.0", "--port", str(free_port())]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "without authentication" in proc.stderr and "MCP_AUTH_TOKEN" in proc.stderr and "--allow-unauthenticated" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_jwks_url_without_issuer_and_audience_is_a_clear_error() -> None:
+    settings = mr.parse_config({"server": {"auth": {"jwks_url": "https://idp.example.com/jwks"}}}, {}).settings
+    assert mr.http_service_problems(settings) == [
+        "server.auth.jwks_url needs server.auth.issuer and server.auth.resource_url (the tokens' iss and aud)"
+    ]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+async def test_bad_host_and_origin_are_refused_whatever_the_bind_address(host: str) -> None:
+    # the app is configured for `host` but served on 127.0.0.1: tests never listen beyond loopback
+    async with served(FakeBackend("svc"), server={"host": host, "allowed_hosts": ["mcp.example.com"]}) as (http, _, _):
+        assert (await http.post("/mcp", json=HELLO, headers={"host": "evil.example"})).status_code == 421
+        assert (await http.post("/mcp", json=HELLO, headers={"origin": "http://evil.example"})).status_code == 403
+        assert (await http.post("/mcp", json=HELLO, headers={"host": "mcp.example.com"})).status_code == 200
+        assert (await http.post("/mcp", json=HELLO, headers={"origin": "http://localhost:3000"})).status_code == 200
+        assert (await http.options("/mcp", headers={"origin": "http://localhost:3000"})).headers.get("access-control-allow-origin") is None
+
+
+async def test_cors_answers_only_the_configured_origins() -> None:
+    async with served(FakeBackend("svc"), server={"cors_origins": ["https://app.example.com"]}) as (http, _, _):
+        preflight = {"origin": "https://app.example.com", "access-control-request-method": "POST"}
+        allowed = await http.options("/mcp", headers=preflight)
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        opened = await http.post("/mcp", json=HELLO, headers={"origin": "https://app.example.com"})
+        assert opened.status_code == 200 and "mcp-session-id" in opened.headers["access-control-expose-headers"].lower()
+
+
+async def test_a_body_over_the_limit_gets_413_and_the_next_request_is_served() -> None:
+    async with served(FakeBackend("svc"), server={"limits": {"max_body_bytes": 100_000}}) as (http, _, _):
+        session = await open_session(http)
+        big = rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "x" * 200_000}})
+        refused = await http.post("/mcp", json=big, headers=session)
+        assert refused.status_code == 413
+        assert refused.json()["error"]["code"] == types.INVALID_REQUEST and "max_body_bytes" in refused.json()["error"]["message"]
+        fine = await http.post(
+            "/mcp", json=rpc(3, "tools/call", {"name": "svc__echo", "arguments": {"text": "x" * 50_000}}), headers=session
+        )
+        assert fine.status_code == 200 and fine.json()["result"]["content"][0]["text"] == "svc:echo:" + "x" * 50_000
+
+
+async def test_one_client_cannot_open_more_than_its_share_of_sessions() -> None:
+    async with served(FakeBackend("svc"), server={"limits": {"max_sessions_per_client": 2}}) as (http, _, _):
+        first, _second = await open_session(http), await open_session(http)
+        refused = await http.post("/mcp", json=HELLO)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == mr.LIMIT_EXCEEDED
+        assert (await http.delete("/mcp", headers=first)).status_code == 200
+        await open_session(http)  # an ended session frees its place
+
+
+async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() -> None:
+    fake = FakeBackend("svc")
+    async with served(fake, server={"limits": {"max_requests_per_session": 1}}) as (http, _, _):
+        session = await open_session(http)
+        async with anyio.create_task_group() as tg:
+            hung: list[httpx2.Response] = []
+
+            async def hang() -> None:
+                hung.append(await http.post("/mcp", json=rpc(2, "tools/call", {"name": "svc__hang"}), headers=session))
+
+            tg.start_soon(hang)
+            await fake.hang_started.wait()
+            refused = await http.post("/mcp", json=rpc(3, "tools/call", {"name": "svc__echo"}), headers=session)
+            assert refused.status_code == 429 and "in flight" in refused.json()["error"]["message"]
+            other = await open_session(http)  # other sessions are served meanwhile
+            assert (await http.post("/mcp", json=rpc(4, "tools/call", {"name": "svc__echo"}), headers=other)).status_code == 200
+            fake.release.set()
+        assert hung[0].status_code == 200
+
+
+async def backend_attempts_until(router: mr.Router, done: Callable[[], bool]) -> None:
+    """Wait, attempt by attempt (each connection attempt's end wakes it), until `done()`."""
+    with anyio.fail_after(10):
+        while not done():
+            await router.attempt_ended.wait()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text: `name{labels}` -> value, HELP and TYPE lines checked for every metric family."""
+    samples = {}
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            assert re.sub(r"(_bucket|_sum|_count)$", "", name.split("{")[0]) in families, line
+            samples[name] = float(value)
+    return samples
+
+
+async def test_health_readiness_and_metrics_follow_the_backends() -> None:
+    async with served(FakeBackend("alpha"), FakeBackend("beta"), server={"min_ready": 2}) as (http, router, connectors):
+        assert (await http.get("/healthz")).text == "ok\n"
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.json() == {"ready": True, "needed": 2, "up": ["alpha", "beta"], "down": {}}
+        session = await open_session(http)
+        for i in range(3):
+            await http.post("/mcp", json=rpc(10 + i, "tools/call", {"name": "alpha__echo"}), headers=session)
+        await http.post("/mcp", json=rpc(20, "tools/call", {"name": "alpha__fail"}), headers=session)
+        await http.post("/mcp", json=rpc(21, "tools/call", {"name": "beta__broken"}), headers=session)
+
+        connectors["beta"].refuse = True
+        connectors["beta"].cut()
+        await backend_attempts_until(router, lambda: router.backends["beta"].state != "ready")
+        down = await http.get("/readyz")
+        assert down.status_code == 503 and list(down.json()["down"]) == ["beta"] and down.json()["up"] == ["alpha"]
+
+        metrics = await http.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = parse_metrics(metrics.text)
+        call_ok = 'mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="ok"}'
+        assert samples[call_ok] == 3
+        assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="error"}'] == 1
+        assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="beta",outcome="tool_error"}'] == 1
+        inf = 'mcp_server_operation_duration_seconds_bucket{mcp_method_name="tools/call",backend="alpha",le="+Inf"}'
+        assert samples[inf] == 4
+        assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 4
+        assert samples['mcp_router_backend_up{backend="alpha"}'] == 1 and samples['mcp_router_backend_up{backend="beta"}'] == 0
+        assert samples['mcp_router_backend_circuit_state{backend="alpha",state="closed"}'] == 1
+        assert samples['mcp_router_backend_restarts_total{backend="beta"}'] >= 1
+        assert samples["mcp_router_sessions"] == 1 and samples["mcp_router_in_flight"] == 0
+
+        connectors["beta"].refuse = False
+        router.restart_backend("beta")
+        await backend_attempts_until(router, lambda: router.backends["beta"].state == "ready")
+        assert (await http.get("/readyz")).json()["up"] == ["alpha", "beta"]
+
+
 # ---------------------------------------------------------------------------- the fake backend as a program
 
 
