@@ -5037,7 +5037,8 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         middleware = [Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)), Middleware(AuthContextMiddleware)]
         protect = functools.partial(RequireAuthMiddleware, required_scopes=[], resource_metadata_url=metadata_url)
         if metadata_url is not None and resource is not None:
-            metadata_routes = create_protected_resource_routes(resource, [AnyHttpUrl(cast(str, settings.auth_issuer))])
+            # strings, not AnyHttpUrl: the SDK's model keeps a path-less issuer as written (issuers compare exactly)
+            metadata_routes = create_protected_resource_routes(cast(Any, settings.auth_resource_url), [cast(Any, settings.auth_issuer)])
     if settings.cors_origins:
         middleware.insert(0, Middleware(
             CORSMiddleware,

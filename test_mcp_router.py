@@ -3178,12 +3178,15 @@ async def served(
     listening = mr.bind("127.0.0.1", 0)
     port = listening.getsockname()[1]
     web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), log_level="warning"))
-    async with router.running(), anyio.create_task_group() as tg:
-        tg.start_soon(lambda: web.serve(sockets=[listening]))
-        await router.wait_ready()
-        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
-            yield http, router, connectors
-        web.should_exit = True
+    with listening:
+        async with router.running(), anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[listening]))
+            await router.wait_ready()
+            try:
+                async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
+                    yield http, router, connectors
+            finally:
+                web.should_exit = True
 
 
 async def open_session(http: httpx2.AsyncClient, **headers: str) -> dict[str, str]:
@@ -3387,6 +3390,114 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         router.restart_backend("beta")
         await backend_attempts_until(router, lambda: router.backends["beta"].state == "ready")
         assert (await http.get("/readyz")).json()["up"] == ["alpha", "beta"]
+
+
+class Issuer:
+    """An OAuth authorization server as far as a resource server sees it: RSA keys, a JWKS served on 127.0.0.1, tokens."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.keys = {kid: rsa.generate_private_key(public_exponent=65537, key_size=2048) for kid in ("k1", "k2")}
+        self.published = ["k1"]
+        self.fetches = 0
+        self.listening = mr.bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.listening.getsockname()[1]}"
+
+    def jwks(self) -> dict[str, Any]:
+        from jwt.algorithms import RSAAlgorithm
+
+        keys = [
+            {**RSAAlgorithm.to_jwk(self.keys[k].public_key(), as_dict=True), "kid": k, "alg": "RS256", "use": "sig"} for k in self.published
+        ]
+        return {"keys": keys}
+
+    def token(self, audience: str, *, kid: str = "k1", issuer: str | None = None, expires_in: float = 300) -> str:
+        import time
+
+        import jwt
+
+        claims = {"iss": issuer or self.url, "aud": audience, "sub": "alice", "client_id": "agent-7", "exp": int(time.time() + expires_in)}
+        return jwt.encode(claims, self.keys[kid], algorithm="RS256", headers={"kid": kid})
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Issuer]:
+        import uvicorn
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            self.fetches += 1
+            body = json.dumps(self.jwks()).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+
+        web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        with self.listening:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: web.serve(sockets=[self.listening]))
+                try:
+                    yield self
+                finally:
+                    web.should_exit = True
+
+
+async def test_jwt_access_tokens_are_checked_against_the_issuers_keys(tmp_path: Path) -> None:
+    port = free_port()
+    resource = f"http://127.0.0.1:{port}/mcp"
+    async with Issuer().serving() as issuer:
+        auth = ["--auth-issuer", issuer.url, "--auth-jwks-url", f"{issuer.url}/jwks", "--auth-resource-url", resource]
+        config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+        args = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), *auth]
+        proc = await anyio.open_process(args, stderr=subprocess.DEVNULL)
+        try:
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
+                with anyio.fail_after(30):
+                    while True:
+                        try:
+                            metadata = await http.get("/.well-known/oauth-protected-resource/mcp")
+                            break
+                        except httpx2.TransportError:
+                            await anyio.sleep(0.05)
+                assert metadata.json()["resource"] == resource and metadata.json()["authorization_servers"] == [issuer.url]
+
+                async def answer(token: str) -> httpx2.Response:
+                    return await http.post("/mcp", json=HELLO, headers={"authorization": f"Bearer {token}"})
+
+                assert (await answer(issuer.token(resource))).status_code == 200
+                refused = {
+                    "expired": issuer.token(resource, expires_in=-120),
+                    "wrong audience": issuer.token("http://elsewhere.example/mcp"),
+                    "wrong issuer": issuer.token(resource, issuer="http://impostor.example"),
+                    "unknown key id": issuer.token(resource, kid="k2"),
+                    "not a JWT": "garbage",
+                }
+                for why, token in refused.items():
+                    response = await answer(token)
+                    assert response.status_code == 401, why
+                    metadata_url = f'resource_metadata="http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp"'
+                    assert metadata_url in response.headers["www-authenticate"], why
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_a_new_signing_key_is_fetched_on_its_first_token_but_unknown_ids_cannot_flood_the_issuer() -> None:
+    clock = FakeClock()
+    async with Issuer().serving() as issuer:
+        verifier = mr.JwtVerifier(issuer.url, "https://mcp.example.com/mcp", f"{issuer.url}/jwks", clock=clock)
+        assert (await verifier.verify_token(issuer.token("https://mcp.example.com/mcp"))) is not None
+        assert issuer.fetches == 1
+        issuer.published.append("k2")  # the issuer rotates in a new key
+        rotated = issuer.token("https://mcp.example.com/mcp", kid="k2")
+        assert await verifier.verify_token(rotated) is None  # within JWKS_MIN_REFETCH of the last fetch: not fetched again
+        assert issuer.fetches == 1
+        clock.advance(mr.JWKS_MIN_REFETCH)
+        accepted = await verifier.verify_token(rotated)
+        assert accepted is not None and issuer.fetches == 2
+        assert (accepted.client_id, accepted.subject, accepted.resource) == ("agent-7", "alice", "https://mcp.example.com/mcp")
+        assert await verifier.verify_token(issuer.token("https://mcp.example.com/mcp", kid="k2")) is not None
+        assert issuer.fetches == 2  # known keys are not fetched again
 
 
 # ---------------------------------------------------------------------------- the fake backend as a program
