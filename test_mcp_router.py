@@ -175,6 +175,9 @@ class FakeBackend:
                 raise MCPError(types.INVALID_REQUEST, "Session not found")
             if params.name in self.result_for:
                 return self.result_for[params.name]
+            if params.name == "nap":  # listed only by the fake as a program: says it has started, then sleeps
+                await ctx.session.report_progress(0, None, "napping")
+                await anyio.sleep(float(args.get("text", "1")))
             if params.name == "fail":
                 raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
@@ -3198,9 +3201,11 @@ async def open_session(http: httpx2.AsyncClient, **headers: str) -> dict[str, st
 
 
 @asynccontextmanager
-async def http_router(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[str, Path]]:
-    """The router as a real HTTP subprocess on 127.0.0.1 with one stdio fake behind it; yields its URL and its log file."""
-    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+async def http_router(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, backends: list[dict[str, Any]] | None = None
+) -> AsyncIterator[tuple[str, Path]]:
+    """The router as a real HTTP subprocess on 127.0.0.1 (by default one stdio fake behind it); yields its URL and log file."""
+    config = write_config(tmp_path, backends or [{"name": "one", **fake_backend_command()}])
     port = free_port()
     log_path = tmp_path / "router.log"
     command = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), *args]
@@ -3219,8 +3224,9 @@ async def http_router(tmp_path: Path, *args: str, env: dict[str, str] | None = N
                     await anyio.sleep(0.05)
         yield url, log_path
     finally:
-        proc.terminate()
-        proc.wait(10)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
 
 
 def authorized_client(url: str, token: str) -> Client:
@@ -3340,6 +3346,63 @@ async def backend_attempts_until(router: mr.Router, done: Callable[[], bool]) ->
     with anyio.fail_after(10):
         while not done():
             await router.attempt_ended.wait()
+
+
+async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: Path) -> None:
+    secrets = {"ENV_SECRET": "env-6a1f", "HEADER_SECRET": "hdr-93c2", "URL_PASSWORD": "pw-55d0", "MCP_AUTH_TOKEN": "tok-7e4b"}
+    backends = [
+        {"name": "one", "env": {"API_KEY": "${ENV_SECRET}"}, **fake_backend_command()},
+        {"name": "remote", "url": "http://user:${URL_PASSWORD}@127.0.0.1:1/mcp", "headers": {"X-Key": "${HEADER_SECRET}"}},
+    ]
+    seen: list[str] = []
+    async with http_router(tmp_path, "--log-level", "DEBUG", env=secrets, backends=backends) as (url, log_path):
+        async with httpx2.AsyncClient(base_url=url, headers=MCP_ACCEPT) as http:
+            seen += [(await http.get(path)).text for path in mr.OPERATIONS_PATHS]
+            seen.append((await http.post("/mcp", json=HELLO, headers={"authorization": "Bearer tok-7e4"})).text)
+        with anyio.fail_after(20):
+            async with authorized_client(url, "tok-7e4b") as client:
+                for name, arguments in [("list_backends", {}), ("get_backend_health", {"name": "remote"}), ("remote__x", {})]:
+                    try:
+                        seen.append((await call(client, name, arguments)).model_dump_json())
+                    except MCPError as err:
+                        seen.append(str(err.error))
+        log_text = log_path.read_text()
+    assert "remote" in seen[-2] and "Unknown tool" in seen[-1]
+    for secret in secrets.values():
+        assert all(secret not in text for text in seen), secret
+        assert secret not in log_text, secret
+
+
+async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    proc = subprocess.Popen(args)
+    try:
+        await wait_for_http_router(port)
+        started = anyio.Event()
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            started.set()
+
+        with anyio.fail_after(30):
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client, anyio.create_task_group() as tg:
+                answers: list[types.CallToolResult] = []
+
+                async def nap() -> None:
+                    # longer than the 2 s grace shutdown had before draining waited for calls
+                    request = types.CallToolRequest(params=types.CallToolRequestParams(name="one__nap", arguments={"text": "2.5"}))
+                    answers.append(await client.session.send_request(request, types.CallToolResult, progress_callback=on_progress))
+
+                tg.start_soon(nap)
+                await started.wait()
+                proc.send_signal(signal.SIGTERM)
+            assert text_of(answers[0]) == "fake:nap:2.5"
+            assert await anyio.to_thread.run_sync(proc.wait) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -3515,7 +3578,7 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--escape", action="store_true", help="start a child that leaves for a session of its own")
     parser.add_argument("--stubborn", action="store_true", help="ignore SIGTERM and stdin EOF")
     args = parser.parse_args(argv)
-    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ", "escapee")]
+    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ", "escapee", "nap")]
     if args.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.escape:  # the child says when it has left, so the test never races its setsid
