@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -3561,6 +3562,78 @@ async def test_a_new_signing_key_is_fetched_on_its_first_token_but_unknown_ids_c
         assert (accepted.client_id, accepted.subject, accepted.resource) == ("agent-7", "alice", "https://mcp.example.com/mcp")
         assert await verifier.verify_token(issuer.token("https://mcp.example.com/mcp", kid="k2")) is not None
         assert issuer.fetches == 2  # known keys are not fetched again
+
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+
+
+def readme_nginx_config(listen: int, upstreams: list[int]) -> str:
+    """The README's nginx block, pointed at the test's replicas and port."""
+    block = re.search(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    assert block is not None, "README lacks its nginx configuration"
+    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in upstreams)
+    text = re.sub(r"(    server \d+\.\d+\.\d+\.\d+:\d+;\n)+", servers, block[1], count=1)
+    return text.replace("listen 80;", f"listen 127.0.0.1:{listen};")
+
+
+@asynccontextmanager
+async def nginx_in_front(tmp_path: Path, upstreams: list[int]) -> AsyncIterator[int]:
+    """nginx on a free 127.0.0.1 port with the README's config, in the foreground, everything of its own in tmp_path."""
+    assert NGINX is not None
+    port = free_port()
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    temp_paths = "".join(f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (prefix / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+        f"events {{ worker_connections 256; }}\nhttp {{\n    access_log off;\n{temp_paths}"
+        f"{readme_nginx_config(port, upstreams)}}}\n"
+    )
+    proc = await anyio.open_process([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")])
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@pytest.mark.skipif(NGINX is None and not os.environ.get("CI"), reason="nginx is not installed (.ci/run installs it)")
+async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losing_one(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    ports = [free_port(), free_port()]
+    base = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--stateless", "--log-level", "WARNING"]
+    replicas = [subprocess.Popen([*base, "--port", str(port)]) for port in ports]
+
+    async def tool_calls(http: httpx2.AsyncClient, port: int) -> float:
+        samples = parse_metrics((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
+        return samples.get('mcp_router_requests_total{mcp_method_name="tools/call",backend="one",outcome="ok"}', 0)
+
+    try:
+        for port in ports:
+            await wait_for_http_router(port)
+        async with nginx_in_front(tmp_path, ports) as front, httpx2.AsyncClient() as http:
+            with anyio.fail_after(60):
+                while True:  # nginx starts in the background: ask until it answers
+                    try:
+                        await http.get(f"http://127.0.0.1:{front}/healthz")
+                        break
+                    except httpx2.TransportError:
+                        await anyio.sleep(0.05)
+                async with Client(f"http://127.0.0.1:{front}/mcp", mode="legacy", cache=None) as client:
+                    for i in range(50):
+                        assert text_of(await call(client, "one__echo", {"text": str(i)})) == f"fake:echo:{i}"
+                    before = [await tool_calls(http, port) for port in ports]
+                    assert sum(before) == 50 and min(before) > 0  # both replicas served
+                    replicas[0].kill()
+                    replicas[0].wait()
+                    for i in range(50, 100):  # every call after the kill succeeds through the other replica
+                        assert text_of(await call(client, "one__echo", {"text": str(i)})) == f"fake:echo:{i}"
+                    assert await tool_calls(http, ports[1]) == before[1] + 50
+    finally:
+        for replica in replicas:
+            if replica.poll() is None:
+                replica.terminate()
+                replica.wait(10)
 
 
 # ---------------------------------------------------------------------------- the fake backend as a program
