@@ -3406,6 +3406,15 @@ async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -
             proc.wait()
 
 
+async def test_older_clients_use_the_legacy_sse_transport() -> None:
+    async with served(FakeBackend("svc"), server={"transport": "sse"}) as (http, _, _):
+        assert (await http.get("/sse", headers={"host": "evil.example"})).status_code == 421
+        async with Client(mr.sse_client(f"{http.base_url}/sse"), mode="legacy", cache=None) as client:
+            assert "svc__echo" in {t.name for t in (await client.list_tools()).tools}
+            assert text_of(await call(client, "svc__echo", {"text": "old"})) == "svc:echo:old"
+            assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 1
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text: `name{labels}` -> value, HELP and TYPE lines checked for every metric family."""
     samples = {}
