@@ -3415,6 +3415,43 @@ async def test_older_clients_use_the_legacy_sse_transport() -> None:
             assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 1
 
 
+async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_and_the_router_recovers(tmp_path: Path) -> None:
+    import resource
+
+    def low_file_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port)]
+    env = {**os.environ, "MCP_HEADER_TIMEOUT_SECONDS": "1"}
+    log_path = tmp_path / "router.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(args, stderr=log_file, env=env, preexec_fn=low_file_limit)
+    try:
+        await wait_for_http_router(port)
+        with anyio.fail_after(30):
+            idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)]  # more than the 160 descriptors allow
+            answers = []
+            for stream in idle:  # each is refused at once with a JSON-RPC 503, or closed when its headers are overdue
+                received = b""
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        received += await stream.receive()
+                answers.append(received)
+                await stream.aclose()
+            refused = [a for a in answers if a]
+            assert refused and all(a.startswith(b"HTTP/1.1 503") and b'"too many open connections"' in a for a in refused)
+            assert len(refused) < len(answers)  # the others were held open until the header timeout
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                assert text_of(await call(client, "one__echo", {"text": "back"})) == "fake:echo:back"
+        log_text = log_path.read_text()
+        assert log_text.count("refusing more") == 1 and "Traceback" not in log_text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text: `name{labels}` -> value, HELP and TYPE lines checked for every metric family."""
     samples = {}
