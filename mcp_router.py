@@ -4865,6 +4865,13 @@ class Metrics:
 
 def _metrics_target(router: Router, method: str, params: Any) -> str:
     """The backend label of a request: the backend (or replicas, joined by +) its name routes to; else the router."""
+    try:
+        return _routed_to(router, method, params)
+    except (AttributeError, TypeError, ValueError):  # a broken catalogue is the request's error to report, not the metrics'
+        return "router"
+
+
+def _routed_to(router: Router, method: str, params: Any) -> str:
     name = params.get("name") if isinstance(params, Mapping) else None
     entry = None
     if method == "tools/call" and isinstance(name, str):
