@@ -4806,19 +4806,25 @@ class Metrics:
         self.latency: dict[tuple[str, str], list[float]] = {}
         """(method, backend): a count per bucket (the last for +Inf), then the sum."""
         self.in_flight = 0
-        self.idle = anyio.Event()
-        self.idle.set()
+        self._idle: anyio.Event | None = None
+        """Made only while a drain waits: an event per request would cost more than the rest of the bookkeeping."""
 
     def started(self) -> None:
-        if not self.in_flight:
-            self.idle = anyio.Event()
         self.in_flight += 1
+
+    async def idle(self) -> None:
+        """Return once no request is in flight."""
+        if self.in_flight:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
 
     def observe(self, method: str, backend: str, outcome: str, seconds: float) -> None:
         """One finished request: outcome is ok, tool_error (an isError result), error (a JSON-RPC error) or cancelled."""
         self.in_flight -= 1
-        if not self.in_flight:
-            self.idle.set()
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
+            self._idle = None
         key = (method, backend, outcome)
         self.requests[key] = self.requests.get(key, 0) + 1
         histogram = self.latency.get((method, backend))
@@ -5177,7 +5183,7 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
             await stop.wait()
             web.should_exit = True  # uvicorn stops accepting and closes idle connections
             with anyio.move_on_after(settings.drain_seconds):
-                await server.metrics.idle.wait()
+                await server.metrics.idle()
             if server.metrics.in_flight:
                 log.warning("%d call(s) still running after %gs (server.drain_seconds); ending them", server.metrics.in_flight,
                             settings.drain_seconds)  # fmt: skip
