@@ -5,6 +5,7 @@
 #     "mcp>=2.3,<3",
 #     "pyyaml>=6",
 #     "pytest>=8",
+#     "pytest-xdist>=3",
 # ]
 # ///
 """The whole test suite of mcp_router.py.
@@ -3733,4 +3734,5 @@ if __name__ == "__main__":
         run_fake_backend(sys.argv[1:])
     else:
         # a fresh interpreter, so pytest can rewrite the asserts of modules this one already imported
-        raise SystemExit(subprocess.call([sys.executable, "-m", "pytest", __file__, *sys.argv[1:]]))
+        # two workers: most of the suite's time is real processes starting and answering, which overlaps well
+        raise SystemExit(subprocess.call([sys.executable, "-m", "pytest", __file__, "-n", "2", *sys.argv[1:]]))
