@@ -92,6 +92,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections import ChainMap, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator, Mapping, Sequence
@@ -4476,24 +4477,90 @@ def _guard(handler: Callable[..., Awaitable[Any]]) -> Any:
 # ---------------------------------------------------------------------------- serving
 
 
+class _FileWriter:
+    """The part of asyncio.StreamWriter that LineWriter uses, writing in place to a terminal or a file.
+
+    The event loop cannot watch those; a write to them is quick, and it never waits for a reader.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self._fd is not None:
+            view = view[os.write(self._fd, view) :]
+
+    async def drain(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _thread_fed_reader(fd: int) -> asyncio.StreamReader:
+    """A StreamReader over a terminal or file, read by a daemon thread: a signal then never waits for Enter or Ctrl-D,
+    as it would for the SDK's worker thread, and the thread ends with the process. The thread closes `fd`."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 30)
+
+    def pump() -> None:
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                loop.call_soon_threadsafe(reader.feed_data, chunk)
+            loop.call_soon_threadsafe(reader.feed_eof)
+        except (OSError, RuntimeError):  # RuntimeError: the loop has closed, the router is stopping
+            pass
+        finally:
+            os.close(fd)
+
+    threading.Thread(target=pump, name="mcp-router stdin", daemon=True).start()
+    return reader
+
+
+def _is_pipe(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 @contextlib.asynccontextmanager
-async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
+async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter]]:
     """The wire on private copies of fds 0 and 1, while fd 0 reads /dev/null and fd 1 writes to stderr.
 
-    Only for pipes and sockets (how MCP clients start servers); anything else gets the SDK's own transport.
+    Pipes and sockets (how MCP clients start servers) are read and written by the event loop; a terminal or
+    a file, which the event loop cannot watch, by `_thread_fed_reader` and `_FileWriter`.
     """
-    if not all(stat.S_ISFIFO(m) or stat.S_ISSOCK(m) for m in (os.fstat(0).st_mode, os.fstat(1).st_mode)):
-        yield None
-        return
+    piped_in, piped_out = _is_pipe(0), _is_pipe(1)
     wire_in, wire_out = os.dup(0), os.dup(1)
     saved_in, saved_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stray print() must never corrupt the protocol stream
     os.close(devnull)
+    loop = asyncio.get_running_loop()
     try:
-        async with _line_pipes(os.fdopen(wire_in, "rb", 0), os.fdopen(wire_out, "wb", 0), answer_errors=True) as pipes:
-            yield pipes
+        async with AsyncExitStack() as stack:
+            if piped_in:
+                reader = asyncio.StreamReader(limit=1 << 30)
+                transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0))
+                stack.callback(transport.close)
+            else:
+                reader = _thread_fed_reader(wire_in)
+            writer: Any
+            if piped_out:
+                protocol_factory = lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader())  # noqa: E731
+                write_transport, protocol = await loop.connect_write_pipe(protocol_factory, os.fdopen(wire_out, "wb", 0))
+                stack.callback(write_transport.close)
+                writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
+            else:
+                writer = _FileWriter(wire_out)
+                stack.callback(writer.close)
+            yield LineReader(reader, answer_errors_to=writer), LineWriter(writer)
     finally:
         os.dup2(saved_in, 0)
         os.dup2(saved_out, 1)
@@ -4502,15 +4569,10 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
 
 
 async def serve_stdio(server: Server[Any], router: Router) -> None:
-    from mcp.server.stdio import stdio_server
-
     await router.wait_ready()  # the client's initialize waits in the pipe; its answer then carries the backends' instructions
-    async with _stdio_pipes() as pipes:
-        if pipes is not None:
-            await server.run(*pipes, server.create_initialization_options())
-            return
-        async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+    async with _stdio_pipes() as (read, write):
+        log.info("serving MCP over stdio")
+        await server.run(read, write, server.create_initialization_options())
 
 
 class PlainRefusals:
@@ -5195,7 +5257,10 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
 
 
 async def run_router(started: Started) -> None:
-    """Start the backends (taking the stdio ones launched already) and serve until the client leaves or a signal arrives."""
+    """Start the backends (taking the stdio ones launched already) and serve until the client leaves or a signal arrives.
+
+    SIGINT and SIGTERM stop the router, whatever its stdin and stdout are; SIGHUP reloads the configuration.
+    """
     config, listening, launched = started.config, started.listening, started.launched
     router = Router(config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched})
     server = build_server(router)
@@ -5207,7 +5272,10 @@ async def run_router(started: Started) -> None:
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
-                    log.info("received %s; shutting down (again to force)", signal.Signals(signum).name)
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP; nothing to reload")
+                        continue
+                    log.info("received %s; stopping", signal.Signals(signum).name)
                     stop.set()
                     if config.settings.transport == "stdio":
                         tg.cancel_scope.cancel()

@@ -3682,6 +3682,49 @@ async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losin
                 replica.wait(10)
 
 
+async def lines_until(stream: Any, wanted: str, seen: list[str] | None = None) -> list[str]:
+    """Read a subprocess's stderr line by line until one contains `wanted`; bound it with fail_after."""
+    seen = [] if seen is None else seen
+    buffer = b""
+    while not any(wanted in line for line in seen):
+        chunk = await stream.receive()
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        seen += [line.decode(errors="replace") for line in complete]
+    return seen
+
+
+@pytest.mark.parametrize("stdin_kind", ["terminal", "never-closing pipe"])
+async def test_sigint_stops_the_router_within_the_stop_grace_whatever_stdin_is(tmp_path: Path, stdin_kind: str) -> None:
+    import pty
+
+    pid_file = tmp_path / "backend.pid"
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command("--pid-file", str(pid_file))}])
+    controller, terminal = pty.openpty()
+    stdin: Any = terminal if stdin_kind == "terminal" else subprocess.PIPE
+    stdout: Any = (tmp_path / "out.txt").open("wb") if stdin_kind != "terminal" else subprocess.PIPE  # a file, or a pipe
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "INFO"]
+    try:
+        async with await anyio.open_process(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE) as proc:
+            try:
+                with anyio.fail_after(30):
+                    await lines_until(proc.stderr, "serving MCP over stdio")
+                backend_pid = int(pid_file.read_text())
+                assert alive(backend_pid)
+                proc.send_signal(signal.SIGINT)
+                with anyio.fail_after(mr.STOP_GRACE + 3):
+                    assert await proc.wait() == 0
+                assert not alive(backend_pid)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+        if not isinstance(stdout, int):
+            stdout.close()
+
+
 # ---------------------------------------------------------------------------- the fake backend as a program
 
 
@@ -3696,7 +3739,10 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--token", help="ignored: stands for a secret given on the command line")
     parser.add_argument("--escape", action="store_true", help="start a child that leaves for a session of its own")
     parser.add_argument("--stubborn", action="store_true", help="ignore SIGTERM and stdin EOF")
+    parser.add_argument("--pid-file", type=Path)
     args = parser.parse_args(argv)
+    if args.pid_file:
+        args.pid_file.write_text(str(os.getpid()))
     own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ", "escapee", "nap")]
     if args.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
