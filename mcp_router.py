@@ -1685,10 +1685,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- start-up
-# Importing the SDK costs the router about 0.6 s of CPU, and stdio backends (npx, uvx, Python servers)
-# take as long or longer to start. So nothing above the next section needs the SDK: run as a program
-# (a script, or the installed `mcp-router` command), the router reads its command line and configuration and launches its stdio backends here, then
-# imports the SDK while they start. The two waits overlap instead of adding up.
+# Nothing in this section needs the SDK, which is imported after it: see "the one thing done while the module imports".
 
 BASIC_ENV: Final = frozenset(
     (
@@ -1895,41 +1892,93 @@ class RedactSecrets(logging.Filter):
 log_redaction = RedactSecrets()
 
 
+# -- the command line (all of it: flags, subcommands, help)
+
+COMMANDS: Final = {
+    "serve": "serve the backends to one MCP client over stdio, or to many over HTTP (the default)",
+    "check": "start every backend once and report how each did; exit 1 if any failed",
+    "tools": "list the tools a client sees, with their backend and original name",
+    "call": "call one tool through the router and print its result; exit 1 if it failed",
+}
+CLIENT_TOOL_LIMITS: Final = ((128, "OpenAI's API (128 functions)"), (40, "Cursor (about 40 tools)"))
+"""Tool counts past which popular clients drop or refuse tools, the tightest last."""
+CHECK_TIMEOUT: Final = 60.0
+"""Default seconds `check`, `tools` and `call` wait for backends to start."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mcp-router",
-        description="One MCP server in front of many: namespaced tools, resources and prompts, with health checks, circuit breakers and retries.",
-        epilog=(
-            "examples:\n"
-            "  mcp_router.py --config backends.yaml                 serve over stdio (for Claude Desktop, Cursor, ...)\n"
-            "  mcp_router.py --config backends.yaml --transport http --port 8000\n"
-            "\n"
-            "settings also come from MCP_* environment variables and the YAML file; "
-            "precedence: flags > environment > YAML > defaults."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
+    """The parser of every subcommand; `prog` is the name the program was invoked by."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--config",
         "-c",
         metavar="PATH",
-        help="backends file (YAML, or JSON with mcpServers); default: $MCP_BACKENDS_CONFIG, else ./backends.yaml",
+        help="backends file: YAML, or the JSON/TOML of Claude, Cursor, VS Code, Windsurf or Codex; "
+        "default: $MCP_BACKENDS_CONFIG, else ./backends.yaml",
     )
     for s in SETTINGS:
         if s.flag is None:
             continue
         if s.kind is bool:
-            parser.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
+            common.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
         elif isinstance(s.kind, tuple):
-            parser.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
+            common.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
         elif s.kind is list:
-            parser.add_argument(
+            common.add_argument(
                 s.flag, dest=s.field, type=functools.partial(_from_text, kind=list), metavar="A,B", help=f"{s.help} (env {s.env})"
             )
         else:
-            parser.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
+            common.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
+    common.add_argument("--debug", dest="log_level", action="store_const", const="DEBUG", help="same as --log-level debug")
+    waits = argparse.ArgumentParser(add_help=False)
+    waits.add_argument("--timeout", type=float, default=CHECK_TIMEOUT, metavar="SECONDS", help="how long backends may take to start")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser = argparse.ArgumentParser(
+        description="One MCP server in front of many: namespaced tools, resources and prompts, with health checks, circuit breakers and retries.",
+        epilog=(
+            "examples:\n"
+            "  %(prog)s --config backends.yaml                 serve over stdio (for Claude Desktop, Cursor, ...)\n"
+            "  %(prog)s --config backends.yaml --transport http --port 8000\n"
+            "  %(prog)s check --config backends.yaml           start every backend once and report\n"
+            "  %(prog)s tools --config backends.yaml 'github__*'\n"
+            '  %(prog)s call --config backends.yaml time__get_current_time \'{"timezone": "UTC"}\'\n'
+            "\n"
+            "settings also come from MCP_* environment variables and the YAML file; "
+            "precedence: flags > environment > YAML > defaults. SIGHUP, or saving the file, reloads the backends."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],  # for --help only: the command line always names a subcommand once parsed
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, summary in COMMANDS.items():
+        extra = {"serve": [], "check": [waits, as_json], "tools": [waits, as_json], "call": [waits]}[name]
+        command = commands.add_parser(name, parents=[common, *extra], help=summary, description=summary)
+        if name == "tools":
+            command.add_argument("pattern", nargs="?", default="*", metavar="GLOB", help="only the names that match, e.g. 'github__*'")
+        elif name == "call":
+            command.add_argument("tool", metavar="TOOL", help="the tool's exposed name, as `tools` lists it")
+            command.add_argument("arguments", nargs="?", default={}, type=_json_object, metavar="JSON", help="the arguments, a JSON object")
     return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of arguments, got {_describe(value)}")
+    return value
+
+
+def parse_command_line(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed command line; without a subcommand it is `serve`, so `--config FILE` alone keeps serving."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    return build_parser().parse_args(argv)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -1973,17 +2022,19 @@ def http_service_problems(settings: Settings) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Started:
+    args: argparse.Namespace
+    """The parsed command line; `args.command` is the subcommand."""
     config: Config
     listening: socket.socket | None
-    """The HTTP socket, when the transport is HTTP."""
+    """The HTTP socket, when serving over HTTP."""
     launched: dict[str, subprocess.Popen[bytes]]
-    """The enabled stdio backends' processes by backend name, for their first connections to take."""
+    """For `serve`, the enabled stdio backends' processes by backend name, for their first connections to take."""
 
 
 def start(argv: Sequence[str] | None) -> Started | int:
     """All that comes before the SDK: the command line, logging, the configuration (exit status 2 if it is
-    unusable), the HTTP socket (1 if it cannot be had) and the stdio backends' launch."""
-    args = build_parser().parse_args(argv)
+    unusable) and, to serve, the HTTP socket (1 if it cannot be had) and the stdio backends' launch."""
+    args = parse_command_line(argv)
     overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS}
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -1993,12 +2044,15 @@ def start(argv: Sequence[str] | None) -> Started | int:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(config.settings.log_level)
+    quiet = args.command != "serve" and args.log_level is None  # a report on stdout needs no progress log
+    logging.getLogger().setLevel("WARNING" if quiet else config.settings.log_level)
     log_redaction.secrets = config.secrets()
     for handler in logging.getLogger().handlers:
         handler.addFilter(log_redaction)
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.command != "serve":
+        return Started(args, config, None, {})
     settings = config.settings
     serves_http = settings.transport in ("http", "sse")
     if serves_http and (problems := http_service_problems(settings)):
@@ -2016,13 +2070,29 @@ def start(argv: Sequence[str] | None) -> Started | int:
         if backend.enabled and backend.transport == "stdio":
             with contextlib.suppress(RouterError):  # its supervisor tries again, says why, and retries with backoff
                 launched[backend.name] = launch(backend)
-    return Started(config, listening, launched)
+    return Started(args, config, listening, launched)
 
 
-RUN_AS_PROGRAM: Final = __name__ == "__main__" or Path((sys.argv or [""])[0]).name in ("mcp-router", "mcp-router.exe")
-"""Run as a script, or as the installed `mcp-router` command (which imports this module, then calls main())."""
+# -- the one thing done while the module imports
+# Importing the SDK takes about 0.6 s, as long as stdio backends (npx, uvx, Python servers) take to start. Run as a
+# program, the router parses its command line here and, to serve, launches its stdio backends, which then start while
+# the SDK below is imported: start-up takes about as long as the slowest backend, not that plus the import.
+# Imported as a module (tests, other programs), nothing happens until main() is called.
+
+
+def run_as_program(module_name: str, argv0: str) -> bool:
+    """Run as a script (`__main__`), or as the installed `mcp-router` command, which imports this module, then calls main()."""
+    return module_name == "__main__" or Path(argv0).name in ("mcp-router", "mcp-router.exe")
+
+
+def _stop_quietly(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # Ctrl-C before serving: no traceback of an import in progress
+
+
+RUN_AS_PROGRAM: Final = run_as_program(__name__, (sys.argv or [""])[0])
+if RUN_AS_PROGRAM:
+    signal.signal(signal.SIGINT, _stop_quietly)  # the router's own handling replaces it once it serves
 STARTED: Final = start(None) if RUN_AS_PROGRAM else None
-"""Run as a program, the router starts here, so its stdio backends start while the SDK below is imported."""
 if isinstance(STARTED, int):
     raise SystemExit(STARTED)  # no need to load the SDK to say that the configuration is unusable
 
@@ -2035,6 +2105,7 @@ import mcp_types as types
 import pydantic
 import pydantic_core
 from mcp.client._probe import negotiate_auto
+from mcp.client.client import Client
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -5296,21 +5367,172 @@ async def run_router(started: Started) -> None:
 
 
 # ---------------------------------------------------------------------------- CLI
+# The subcommands other than serve. Each runs a Router of its own and reaches it as a client would, through an
+# in-memory MCP client connected to build_server(router): what they show is what a client gets.
+
+
+def _print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], file: Any = None) -> None:
+    cells = [[str(h) for h in headers], *([("" if c is None else str(c)) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=file or sys.stdout)
+
+
+async def _show_starting(router: Router, began: float) -> None:
+    """Which backends are still starting, on stderr: one updating line on a terminal, a plain line per change otherwise."""
+    terminal = sys.stderr.isatty()
+    shown = None
+    while True:
+        waiting = [b.name for b in router.backends.values() if not b.first_attempt_done.is_set()]
+        text = f"starting: {', '.join(waiting)} ({time.monotonic() - began:.0f} s)" if waiting else ""
+        if terminal:
+            sys.stderr.write(f"\r\x1b[K{text}")
+            sys.stderr.flush()
+        elif waiting and waiting != shown:
+            print(f"still starting: {', '.join(waiting)}" if shown else text, file=sys.stderr)
+        shown = waiting
+        with anyio.move_on_after(0.5 if terminal else math.inf):
+            await router.attempt_ended.wait()
+
+
+async def _started_router(router: Router, timeout: float) -> dict[str, float]:
+    """Wait, within `timeout`, for every backend's first connection attempt; the seconds each took, by name."""
+    began = time.monotonic()
+    took: dict[str, float] = {}
+
+    async def timed(backend: Backend) -> None:
+        await backend.first_attempt_done.wait()
+        took[backend.name] = time.monotonic() - began
+
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_show_starting, router, began)
+            async with anyio.create_task_group() as attempts:
+                for backend in router.backends.values():
+                    attempts.start_soon(timed, backend)
+            tg.cancel_scope.cancel()
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")
+    return took
+
+
+def _check_row(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    era = f"{r['era']} {r['protocol_version']}" if r["protocol_version"] else None
+    seconds = f"{r['startup_seconds']:.2f}s" if r["startup_seconds"] is not None else None
+    return (r["name"], r["transport"], era, r["state"], r["tools"], r["resources"], r["prompts"], seconds, r["last_error"])
+
+
+async def run_check(started: Started) -> int:
+    """`check`: start every backend, then report each: 0 if every enabled backend came up, else 1."""
+    args, router = started.args, Router(started.config)
+    async with router.running():
+        took = await _started_router(router, args.timeout)
+        rows = []
+        for backend in router.backends.values():
+            info = backend.status()
+            version = backend.session.protocol_version if backend.session is not None else None
+            era = None if version is None else "2026" if version in MODERN_PROTOCOL_VERSIONS else "handshake"
+            error = info["last_error"]
+            if backend.config.enabled and backend.name not in took:
+                error = f"still starting after --timeout {args.timeout:g}s"
+            seconds = took.get(backend.name)
+            rows.append(
+                info
+                | {"enabled": backend.config.enabled, "era": era, "protocol_version": version, "last_error": error}
+                | {"startup_seconds": round(seconds, 2) if seconds is not None and backend.config.enabled else None}
+            )
+    failed = [r["name"] for r in rows if r["enabled"] and r["state"] != "ready"]
+    if args.json:
+        print(json.dumps({"ok": not failed, "source": started.config.source, "backends": rows}, indent=2))
+    elif not rows:
+        print(no_backends_hint(started.config.source))
+    else:
+        headers = ("BACKEND", "TRANSPORT", "ERA", "STATE", "TOOLS", "RESOURCES", "PROMPTS", "START-UP", "ERROR")
+        _print_table(headers, map(_check_row, rows))
+        print(f"\n{len(rows) - len(failed)} of {len(rows)} backends ready" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+async def _listed_tools(client: Client) -> list[types.Tool]:
+    tools, cursor = [], None
+    while True:
+        result = await client.session.list_tools(params=types.PaginatedRequestParams(cursor=cursor) if cursor else None)
+        tools += result.tools
+        if not (cursor := result.next_cursor):
+            return tools
+
+
+async def run_tools(started: Started) -> int:
+    """`tools`: the tools a client sees, with backend and original name; warns past popular clients' limits."""
+    args, router = started.args, Router(started.config)
+    async with router.running():
+        await _started_router(router, args.timeout)
+        async with Client(build_server(router), mode="legacy", cache=None) as client:
+            tools = await _listed_tools(client)
+    rows: list[dict[str, Any]] = []
+    for tool in tools:
+        entry = router.catalogue.tools.get(tool.name)
+        backends, original = (list(entry.pool), entry.original) if entry else (["(router)"], tool.name)
+        if fnmatchcase(tool.name, args.pattern):
+            rows.append({"name": tool.name, "backends": backends, "original": original, "description": tool.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(("TOOL", "BACKEND", "ORIGINAL NAME"), [(r["name"], ",".join(r["backends"]), r["original"]) for r in rows])
+    limit = next(((n, who) for n, who in CLIENT_TOOL_LIMITS if len(tools) > n), None)
+    if limit is not None:
+        print(
+            f"mcp-router: warning: {len(tools)} tools is more than {limit[1]} takes; trim them with a backend's"
+            " include or exclude list (glob patterns of its original tool names) in the config",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def run_call(started: Started) -> int:
+    """`call`: one tool call through the router; prints its text and structuredContent; 1 if it failed."""
+    args, arguments = started.args, started.args.arguments
+    router = Router(started.config)
+    async with router.running():
+        with anyio.move_on_after(args.timeout):
+            await router.wait_ready()
+        async with Client(build_server(router), mode="legacy", cache=None) as client:
+            try:
+                request = types.CallToolRequest(params=types.CallToolRequestParams(name=args.tool, arguments=arguments))
+                result = await client.session.send_request(request, types.CallToolResult)
+            except MCPError as err:
+                print(f"mcp-router: call {args.tool}: error {err.code}: {err.message}", file=sys.stderr)
+                return 1
+    for block in result.content:
+        if isinstance(block, types.TextContent):
+            print(block.text)
+        else:
+            print(json.dumps(block.model_dump(by_alias=True, mode="json", exclude_none=True)))
+    if result.structured_content is not None:
+        print(json.dumps(result.structured_content, indent=2))
+    return 1 if result.is_error else 0
+
+
+SUBCOMMANDS: Final[dict[str, Callable[[Started], Awaitable[int | None]]]] = {
+    "serve": run_router,
+    "check": run_check,
+    "tools": run_tools,
+    "call": run_call,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the router with `argv`, by default the command line (which, run as a script, has started already)."""
+    """Run the router with `argv`, by default the command line (which, run as a program, has started already)."""
     started = STARTED if argv is None and STARTED is not None else start(argv)
     if isinstance(started, int):
         return started
     try:
-        anyio.run(run_router, started)
+        return anyio.run(SUBCOMMANDS[started.args.command], started) or 0
     except KeyboardInterrupt:
-        pass
+        return 130
     except RouterError as err:
         log.error("%s", err)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

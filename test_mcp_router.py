@@ -3725,6 +3725,102 @@ async def test_sigint_stops_the_router_within_the_stop_grace_whatever_stdin_is(t
             stdout.close()
 
 
+# ---------------------------------------------------------------------------- command line
+
+
+def run_router(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROUTER), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def test_check_reports_every_backend_and_fails_when_one_does(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "good", **fake_backend_command()}, {"name": "missing", "command": "/nonexistent/mcp-server"}])
+    table = run_router("check", "--config", str(config))
+    assert table.returncode == 1, table.stderr
+    lines = {line.split()[0]: line for line in table.stdout.splitlines() if line.strip()}
+    assert lines["BACKEND"].split()[:4] == ["BACKEND", "TRANSPORT", "ERA", "STATE"]
+    assert lines["good"].split()[1:5] == ["stdio", "handshake", "2025-11-25", "ready"]
+    assert "cannot run '/nonexistent/mcp-server': No such file or directory" in lines["missing"]
+    assert "1 of 2 backends ready; failed: missing" in table.stdout
+    report = run_router("check", "--config", str(config), "--json")
+    assert report.returncode == 1
+    rows = {r["name"]: r for r in json.loads(report.stdout)["backends"]}
+    assert rows["good"]["state"] == "ready" and rows["good"]["tools"] >= 15 and rows["good"]["startup_seconds"] > 0
+    assert rows["missing"]["state"] == "down" and "No such file" in rows["missing"]["last_error"]
+    assert "starting: " in report.stderr  # progress, on stderr only
+    assert "Traceback" not in report.stderr + table.stderr
+
+
+def test_check_passes_when_every_enabled_backend_is_up(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "off", "command": "nothing", "enabled": False}])
+    report = run_router("check", "--config", str(config), "--json")
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["ok"] is True
+
+
+def test_tools_lists_exposed_names_with_backend_and_warns_past_client_limits(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, [{"name": "big", **fake_backend_command("--fillers", "30")}, {"name": "missing", "command": "/nonexistent/mcp-server"}]
+    )
+    listed = run_router("tools", "--config", str(config), "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["big__echo"] == {"name": "big__echo", "backends": ["big"], "original": "echo", "description": "echo on fake"}
+    assert rows["list_backends"]["backends"] == ["(router)"]
+    assert "more than Cursor (about 40 tools) takes; trim them with a backend's include or exclude" in listed.stderr
+    table = run_router("tools", "--config", str(config), "big__e*")
+    assert [line.split() for line in table.stdout.splitlines()][1:] == [
+        ["big__echo", "big", "echo"], ["big__elicit", "big", "elicit"], ["big__expired", "big", "expired"], ["big__environ", "big", "environ"],
+    ]  # fmt: skip
+    assert "warning" in table.stderr  # the limit counts every tool, not only those shown
+
+
+def test_call_prints_the_result_and_fails_on_errors(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "svc", **fake_backend_command()}])
+    listed = run_router("call", "--config", str(config), "list_backends", "{}")
+    assert listed.returncode == 0, listed.stderr
+    text, structured = listed.stdout.split("\n", 1)
+    assert text.startswith("svc: ready, circuit closed, ") and json.loads(structured)["backends"][0]["name"] == "svc"
+    tool_error = run_router("call", "--config", str(config), "svc__broken", '{"text": "x"}')
+    assert (tool_error.returncode, tool_error.stdout) == (1, "tool-level failure\n")
+    mcp_error = run_router("call", "--config", str(config), "svc__fail")
+    assert mcp_error.returncode == 1 and "mcp-router: call svc__fail: error -32042: the fake refuses" in mcp_error.stderr
+    bad = run_router("call", "--config", str(config), "svc__echo", "[1]")
+    assert bad.returncode == 2 and "argument JSON: expected a JSON object of arguments, got [1]" in bad.stderr
+    assert "Traceback" not in listed.stderr + tool_error.stderr + mcp_error.stderr + bad.stderr
+
+
+def test_help_examples_use_the_name_the_program_was_invoked_by(tmp_path: Path) -> None:
+    shown = run_router("--help")
+    assert shown.returncode == 0
+    assert "  mcp_router.py check --config backends.yaml" in shown.stdout
+    assert "{serve,check,tools,call}" in shown.stdout and "--config" in shown.stdout
+
+
+def test_a_bad_flag_names_the_flag() -> None:
+    bad = run_router("--port", "eighty")
+    assert bad.returncode == 2 and "argument --port: invalid int value: 'eighty'" in bad.stderr
+
+
+def test_the_program_starts_early_only_when_run_as_a_script_or_the_installed_command() -> None:
+    assert mr.run_as_program("__main__", "mcp_router.py")  # uv run / python mcp_router.py
+    assert mr.run_as_program("mcp_router", "/home/me/.local/bin/mcp-router")  # the installed command
+    assert not mr.run_as_program("mcp_router", "/usr/bin/pytest")  # imported as a module
+    assert mr.STARTED is None  # this test imported it: nothing was launched
+
+
+async def test_the_installed_command_serves(tmp_path: Path) -> None:
+    command = tmp_path / "mcp-router"  # what pip's console-script wrapper does: import, then main()
+    command.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\nimport mcp_router\nsys.exit(mcp_router.main())\n"
+    )
+    command.chmod(0o755)
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    params = StdioServerParameters(command=str(command), args=["--config", str(config), "--log-level", "WARNING"])
+    with anyio.fail_after(30):
+        async with Client(params, mode="legacy", cache=None) as client:
+            assert text_of(await call(client, "one__echo", {"text": "installed"})) == "fake:echo:installed"
+
+
 # ---------------------------------------------------------------------------- the fake backend as a program
 
 
