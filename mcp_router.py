@@ -94,6 +94,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections import ChainMap, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -263,6 +264,8 @@ class BackendConfig:
     exclude: tuple[str, ...] = ()
     expanded: tuple[str, ...] = field(default=(), repr=False)
     """The values `${VAR}` references in this backend's entry took from the environment: secrets, wherever they went."""
+    fallback_to_sse: bool = False
+    """A URL backend whose transport is not declared: streamable HTTP, else the legacy SSE transport."""
 
     def secrets(self) -> list[str]:
         """Values that must never appear in output: what came from `${VAR}`, env and header values (and their last
@@ -452,7 +455,13 @@ class _Problems:
     def add(self, path: str, message: str) -> None:
         here = [value for where, value in self.expanded if _within(where, path)]  # any length: the message is about it
         message = redact(message, sorted({*here, *self.expanded_secrets()}, key=len, reverse=True))
-        self.items.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+        self.items.append(": ".join(part for part in (self.source, path, message) if part))
+
+    def elsewhere(self) -> _Problems:
+        """Problems of the same report that are not in the file (flags, environment variables): no file name."""
+        other = _Problems("")
+        other.items, other.expanded = self.items, self.expanded
+        return other
 
     def expanded_under(self, path: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys(value for where, value in self.expanded if _within(where, path)))
@@ -581,11 +590,13 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
 def _parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], overrides: Mapping[str, Any], problems: _Problems) -> Settings:
     """Precedence: CLI > environment > YAML > default."""
     values: dict[str, Any] = {}
+    in_file = problems
     for s in SETTINGS:
+        problems = in_file
         if s.field in overrides and overrides[s.field] is not None:
-            where, value = s.flag or s.field, overrides[s.field]
+            where, value, problems = s.flag or s.field, overrides[s.field], in_file.elsewhere()
         elif s.env in env:
-            where, value = s.env, _from_text(env[s.env], s.kind)
+            where, value, problems = s.env, _from_text(env[s.env], s.kind), in_file.elsewhere()
         elif (yaml_value := _lookup(raw, s.yaml_path)) is not None:
             where, value = s.yaml_path, yaml_value
         else:
@@ -791,6 +802,7 @@ def _parse_backend(
         include=include,
         exclude=exclude,
         expanded=problems.expanded_under(path),
+        fallback_to_sse=url is not None and declared is None,
     )
 
 
@@ -810,6 +822,90 @@ def _check_namespaces(backends: Sequence[BackendConfig], entries: Mapping[str, A
         )
 
 
+# -- the configs people already have, recognised by their shape
+# Claude Desktop, Claude Code (.mcp.json), Cursor and Windsurf keep their servers under `mcpServers`, VS Code
+# (.vscode/mcp.json) under `servers`, Codex (config.toml) under `mcp_servers`. Such a file becomes one of ours:
+# its other top-level keys are ignored with one warning, and an entry that runs this router is skipped.
+
+FOREIGN_SERVER_KEYS: Final = {"mcpServers": "mcpServers", "servers": "VS Code", "mcp_servers": "Codex"}
+_FOREIGN_ENTRY_KEYS: Final = {
+    "serverUrl": "url",  # Windsurf
+    "http_headers": "headers",  # Codex, and the rest of its keys below
+    "enabled_tools": "include",
+    "disabled_tools": "exclude",
+    "tool_timeout_sec": "timeout",
+}
+_EDITOR_VARIABLE: Final = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+"""VS Code's and Cursor's `${env:NAME}`, which is our `${NAME}`."""
+_INPUT_VARIABLE: Final = re.compile(r"\$\{input:[^}]*\}")
+SELF_NAMES: Final = ("mcp_router.py", "mcp-router", "mcp-router.exe")
+
+
+def runs_this_router(entry: Mapping[str, Any]) -> bool:
+    """Whether a client's server entry starts mcp-router itself (directly, or through uv, uvx, pipx or python)."""
+    words = [entry.get("command"), *(entry.get("args") or [])]
+    return any(isinstance(word, str) and Path(word).name in SELF_NAMES for word in words)
+
+
+def adopt_foreign_config(raw: Any, source: str) -> Any:
+    """Another MCP client's config file in our shape; ours (with `backends`) and anything unrecognised unchanged."""
+    if not isinstance(raw, dict) or "backends" in raw:
+        return raw
+    key = next((k for k in FOREIGN_SERVER_KEYS if k in raw), None)
+    if key is None:
+        return raw
+    ignored = [str(k) for k in raw if k not in _TOP_KEYS and k != key and k != "inputs"]
+    if ignored:
+        log.warning("%s: ignoring top-level keys that are not about MCP servers: %s", source, ", ".join(ignored))
+    if raw.get("inputs"):
+        ids = [i.get("id") for i in raw["inputs"] if isinstance(i, dict)] if isinstance(raw["inputs"], list) else []
+        log.warning(
+            "%s: inputs (%s) are VS Code prompts, which the router cannot show: ${input:...} stays as written; "
+            "use ${NAME} with an environment variable instead",
+            source,
+            ", ".join(map(str, ids)) or "?",
+        )
+    servers = raw[key]
+    if isinstance(servers, dict):
+        adopted = {}
+        for name, entry in servers.items():
+            if isinstance(entry, dict) and runs_this_router(entry):
+                log.info("%s: %s.%s: skipped: it runs this router, which must not proxy itself", source, key, name)
+                continue
+            adopted[name] = _adopt_entry(entry, f"{key}.{name}", source) if isinstance(entry, dict) else entry
+        servers = adopted
+    return {k: v for k, v in raw.items() if k in _TOP_KEYS and k != "mcpServers"} | {"mcpServers": servers}
+
+
+def _adopt_entry(entry: dict[str, Any], path: str, source: str) -> dict[str, Any]:
+    """One server entry of another client in our keys: renamed keys, `${env:NAME}` as `${NAME}`."""
+    adopted = {_FOREIGN_ENTRY_KEYS.get(k, k): v for k, v in entry.items()}
+    if isinstance(token_variable := entry.get("bearer_token_env_var"), str):  # Codex
+        adopted.pop("bearer_token_env_var")
+        adopted["headers"] = {"Authorization": f"Bearer ${{{token_variable}}}", **(adopted.get("headers") or {})}
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, str):
+            if (found := _INPUT_VARIABLE.search(value)) is not None:
+                log.warning("%s: %s: %s is a VS Code input, which the router cannot ask for", source, path, found[0])
+            return _EDITOR_VARIABLE.sub(r"${\1}", value)
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in value.items()}
+        return value
+
+    return cast(dict[str, Any], rewrite(adopted))
+
+
+def _load_toml(text: str, source: str) -> Any:
+    """A Codex config.toml (its MCP servers are [mcp_servers.NAME] tables)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"{source}: invalid TOML: {err}"]) from None
+
+
 def parse_config(
     raw: Any,
     env: Mapping[str, str],
@@ -821,6 +917,7 @@ def parse_config(
     problems = _Problems(source)
     if raw is None:
         raw = {}
+    raw = adopt_foreign_config(raw, source)
     if not isinstance(raw, dict):
         problems.add("", f"expected a mapping with a 'backends' list or an 'mcpServers' mapping, got {_describe(raw)}")
         raise ConfigError(problems.items)
@@ -828,16 +925,16 @@ def parse_config(
     _check_sections(raw, problems)
     settings = _parse_settings(raw, env, overrides or {}, problems)
     entries: list[tuple[str, Any, bool]] = []
-    if "backends" in raw:
+    if raw.get("backends") is not None:  # an empty list, like an empty file, means no backends (zero-config)
         listed = raw["backends"]
-        if not isinstance(listed, list) or not listed:
-            problems.add("backends", "expected a non-empty list of backends")
+        if not isinstance(listed, list):
+            problems.add("backends", f"expected a list of backends, got {_describe(listed)}")
         else:
             entries += [(f"backends[{i}]", b, False) for i, b in enumerate(listed)]
-    if "mcpServers" in raw:
+    if raw.get("mcpServers") is not None:
         servers = raw["mcpServers"]
-        if not isinstance(servers, dict) or not servers:
-            problems.add("mcpServers", "expected a non-empty mapping of server names to settings")
+        if not isinstance(servers, dict):
+            problems.add("mcpServers", f"expected a mapping of server names to settings, got {_describe(servers)}")
         else:
             for name, body in servers.items():
                 entry = {"name": name, **body} if isinstance(body, dict) else body
@@ -938,6 +1035,8 @@ def _read_config(candidate: Path, source: str) -> Any:
         raise ConfigError([f"{source}: cannot read: {err.strerror or err}"]) from err
     except UnicodeDecodeError as err:
         raise ConfigError([f"{source}: not UTF-8 text: {err.reason}"]) from err
+    if candidate.suffix == ".toml":
+        return _load_toml(text, source)  # Codex's config.toml
     loader = _ConfigLoader(text)  # JSON is YAML, so .mcp.json files load too
     try:
         raw = loader.get_single_data()
@@ -2131,7 +2230,7 @@ from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.uri_template import UriTemplate
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, REQUEST_TIMEOUT
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
 
 # ---------------------------------------------------------------------------- I/O shell: backends
 
@@ -2612,7 +2711,58 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
         ):
             yield streams
 
-    return http
+    return _http_or_sse(config, http) if config.fallback_to_sse else http
+
+
+NOT_STREAMABLE_HTTP: Final = (400, 404, 405)
+"""Answers to an initialize POST that mean a legacy SSE server (the spec's backwards-compatibility section)."""
+
+
+def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
+    """For a URL whose transport is not declared: streamable HTTP, or the legacy SSE transport if an initialize
+    POST is refused with 400, 404 or 405. Decided at the first connection that gets an answer, and logged."""
+    chosen: Connector | None = None
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Streams]:
+        nonlocal chosen
+        connector = chosen
+        if connector is None:
+            status = await _initialize_status(config)
+            if status in NOT_STREAMABLE_HTTP:
+                log.info("backend %s: HTTP %d to an initialize POST; using the legacy SSE transport", config.name, status)
+                connector = chosen = lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
+            else:
+                connector = http
+                if status < 500:
+                    log.info("backend %s: using streamable HTTP", config.name)
+                    chosen = http
+        async with connector() as streams:
+            yield streams
+
+    return connect
+
+
+async def _initialize_status(config: BackendConfig) -> int:
+    """The HTTP status of an initialize POST to the backend; a session it opened is closed again."""
+    request = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": LATEST_HANDSHAKE_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "mcp-router", "version": __version__},
+        },
+    }
+    headers = {**config.headers, "accept": "application/json, text/event-stream"}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0), verify=_tls_context()) as client:
+        async with client.stream("POST", config.url or "", json=request) as response:
+            status, session = response.status_code, response.headers.get("mcp-session-id")
+        if session:
+            with contextlib.suppress(httpx2.HTTPError):
+                await client.delete(config.url or "", headers={"mcp-session-id": session})
+    return status
 
 
 def _note_cache_hint(hints: list[tuple[str, int, str]], method: str, page: Mapping[str, Any]) -> None:

@@ -556,8 +556,12 @@ def test_config_reports_every_problem_with_path_and_expectation() -> None:
     assert all(p.startswith("backends.yaml: ") for p in problems)
 
 
-def test_config_empty_backends_list_is_an_error() -> None:
-    assert problems_of({"backends": []}) == ["backends.yaml: backends: expected a non-empty list of backends"]
+def test_config_empty_backends_list_or_file_means_zero_config(tmp_path: Path) -> None:
+    empty = tmp_path / "backends.yaml"
+    empty.write_text("")
+    assert mr.load_config(empty, {}).backends == () == mr.parse_config({"backends": []}, {}).backends
+    assert mr.parse_config({"mcpServers": {}}, {}).backends == ()
+    assert problems_of({"backends": {"a": 1}}) == ["backends.yaml: backends: expected a list of backends, got {'a': 1}"]
 
 
 def test_config_expands_environment_variables_and_reports_missing_ones() -> None:
@@ -596,6 +600,114 @@ def test_config_accepts_the_mcp_servers_format_of_claude_and_cursor(tmp_path: Pa
     assert by_name["my files"].namespace == "my_files"
     assert by_name["remote"].transport == "http" and by_name["remote"].headers == {"X-Key": "k"}
     assert by_name["legacy"].transport == "sse" and by_name["legacy"].enabled is False
+
+
+def test_config_of_claude_desktop_ignores_its_other_keys_once_and_skips_the_router_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "claude_desktop_config.json"
+    servers = {
+        "time": {"command": "uvx", "args": ["mcp-server-time"]},
+        "router": {"command": "uv", "args": ["run", "/home/me/mcp-router/mcp_router.py", "--config", "b.yaml"]},
+        "router-installed": {"command": "/home/me/.local/bin/mcp-router"},
+    }
+    path.write_text(json.dumps({"globalShortcut": "Ctrl+Space", "preferences": {"menuBarEnabled": False}, "mcpServers": servers}))
+    with caplog.at_level("INFO", logger="mcp_router"):
+        config = mr.load_config(path, {})
+    assert [b.name for b in config.backends] == ["time"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{path}: ignoring top-level keys that are not about MCP servers: globalShortcut, preferences"]
+    notes = [r.getMessage() for r in caplog.records if "must not proxy itself" in r.getMessage()]
+    assert [n.split(": ")[1] for n in notes] == ["mcpServers.router", "mcpServers.router-installed"]
+
+
+def test_config_of_vs_code_reads_servers_and_reports_inputs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mcp.json"
+    path.write_text(
+        json.dumps(
+            {
+                "inputs": [{"type": "promptString", "id": "gh-token", "password": True}],
+                "servers": {
+                    "github": {
+                        "type": "http",
+                        "url": "https://api.example.com/mcp",
+                        "headers": {"Authorization": "Bearer ${input:gh-token}"},
+                    },
+                    "files": {"type": "stdio", "command": "npx", "args": ["-y", "server-filesystem", "${env:HOME}/src"]},
+                },
+            }
+        )
+    )
+    with caplog.at_level("WARNING", logger="mcp_router"):
+        config = mr.load_config(path, {"HOME": "/home/me"})
+    by_name = {b.name: b for b in config.backends}
+    assert by_name["github"].transport == "http" and not by_name["github"].fallback_to_sse
+    assert by_name["files"].args == ("-y", "server-filesystem", "/home/me/src")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "inputs (gh-token) are VS Code prompts, which the router cannot show" in text
+    assert "servers.github: ${input:gh-token} is a VS Code input" in text
+
+
+def test_config_of_windsurf_and_cursor_take_untyped_urls_as_http_with_sse_fallback(tmp_path: Path) -> None:
+    path = tmp_path / "mcp_config.json"
+    servers = {"remote": {"serverUrl": "https://example.com/sse"}, "cursor": {"url": "https://example.com/mcp"}}
+    path.write_text(json.dumps({"mcpServers": servers}))
+    by_name = {b.name: b for b in mr.load_config(path, {}).backends}
+    assert by_name["remote"].url == "https://example.com/sse"
+    assert all(b.transport == "http" and b.fallback_to_sse for b in by_name.values())
+
+
+def test_config_of_codex_is_read_from_its_toml(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'model = "o3"\n'
+        "[mcp_servers.time]\n"
+        'command = "uvx"\nargs = ["mcp-server-time"]\nenv = { TZ = "UTC" }\nenabled_tools = ["get_*"]\ntool_timeout_sec = 20\n'
+        "[mcp_servers.docs]\n"
+        'url = "https://docs.example.com/mcp"\nbearer_token_env_var = "DOCS_TOKEN"\nhttp_headers = { X-Team = "core" }\n'
+    )
+    with caplog.at_level("WARNING", logger="mcp_router"):
+        config = mr.load_config(path, {"DOCS_TOKEN": "tok-123456"})
+    time_backend, docs = config.backends
+    assert (time_backend.command, time_backend.env, time_backend.include, time_backend.timeout) == ("uvx", {"TZ": "UTC"}, ("get_*",), 20)
+    assert docs.headers == {"Authorization": "Bearer tok-123456", "X-Team": "core"}
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: ignoring top-level keys that are not about MCP servers: model"]
+    path.write_text("[mcp_servers.x\n")
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems[0].startswith(f"{path}: invalid TOML: ")
+
+
+async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: pytest.LogCaptureFixture) -> None:
+    import uvicorn
+    from mcp.server.sse import SseServerTransport
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    server = FakeBackend("legacy").server()
+    transport = SseServerTransport("/messages/")
+
+    async def handle_sse(request: Any) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        return Response()
+
+    app = Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]), Mount("/messages/", app=transport.handle_post_message)])
+    listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
+    port = listening.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    config = mr.parse_config({"backends": [{"name": "legacy", "url": f"http://127.0.0.1:{port}/sse"}]}, {})
+    with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[listening]))
+            router = mr.Router(config)
+            async with router.running():
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                    assert text_of(await call(client, "legacy__echo", {"text": "old"})) == "legacy:echo:old"
+            web.should_exit = True
+    assert "backend legacy: HTTP 405 to an initialize POST; using the legacy SSE transport" in caplog.text
 
 
 def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
@@ -684,7 +796,10 @@ def test_config_precedence_is_cli_then_env_then_yaml_then_default() -> None:
 
 
 def test_config_bad_environment_value_names_the_variable() -> None:
-    assert problems_of({}, {"MCP_PORT": "eighty"}) == ["backends.yaml: MCP_PORT: expected a whole number >= 0, got 'eighty'"]
+    assert problems_of({}, {"MCP_PORT": "eighty"}) == ["MCP_PORT: expected a whole number >= 0, got 'eighty'"]
+    with pytest.raises(mr.ConfigError) as info:
+        mr.parse_config({}, {}, overrides={"port": 70000})
+    assert info.value.problems == ["--port: expected a TCP port 1-65535, got 70000"]
 
 
 def test_config_numbers_and_flags_may_come_from_environment_defaults() -> None:
