@@ -1953,6 +1953,7 @@ def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
             bufsize=0,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,  # read by the event loop, each line prefixed with the backend's name: BackendStderr
             env=child_environment(os.environ, config.env),
             cwd=config.cwd,
             start_new_session=True,
@@ -2581,11 +2582,48 @@ async def _line_pipes(read_file: Any, write_file: Any, *, answer_errors: bool = 
         read_transport.close()
 
 
+class BackendStderr(asyncio.Protocol):
+    """A stdio backend's stderr, copied line by line to the router's, each line prefixed with the backend's name.
+
+    Read by the event loop as it arrives, apart from the backend's stdout: it costs the calls nothing.
+    Shown whatever the log level, as it was when backends wrote to the router's stderr themselves.
+    """
+
+    MAX_LINE: Final = 1 << 16
+
+    def __init__(self, name: str, secrets: Sequence[str]) -> None:
+        self.prefix = f"[{name}] "
+        self.secrets = secrets
+        self.partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        if len(self.partial) > self.MAX_LINE:  # no newline in sight: show what there is
+            lines.append(self.partial)
+            self.partial = b""
+        self._show(lines)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.partial:
+            self._show([self.partial])
+            self.partial = b""
+
+    def _show(self, lines: Iterable[bytes]) -> None:
+        text = "".join(f"{self.prefix}{redact(line.decode(errors='replace').rstrip(), self.secrets)}\n" for line in lines)
+        if text:
+            with contextlib.suppress(OSError, ValueError):  # the router's stderr is gone: nowhere to show it
+                sys.stderr.write(text)
+                sys.stderr.flush()
+
+
 @asynccontextmanager
-async def stdio_connection(process: subprocess.Popen[bytes]) -> AsyncIterator[Streams]:
+async def stdio_connection(process: subprocess.Popen[bytes], stderr: BackendStderr | None = None) -> AsyncIterator[Streams]:
     """A launched stdio backend's pipes; on exit its stdin closes, then its group gets SIGTERM and SIGKILL."""
     async with AsyncExitStack() as stack:
         with anyio.CancelScope(shield=True):  # a loop turn; cancelled then, the process would be left running
+            if process.stderr is not None and stderr is not None:
+                relay, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: stderr, process.stderr)
+                stack.callback(relay.close)  # after the backend has stopped, so its last words are shown
             reader, writer = await stack.enter_async_context(_line_pipes(process.stdout, process.stdin))
         try:
             yield reader, writer
@@ -2695,7 +2733,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
         def connect() -> AbstractAsyncContextManager[Streams]:
             nonlocal launched
             process, launched = launched or launch(config), None
-            return stdio_connection(process)
+            return stdio_connection(process, BackendStderr(config.name, config.secrets()))
 
         return connect
     if config.transport == "sse":
@@ -3751,7 +3789,10 @@ class Router:
         connection = self.clients.newest()
         if ctx is not None:
             capabilities = ctx.session.client_capabilities
-        elif capability == "roots" and connection is not None:
+        elif capability == "roots":
+            connection = next((c for c in reversed(self._connections) if getattr(c.client_capabilities, "roots", None)), None)
+            if connection is None:  # asked at start-up: a client with roots, once there, has the backend ask again
+                return types.ListRootsResult(roots=[])
             capabilities = connection.client_capabilities
         else:
             return refuse(f"no client request is in progress to carry {request.method}")
@@ -5477,6 +5518,18 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
         tg.cancel_scope.cancel()
 
 
+SLOW_START: Final = 5.0
+"""Seconds after which a backend still starting is logged, once."""
+
+
+async def note_slow_starts(router: Router, after: float = SLOW_START) -> None:
+    """Log once each backend that is still starting `after` seconds in: the wait is the backend's, not the router's."""
+    await anyio.sleep(after)
+    for backend in list(router.backends.values()):
+        if not backend.first_attempt_done.is_set():
+            log.info("waiting for backend %s, %g s", backend.name, after)
+
+
 async def run_router(started: Started) -> None:
     """Start the backends (taking the stdio ones launched already) and serve until the client leaves or a signal arrives.
 
@@ -5503,6 +5556,7 @@ async def run_router(started: Started) -> None:
                     return
 
         tg.start_soon(watch_signals)
+        tg.start_soon(note_slow_starts, router)
         if listening is not None:
             where = f"http://{config.settings.host}:{config.settings.port}"
             log.info(
@@ -5542,7 +5596,7 @@ async def _show_starting(router: Router, began: float) -> None:
             print(f"still starting: {', '.join(waiting)}" if shown else text, file=sys.stderr)
         shown = waiting
         with anyio.move_on_after(0.5 if terminal else math.inf):
-            await router.attempt_ended.wait()
+            await router.changed.wait()
 
 
 async def _started_router(router: Router, timeout: float) -> dict[str, float]:

@@ -1435,6 +1435,48 @@ async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_st
         assert "native__grown" in {t.name for t in (await client.list_tools()).tools}
 
 
+async def test_a_backends_roots_request_before_any_client_with_roots_gets_an_empty_list() -> None:
+    async def roots(context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///work"})])
+
+    async with routed(FakeBackend("svc")) as (_client_without_roots, router, _):
+        backend = router.backends["svc"]
+        asked = await router.ask_client(backend, "roots", types.ListRootsRequest(), types.ListRootsResult)
+        assert asked == types.ListRootsResult(roots=[])
+        async with Client(mr.build_server(router), mode="legacy", cache=None, list_roots_callback=roots) as client:
+            await client.list_tools()  # the handshake is over: the router knows the client
+            asked = await router.ask_client(backend, "roots", types.ListRootsRequest(), types.ListRootsResult)
+            assert [str(r.uri) for r in asked.roots] == ["file:///work"]
+
+
+async def test_debug_log_has_one_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    async with routed(FakeBackend("svc")) as (client, _, _):
+        with caplog.at_level("DEBUG", logger="mcp_router"):
+            await call(client, "svc__echo", {"text": "x"})
+            await call(client, "svc__broken")
+            with pytest.raises(MCPError):
+                await call(client, "svc__fail")
+    lines = [re.sub(r"in [\d.]+ ms", "in N ms", r.getMessage()) for r in caplog.records if r.getMessage().startswith("tools/call")]
+    assert lines == [
+        "tools/call echo -> svc: ok in N ms",  # Router._account: the backend's own name of the tool
+        "tools/call broken -> svc: ok in N ms",
+        "tools/call fail -> svc: the fake refuses in N ms",
+    ]
+
+
+async def test_a_backend_still_starting_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    router = mr.Router(
+        config_for("slow", "quick"), connectors={"slow": InProcess(FakeBackend("slow")), "quick": InProcess(FakeBackend("quick"))}
+    )
+    router.backends["slow"].connector.stall = anyio.Event()  # type: ignore[attr-defined]
+    with anyio.fail_after(10), caplog.at_level("INFO", logger="mcp_router"):
+        async with router.running():
+            await router.backends["quick"].first_attempt_done.wait()
+            await mr.note_slow_starts(router, after=0)
+            router.backends["slow"].connector.stall.set()  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")] == ["waiting for backend slow, 0 s"]
+
+
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
     fake = FakeBackend("svc")
     logs: list[tuple[str, str | None, Any]] = []
@@ -3848,8 +3890,10 @@ def run_router(*args: str, cwd: Path | None = None, timeout: float = 60) -> subp
 
 
 def test_check_reports_every_backend_and_fails_when_one_does(tmp_path: Path) -> None:
-    config = write_config(tmp_path, [{"name": "good", **fake_backend_command()}, {"name": "missing", "command": "/nonexistent/mcp-server"}])
+    noisy = {"command": "sh", "args": ["-c", 'echo "hello from good" >&2; exec "$0" "$@"', sys.executable, str(Path(__file__).resolve()), "--fake-backend"]}  # fmt: skip
+    config = write_config(tmp_path, [{"name": "good", **noisy}, {"name": "missing", "command": "/nonexistent/mcp-server"}])
     table = run_router("check", "--config", str(config))
+    assert "[good] hello from good\n" in table.stderr  # a backend's stderr, named
     assert table.returncode == 1, table.stderr
     lines = {line.split()[0]: line for line in table.stdout.splitlines() if line.strip()}
     assert lines["BACKEND"].split()[:4] == ["BACKEND", "TRANSPORT", "ERA", "STATE"]
@@ -3860,7 +3904,7 @@ def test_check_reports_every_backend_and_fails_when_one_does(tmp_path: Path) -> 
     assert report.returncode == 1
     rows = {r["name"]: r for r in json.loads(report.stdout)["backends"]}
     assert rows["good"]["state"] == "ready" and rows["good"]["tools"] >= 15 and rows["good"]["startup_seconds"] > 0
-    assert rows["missing"]["state"] == "down" and "No such file" in rows["missing"]["last_error"]
+    assert rows["missing"]["state"] == "failing" and "No such file" in rows["missing"]["last_error"]
     assert "starting: " in report.stderr  # progress, on stderr only
     assert "Traceback" not in report.stderr + table.stderr
 
