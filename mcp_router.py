@@ -2063,6 +2063,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, by field (None where not given)."""
+    return {s.field: getattr(args, s.field, None) for s in SETTINGS}
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -2135,7 +2140,7 @@ def start(argv: Sequence[str] | None) -> Started | int:
     """All that comes before the SDK: the command line, logging, the configuration (exit status 2 if it is
     unusable) and, to serve, the HTTP socket (1 if it cannot be had) and the stdio backends' launch."""
     args = parse_command_line(argv)
-    overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS}
+    overrides = setting_flags(args)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, os.environ, overrides)
@@ -5518,6 +5523,92 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
         tg.cancel_scope.cancel()
 
 
+RELOAD_POLL: Final = 2.0
+"""Seconds between two looks at the config file's modification time and size."""
+
+
+class ConfigReloader:
+    """Hot reload: on SIGHUP, or when the config file changes, re-read it and apply it to the running router.
+
+    A config with problems is rejected whole (its problems logged, the running one kept). Otherwise added backends
+    start, removed ones stop, changed ones (whose BackendConfig differs) are replaced, and the rest, with every
+    client session, are left alone; clients hear list_changed when their lists change. Router settings are read
+    once at start: a changed one is logged as needing a restart.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        config: Config,
+        path: str | None,
+        env: Mapping[str, str],
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        connectors: Mapping[str, Connector] | None = None,
+    ) -> None:
+        self.router = router
+        self.config = config
+        self.path = path
+        self.env = env
+        self.overrides = dict(overrides or {})
+        self.connectors = connectors or {}
+        """Connectors for backends a reload adds, by name (tests pass in-process ones); else the config's transport."""
+        self._seen = self._stamp()
+
+    def watched_file(self) -> Path:
+        """The file load_config reads: the one named, else $MCP_BACKENDS_CONFIG, else ./backends.yaml (which may appear later)."""
+        return Path(self.path or self.env.get("MCP_BACKENDS_CONFIG") or CONFIG_FILE_NAME)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            info = self.watched_file().stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_size
+
+    def check_file(self) -> bool:
+        """Reload if the file changed since it was last seen; whether it had."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        log.info("%s changed; reloading", self.watched_file())
+        self.reload()
+        return True
+
+    async def watch(self, interval: float = RELOAD_POLL) -> None:
+        while True:
+            await anyio.sleep(interval)
+            self.check_file()
+
+    def reload(self) -> bool:
+        """Apply the config file as it is now; False (and the running config kept) if it has problems."""
+        self._seen = self._stamp()
+        try:
+            new = load_config(self.path, self.env, self.overrides)
+        except ConfigError as err:
+            log.error("config reload rejected, still running the previous one:\n  %s", "\n  ".join(err.problems))
+            return False
+        old, self.config = self.config, new
+        log_redaction.secrets = sorted({*log_redaction.secrets, *new.secrets()}, key=len, reverse=True)
+        for s in SETTINGS:
+            if getattr(old.settings, s.field) != getattr(new.settings, s.field):
+                log.warning("%s (%s) changed; it takes effect when the router restarts", s.yaml_path, s.env)
+        before, after = {b.name: b for b in old.backends}, {b.name: b for b in new.backends}
+        for name in before.keys() - after.keys():
+            log.info("backend %s: removed by reload", name)
+            self.router.remove_backend(name)
+        for name, backend in after.items():
+            if name in before and before[name] == backend:
+                continue
+            if name in before:
+                log.info("backend %s: changed; restarting it with its new settings", name)
+                self.router.remove_backend(name)
+            else:
+                log.info("backend %s: added by reload", name)
+            self.router.add_backend(backend, self.connectors.get(name))
+        return True
+
+
 SLOW_START: Final = 5.0
 """Seconds after which a backend still starting is logged, once."""
 
@@ -5541,13 +5632,15 @@ async def run_router(started: Started) -> None:
     if not config.backends:
         log.info("%s; serving the management tools only", no_backends_hint(config.source))
     stop = anyio.Event()
+    reloader = ConfigReloader(router, config, started.args.config, os.environ, setting_flags(started.args))
     async with router.running(), anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        log.info("received SIGHUP; nothing to reload")
+                        log.info("received SIGHUP; reloading %s", reloader.watched_file())
+                        reloader.reload()
                         continue
                     log.info("received %s; stopping", signal.Signals(signum).name)
                     stop.set()
@@ -5557,6 +5650,7 @@ async def run_router(started: Started) -> None:
 
         tg.start_soon(watch_signals)
         tg.start_soon(note_slow_starts, router)
+        tg.start_soon(reloader.watch)
         if listening is not None:
             where = f"http://{config.settings.host}:{config.settings.port}"
             log.info(

@@ -2630,6 +2630,59 @@ async def test_a_healed_backend_takes_calls_at_once_and_calls_cut_by_its_crash_c
         assert backend.breaker.state == "closed"
 
 
+# ---------------------------------------------------------------------------- hot reload
+
+
+async def test_reload_adds_removes_and_replaces_backends_while_a_client_stays_connected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "backends.yaml"
+
+    def write(backends: dict[str, dict[str, str]], **extra: Any) -> None:
+        path.write_text(yaml.safe_dump({"backends": [{"name": n, "command": "unused", "env": e} for n, e in backends.items()], **extra}))
+
+    write({"keep": {}, "drop": {}, "change": {"V": "1"}})
+    config = mr.load_config(path, {})
+    fakes = {name: InProcess(FakeBackend(name)) for name in ("keep", "drop", "change", "new")}
+    router = mr.Router(config, connectors=fakes)
+    reloader = mr.ConfigReloader(router, config, str(path), {}, connectors=fakes)
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        nonlocal changed
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    async def exposed_backends() -> set[str]:
+        return {t.name.split("__")[0] for t in (await client.list_tools()).tools if "__" in t.name}
+
+    with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
+        async with router.running():
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client:
+                assert await exposed_backends() == {"keep", "drop", "change"}
+                write({"keep": {}, "change": {"V": "2"}, "new": {}}, server={"port": 9001})
+                assert reloader.check_file()
+                while True:
+                    changed = anyio.Event()  # before listing: a change announced meanwhile is not missed
+                    if await exposed_backends() == {"keep", "change", "new"}:
+                        break
+                    await changed.wait()
+                assert (fakes["keep"].connects, fakes["change"].connects, fakes["new"].connects) == (1, 2, 1)
+                assert text_of(await call(client, "new__echo", {"text": "hi"})) == "new:echo:hi"
+
+                path.write_text("backends: [\n")  # broken: rejected, the running backends keep serving
+                assert reloader.check_file()
+                assert not reloader.check_file()  # unchanged since
+                assert text_of(await call(client, "keep__echo", {"text": "still"})) == "keep:echo:still"
+                assert set(router.backends) == {"keep", "change", "new"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert "server.port (MCP_PORT) changed; it takes effect when the router restarts" in messages
+    assert "backend drop: removed by reload" in messages and "backend new: added by reload" in messages
+    assert "backend change: changed; restarting it with its new settings" in messages
+    assert any(m.startswith(f"config reload rejected, still running the previous one:\n  {path}: invalid YAML") for m in messages)
+
+
 # ---------------------------------------------------------------------------- end to end: real processes
 
 
@@ -3261,6 +3314,28 @@ async def test_a_client_that_does_not_read_while_a_backend_floods_costs_bounded_
                 assert clients["connected"] == 1 and 0 <= unsent <= mr.NOTIFICATION_QUEUE_BOUND
             await proc.stdin.aclose()  # stdin EOF: the router exits, reading on or not
             assert await proc.wait() == 0
+
+
+async def test_sighup_reloads_the_config_instead_of_stopping(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    with anyio.fail_after(30):
+        async with Client(router_params(config), mode="legacy", cache=None, message_handler=on_message) as client:
+            router_pid = pids_from(await call(client, "one__ppid"))  # the router is the backend's parent
+            write_config(tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command()}])
+            os.kill(router_pid, signal.SIGHUP)
+            while True:
+                changed = anyio.Event()  # before listing: a change announced meanwhile is not missed
+                if "two__echo" in {t.name for t in (await client.list_tools()).tools}:
+                    break
+                await changed.wait()
+            assert text_of(await call(client, "two__echo", {"text": "new"})) == "fake:echo:new"
+            assert text_of(await call(client, "one__echo", {"text": "old"})) == "fake:echo:old"
 
 
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
@@ -3998,7 +4073,8 @@ def run_fake_backend(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.pid_file:
         args.pid_file.write_text(str(os.getpid()))
-    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ", "escapee", "nap")]
+
+    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "ppid", "environ", "escapee", "nap")]
     if args.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.escape:  # the child says when it has left, so the test never races its setsid
@@ -4007,6 +4083,7 @@ def run_fake_backend(argv: list[str]) -> None:
         assert escapee.stdout is not None and escapee.stdout.readline() == b"\n"
     fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
+    fake.result_for["ppid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getppid()}")])
     fake.result_for["environ"] = types.CallToolResult(content=[types.TextContent(text=" ".join(sorted(os.environ)))])
     if args.escape:
         fake.result_for["escapee"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{escapee.pid}")])
