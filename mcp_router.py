@@ -5801,14 +5801,23 @@ async def run_call(started: Started) -> int:
             except MCPError as err:
                 print(f"mcp-router: call {args.tool}: error {err.code}: {err.message}", file=sys.stderr)
                 return 1
+    texts = []
     for block in result.content:
         if isinstance(block, types.TextContent):
             print(block.text)
+            texts.append(block.text)
         else:
             print(json.dumps(block.model_dump(by_alias=True, mode="json", exclude_none=True)))
-    if result.structured_content is not None:
-        print(json.dumps(result.structured_content, indent=2))
+    if result.structured_content is not None and not any(_is_json_of(text, result.structured_content) for text in texts):
+        print(json.dumps(result.structured_content, indent=2))  # unless a text block carries it already, as tools should
     return 1 if result.is_error else 0
+
+
+def _is_json_of(text: str, value: Any) -> bool:
+    try:
+        return bool(json.loads(text) == value)
+    except ValueError:
+        return False
 
 
 SUBCOMMANDS: Final[dict[str, Callable[[Started], Awaitable[int | None]]]] = {
