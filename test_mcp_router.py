@@ -4001,9 +4001,9 @@ def test_tools_lists_exposed_names_with_backend_and_warns_past_client_limits(tmp
     assert rows["big__echo"] == {"name": "big__echo", "backends": ["big"], "original": "echo", "description": "echo on fake"}
     assert rows["list_backends"]["backends"] == ["(router)"]
     assert "more than Cursor (about 40 tools) takes; trim them with a backend's include or exclude" in listed.stderr
-    table = run_router("tools", "--config", str(config), "big__e*")
-    assert [line.split() for line in table.stdout.splitlines()][1:] == [
-        ["big__echo", "big", "echo"], ["big__elicit", "big", "elicit"], ["big__expired", "big", "expired"], ["big__environ", "big", "environ"],
+    table = run_router("tools", "--config", str(config), "big__e[cx]*")
+    assert [line.split() for line in table.stdout.splitlines()] == [
+        ["TOOL", "BACKEND", "ORIGINAL", "NAME"], ["big__echo", "big", "echo"], ["big__expired", "big", "expired"],
     ]  # fmt: skip
     assert "warning" in table.stderr  # the limit counts every tool, not only those shown
 
