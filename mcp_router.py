@@ -34,13 +34,14 @@ Map of this file, contract first, machinery last:
     config                 frozen dataclasses; parse_config(raw, env) is pure, load_config(path) reads the file
     pure core              no await, no I/O, no SDK: naming and the catalogue, backoff, the circuit breaker,
                            the Clock, the backend lifecycle table, and routing (plans, snapshots, STRATEGIES)
-    start-up               run as a program: the command line and config, then stdio backends launch
-                           while the SDK (next) is imported
+    start-up               the command line (every flag and subcommand) and config; run as a program to serve,
+                           stdio backends launch while the SDK (next) is imported
     the SDK                its imports
     I/O shell: backends    one Backend per server: connection, supervisor, health, requests
     I/O shell: the router  Router: the backends, the catalogue, and the request path between them
     MCP wiring             the SDK Server's handlers, the management tools, the fast path
-    serving, CLI           stdio and HTTP serving; main()
+    serving                stdio and HTTP serving, hot reload (ConfigReloader), signals (run_router)
+    CLI                    the check, tools and call subcommands; main()
 
 The path of one tools/call (handshake era, stdio):
 
@@ -52,8 +53,10 @@ The path of one tools/call (handshake era, stdio):
     by LineWriter. A failure goes to the next candidate only where may_send_elsewhere() allows.
 
 Where the router bypasses the SDK for speed (each guarded by the test named):
-    LineReader/LineWriter read and write pipes on the event loop, no thread or memory-stream hop
-        (test_end_to_end_over_stdio_with_real_stdio_backends, test_malformed_lines_from_a_client_...)
+    LineReader/LineWriter read and write pipes on the event loop, no thread or memory-stream hop (a
+        terminal or file: a daemon thread and in-place writes, so signals never wait on a read)
+        (test_end_to_end_over_stdio_with_real_stdio_backends, test_malformed_lines_from_a_client_...,
+        test_sigint_stops_the_router_within_the_stop_grace_whatever_stdin_is)
     _RouterMiddleware answers handshake-era tools/call and lists without re-validating what the
         backend's listing validated once (test_parity_router_changes_nothing_but_names)
     EncodedItems: list pages encoded once per catalogue (test_a_cached_page_is_written_as_the_sdk_would_write_it)
