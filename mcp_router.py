@@ -3497,9 +3497,9 @@ class ClientHub:
                 del self._followers[uri]
                 self.unfollowed(uri)
 
-    def newest(self) -> Any | None:
-        """The connection that arrived last, or None."""
-        return next(reversed(self._outboxes), None)
+    def newest(self, where: Callable[[Any], bool] = lambda connection: True) -> Any | None:
+        """The connection that arrived last (of those `where` accepts), or None."""
+        return next((c for c in reversed(self._outboxes) if where(c)), None)
 
     def __len__(self) -> int:
         return len(self._outboxes)
@@ -3798,7 +3798,7 @@ class Router:
         if ctx is not None:
             capabilities = ctx.session.client_capabilities
         elif capability == "roots":
-            connection = next((c for c in reversed(self._connections) if getattr(c.client_capabilities, "roots", None)), None)
+            connection = self.clients.newest(lambda c: getattr(c.client_capabilities, "roots", None) is not None)
             if connection is None:  # asked at start-up: a client with roots, once there, has the backend ask again
                 return types.ListRootsResult(roots=[])
             capabilities = connection.client_capabilities
