@@ -2242,7 +2242,7 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
 
     listening = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
-    config = config_for("web", url=f"http://127.0.0.1:{port}/mcp")
+    config = config_for("web", url=f"http://127.0.0.1:{port}/mcp", transport="http")  # declared: no SSE-fallback probe
     router = mr.Router(config)
     async with listening, router.running():
         with anyio.fail_after(20):
