@@ -2239,7 +2239,7 @@ from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.uri_template import UriTemplate
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, REQUEST_TIMEOUT
-from mcp_types.version import LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 # ---------------------------------------------------------------------------- I/O shell: backends
 
@@ -2760,13 +2760,10 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
     return _http_or_sse(config, http) if config.fallback_to_sse else http
 
 
-NOT_STREAMABLE_HTTP: Final = (400, 404, 405)
-"""Answers to an initialize POST that mean a legacy SSE server (the spec's backwards-compatibility section)."""
-
-
 def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
-    """For a URL whose transport is not declared: streamable HTTP, or the legacy SSE transport if an initialize
-    POST is refused with 400, 404 or 405. Decided at the first connection that gets an answer, and logged."""
+    """For a URL whose transport is not declared: streamable HTTP, or the legacy SSE transport if the URL is an SSE
+    stream whose first event is `endpoint` (the spec's backwards-compatibility test). Decided at the first
+    connection that gets an answer, and logged."""
     chosen: Connector | None = None
 
     @asynccontextmanager
@@ -2774,13 +2771,13 @@ def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
         nonlocal chosen
         connector = chosen
         if connector is None:
-            status = await _initialize_status(config)
-            if status in NOT_STREAMABLE_HTTP:
-                log.info("backend %s: HTTP %d to an initialize POST; using the legacy SSE transport", config.name, status)
+            legacy = await _serves_legacy_sse(config)
+            if legacy:
+                log.info("backend %s: the URL is a legacy SSE endpoint; using the SSE transport", config.name)
                 connector = chosen = lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
             else:
                 connector = http
-                if status < 500:
+                if legacy is not None:
                     log.info("backend %s: using streamable HTTP", config.name)
                     chosen = http
         async with connector() as streams:
@@ -2789,26 +2786,26 @@ def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
     return connect
 
 
-async def _initialize_status(config: BackendConfig) -> int:
-    """The HTTP status of an initialize POST to the backend; a session it opened is closed again."""
-    request = {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": LATEST_HANDSHAKE_VERSION,
-            "capabilities": {},
-            "clientInfo": {"name": "mcp-router", "version": __version__},
-        },
-    }
-    headers = {**config.headers, "accept": "application/json, text/event-stream"}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0), verify=_tls_context()) as client:
-        async with client.stream("POST", config.url or "", json=request) as response:
-            status, session = response.status_code, response.headers.get("mcp-session-id")
-        if session:
-            with contextlib.suppress(httpx2.HTTPError):
-                await client.delete(config.url or "", headers={"mcp-session-id": session})
-    return status
+async def _serves_legacy_sse(config: BackendConfig) -> bool | None:
+    """Whether a GET of the URL opens an SSE stream whose first event is `endpoint`, as only legacy SSE servers
+    send; None if the server errs (5xx) and cannot tell yet. A GET, unlike the spec's initialize POST, opens no
+    session on a streamable HTTP server (which answers it with 400 or 405, or a stream without that event)."""
+    headers = {**config.headers, "accept": "text/event-stream"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0), verify=_tls_context()) as client,
+        client.stream("GET", config.url or "") as response,
+    ):
+        if response.status_code >= 500:
+            return None
+        if response.status_code != 200 or not response.headers.get("content-type", "").startswith("text/event-stream"):
+            return False
+        start = b""
+        with anyio.move_on_after(5):
+            async for chunk in response.aiter_bytes():
+                start += chunk
+                if b"\n\n" in start.replace(b"\r\n", b"\n") or len(start) > 4096:
+                    break
+        return start.replace(b"\r\n", b"\n").lstrip().startswith(b"event: endpoint")
 
 
 def _note_cache_hint(hints: list[tuple[str, int, str]], method: str, page: Mapping[str, Any]) -> None:

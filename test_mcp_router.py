@@ -707,7 +707,7 @@ async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: p
                 async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
                     assert text_of(await call(client, "legacy__echo", {"text": "old"})) == "legacy:echo:old"
             web.should_exit = True
-    assert "backend legacy: HTTP 405 to an initialize POST; using the legacy SSE transport" in caplog.text
+    assert "backend legacy: the URL is a legacy SSE endpoint; using the SSE transport" in caplog.text
 
 
 def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
@@ -2142,7 +2142,7 @@ async def test_http_backends_are_reached_through_the_proxy_the_environment_names
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy_url)
         monkeypatch.setenv("http_proxy", proxy_url)
-        router = mr.Router(config_for("remote", url="http://mcp.example.invalid/mcp"))
+        router = mr.Router(config_for("remote", url="http://mcp.example.invalid/mcp", transport="http"))
         async with router.running():
             with anyio.fail_after(10):
                 while not requests:
