@@ -34,13 +34,14 @@ Map of this file, contract first, machinery last:
     config                 frozen dataclasses; parse_config(raw, env) is pure, load_config(path) reads the file
     pure core              no await, no I/O, no SDK: naming and the catalogue, backoff, the circuit breaker,
                            the Clock, the backend lifecycle table, and routing (plans, snapshots, STRATEGIES)
-    start-up               run as a program: the command line and config, then stdio backends launch
-                           while the SDK (next) is imported
+    start-up               the command line (every flag and subcommand) and config; run as a program to serve,
+                           stdio backends launch while the SDK (next) is imported
     the SDK                its imports
     I/O shell: backends    one Backend per server: connection, supervisor, health, requests
     I/O shell: the router  Router: the backends, the catalogue, and the request path between them
     MCP wiring             the SDK Server's handlers, the management tools, the fast path
-    serving, CLI           stdio and HTTP serving; main()
+    serving                stdio and HTTP serving, hot reload (ConfigReloader), signals (run_router)
+    CLI                    the check, tools and call subcommands; main()
 
 The path of one tools/call (handshake era, stdio):
 
@@ -52,8 +53,10 @@ The path of one tools/call (handshake era, stdio):
     by LineWriter. A failure goes to the next candidate only where may_send_elsewhere() allows.
 
 Where the router bypasses the SDK for speed (each guarded by the test named):
-    LineReader/LineWriter read and write pipes on the event loop, no thread or memory-stream hop
-        (test_end_to_end_over_stdio_with_real_stdio_backends, test_malformed_lines_from_a_client_...)
+    LineReader/LineWriter read and write pipes on the event loop, no thread or memory-stream hop (a
+        terminal or file: a daemon thread and in-place writes, so signals never wait on a read)
+        (test_end_to_end_over_stdio_with_real_stdio_backends, test_malformed_lines_from_a_client_...,
+        test_sigint_stops_the_router_within_the_stop_grace_whatever_stdin_is)
     _RouterMiddleware answers handshake-era tools/call and lists without re-validating what the
         backend's listing validated once (test_parity_router_changes_nothing_but_names)
     EncodedItems: list pages encoded once per catalogue (test_a_cached_page_is_written_as_the_sdk_would_write_it)
@@ -92,7 +95,9 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from collections import ChainMap, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -262,6 +267,8 @@ class BackendConfig:
     exclude: tuple[str, ...] = ()
     expanded: tuple[str, ...] = field(default=(), repr=False)
     """The values `${VAR}` references in this backend's entry took from the environment: secrets, wherever they went."""
+    fallback_to_sse: bool = False
+    """A URL backend whose transport is not declared: streamable HTTP, else the legacy SSE transport."""
 
     def secrets(self) -> list[str]:
         """Values that must never appear in output: what came from `${VAR}`, env and header values (and their last
@@ -451,7 +458,13 @@ class _Problems:
     def add(self, path: str, message: str) -> None:
         here = [value for where, value in self.expanded if _within(where, path)]  # any length: the message is about it
         message = redact(message, sorted({*here, *self.expanded_secrets()}, key=len, reverse=True))
-        self.items.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+        self.items.append(": ".join(part for part in (self.source, path, message) if part))
+
+    def elsewhere(self) -> _Problems:
+        """Problems of the same report that are not in the file (flags, environment variables): no file name."""
+        other = _Problems("")
+        other.items, other.expanded = self.items, self.expanded
+        return other
 
     def expanded_under(self, path: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys(value for where, value in self.expanded if _within(where, path)))
@@ -580,11 +593,13 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
 def _parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], overrides: Mapping[str, Any], problems: _Problems) -> Settings:
     """Precedence: CLI > environment > YAML > default."""
     values: dict[str, Any] = {}
+    in_file = problems
     for s in SETTINGS:
+        problems = in_file
         if s.field in overrides and overrides[s.field] is not None:
-            where, value = s.flag or s.field, overrides[s.field]
+            where, value, problems = s.flag or s.field, overrides[s.field], in_file.elsewhere()
         elif s.env in env:
-            where, value = s.env, _from_text(env[s.env], s.kind)
+            where, value, problems = s.env, _from_text(env[s.env], s.kind), in_file.elsewhere()
         elif (yaml_value := _lookup(raw, s.yaml_path)) is not None:
             where, value = s.yaml_path, yaml_value
         else:
@@ -790,6 +805,7 @@ def _parse_backend(
         include=include,
         exclude=exclude,
         expanded=problems.expanded_under(path),
+        fallback_to_sse=url is not None and declared is None,
     )
 
 
@@ -809,6 +825,90 @@ def _check_namespaces(backends: Sequence[BackendConfig], entries: Mapping[str, A
         )
 
 
+# -- the configs people already have, recognised by their shape
+# Claude Desktop, Claude Code (.mcp.json), Cursor and Windsurf keep their servers under `mcpServers`, VS Code
+# (.vscode/mcp.json) under `servers`, Codex (config.toml) under `mcp_servers`. Such a file becomes one of ours:
+# its other top-level keys are ignored with one warning, and an entry that runs this router is skipped.
+
+FOREIGN_SERVER_KEYS: Final = {"mcpServers": "mcpServers", "servers": "VS Code", "mcp_servers": "Codex"}
+_FOREIGN_ENTRY_KEYS: Final = {
+    "serverUrl": "url",  # Windsurf
+    "http_headers": "headers",  # Codex, and the rest of its keys below
+    "enabled_tools": "include",
+    "disabled_tools": "exclude",
+    "tool_timeout_sec": "timeout",
+}
+_EDITOR_VARIABLE: Final = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+"""VS Code's and Cursor's `${env:NAME}`, which is our `${NAME}`."""
+_INPUT_VARIABLE: Final = re.compile(r"\$\{input:[^}]*\}")
+SELF_NAMES: Final = ("mcp_router.py", "mcp-router", "mcp-router.exe")
+
+
+def runs_this_router(entry: Mapping[str, Any]) -> bool:
+    """Whether a client's server entry starts mcp-router itself (directly, or through uv, uvx, pipx or python)."""
+    words = [entry.get("command"), *(entry.get("args") or [])]
+    return any(isinstance(word, str) and Path(word).name in SELF_NAMES for word in words)
+
+
+def adopt_foreign_config(raw: Any, source: str) -> Any:
+    """Another MCP client's config file in our shape; ours (with `backends`) and anything unrecognised unchanged."""
+    if not isinstance(raw, dict) or "backends" in raw:
+        return raw
+    key = next((k for k in FOREIGN_SERVER_KEYS if k in raw), None)
+    if key is None:
+        return raw
+    ignored = [str(k) for k in raw if k not in _TOP_KEYS and k != key and k != "inputs"]
+    if ignored:
+        log.warning("%s: ignoring top-level keys that are not about MCP servers: %s", source, ", ".join(ignored))
+    if raw.get("inputs"):
+        ids = [i.get("id") for i in raw["inputs"] if isinstance(i, dict)] if isinstance(raw["inputs"], list) else []
+        log.warning(
+            "%s: inputs (%s) are VS Code prompts, which the router cannot show: ${input:...} stays as written; "
+            "use ${NAME} with an environment variable instead",
+            source,
+            ", ".join(map(str, ids)) or "?",
+        )
+    servers = raw[key]
+    if isinstance(servers, dict):
+        adopted = {}
+        for name, entry in servers.items():
+            if isinstance(entry, dict) and runs_this_router(entry):
+                log.info("%s: %s.%s: skipped: it runs this router, which must not proxy itself", source, key, name)
+                continue
+            adopted[name] = _adopt_entry(entry, f"{key}.{name}", source) if isinstance(entry, dict) else entry
+        servers = adopted
+    return {k: v for k, v in raw.items() if k in _TOP_KEYS and k != "mcpServers"} | {"mcpServers": servers}
+
+
+def _adopt_entry(entry: dict[str, Any], path: str, source: str) -> dict[str, Any]:
+    """One server entry of another client in our keys: renamed keys, `${env:NAME}` as `${NAME}`."""
+    adopted = {_FOREIGN_ENTRY_KEYS.get(k, k): v for k, v in entry.items()}
+    if isinstance(token_variable := entry.get("bearer_token_env_var"), str):  # Codex
+        adopted.pop("bearer_token_env_var")
+        adopted["headers"] = {"Authorization": f"Bearer ${{{token_variable}}}", **(adopted.get("headers") or {})}
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, str):
+            if (found := _INPUT_VARIABLE.search(value)) is not None:
+                log.warning("%s: %s: %s is a VS Code input, which the router cannot ask for", source, path, found[0])
+            return _EDITOR_VARIABLE.sub(r"${\1}", value)
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in value.items()}
+        return value
+
+    return cast(dict[str, Any], rewrite(adopted))
+
+
+def _load_toml(text: str, source: str) -> Any:
+    """A Codex config.toml (its MCP servers are [mcp_servers.NAME] tables)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"{source}: invalid TOML: {err}"]) from None
+
+
 def parse_config(
     raw: Any,
     env: Mapping[str, str],
@@ -820,6 +920,7 @@ def parse_config(
     problems = _Problems(source)
     if raw is None:
         raw = {}
+    raw = adopt_foreign_config(raw, source)
     if not isinstance(raw, dict):
         problems.add("", f"expected a mapping with a 'backends' list or an 'mcpServers' mapping, got {_describe(raw)}")
         raise ConfigError(problems.items)
@@ -827,16 +928,16 @@ def parse_config(
     _check_sections(raw, problems)
     settings = _parse_settings(raw, env, overrides or {}, problems)
     entries: list[tuple[str, Any, bool]] = []
-    if "backends" in raw:
+    if raw.get("backends") is not None:  # an empty list, like an empty file, means no backends (zero-config)
         listed = raw["backends"]
-        if not isinstance(listed, list) or not listed:
-            problems.add("backends", "expected a non-empty list of backends")
+        if not isinstance(listed, list):
+            problems.add("backends", f"expected a list of backends, got {_describe(listed)}")
         else:
             entries += [(f"backends[{i}]", b, False) for i, b in enumerate(listed)]
-    if "mcpServers" in raw:
+    if raw.get("mcpServers") is not None:
         servers = raw["mcpServers"]
-        if not isinstance(servers, dict) or not servers:
-            problems.add("mcpServers", "expected a non-empty mapping of server names to settings")
+        if not isinstance(servers, dict):
+            problems.add("mcpServers", f"expected a mapping of server names to settings, got {_describe(servers)}")
         else:
             for name, body in servers.items():
                 entry = {"name": name, **body} if isinstance(body, dict) else body
@@ -937,6 +1038,8 @@ def _read_config(candidate: Path, source: str) -> Any:
         raise ConfigError([f"{source}: cannot read: {err.strerror or err}"]) from err
     except UnicodeDecodeError as err:
         raise ConfigError([f"{source}: not UTF-8 text: {err.reason}"]) from err
+    if candidate.suffix == ".toml":
+        return _load_toml(text, source)  # Codex's config.toml
     loader = _ConfigLoader(text)  # JSON is YAML, so .mcp.json files load too
     try:
         raw = loader.get_single_data()
@@ -1684,10 +1787,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- start-up
-# Importing the SDK costs the router about 0.6 s of CPU, and stdio backends (npx, uvx, Python servers)
-# take as long or longer to start. So nothing above the next section needs the SDK: run as a program
-# (a script, or the installed `mcp-router` command), the router reads its command line and configuration and launches its stdio backends here, then
-# imports the SDK while they start. The two waits overlap instead of adding up.
+# Nothing in this section needs the SDK, which is imported after it: see "the one thing done while the module imports".
 
 BASIC_ENV: Final = frozenset(
     (
@@ -1856,6 +1956,7 @@ def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
             bufsize=0,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,  # read by the event loop, each line prefixed with the backend's name: BackendStderr
             env=child_environment(os.environ, config.env),
             cwd=config.cwd,
             start_new_session=True,
@@ -1894,41 +1995,98 @@ class RedactSecrets(logging.Filter):
 log_redaction = RedactSecrets()
 
 
+# -- the command line (all of it: flags, subcommands, help)
+
+COMMANDS: Final = {
+    "serve": "serve the backends to one MCP client over stdio, or to many over HTTP (the default)",
+    "check": "start every backend once and report how each did; exit 1 if any failed",
+    "tools": "list the tools a client sees, with their backend and original name",
+    "call": "call one tool through the router and print its result; exit 1 if it failed",
+}
+CLIENT_TOOL_LIMITS: Final = ((128, "OpenAI's API (128 functions)"), (40, "Cursor (about 40 tools)"))
+"""Tool counts past which popular clients drop or refuse tools, the tightest last."""
+CHECK_TIMEOUT: Final = 60.0
+"""Default seconds `check`, `tools` and `call` wait for backends to start."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mcp-router",
-        description="One MCP server in front of many: namespaced tools, resources and prompts, with health checks, circuit breakers and retries.",
-        epilog=(
-            "examples:\n"
-            "  mcp_router.py --config backends.yaml                 serve over stdio (for Claude Desktop, Cursor, ...)\n"
-            "  mcp_router.py --config backends.yaml --transport http --port 8000\n"
-            "\n"
-            "settings also come from MCP_* environment variables and the YAML file; "
-            "precedence: flags > environment > YAML > defaults."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
+    """The parser of every subcommand; `prog` is the name the program was invoked by."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--config",
         "-c",
         metavar="PATH",
-        help="backends file (YAML, or JSON with mcpServers); default: $MCP_BACKENDS_CONFIG, else ./backends.yaml",
+        help="backends file: YAML, or the JSON/TOML of Claude, Cursor, VS Code, Windsurf or Codex; "
+        "default: $MCP_BACKENDS_CONFIG, else ./backends.yaml",
     )
     for s in SETTINGS:
         if s.flag is None:
             continue
         if s.kind is bool:
-            parser.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
+            common.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
         elif isinstance(s.kind, tuple):
-            parser.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
+            common.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
         elif s.kind is list:
-            parser.add_argument(
+            common.add_argument(
                 s.flag, dest=s.field, type=functools.partial(_from_text, kind=list), metavar="A,B", help=f"{s.help} (env {s.env})"
             )
         else:
-            parser.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
+            common.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
+    common.add_argument("--debug", dest="log_level", action="store_const", const="DEBUG", help="same as --log-level debug")
+    waits = argparse.ArgumentParser(add_help=False)
+    waits.add_argument("--timeout", type=float, default=CHECK_TIMEOUT, metavar="SECONDS", help="how long backends may take to start")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser = argparse.ArgumentParser(
+        description="One MCP server in front of many: namespaced tools, resources and prompts, with health checks, circuit breakers and retries.",
+        epilog=(
+            "examples:\n"
+            "  %(prog)s --config backends.yaml                 serve over stdio (for Claude Desktop, Cursor, ...)\n"
+            "  %(prog)s --config backends.yaml --transport http --port 8000\n"
+            "  %(prog)s check --config backends.yaml           start every backend once and report\n"
+            "  %(prog)s tools --config backends.yaml 'github__*'\n"
+            '  %(prog)s call --config backends.yaml time__get_current_time \'{"timezone": "UTC"}\'\n'
+            "\n"
+            "settings also come from MCP_* environment variables and the YAML file; "
+            "precedence: flags > environment > YAML > defaults. SIGHUP, or saving the file, reloads the backends."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],  # for --help only: the command line always names a subcommand once parsed
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, summary in COMMANDS.items():
+        extra = {"serve": [], "check": [waits, as_json], "tools": [waits, as_json], "call": [waits]}[name]
+        command = commands.add_parser(name, parents=[common, *extra], help=summary, description=summary)
+        if name == "tools":
+            command.add_argument("pattern", nargs="?", default="*", metavar="GLOB", help="only the names that match, e.g. 'github__*'")
+        elif name == "call":
+            command.add_argument("tool", metavar="TOOL", help="the tool's exposed name, as `tools` lists it")
+            command.add_argument("arguments", nargs="?", default={}, type=_json_object, metavar="JSON", help="the arguments, a JSON object")
     return parser
+
+
+def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, by field (None where not given)."""
+    return {s.field: getattr(args, s.field, None) for s in SETTINGS}
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of arguments, got {_describe(value)}")
+    return value
+
+
+def parse_command_line(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed command line; without a subcommand it is `serve`, so `--config FILE` alone keeps serving."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    return build_parser().parse_args(argv)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -1972,18 +2130,20 @@ def http_service_problems(settings: Settings) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Started:
+    args: argparse.Namespace
+    """The parsed command line; `args.command` is the subcommand."""
     config: Config
     listening: socket.socket | None
-    """The HTTP socket, when the transport is HTTP."""
+    """The HTTP socket, when serving over HTTP."""
     launched: dict[str, subprocess.Popen[bytes]]
-    """The enabled stdio backends' processes by backend name, for their first connections to take."""
+    """For `serve`, the enabled stdio backends' processes by backend name, for their first connections to take."""
 
 
 def start(argv: Sequence[str] | None) -> Started | int:
     """All that comes before the SDK: the command line, logging, the configuration (exit status 2 if it is
-    unusable), the HTTP socket (1 if it cannot be had) and the stdio backends' launch."""
-    args = build_parser().parse_args(argv)
-    overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS}
+    unusable) and, to serve, the HTTP socket (1 if it cannot be had) and the stdio backends' launch."""
+    args = parse_command_line(argv)
+    overrides = setting_flags(args)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, os.environ, overrides)
@@ -1992,12 +2152,15 @@ def start(argv: Sequence[str] | None) -> Started | int:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(config.settings.log_level)
+    quiet = args.command != "serve" and args.log_level is None  # a report on stdout needs no progress log
+    logging.getLogger().setLevel("WARNING" if quiet else config.settings.log_level)
     log_redaction.secrets = config.secrets()
     for handler in logging.getLogger().handlers:
         handler.addFilter(log_redaction)
     for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.command != "serve":
+        return Started(args, config, None, {})
     settings = config.settings
     serves_http = settings.transport in ("http", "sse")
     if serves_http and (problems := http_service_problems(settings)):
@@ -2015,13 +2178,29 @@ def start(argv: Sequence[str] | None) -> Started | int:
         if backend.enabled and backend.transport == "stdio":
             with contextlib.suppress(RouterError):  # its supervisor tries again, says why, and retries with backoff
                 launched[backend.name] = launch(backend)
-    return Started(config, listening, launched)
+    return Started(args, config, listening, launched)
 
 
-RUN_AS_PROGRAM: Final = __name__ == "__main__" or Path((sys.argv or [""])[0]).name in ("mcp-router", "mcp-router.exe")
-"""Run as a script, or as the installed `mcp-router` command (which imports this module, then calls main())."""
+# -- the one thing done while the module imports
+# Importing the SDK takes about 0.6 s, as long as stdio backends (npx, uvx, Python servers) take to start. Run as a
+# program, the router parses its command line here and, to serve, launches its stdio backends, which then start while
+# the SDK below is imported: start-up takes about as long as the slowest backend, not that plus the import.
+# Imported as a module (tests, other programs), nothing happens until main() is called.
+
+
+def run_as_program(module_name: str, argv0: str) -> bool:
+    """Run as a script (`__main__`), or as the installed `mcp-router` command, which imports this module, then calls main()."""
+    return module_name == "__main__" or Path(argv0).name in ("mcp-router", "mcp-router.exe")
+
+
+def _stop_quietly(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # Ctrl-C before serving: no traceback of an import in progress
+
+
+RUN_AS_PROGRAM: Final = run_as_program(__name__, (sys.argv or [""])[0])
+if RUN_AS_PROGRAM:
+    signal.signal(signal.SIGINT, _stop_quietly)  # the router's own handling replaces it once it serves
 STARTED: Final = start(None) if RUN_AS_PROGRAM else None
-"""Run as a program, the router starts here, so its stdio backends start while the SDK below is imported."""
 if isinstance(STARTED, int):
     raise SystemExit(STARTED)  # no need to load the SDK to say that the configuration is unusable
 
@@ -2034,6 +2213,7 @@ import mcp_types as types
 import pydantic
 import pydantic_core
 from mcp.client._probe import negotiate_auto
+from mcp.client.client import Client
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -2410,11 +2590,48 @@ async def _line_pipes(read_file: Any, write_file: Any, *, answer_errors: bool = 
         read_transport.close()
 
 
+class BackendStderr(asyncio.Protocol):
+    """A stdio backend's stderr, copied line by line to the router's, each line prefixed with the backend's name.
+
+    Read by the event loop as it arrives, apart from the backend's stdout: it costs the calls nothing.
+    Shown whatever the log level, as it was when backends wrote to the router's stderr themselves.
+    """
+
+    MAX_LINE: Final = 1 << 16
+
+    def __init__(self, name: str, secrets: Sequence[str]) -> None:
+        self.prefix = f"[{name}] "
+        self.secrets = secrets
+        self.partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        if len(self.partial) > self.MAX_LINE:  # no newline in sight: show what there is
+            lines.append(self.partial)
+            self.partial = b""
+        self._show(lines)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.partial:
+            self._show([self.partial])
+            self.partial = b""
+
+    def _show(self, lines: Iterable[bytes]) -> None:
+        text = "".join(f"{self.prefix}{redact(line.decode(errors='replace').rstrip(), self.secrets)}\n" for line in lines)
+        if text:
+            with contextlib.suppress(OSError, ValueError):  # the router's stderr is gone: nowhere to show it
+                sys.stderr.write(text)
+                sys.stderr.flush()
+
+
 @asynccontextmanager
-async def stdio_connection(process: subprocess.Popen[bytes]) -> AsyncIterator[Streams]:
+async def stdio_connection(process: subprocess.Popen[bytes], stderr: BackendStderr | None = None) -> AsyncIterator[Streams]:
     """A launched stdio backend's pipes; on exit its stdin closes, then its group gets SIGTERM and SIGKILL."""
     async with AsyncExitStack() as stack:
         with anyio.CancelScope(shield=True):  # a loop turn; cancelled then, the process would be left running
+            if process.stderr is not None and stderr is not None:
+                relay, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: stderr, process.stderr)
+                stack.callback(relay.close)  # after the backend has stopped, so its last words are shown
             reader, writer = await stack.enter_async_context(_line_pipes(process.stdout, process.stdin))
         try:
             yield reader, writer
@@ -2524,7 +2741,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
         def connect() -> AbstractAsyncContextManager[Streams]:
             nonlocal launched
             process, launched = launched or launch(config), None
-            return stdio_connection(process)
+            return stdio_connection(process, BackendStderr(config.name, config.secrets()))
 
         return connect
     if config.transport == "sse":
@@ -2540,7 +2757,55 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
         ):
             yield streams
 
-    return http
+    return _http_or_sse(config, http) if config.fallback_to_sse else http
+
+
+def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
+    """For a URL whose transport is not declared: streamable HTTP, or the legacy SSE transport if the URL is an SSE
+    stream whose first event is `endpoint` (the spec's backwards-compatibility test). Decided at the first
+    connection that gets an answer, and logged."""
+    chosen: Connector | None = None
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Streams]:
+        nonlocal chosen
+        connector = chosen
+        if connector is None:
+            legacy = await _serves_legacy_sse(config)
+            if legacy:
+                log.info("backend %s: the URL is a legacy SSE endpoint; using the SSE transport", config.name)
+                connector = chosen = lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
+            else:
+                connector = http
+                if legacy is not None:
+                    log.info("backend %s: using streamable HTTP", config.name)
+                    chosen = http
+        async with connector() as streams:
+            yield streams
+
+    return connect
+
+
+async def _serves_legacy_sse(config: BackendConfig) -> bool | None:
+    """Whether a GET of the URL opens an SSE stream whose first event is `endpoint`, as only legacy SSE servers
+    send; None if the server errs (5xx) and cannot tell yet. A GET, unlike the spec's initialize POST, opens no
+    session on a streamable HTTP server (which answers it with 400 or 405, or a stream without that event)."""
+    headers = {**config.headers, "accept": "text/event-stream"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0), verify=_tls_context()) as client,
+        client.stream("GET", config.url or "") as response,
+    ):
+        if response.status_code >= 500:
+            return None
+        if response.status_code != 200 or not response.headers.get("content-type", "").startswith("text/event-stream"):
+            return False
+        start = b""
+        with anyio.move_on_after(5):
+            async for chunk in response.aiter_bytes():
+                start += chunk
+                if b"\n\n" in start.replace(b"\r\n", b"\n") or len(start) > 4096:
+                    break
+        return start.replace(b"\r\n", b"\n").lstrip().startswith(b"event: endpoint")
 
 
 def _note_cache_hint(hints: list[tuple[str, int, str]], method: str, page: Mapping[str, Any]) -> None:
@@ -3229,9 +3494,9 @@ class ClientHub:
                 del self._followers[uri]
                 self.unfollowed(uri)
 
-    def newest(self) -> Any | None:
-        """The connection that arrived last, or None."""
-        return next(reversed(self._outboxes), None)
+    def newest(self, where: Callable[[Any], bool] = lambda connection: True) -> Any | None:
+        """The connection that arrived last (of those `where` accepts), or None."""
+        return next((c for c in reversed(self._outboxes) if where(c)), None)
 
     def __len__(self) -> int:
         return len(self._outboxes)
@@ -3529,7 +3794,10 @@ class Router:
         connection = self.clients.newest()
         if ctx is not None:
             capabilities = ctx.session.client_capabilities
-        elif capability == "roots" and connection is not None:
+        elif capability == "roots":
+            connection = self.clients.newest(lambda c: getattr(c.client_capabilities, "roots", None) is not None)
+            if connection is None:  # asked at start-up: a client with roots, once there, has the backend ask again
+                return types.ListRootsResult(roots=[])
             capabilities = connection.client_capabilities
         else:
             return refuse(f"no client request is in progress to carry {request.method}")
@@ -4476,24 +4744,90 @@ def _guard(handler: Callable[..., Awaitable[Any]]) -> Any:
 # ---------------------------------------------------------------------------- serving
 
 
+class _FileWriter:
+    """The part of asyncio.StreamWriter that LineWriter uses, writing in place to a terminal or a file.
+
+    The event loop cannot watch those; a write to them is quick, and it never waits for a reader.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self._fd is not None:
+            view = view[os.write(self._fd, view) :]
+
+    async def drain(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _thread_fed_reader(fd: int) -> asyncio.StreamReader:
+    """A StreamReader over a terminal or file, read by a daemon thread: a signal then never waits for Enter or Ctrl-D,
+    as it would for the SDK's worker thread, and the thread ends with the process. The thread closes `fd`."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 30)
+
+    def pump() -> None:
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                loop.call_soon_threadsafe(reader.feed_data, chunk)
+            loop.call_soon_threadsafe(reader.feed_eof)
+        except (OSError, RuntimeError):  # RuntimeError: the loop has closed, the router is stopping
+            pass
+        finally:
+            os.close(fd)
+
+    threading.Thread(target=pump, name="mcp-router stdin", daemon=True).start()
+    return reader
+
+
+def _is_pipe(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 @contextlib.asynccontextmanager
-async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
+async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter]]:
     """The wire on private copies of fds 0 and 1, while fd 0 reads /dev/null and fd 1 writes to stderr.
 
-    Only for pipes and sockets (how MCP clients start servers); anything else gets the SDK's own transport.
+    Pipes and sockets (how MCP clients start servers) are read and written by the event loop; a terminal or
+    a file, which the event loop cannot watch, by `_thread_fed_reader` and `_FileWriter`.
     """
-    if not all(stat.S_ISFIFO(m) or stat.S_ISSOCK(m) for m in (os.fstat(0).st_mode, os.fstat(1).st_mode)):
-        yield None
-        return
+    piped_in, piped_out = _is_pipe(0), _is_pipe(1)
     wire_in, wire_out = os.dup(0), os.dup(1)
     saved_in, saved_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stray print() must never corrupt the protocol stream
     os.close(devnull)
+    loop = asyncio.get_running_loop()
     try:
-        async with _line_pipes(os.fdopen(wire_in, "rb", 0), os.fdopen(wire_out, "wb", 0), answer_errors=True) as pipes:
-            yield pipes
+        async with AsyncExitStack() as stack:
+            if piped_in:
+                reader = asyncio.StreamReader(limit=1 << 30)
+                transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0))
+                stack.callback(transport.close)
+            else:
+                reader = _thread_fed_reader(wire_in)
+            writer: Any
+            if piped_out:
+                protocol_factory = lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader())  # noqa: E731
+                write_transport, protocol = await loop.connect_write_pipe(protocol_factory, os.fdopen(wire_out, "wb", 0))
+                stack.callback(write_transport.close)
+                writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
+            else:
+                writer = _FileWriter(wire_out)
+                stack.callback(writer.close)
+            yield LineReader(reader, answer_errors_to=writer), LineWriter(writer)
     finally:
         os.dup2(saved_in, 0)
         os.dup2(saved_out, 1)
@@ -4502,15 +4836,10 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
 
 
 async def serve_stdio(server: Server[Any], router: Router) -> None:
-    from mcp.server.stdio import stdio_server
-
     await router.wait_ready()  # the client's initialize waits in the pipe; its answer then carries the backends' instructions
-    async with _stdio_pipes() as pipes:
-        if pipes is not None:
-            await server.run(*pipes, server.create_initialization_options())
-            return
-        async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+    async with _stdio_pipes() as (read, write):
+        log.info("serving MCP over stdio")
+        await server.run(read, write, server.create_initialization_options())
 
 
 class PlainRefusals:
@@ -5194,26 +5523,134 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
         tg.cancel_scope.cancel()
 
 
+RELOAD_POLL: Final = 2.0
+"""Seconds between two looks at the config file's modification time and size."""
+
+
+class ConfigReloader:
+    """Hot reload: on SIGHUP, or when the config file changes, re-read it and apply it to the running router.
+
+    A config with problems is rejected whole (its problems logged, the running one kept). Otherwise added backends
+    start, removed ones stop, changed ones (whose BackendConfig differs) are replaced, and the rest, with every
+    client session, are left alone; clients hear list_changed when their lists change. Router settings are read
+    once at start: a changed one is logged as needing a restart.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        config: Config,
+        path: str | None,
+        env: Mapping[str, str],
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        connectors: Mapping[str, Connector] | None = None,
+    ) -> None:
+        self.router = router
+        self.config = config
+        self.path = path
+        self.env = env
+        self.overrides = dict(overrides or {})
+        self.connectors = connectors or {}
+        """Connectors for backends a reload adds, by name (tests pass in-process ones); else the config's transport."""
+        self._seen = self._stamp()
+
+    def watched_file(self) -> Path:
+        """The file load_config reads: the one named, else $MCP_BACKENDS_CONFIG, else ./backends.yaml (which may appear later)."""
+        return Path(self.path or self.env.get("MCP_BACKENDS_CONFIG") or CONFIG_FILE_NAME)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            info = self.watched_file().stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_size
+
+    def check_file(self) -> bool:
+        """Reload if the file changed since it was last seen; whether it had."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        log.info("%s changed; reloading", self.watched_file())
+        self.reload()
+        return True
+
+    async def watch(self, interval: float = RELOAD_POLL) -> None:
+        while True:
+            await anyio.sleep(interval)
+            self.check_file()
+
+    def reload(self) -> bool:
+        """Apply the config file as it is now; False (and the running config kept) if it has problems."""
+        self._seen = self._stamp()
+        try:
+            new = load_config(self.path, self.env, self.overrides)
+        except ConfigError as err:
+            log.error("config reload rejected, still running the previous one:\n  %s", "\n  ".join(err.problems))
+            return False
+        old, self.config = self.config, new
+        log_redaction.secrets = sorted({*log_redaction.secrets, *new.secrets()}, key=len, reverse=True)
+        for s in SETTINGS:
+            if getattr(old.settings, s.field) != getattr(new.settings, s.field):
+                log.warning("%s (%s) changed; it takes effect when the router restarts", s.yaml_path, s.env)
+        before, after = {b.name: b for b in old.backends}, {b.name: b for b in new.backends}
+        for name in before.keys() - after.keys():
+            log.info("backend %s: removed by reload", name)
+            self.router.remove_backend(name)
+        for name, backend in after.items():
+            if name in before and before[name] == backend:
+                continue
+            if name in before:
+                log.info("backend %s: changed; restarting it with its new settings", name)
+                self.router.remove_backend(name)
+            else:
+                log.info("backend %s: added by reload", name)
+            self.router.add_backend(backend, self.connectors.get(name))
+        return True
+
+
+SLOW_START: Final = 5.0
+"""Seconds after which a backend still starting is logged, once."""
+
+
+async def note_slow_starts(router: Router, after: float = SLOW_START) -> None:
+    """Log once each backend that is still starting `after` seconds in: the wait is the backend's, not the router's."""
+    await anyio.sleep(after)
+    for backend in list(router.backends.values()):
+        if not backend.first_attempt_done.is_set():
+            log.info("waiting for backend %s, %g s", backend.name, after)
+
+
 async def run_router(started: Started) -> None:
-    """Start the backends (taking the stdio ones launched already) and serve until the client leaves or a signal arrives."""
+    """Start the backends (taking the stdio ones launched already) and serve until the client leaves or a signal arrives.
+
+    SIGINT and SIGTERM stop the router, whatever its stdin and stdout are; SIGHUP reloads the configuration.
+    """
     config, listening, launched = started.config, started.listening, started.launched
     router = Router(config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched})
     server = build_server(router)
     if not config.backends:
         log.info("%s; serving the management tools only", no_backends_hint(config.source))
     stop = anyio.Event()
+    reloader = ConfigReloader(router, config, started.args.config, os.environ, setting_flags(started.args))
     async with router.running(), anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
-                    log.info("received %s; shutting down (again to force)", signal.Signals(signum).name)
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP; reloading %s", reloader.watched_file())
+                        reloader.reload()
+                        continue
+                    log.info("received %s; stopping", signal.Signals(signum).name)
                     stop.set()
                     if config.settings.transport == "stdio":
                         tg.cancel_scope.cancel()
                     return
 
         tg.start_soon(watch_signals)
+        tg.start_soon(note_slow_starts, router)
+        tg.start_soon(reloader.watch)
         if listening is not None:
             where = f"http://{config.settings.host}:{config.settings.port}"
             log.info(
@@ -5228,21 +5665,181 @@ async def run_router(started: Started) -> None:
 
 
 # ---------------------------------------------------------------------------- CLI
+# The subcommands other than serve. Each runs a Router of its own and reaches it as a client would, through an
+# in-memory MCP client connected to build_server(router): what they show is what a client gets.
+
+
+def _print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], file: Any = None) -> None:
+    cells = [[str(h) for h in headers], *([("" if c is None else str(c)) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=file or sys.stdout)
+
+
+async def _show_starting(router: Router, began: float) -> None:
+    """Which backends are still starting, on stderr: one updating line on a terminal, a plain line per change otherwise."""
+    terminal = sys.stderr.isatty()
+    shown = None
+    while True:
+        waiting = [b.name for b in router.backends.values() if not b.first_attempt_done.is_set()]
+        text = f"starting: {', '.join(waiting)} ({time.monotonic() - began:.0f} s)" if waiting else ""
+        if terminal:
+            sys.stderr.write(f"\r\x1b[K{text}")
+            sys.stderr.flush()
+        elif waiting and waiting != shown:
+            print(f"still starting: {', '.join(waiting)}" if shown else text, file=sys.stderr)
+        shown = waiting
+        with anyio.move_on_after(0.5 if terminal else math.inf):
+            await router.changed.wait()
+
+
+async def _started_router(router: Router, timeout: float) -> dict[str, float]:
+    """Wait, within `timeout`, for every backend's first connection attempt; the seconds each took, by name."""
+    began = time.monotonic()
+    took: dict[str, float] = {}
+
+    async def timed(backend: Backend) -> None:
+        await backend.first_attempt_done.wait()
+        took[backend.name] = time.monotonic() - began
+
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_show_starting, router, began)
+            async with anyio.create_task_group() as attempts:
+                for backend in router.backends.values():
+                    attempts.start_soon(timed, backend)
+            tg.cancel_scope.cancel()
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")
+    return took
+
+
+def _check_row(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    era = f"{r['era']} {r['protocol_version']}" if r["protocol_version"] else None
+    seconds = f"{r['startup_seconds']:.2f}s" if r["startup_seconds"] is not None else None
+    return (r["name"], r["transport"], era, r["state"], r["tools"], r["resources"], r["prompts"], seconds, r["last_error"])
+
+
+async def run_check(started: Started) -> int:
+    """`check`: start every backend, then report each: 0 if every enabled backend came up, else 1."""
+    args, router = started.args, Router(started.config)
+    async with router.running():
+        took = await _started_router(router, args.timeout)
+        rows = []
+        for backend in router.backends.values():
+            info = backend.status()
+            version = backend.session.protocol_version if backend.session is not None else None
+            era = None if version is None else "2026" if version in MODERN_PROTOCOL_VERSIONS else "handshake"
+            error = info["last_error"]
+            if backend.config.enabled and backend.name not in took:
+                error = f"still starting after --timeout {args.timeout:g}s"
+            seconds = took.get(backend.name)
+            rows.append(
+                info
+                | {"enabled": backend.config.enabled, "era": era, "protocol_version": version, "last_error": error}
+                | {"startup_seconds": round(seconds, 2) if seconds is not None and backend.config.enabled else None}
+            )
+    failed = [r["name"] for r in rows if r["enabled"] and r["state"] != "ready"]
+    if args.json:
+        print(json.dumps({"ok": not failed, "source": started.config.source, "backends": rows}, indent=2))
+    elif not rows:
+        print(no_backends_hint(started.config.source))
+    else:
+        headers = ("BACKEND", "TRANSPORT", "ERA", "STATE", "TOOLS", "RESOURCES", "PROMPTS", "START-UP", "ERROR")
+        _print_table(headers, map(_check_row, rows))
+        print(f"\n{len(rows) - len(failed)} of {len(rows)} backends ready" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+async def _listed_tools(client: Client) -> list[types.Tool]:
+    tools, cursor = [], None
+    while True:
+        result = await client.session.list_tools(params=types.PaginatedRequestParams(cursor=cursor) if cursor else None)
+        tools += result.tools
+        if not (cursor := result.next_cursor):
+            return tools
+
+
+async def run_tools(started: Started) -> int:
+    """`tools`: the tools a client sees, with backend and original name; warns past popular clients' limits."""
+    args, router = started.args, Router(started.config)
+    async with router.running():
+        await _started_router(router, args.timeout)
+        async with Client(build_server(router), mode="legacy", cache=None) as client:
+            tools = await _listed_tools(client)
+    rows: list[dict[str, Any]] = []
+    for tool in tools:
+        entry = router.catalogue.tools.get(tool.name)
+        backends, original = (list(entry.pool), entry.original) if entry else (["(router)"], tool.name)
+        if fnmatchcase(tool.name, args.pattern):
+            rows.append({"name": tool.name, "backends": backends, "original": original, "description": tool.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(("TOOL", "BACKEND", "ORIGINAL NAME"), [(r["name"], ",".join(r["backends"]), r["original"]) for r in rows])
+    limit = next(((n, who) for n, who in CLIENT_TOOL_LIMITS if len(tools) > n), None)
+    if limit is not None:
+        print(
+            f"mcp-router: warning: {len(tools)} tools is more than {limit[1]} takes; trim them with a backend's"
+            " include or exclude list (glob patterns of its original tool names) in the config",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def run_call(started: Started) -> int:
+    """`call`: one tool call through the router; prints its text and structuredContent; 1 if it failed."""
+    args, arguments = started.args, started.args.arguments
+    router = Router(started.config)
+    async with router.running():
+        with anyio.move_on_after(args.timeout):
+            await router.wait_ready()
+        async with Client(build_server(router), mode="legacy", cache=None) as client:
+            try:
+                request = types.CallToolRequest(params=types.CallToolRequestParams(name=args.tool, arguments=arguments))
+                result = await client.session.send_request(request, types.CallToolResult)
+            except MCPError as err:
+                print(f"mcp-router: call {args.tool}: error {err.code}: {err.message}", file=sys.stderr)
+                return 1
+    texts = []
+    for block in result.content:
+        if isinstance(block, types.TextContent):
+            print(block.text)
+            texts.append(block.text)
+        else:
+            print(json.dumps(block.model_dump(by_alias=True, mode="json", exclude_none=True)))
+    if result.structured_content is not None and not any(_is_json_of(text, result.structured_content) for text in texts):
+        print(json.dumps(result.structured_content, indent=2))  # unless a text block carries it already, as tools should
+    return 1 if result.is_error else 0
+
+
+def _is_json_of(text: str, value: Any) -> bool:
+    try:
+        return bool(json.loads(text) == value)
+    except ValueError:
+        return False
+
+
+SUBCOMMANDS: Final[dict[str, Callable[[Started], Awaitable[int | None]]]] = {
+    "serve": run_router,
+    "check": run_check,
+    "tools": run_tools,
+    "call": run_call,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the router with `argv`, by default the command line (which, run as a script, has started already)."""
+    """Run the router with `argv`, by default the command line (which, run as a program, has started already)."""
     started = STARTED if argv is None and STARTED is not None else start(argv)
     if isinstance(started, int):
         return started
     try:
-        anyio.run(run_router, started)
+        return anyio.run(SUBCOMMANDS[started.args.command], started) or 0
     except KeyboardInterrupt:
-        pass
+        return 130
     except RouterError as err:
         log.error("%s", err)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

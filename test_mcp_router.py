@@ -557,8 +557,12 @@ def test_config_reports_every_problem_with_path_and_expectation() -> None:
     assert all(p.startswith("backends.yaml: ") for p in problems)
 
 
-def test_config_empty_backends_list_is_an_error() -> None:
-    assert problems_of({"backends": []}) == ["backends.yaml: backends: expected a non-empty list of backends"]
+def test_config_empty_backends_list_or_file_means_zero_config(tmp_path: Path) -> None:
+    empty = tmp_path / "backends.yaml"
+    empty.write_text("")
+    assert mr.load_config(empty, {}).backends == () == mr.parse_config({"backends": []}, {}).backends
+    assert mr.parse_config({"mcpServers": {}}, {}).backends == ()
+    assert problems_of({"backends": {"a": 1}}) == ["backends.yaml: backends: expected a list of backends, got {'a': 1}"]
 
 
 def test_config_expands_environment_variables_and_reports_missing_ones() -> None:
@@ -597,6 +601,114 @@ def test_config_accepts_the_mcp_servers_format_of_claude_and_cursor(tmp_path: Pa
     assert by_name["my files"].namespace == "my_files"
     assert by_name["remote"].transport == "http" and by_name["remote"].headers == {"X-Key": "k"}
     assert by_name["legacy"].transport == "sse" and by_name["legacy"].enabled is False
+
+
+def test_config_of_claude_desktop_ignores_its_other_keys_once_and_skips_the_router_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "claude_desktop_config.json"
+    servers = {
+        "time": {"command": "uvx", "args": ["mcp-server-time"]},
+        "router": {"command": "uv", "args": ["run", "/home/me/mcp-router/mcp_router.py", "--config", "b.yaml"]},
+        "router-installed": {"command": "/home/me/.local/bin/mcp-router"},
+    }
+    path.write_text(json.dumps({"globalShortcut": "Ctrl+Space", "preferences": {"menuBarEnabled": False}, "mcpServers": servers}))
+    with caplog.at_level("INFO", logger="mcp_router"):
+        config = mr.load_config(path, {})
+    assert [b.name for b in config.backends] == ["time"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{path}: ignoring top-level keys that are not about MCP servers: globalShortcut, preferences"]
+    notes = [r.getMessage() for r in caplog.records if "must not proxy itself" in r.getMessage()]
+    assert [n.split(": ")[1] for n in notes] == ["mcpServers.router", "mcpServers.router-installed"]
+
+
+def test_config_of_vs_code_reads_servers_and_reports_inputs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mcp.json"
+    path.write_text(
+        json.dumps(
+            {
+                "inputs": [{"type": "promptString", "id": "gh-token", "password": True}],
+                "servers": {
+                    "github": {
+                        "type": "http",
+                        "url": "https://api.example.com/mcp",
+                        "headers": {"Authorization": "Bearer ${input:gh-token}"},
+                    },
+                    "files": {"type": "stdio", "command": "npx", "args": ["-y", "server-filesystem", "${env:HOME}/src"]},
+                },
+            }
+        )
+    )
+    with caplog.at_level("WARNING", logger="mcp_router"):
+        config = mr.load_config(path, {"HOME": "/home/me"})
+    by_name = {b.name: b for b in config.backends}
+    assert by_name["github"].transport == "http" and not by_name["github"].fallback_to_sse
+    assert by_name["files"].args == ("-y", "server-filesystem", "/home/me/src")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "inputs (gh-token) are VS Code prompts, which the router cannot show" in text
+    assert "servers.github: ${input:gh-token} is a VS Code input" in text
+
+
+def test_config_of_windsurf_and_cursor_take_untyped_urls_as_http_with_sse_fallback(tmp_path: Path) -> None:
+    path = tmp_path / "mcp_config.json"
+    servers = {"remote": {"serverUrl": "https://example.com/sse"}, "cursor": {"url": "https://example.com/mcp"}}
+    path.write_text(json.dumps({"mcpServers": servers}))
+    by_name = {b.name: b for b in mr.load_config(path, {}).backends}
+    assert by_name["remote"].url == "https://example.com/sse"
+    assert all(b.transport == "http" and b.fallback_to_sse for b in by_name.values())
+
+
+def test_config_of_codex_is_read_from_its_toml(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'model = "o3"\n'
+        "[mcp_servers.time]\n"
+        'command = "uvx"\nargs = ["mcp-server-time"]\nenv = { TZ = "UTC" }\nenabled_tools = ["get_*"]\ntool_timeout_sec = 20\n'
+        "[mcp_servers.docs]\n"
+        'url = "https://docs.example.com/mcp"\nbearer_token_env_var = "DOCS_TOKEN"\nhttp_headers = { X-Team = "core" }\n'
+    )
+    with caplog.at_level("WARNING", logger="mcp_router"):
+        config = mr.load_config(path, {"DOCS_TOKEN": "tok-123456"})
+    time_backend, docs = config.backends
+    assert (time_backend.command, time_backend.env, time_backend.include, time_backend.timeout) == ("uvx", {"TZ": "UTC"}, ("get_*",), 20)
+    assert docs.headers == {"Authorization": "Bearer tok-123456", "X-Team": "core"}
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: ignoring top-level keys that are not about MCP servers: model"]
+    path.write_text("[mcp_servers.x\n")
+    with pytest.raises(mr.ConfigError) as info:
+        mr.load_config(path, {})
+    assert info.value.problems[0].startswith(f"{path}: invalid TOML: ")
+
+
+async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: pytest.LogCaptureFixture) -> None:
+    import uvicorn
+    from mcp.server.sse import SseServerTransport
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    server = FakeBackend("legacy").server()
+    transport = SseServerTransport("/messages/")
+
+    async def handle_sse(request: Any) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        return Response()
+
+    app = Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]), Mount("/messages/", app=transport.handle_post_message)])
+    listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
+    port = listening.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    config = mr.parse_config({"backends": [{"name": "legacy", "url": f"http://127.0.0.1:{port}/sse"}]}, {})
+    with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[listening]))
+            router = mr.Router(config)
+            async with router.running():
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                    assert text_of(await call(client, "legacy__echo", {"text": "old"})) == "legacy:echo:old"
+            web.should_exit = True
+    assert "backend legacy: the URL is a legacy SSE endpoint; using the SSE transport" in caplog.text
 
 
 def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
@@ -685,7 +797,10 @@ def test_config_precedence_is_cli_then_env_then_yaml_then_default() -> None:
 
 
 def test_config_bad_environment_value_names_the_variable() -> None:
-    assert problems_of({}, {"MCP_PORT": "eighty"}) == ["backends.yaml: MCP_PORT: expected a whole number >= 0, got 'eighty'"]
+    assert problems_of({}, {"MCP_PORT": "eighty"}) == ["MCP_PORT: expected a whole number >= 0, got 'eighty'"]
+    with pytest.raises(mr.ConfigError) as info:
+        mr.parse_config({}, {}, overrides={"port": 70000})
+    assert info.value.problems == ["--port: expected a TCP port 1-65535, got 70000"]
 
 
 def test_config_numbers_and_flags_may_come_from_environment_defaults() -> None:
@@ -1319,6 +1434,48 @@ async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_st
         with anyio.fail_after(5):
             await changed.wait()
         assert "native__grown" in {t.name for t in (await client.list_tools()).tools}
+
+
+async def test_a_backends_roots_request_before_any_client_with_roots_gets_an_empty_list() -> None:
+    async def roots(context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///work"})])
+
+    async with routed(FakeBackend("svc")) as (_client_without_roots, router, _):
+        backend = router.backends["svc"]
+        asked = await router.ask_client(backend, "roots", types.ListRootsRequest(), types.ListRootsResult)
+        assert asked == types.ListRootsResult(roots=[])
+        async with Client(mr.build_server(router), mode="legacy", cache=None, list_roots_callback=roots) as client:
+            await client.list_tools()  # the handshake is over: the router knows the client
+            asked = await router.ask_client(backend, "roots", types.ListRootsRequest(), types.ListRootsResult)
+            assert [str(r.uri) for r in asked.roots] == ["file:///work"]
+
+
+async def test_debug_log_has_one_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    async with routed(FakeBackend("svc")) as (client, _, _):
+        with caplog.at_level("DEBUG", logger="mcp_router"):
+            await call(client, "svc__echo", {"text": "x"})
+            await call(client, "svc__broken")
+            with pytest.raises(MCPError):
+                await call(client, "svc__fail")
+    lines = [re.sub(r"in [\d.]+ ms", "in N ms", r.getMessage()) for r in caplog.records if r.getMessage().startswith("tools/call")]
+    assert lines == [
+        "tools/call echo -> svc: ok in N ms",  # Router._account: the backend's own name of the tool
+        "tools/call broken -> svc: ok in N ms",
+        "tools/call fail -> svc: the fake refuses in N ms",
+    ]
+
+
+async def test_a_backend_still_starting_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    router = mr.Router(
+        config_for("slow", "quick"), connectors={"slow": InProcess(FakeBackend("slow")), "quick": InProcess(FakeBackend("quick"))}
+    )
+    router.backends["slow"].connector.stall = anyio.Event()  # type: ignore[attr-defined]
+    with anyio.fail_after(10), caplog.at_level("INFO", logger="mcp_router"):
+        async with router.running():
+            await router.backends["quick"].first_attempt_done.wait()
+            await mr.note_slow_starts(router, after=0)
+            router.backends["slow"].connector.stall.set()  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")] == ["waiting for backend slow, 0 s"]
 
 
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
@@ -1986,7 +2143,7 @@ async def test_http_backends_are_reached_through_the_proxy_the_environment_names
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy_url)
         monkeypatch.setenv("http_proxy", proxy_url)
-        router = mr.Router(config_for("remote", url="http://mcp.example.invalid/mcp"))
+        router = mr.Router(config_for("remote", url="http://mcp.example.invalid/mcp", transport="http"))
         async with router.running():
             with anyio.fail_after(10):
                 while not requests:
@@ -2086,7 +2243,7 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
 
     listening = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
-    config = config_for("web", url=f"http://127.0.0.1:{port}/mcp")
+    config = config_for("web", url=f"http://127.0.0.1:{port}/mcp", transport="http")  # declared: no SSE-fallback probe
     router = mr.Router(config)
     async with listening, router.running():
         with anyio.fail_after(20):
@@ -2472,6 +2629,59 @@ async def test_a_healed_backend_takes_calls_at_once_and_calls_cut_by_its_crash_c
         assert backend.breaker.state == "half_open"
         assert text_of(await call(client, "svc__echo", {"text": "healed"})) == "svc:echo:healed"
         assert backend.breaker.state == "closed"
+
+
+# ---------------------------------------------------------------------------- hot reload
+
+
+async def test_reload_adds_removes_and_replaces_backends_while_a_client_stays_connected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "backends.yaml"
+
+    def write(backends: dict[str, dict[str, str]], **extra: Any) -> None:
+        path.write_text(yaml.safe_dump({"backends": [{"name": n, "command": "unused", "env": e} for n, e in backends.items()], **extra}))
+
+    write({"keep": {}, "drop": {}, "change": {"V": "1"}})
+    config = mr.load_config(path, {})
+    fakes = {name: InProcess(FakeBackend(name)) for name in ("keep", "drop", "change", "new")}
+    router = mr.Router(config, connectors=fakes)
+    reloader = mr.ConfigReloader(router, config, str(path), {}, connectors=fakes)
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        nonlocal changed
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    async def exposed_backends() -> set[str]:
+        return {t.name.split("__")[0] for t in (await client.list_tools()).tools if "__" in t.name}
+
+    with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
+        async with router.running():
+            await router.wait_ready()
+            async with Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client:
+                assert await exposed_backends() == {"keep", "drop", "change"}
+                write({"keep": {}, "change": {"V": "2"}, "new": {}}, server={"port": 9001})
+                assert reloader.check_file()
+                while True:
+                    changed = anyio.Event()  # before listing: a change announced meanwhile is not missed
+                    if await exposed_backends() == {"keep", "change", "new"}:
+                        break
+                    await changed.wait()
+                assert (fakes["keep"].connects, fakes["change"].connects, fakes["new"].connects) == (1, 2, 1)
+                assert text_of(await call(client, "new__echo", {"text": "hi"})) == "new:echo:hi"
+
+                path.write_text("backends: [\n")  # broken: rejected, the running backends keep serving
+                assert reloader.check_file()
+                assert not reloader.check_file()  # unchanged since
+                assert text_of(await call(client, "keep__echo", {"text": "still"})) == "keep:echo:still"
+                assert set(router.backends) == {"keep", "change", "new"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert "server.port (MCP_PORT) changed; it takes effect when the router restarts" in messages
+    assert "backend drop: removed by reload" in messages and "backend new: added by reload" in messages
+    assert "backend change: changed; restarting it with its new settings" in messages
+    assert any(m.startswith(f"config reload rejected, still running the previous one:\n  {path}: invalid YAML") for m in messages)
 
 
 # ---------------------------------------------------------------------------- end to end: real processes
@@ -3107,6 +3317,28 @@ async def test_a_client_that_does_not_read_while_a_backend_floods_costs_bounded_
             assert await proc.wait() == 0
 
 
+async def test_sighup_reloads_the_config_instead_of_stopping(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    with anyio.fail_after(30):
+        async with Client(router_params(config), mode="legacy", cache=None, message_handler=on_message) as client:
+            router_pid = pids_from(await call(client, "one__ppid"))  # the router is the backend's parent
+            write_config(tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command()}])
+            os.kill(router_pid, signal.SIGHUP)
+            while True:
+                changed = anyio.Event()  # before listing: a change announced meanwhile is not missed
+                if "two__echo" in {t.name for t in (await client.list_tools()).tools}:
+                    break
+                await changed.wait()
+            assert text_of(await call(client, "two__echo", {"text": "new"})) == "fake:echo:new"
+            assert text_of(await call(client, "one__echo", {"text": "old"})) == "fake:echo:old"
+
+
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -3683,6 +3915,147 @@ async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losin
                 replica.wait(10)
 
 
+async def lines_until(stream: Any, wanted: str, seen: list[str] | None = None) -> list[str]:
+    """Read a subprocess's stderr line by line until one contains `wanted`; bound it with fail_after."""
+    seen = [] if seen is None else seen
+    buffer = b""
+    while not any(wanted in line for line in seen):
+        chunk = await stream.receive()
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        seen += [line.decode(errors="replace") for line in complete]
+    return seen
+
+
+@pytest.mark.parametrize("stdin_kind", ["terminal", "never-closing pipe"])
+async def test_sigint_stops_the_router_within_the_stop_grace_whatever_stdin_is(tmp_path: Path, stdin_kind: str) -> None:
+    import pty
+
+    pid_file = tmp_path / "backend.pid"
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command("--pid-file", str(pid_file))}])
+    controller, terminal = pty.openpty()
+    stdin: Any = terminal if stdin_kind == "terminal" else subprocess.PIPE
+    stdout: Any = (tmp_path / "out.txt").open("wb") if stdin_kind != "terminal" else subprocess.PIPE  # a file, or a pipe
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "INFO"]
+    try:
+        async with await anyio.open_process(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE) as proc:
+            try:
+                with anyio.fail_after(30):
+                    await lines_until(proc.stderr, "serving MCP over stdio")
+                backend_pid = int(pid_file.read_text())
+                assert alive(backend_pid)
+                proc.send_signal(signal.SIGINT)
+                with anyio.fail_after(mr.STOP_GRACE + 3):
+                    assert await proc.wait() == 0
+                assert not alive(backend_pid)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+        if not isinstance(stdout, int):
+            stdout.close()
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def run_router(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROUTER), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def test_check_reports_every_backend_and_fails_when_one_does(tmp_path: Path) -> None:
+    noisy = {"command": "sh", "args": ["-c", 'echo "hello from good" >&2; exec "$0" "$@"', sys.executable, str(Path(__file__).resolve()), "--fake-backend"]}  # fmt: skip
+    config = write_config(tmp_path, [{"name": "good", **noisy}, {"name": "missing", "command": "/nonexistent/mcp-server"}])
+    table = run_router("check", "--config", str(config))
+    assert "[good] hello from good\n" in table.stderr  # a backend's stderr, named
+    assert table.returncode == 1, table.stderr
+    lines = {line.split()[0]: line for line in table.stdout.splitlines() if line.strip()}
+    assert lines["BACKEND"].split()[:4] == ["BACKEND", "TRANSPORT", "ERA", "STATE"]
+    assert lines["good"].split()[1:5] == ["stdio", "handshake", "2025-11-25", "ready"]
+    assert "cannot run '/nonexistent/mcp-server': No such file or directory" in lines["missing"]
+    assert "1 of 2 backends ready; failed: missing" in table.stdout
+    report = run_router("check", "--config", str(config), "--json")
+    assert report.returncode == 1
+    rows = {r["name"]: r for r in json.loads(report.stdout)["backends"]}
+    assert rows["good"]["state"] == "ready" and rows["good"]["tools"] >= 15 and rows["good"]["startup_seconds"] > 0
+    assert rows["missing"]["state"] == "failing" and "No such file" in rows["missing"]["last_error"]
+    assert "starting: " in report.stderr  # progress, on stderr only
+    assert "Traceback" not in report.stderr + table.stderr
+
+
+def test_check_passes_when_every_enabled_backend_is_up(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "off", "command": "nothing", "enabled": False}])
+    report = run_router("check", "--config", str(config), "--json")
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["ok"] is True
+
+
+def test_tools_lists_exposed_names_with_backend_and_warns_past_client_limits(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, [{"name": "big", **fake_backend_command("--fillers", "30")}, {"name": "missing", "command": "/nonexistent/mcp-server"}]
+    )
+    listed = run_router("tools", "--config", str(config), "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["big__echo"] == {"name": "big__echo", "backends": ["big"], "original": "echo", "description": "echo on fake"}
+    assert rows["list_backends"]["backends"] == ["(router)"]
+    assert "more than Cursor (about 40 tools) takes; trim them with a backend's include or exclude" in listed.stderr
+    table = run_router("tools", "--config", str(config), "big__e[cx]*")
+    assert [line.split() for line in table.stdout.splitlines()] == [
+        ["TOOL", "BACKEND", "ORIGINAL", "NAME"], ["big__echo", "big", "echo"], ["big__expired", "big", "expired"],
+    ]  # fmt: skip
+    assert "warning" in table.stderr  # the limit counts every tool, not only those shown
+
+
+def test_call_prints_the_result_and_fails_on_errors(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "svc", **fake_backend_command()}])
+    listed = run_router("call", "--config", str(config), "list_backends", "{}")
+    assert listed.returncode == 0, listed.stderr
+    text, structured = listed.stdout.split("\n", 1)
+    assert text.startswith("svc: ready, circuit closed, ") and json.loads(structured)["backends"][0]["name"] == "svc"
+    tool_error = run_router("call", "--config", str(config), "svc__broken", '{"text": "x"}')
+    assert (tool_error.returncode, tool_error.stdout) == (1, "tool-level failure\n")
+    mcp_error = run_router("call", "--config", str(config), "svc__fail")
+    assert mcp_error.returncode == 1 and "mcp-router: call svc__fail: error -32042: the fake refuses" in mcp_error.stderr
+    bad = run_router("call", "--config", str(config), "svc__echo", "[1]")
+    assert bad.returncode == 2 and "argument JSON: expected a JSON object of arguments, got [1]" in bad.stderr
+    assert "Traceback" not in listed.stderr + tool_error.stderr + mcp_error.stderr + bad.stderr
+
+
+def test_help_examples_use_the_name_the_program_was_invoked_by(tmp_path: Path) -> None:
+    shown = run_router("--help")
+    assert shown.returncode == 0
+    assert "  mcp_router.py check --config backends.yaml" in shown.stdout
+    assert "{serve,check,tools,call}" in shown.stdout and "--config" in shown.stdout
+
+
+def test_a_bad_flag_names_the_flag() -> None:
+    bad = run_router("--port", "eighty")
+    assert bad.returncode == 2 and "argument --port: invalid int value: 'eighty'" in bad.stderr
+
+
+def test_the_program_starts_early_only_when_run_as_a_script_or_the_installed_command() -> None:
+    assert mr.run_as_program("__main__", "mcp_router.py")  # uv run / python mcp_router.py
+    assert mr.run_as_program("mcp_router", "/home/me/.local/bin/mcp-router")  # the installed command
+    assert not mr.run_as_program("mcp_router", "/usr/bin/pytest")  # imported as a module
+    assert mr.STARTED is None  # this test imported it: nothing was launched
+
+
+async def test_the_installed_command_serves(tmp_path: Path) -> None:
+    command = tmp_path / "mcp-router"  # what pip's console-script wrapper does: import, then main()
+    command.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\nimport mcp_router\nsys.exit(mcp_router.main())\n"
+    )
+    command.chmod(0o755)
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    params = StdioServerParameters(command=str(command), args=["--config", str(config), "--log-level", "WARNING"])
+    with anyio.fail_after(30):
+        async with Client(params, mode="legacy", cache=None) as client:
+            assert text_of(await call(client, "one__echo", {"text": "installed"})) == "fake:echo:installed"
+
+
 # ---------------------------------------------------------------------------- the fake backend as a program
 
 
@@ -3697,8 +4070,12 @@ def run_fake_backend(argv: list[str]) -> None:
     parser.add_argument("--token", help="ignored: stands for a secret given on the command line")
     parser.add_argument("--escape", action="store_true", help="start a child that leaves for a session of its own")
     parser.add_argument("--stubborn", action="store_true", help="ignore SIGTERM and stdin EOF")
+    parser.add_argument("--pid-file", type=Path)
     args = parser.parse_args(argv)
-    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "environ", "escapee", "nap")]
+    if args.pid_file:
+        args.pid_file.write_text(str(os.getpid()))
+
+    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "ppid", "environ", "escapee", "nap")]
     if args.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.escape:  # the child says when it has left, so the test never races its setsid
@@ -3707,6 +4084,7 @@ def run_fake_backend(argv: list[str]) -> None:
         assert escapee.stdout is not None and escapee.stdout.readline() == b"\n"
     fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
+    fake.result_for["ppid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getppid()}")])
     fake.result_for["environ"] = types.CallToolResult(content=[types.TextContent(text=" ".join(sorted(os.environ)))])
     if args.escape:
         fake.result_for["escapee"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{escapee.pid}")])
