@@ -3463,9 +3463,12 @@ async def http_router(
             proc.wait(10)
 
 
-def authorized_client(url: str, token: str) -> Client:
-    http = httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"})
-    return Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None)
+@asynccontextmanager
+async def authorized_client(url: str, token: str) -> AsyncIterator[Client]:
+    """A client sending `token`; its HTTP client is ours to close (the SDK leaves a client it was given open)."""
+    async with httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http:
+        async with Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None) as client:
+            yield client
 
 
 async def test_http_refuses_a_missing_or_wrong_token_and_serves_the_right_one(tmp_path: Path) -> None:
