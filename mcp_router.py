@@ -3928,7 +3928,7 @@ class Router:
                 reached, error = True, exc
             else:
                 fell_back = bool(failed) or (plan.strategy != "capability" and target != plan.candidates[0])
-                self._account(method, name, backend, started, None, fallback=fell_back)
+                self._account(method, name, backend, started, None, fallback=fell_back, tool_error=result.get("isError") is True)
                 return result
             finally:
                 backend.inflight.pop(key, None)
@@ -3955,12 +3955,22 @@ class Router:
                     with anyio.move_on_after(max(0.0, deadline - self.clock.now())):
                         await self.changed.wait()
 
-    def _account(self, method: str, name: str, backend: Backend, started: float, error: BaseException | None, *, fallback: bool) -> None:
-        """Count one attempt on `backend`, and at debug level say how it went."""
+    def _account(
+        self,
+        method: str,
+        name: str,
+        backend: Backend,
+        started: float,
+        error: BaseException | None,
+        *,
+        fallback: bool,
+        tool_error: bool = False,
+    ) -> None:
+        """Count one attempt on `backend`, and at debug level say how it went (`name`: the backend's own)."""
         milliseconds = (self.clock.now() - started) * 1000
         backend.stats.record(milliseconds, ok=error is None, fallback=fallback)
         if log.isEnabledFor(logging.DEBUG):
-            outcome = "ok" if error is None else redact(describe_error(error), backend.secrets)
+            outcome = ("tool error" if tool_error else "ok") if error is None else redact(describe_error(error), backend.secrets)
             via = " (fallback)" if fallback else ""
             log.debug("%s %s -> %s%s: %s in %.1f ms", method, name, backend.name, via, outcome, milliseconds)
 

@@ -1515,30 +1515,8 @@ class StalledClient:
         self.received.append(("tools/list_changed", None))
 
 
-FLOODING_BACKEND = """
-import json, sys
-def send(message):
-    sys.stdout.write(json.dumps(message) + "\\n")
-for line in sys.stdin:
-    message = json.loads(line)
-    method, rid = message.get("method"), message.get("id")
-    if method == "initialize":
-        send({"jsonrpc": "2.0", "id": rid, "result": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}, "logging": {}},
-              "serverInfo": {"name": "flood", "version": "1"}}})
-    elif method == "tools/list":
-        send({"jsonrpc": "2.0", "id": rid, "result": {"tools": [{"name": "flood", "inputSchema": {"type": "object"}}]}})
-    elif method == "tools/call":
-        for i in range(5000):
-            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": i}})
-        send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "flooded"}]}})
-    elif rid is not None:
-        send({"jsonrpc": "2.0", "id": rid, "result": {}})
-    sys.stdout.flush()
-"""
-
-
-async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_before_it_costs_anything() -> None:
-    config = mr.parse_config({"backends": [{"name": "flood", "command": sys.executable, "args": ["-c", FLOODING_BACKEND]}]}, {})
+async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_before_it_costs_anything(tmp_path: Path) -> None:
+    config = mr.parse_config({"backends": [{"name": "flood", "command": sys.executable, "args": ["-c", FLOOD_BACKEND]}]}, {})
     clock = FakeClock()  # time stands still: the budget's burst is all that passes
     router = mr.Router(config, clock=clock.clock())
     received: list[Any] = []
@@ -1555,10 +1533,10 @@ async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_bef
             Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
         ):
             await client.set_logging_level("info")
-            assert text_of(await call(client, "flood__flood")) == "flooded"
+            assert text_of(await call(client, "flood__flood", {"count": 5000, "fifo": str(tmp_path / "done")})) == "flooded"
             assert router.clients.dropped == 5000 - mr.LOG_MESSAGES_PER_SECOND  # shed as they were read, before the result
             await all_in.wait()
-            assert received == list(range(mr.LOG_MESSAGES_PER_SECOND))  # the first ones, in order
+            assert [line.split()[1] for line in received] == [str(i) for i in range(mr.LOG_MESSAGES_PER_SECOND)]  # the first, in order
             assert (await call(client, "list_backends")).structured_content["clients"]["dropped_log_messages"] == 4800
 
 
@@ -3466,9 +3444,11 @@ async def http_router(
 @asynccontextmanager
 async def authorized_client(url: str, token: str) -> AsyncIterator[Client]:
     """A client sending `token`; its HTTP client is ours to close (the SDK leaves a client it was given open)."""
-    async with httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http:
-        async with Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None) as client:
-            yield client
+    async with (
+        httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http,
+        Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None) as client,
+    ):
+        yield client
 
 
 async def test_http_refuses_a_missing_or_wrong_token_and_serves_the_right_one(tmp_path: Path) -> None:
