@@ -1460,7 +1460,7 @@ async def test_debug_log_has_one_line_per_request(caplog: pytest.LogCaptureFixtu
     lines = [re.sub(r"in [\d.]+ ms", "in N ms", r.getMessage()) for r in caplog.records if r.getMessage().startswith("tools/call")]
     assert lines == [
         "tools/call echo -> svc: ok in N ms",  # Router._account: the backend's own name of the tool
-        "tools/call broken -> svc: ok in N ms",
+        "tools/call broken -> svc: tool error in N ms",
         "tools/call fail -> svc: the fake refuses in N ms",
     ]
 
