@@ -194,7 +194,10 @@ FILLER_SCHEMA: Final = {"type": "object", "properties": {"value": {"type": "stri
 def fake_tools(count: int, *, hang: bool) -> list[types.Tool]:
     """`echo`, then fillers up to `count` tools, then `hang` if asked."""
     tools = [types.Tool(name="echo", description="Return the `text` argument.", input_schema=ECHO_SCHEMA)]
-    tools += [types.Tool(name=f"tool_{i}", description=f"Filler tool number {i}.", input_schema=FILLER_SCHEMA) for i in range(1, count)]
+    tools += [
+        types.Tool(name=f"tool_{i}", description=f"Filler tool number {i}.", input_schema=FILLER_SCHEMA)
+        for i in range(1, count)
+    ]
     if hang:
         tools.append(types.Tool(name="hang", description="Never answers.", input_schema={"type": "object"}))
     return tools
@@ -229,7 +232,9 @@ def run_fake_backend(argv: Sequence[str]) -> None:
     parser.add_argument("--fake-backend", action="store_true")
     parser.add_argument("--tools", type=int, default=1, help="tools in all, `echo` included")
     parser.add_argument("--http", type=int, metavar="PORT", help="serve streamable HTTP on this port instead of stdio")
-    parser.add_argument("--sse", action="store_true", help="with --http: answer requests with SSE streams (the SDK's default), not JSON")
+    parser.add_argument(
+        "--sse", action="store_true", help="with --http: answer requests with SSE streams (the SDK's default), not JSON"
+    )
     parser.add_argument("--hang", action="store_true", help="add a `hang` tool that never answers")
     parser.add_argument("--startup-delay", type=float, default=0.0, metavar="S", help="seconds to wait before serving")
     args = parser.parse_args(argv)
@@ -329,7 +334,9 @@ async def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float
     with anyio.fail_after(timeout):
         while True:
             if proc.poll() is not None:
-                raise BenchError(f"process {proc.args!r} exited with code {proc.returncode} before listening on port {port}")
+                raise BenchError(
+                    f"process {proc.args!r} exited with code {proc.returncode} before listening on port {port}"
+                )
             try:
                 stream = await anyio.connect_tcp(HOST, port)
             except OSError:
@@ -356,7 +363,9 @@ def process_table() -> dict[int, ProcessInfo]:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        table[int(entry.name)] = ProcessInfo(ppid=int(stat.rsplit(")", 1)[1].split()[1]), argv=argv)  # after "(comm)": state, ppid
+        table[int(entry.name)] = ProcessInfo(
+            ppid=int(stat.rsplit(")", 1)[1].split()[1]), argv=argv
+        )  # after "(comm)": state, ppid
     return table
 
 
@@ -439,7 +448,9 @@ class Lab:
                 out.append(f"--- {path.name} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))
         return "\n".join(out)
 
-    def write_config(self, label: str, backends: Sequence[Mapping[str, Any]], routing: Mapping[str, Any] | None = None) -> Path:
+    def write_config(
+        self, label: str, backends: Sequence[Mapping[str, Any]], routing: Mapping[str, Any] | None = None
+    ) -> Path:
         path = self.root / f"{label}.yaml"
         document: dict[str, Any] = {"backends": list(backends)} if backends else {}
         document["routing"] = {"request_timeout_seconds": CLIENT_TIMEOUT, **(routing or {})}
@@ -450,7 +461,11 @@ class Lab:
     def spawn(self, label: str, argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
         """A background process (HTTP backend or router) in its own session, stopped on the way out."""
         proc = subprocess.Popen(
-            [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log(label), start_new_session=True
+            [sys.executable, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log(label),
+            start_new_session=True,
         )
         try:
             yield proc
@@ -503,7 +518,10 @@ class BareClient:
     async def request(self, method: str, params: Mapping[str, Any] | None = None) -> bytes:
         """The answer's line, undecoded; notifications and anything else before it are skipped."""
         self._last_id += 1
-        self._stdin.write(json.dumps({"jsonrpc": "2.0", "id": self._last_id, "method": method, "params": params or {}}).encode() + b"\n")
+        self._stdin.write(
+            json.dumps({"jsonrpc": "2.0", "id": self._last_id, "method": method, "params": params or {}}).encode()
+            + b"\n"
+        )
         await self._stdin.drain()
         answer = b'{"jsonrpc":"2.0","id":%d,' % self._last_id
         while line := await self._stdout.readline():
@@ -572,7 +590,9 @@ async def bare_list_tools(client: BareClient) -> Listing:
     raise BenchError(f"tools/list did not end after {MAX_PAGES} pages")
 
 
-async def bare_wait_for_tools(client: BareClient, expected: Mapping[str, int], timeout: float = READY_TIMEOUT) -> Listing:
+async def bare_wait_for_tools(
+    client: BareClient, expected: Mapping[str, int], timeout: float = READY_TIMEOUT
+) -> Listing:
     """Poll tools/list until each namespace lists its expected number of tools."""
     counts: Counter[str] = Counter()
     with anyio.move_on_after(timeout):
@@ -618,11 +638,15 @@ async def http_fake_backend(lab: Lab, label: str, tools: int = 1, *, sse: bool =
 
 
 @asynccontextmanager
-async def http_router(lab: Lab, label: str, backends: Sequence[Mapping[str, Any]], *extra: str) -> AsyncIterator[Connection]:
+async def http_router(
+    lab: Lab, label: str, backends: Sequence[Mapping[str, Any]], *extra: str
+) -> AsyncIterator[Connection]:
     """A router serving streamable HTTP, launched through its CLI, and a connection to it."""
     config = lab.write_config(label, backends)
     port = free_port()
-    with lab.spawn(label, router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port), *extra)) as proc:
+    with lab.spawn(
+        label, router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port), *extra)
+    ) as proc:
         await wait_for_port(port, proc)
         async with connect_http(f"http://{HOST}:{port}/mcp") as conn:
             yield conn
@@ -780,7 +804,10 @@ async def overhead_stdio(lab: Lab, profile: Profile) -> dict[str, Any]:
 async def overhead_stdio_pool(lab: Lab, profile: Profile) -> dict[str, Any]:
     """The same call to a pool of two replicas with routes: the routing decision's share of a call."""
     routes = [{"pattern": "github_*", "strategy": "path"}, {"pattern": "ech?", "strategy": "capability"}]
-    replicas = [stdio_backend("p0") | {"namespace": "pool", "routes": routes}, stdio_backend("p1") | {"namespace": "pool"}]
+    replicas = [
+        stdio_backend("p0") | {"namespace": "pool", "routes": routes},
+        stdio_backend("p1") | {"namespace": "pool"},
+    ]
     async with (
         stdio_client_of(lab, "overhead-pool-backend", fake_backend_argv()) as direct,
         stdio_router(lab, "overhead-pool-router", replicas) as routed,
@@ -795,7 +822,9 @@ async def overhead_http(lab: Lab, profile: Profile, *, sse: bool) -> dict[str, A
         url = await stack.enter_async_context(http_fake_backend(lab, "overhead-http-backend", sse=sse))
         direct = await stack.enter_async_context(connect_http(url))
         extra = () if sse else ("--json-response",)
-        routed = await stack.enter_async_context(http_router(lab, "overhead-http-router", [http_backend("h0", url)], *extra))
+        routed = await stack.enter_async_context(
+            http_router(lab, "overhead-http-router", [http_backend("h0", url)], *extra)
+        )
         await wait_for_tools(routed, {"h0": 1})
         return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "h0__echo"))
 
@@ -823,7 +852,9 @@ async def scale_case(lab: Lab, profile: Profile, backends: int, tools: int) -> d
         else:
             entries = [stdio_backend(f"b{i}", tools=tools) for i in range(backends)]
         started = time.perf_counter()
-        client = await stack.enter_async_context(bare_client_of(lab, label, router_argv(lab, lab.write_config(label, entries))))
+        client = await stack.enter_async_context(
+            bare_client_of(lab, label, router_argv(lab, lab.write_config(label, entries)))
+        )
         listing = await bare_wait_for_tools(client, {f"b{i}": tools for i in range(backends)})
         ready_s = time.perf_counter() - started
         for _ in range(2):
@@ -915,7 +946,9 @@ async def startup_case(lab: Lab, profile: Profile, kind: str, argvs: Sequence[Se
         if profile.startup_reference:
             runs["direct_parallel_s"].append(await time_to_list_in_parallel(lab, f"startup-{kind}-parallel", argvs))
         expected = {f"s{i}": 50 for i in range(len(argvs))}
-        runs["router_10_s"].append(await time_to_list(lab, f"startup-{kind}-router", router_argv(lab, config), expected))
+        runs["router_10_s"].append(
+            await time_to_list(lab, f"startup-{kind}-router", router_argv(lab, config), expected)
+        )
     result: dict[str, Any] = {key: round(statistics.median(values), 3) for key, values in runs.items()}
     return result | {"ratio": ratio(result["router_10_s"], result["slowest_alone_s"]), "runs": runs}
 
@@ -924,15 +957,21 @@ async def bench_startup(lab: Lab, profile: Profile) -> dict[str, Any]:
     """10 backends that start in milliseconds but wait before serving, and 10 Python SDK backends, which also load the SDK."""
     delays = [round(profile.startup_delay * (i + 1) / 10, 3) for i in range(10)]
     empty = lab.write_config("startup-0", [])
-    router_0 = [await time_to_list(lab, "startup-router-0", router_argv(lab, empty), {}) for _ in range(profile.startup_repeats)]
+    router_0 = [
+        await time_to_list(lab, "startup-router-0", router_argv(lab, empty), {}) for _ in range(profile.startup_repeats)
+    ]
     result = {
         "delays_s": delays,
         "repeats": profile.startup_repeats,
         "router_0_s": round(statistics.median(router_0), 3),
-        "light": await startup_case(lab, profile, "light", [light_backend_argv(lab, tools=50, startup_delay=d) for d in delays]),
+        "light": await startup_case(
+            lab, profile, "light", [light_backend_argv(lab, tools=50, startup_delay=d) for d in delays]
+        ),
     }
     if profile.startup_reference:  # what ten processes loading the SDK at once cost on this machine's CPUs
-        result["sdk"] = await startup_case(lab, profile, "sdk", [fake_backend_argv(tools=50, startup_delay=d) for d in delays])
+        result["sdk"] = await startup_case(
+            lab, profile, "sdk", [fake_backend_argv(tools=50, startup_delay=d) for d in delays]
+        )
     return result
 
 
@@ -1030,9 +1069,14 @@ async def bench_flood(lab: Lab, profile: Profile) -> dict[str, Any]:
     port = free_port()
     url = f"http://{HOST}:{port}/mcp"
     normal, flooded = Timing(), Timing()
-    with lab.spawn("flood-router", router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port))) as proc:
+    with lab.spawn(
+        "flood-router", router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port))
+    ) as proc:
         await wait_for_port(port, proc)
-        async with connect_http(url) as conn, httpx2.AsyncClient(headers={"accept": "application/json, text/event-stream"}) as http:
+        async with (
+            connect_http(url) as conn,
+            httpx2.AsyncClient(headers={"accept": "application/json, text/event-stream"}) as http,
+        ):
             await wait_for_tools(conn, {"ok": 1, "flood": 1})
             call = echo_call(conn, "ok__echo")
             await sequential(call, profile.warmup_calls)
@@ -1040,19 +1084,28 @@ async def bench_flood(lab: Lab, profile: Profile) -> dict[str, Any]:
             rss_before = memory_mb(proc.pid)["rss_mb"]
 
             def rpc(request_id: int | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
-                return {"jsonrpc": "2.0", "method": method, "params": params} | ({"id": request_id} if request_id else {})
+                return {"jsonrpc": "2.0", "method": method, "params": params} | (
+                    {"id": request_id} if request_id else {}
+                )
 
-            hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "slow", "version": "1"}}
+            hello = {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "slow", "version": "1"},
+            }
             opened = await http.post(url, json=rpc(1, "initialize", hello))
             session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
             await http.post(url, json=rpc(None, "notifications/initialized", {}), headers=session)
-            async with http.stream("GET", url, headers={**session, "accept": "text/event-stream"}):  # opened, never read
+            async with http.stream(
+                "GET", url, headers={**session, "accept": "text/event-stream"}
+            ):  # opened, never read
                 await http.post(url, json=rpc(2, "logging/setLevel", {"level": "debug"}), headers=session)
                 await anyio.sleep(1.0)  # the flood is on and the slow client's buffers are full
                 flooded.add(await sequential(call, MAX_PHASE_CALLS, seconds=profile.hang_phase_seconds))
                 memory = memory_mb(proc.pid)
                 listing = await conn.session.send_request(
-                    types.CallToolRequest(params=types.CallToolRequestParams(name="list_backends", arguments={})), types.CallToolResult
+                    types.CallToolRequest(params=types.CallToolRequestParams(name="list_backends", arguments={})),
+                    types.CallToolResult,
                 )
     n, f = normal.summary(), flooded.summary()
     return {
@@ -1092,9 +1145,27 @@ class Target:
 
 TARGETS: Final = (
     Target("routed/direct p50, stdio", ("overhead", "stdio", "sequential", "ratio", "p50_ms"), 2.0, True, "x"),
-    Target("routed/direct p50, stdio, 2 replicas with routes", ("overhead", "stdio-pool", "sequential", "ratio", "p50_ms"), 2.0, True, "x"),
-    Target("routed/direct calls/s, 32 callers, stdio", ("overhead", "stdio", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
-    Target("routed/direct calls/s, 32 callers, http", ("overhead", "http", "concurrent", "ratio", "calls_per_s"), 0.5, False, "x"),
+    Target(
+        "routed/direct p50, stdio, 2 replicas with routes",
+        ("overhead", "stdio-pool", "sequential", "ratio", "p50_ms"),
+        2.0,
+        True,
+        "x",
+    ),
+    Target(
+        "routed/direct calls/s, 32 callers, stdio",
+        ("overhead", "stdio", "concurrent", "ratio", "calls_per_s"),
+        0.5,
+        False,
+        "x",
+    ),
+    Target(
+        "routed/direct calls/s, 32 callers, http",
+        ("overhead", "http", "concurrent", "ratio", "calls_per_s"),
+        0.5,
+        False,
+        "x",
+    ),
     Target("tools/list p50, 50 backends x 50 tools", ("scale", "50x50", "list", "p50_ms"), 5.0, True, " ms"),
     Target("start-up, 10 backends / slowest alone", ("startup", "light", "ratio"), 1.3, True, "x"),
     Target("router RSS with 10 backends", ("scale", "10x50", "rss_mb"), 80.0, True, " MB"),
@@ -1131,7 +1202,12 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     print(f"\n{title}")
     for n, row in enumerate(cells):
-        print("  " + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if n == 0:
             print("  " + "  ".join("-" * w for w in widths))
 
@@ -1143,9 +1219,27 @@ def report_overhead(results: Mapping[str, Any]) -> None:
             m = by_mode[mode]
             for side in ("direct", "routed"):
                 s = m[side]
-                rows.append([transport, m["callers"], side, s["calls"], num(s["p50_ms"]), num(s["p99_ms"]), num(s["calls_per_s"], 0)])
+                rows.append(
+                    [
+                        transport,
+                        m["callers"],
+                        side,
+                        s["calls"],
+                        num(s["p50_ms"]),
+                        num(s["p99_ms"]),
+                        num(s["calls_per_s"], 0),
+                    ]
+                )
             r = m["ratio"]
-            rows.append([transport, m["callers"], "routed/direct", "", *(num(r[k]) + "x" for k in ("p50_ms", "p99_ms", "calls_per_s"))])
+            rows.append(
+                [
+                    transport,
+                    m["callers"],
+                    "routed/direct",
+                    "",
+                    *(num(r[k]) + "x" for k in ("p50_ms", "p99_ms", "calls_per_s")),
+                ]
+            )
     print_table(
         "Call overhead: `echo` directly on the backend vs through the router",
         ["transport", "callers", "side", "calls", "p50 ms", "p99 ms", "calls/s"],
@@ -1206,12 +1300,20 @@ def report_startup(results: Mapping[str, Any]) -> None:
             continue
         rows.append([what, f"slowest alone (waits {delays[-1]:g} s)", num(r["slowest_alone_s"])])
         if "direct_parallel_s" in r:
-            rows.append(["", f"10 started directly, in parallel (wait {delays[0]:g}..{delays[-1]:g} s)", num(r["direct_parallel_s"])])
+            rows.append(
+                [
+                    "",
+                    f"10 started directly, in parallel (wait {delays[0]:g}..{delays[-1]:g} s)",
+                    num(r["direct_parallel_s"]),
+                ]
+            )
         rows += [
             ["", "router with the 10, until all are listed", num(r["router_10_s"])],
             ["", "router with 10 / slowest alone", num(r["ratio"]) + "x"],
         ]
-    print_table(f"Start-up: launch until listed (median of {results['repeats']})", ["backends", "case", "seconds"], rows)
+    print_table(
+        f"Start-up: launch until listed (median of {results['repeats']})", ["backends", "case", "seconds"], rows
+    )
 
 
 def report_hang(results: Mapping[str, Any]) -> None:
@@ -1335,8 +1437,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="reduced run, under a minute")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results here as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed or a scenario fails")
-    parser.add_argument("--only", metavar="NAMES", help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})")
-    parser.add_argument("--router", metavar="PATH", type=Path, default=DEFAULT_ROUTER, help="the mcp_router.py to measure")
+    parser.add_argument(
+        "--only", metavar="NAMES", help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})"
+    )
+    parser.add_argument(
+        "--router", metavar="PATH", type=Path, default=DEFAULT_ROUTER, help="the mcp_router.py to measure"
+    )
     return parser
 
 
@@ -1352,7 +1458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not router.is_file():
         print(f"no router at {router}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: unwind, so every process started gets stopped
+    signal.signal(
+        signal.SIGTERM, signal.default_int_handler
+    )  # like Ctrl-C: unwind, so every process started gets stopped
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-mcp-router-") as tmp:
         lab = Lab(Path(tmp), router)

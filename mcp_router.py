@@ -164,7 +164,8 @@ NO_CONFIG: Final = "(no config)"
 
 MANAGEMENT_TOOLS: Final = ("list_backends", "get_backend_health", "explain_route")
 LOG_SEVERITY: Final = {
-    level: i for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
+    level: i
+    for i, level in enumerate(("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"))
 }
 LOG_MESSAGES_PER_SECOND: Final = 200
 """Log messages a second (and at once) a stdio backend may send through the router; more are dropped and counted."""
@@ -442,7 +443,9 @@ class Config:
 
     def secrets(self) -> list[str]:
         """What the router must never say, in any backend's words: every backend's secrets, and all that was expanded."""
-        found = {s for b in self.backends for s in b.secrets()} | {s for s in self.expanded if len(s) >= MIN_SECRET_LENGTH}
+        found = {s for b in self.backends for s in b.secrets()} | {
+            s for s in self.expanded if len(s) >= MIN_SECRET_LENGTH
+        }
         return sorted(found, key=len, reverse=True)
 
 
@@ -507,7 +510,9 @@ def _expand(value: Any, env: Mapping[str, str], path: str, problems: _Problems) 
                 return env[name]
             if default is not None:
                 return default
-            problems.add(path, f"environment variable {name} is not set and has no default (write ${{{name}:-default}})")
+            problems.add(
+                path, f"environment variable {name} is not set and has no default (write ${{{name}:-default}})"
+            )
             return ""
 
         return _ENV_REF.sub(substitute, value)
@@ -570,7 +575,16 @@ def _from_text(text: str, kind: Kind) -> Any:
     """Turn an env var or CLI string into the setting's kind (validated afterwards by `_check`)."""
     if kind is bool:
         lowered = text.strip().lower()
-        return {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}.get(lowered, text)
+        return {
+            "true": True,
+            "1": True,
+            "yes": True,
+            "on": True,
+            "false": False,
+            "0": False,
+            "no": False,
+            "off": False,
+        }.get(lowered, text)
     if kind is list:  # comma-separated in the environment and on the command line
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind in (int, float):
@@ -590,7 +604,9 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], overrides: Mapping[str, Any], problems: _Problems) -> Settings:
+def _parse_settings(
+    raw: Mapping[str, Any], env: Mapping[str, str], overrides: Mapping[str, Any], problems: _Problems
+) -> Settings:
     """Precedence: CLI > environment > YAML > default."""
     values: dict[str, Any] = {}
     in_file = problems
@@ -689,7 +705,12 @@ def _parse_backend(
     if foreign_keys:
         ignored = [k for k in raw if k not in _BACKEND_KEYS and k not in _MCP_SERVERS_EXTRA_KEYS]
         if ignored:
-            log.warning("%s: %s: ignoring keys used by other MCP clients: %s", problems.source, path, ", ".join(map(str, ignored)))
+            log.warning(
+                "%s: %s: ignoring keys used by other MCP clients: %s",
+                problems.source,
+                path,
+                ", ".join(map(str, ignored)),
+            )
     else:
         problems.unknown_keys(raw, _BACKEND_KEYS, path)
     before = len(problems.items)
@@ -737,9 +758,15 @@ def _parse_backend(
             continue
         problems.unknown_keys(r, ("pattern", "strategy", "fallback_to"), rpath)
         pattern = _check(r.get("pattern"), str, _join(rpath, "pattern"), problems)
-        strategy = _check(r.get("strategy", settings.default_strategy), strategy_names, _join(rpath, "strategy"), problems)
+        strategy = _check(
+            r.get("strategy", settings.default_strategy), strategy_names, _join(rpath, "strategy"), problems
+        )
         fallback_to = r.get("fallback_to")
-        if fallback_to is not None and _check(fallback_to, str, _join(rpath, "fallback_to"), problems) and fallback_to not in names:
+        if (
+            fallback_to is not None
+            and _check(fallback_to, str, _join(rpath, "fallback_to"), problems)
+            and fallback_to not in names
+        ):
             close = difflib.get_close_matches(fallback_to, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             problems.add(_join(rpath, "fallback_to"), f"names unknown backend {_describe(fallback_to)}{hint}")
@@ -946,7 +973,9 @@ def parse_config(
     for path, entry, _ in entries:
         name = entry.get("name") if isinstance(entry, dict) else None
         if isinstance(name, str) and name in seen:
-            problems.add(_join(path, "name"), f"duplicate backend name {name!r} (also at {seen[name]}); names must be unique")
+            problems.add(
+                _join(path, "name"), f"duplicate backend name {name!r} (also at {seen[name]}); names must be unique"
+            )
         elif isinstance(name, str):
             seen[name] = path
     backends = [
@@ -956,7 +985,9 @@ def parse_config(
     ]
     _check_namespaces(backends, {path: entry for path, entry, _ in entries}, problems)
     for cycle in fallback_cycles(r for rs in routes_of(backends).values() for r in rs):
-        problems.add("routes", f"fallback_to links form a cycle: {' -> '.join(cycle)} (a request would go round forever)")
+        problems.add(
+            "routes", f"fallback_to links form a cycle: {' -> '.join(cycle)} (a request would go round forever)"
+        )
     if problems.items:
         raise ConfigError(problems.items)
     return Config(settings=settings, backends=tuple(backends), source=source, expanded=problems.expanded_secrets())
@@ -989,14 +1020,20 @@ class _ConfigLoader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             size = self.anchored.get(event.anchor or "")
             if size is None and event.anchor in self.anchors:
-                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is inside its own anchor", event.start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} is inside its own anchor", event.start_mark
+                )
             self.alias_nodes += size or 0
             self.composed += size or 0
             if self.alias_nodes > MAX_ALIAS_NODES:
-                raise yaml.composer.ComposerError(None, None, f"aliases expand to more than {MAX_ALIAS_NODES:,} values", event.start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand to more than {MAX_ALIAS_NODES:,} values", event.start_mark
+                )
             return cast(yaml.Node, super().compose_node(parent, index))
         if self.depth >= MAX_CONFIG_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", event.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", event.start_mark
+            )
         anchor, before = getattr(event, "anchor", None), self.composed
         self.depth += 1
         try:
@@ -1023,7 +1060,9 @@ class _ConfigLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except (ValueError, OverflowError) as err:  # e.g. int() past sys.get_int_max_str_digits()
             reason = str(err).split(":")[0]
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {reason}", node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {reason}", node.start_mark
+            ) from None
 
 
 def _read_config(candidate: Path, source: str) -> Any:
@@ -1057,7 +1096,9 @@ def _read_config(candidate: Path, source: str) -> Any:
     return raw
 
 
-def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str], overrides: Mapping[str, Any] | None = None
+) -> Config:
     """Find, read and parse the config file: --config, else MCP_BACKENDS_CONFIG, else ./backends.yaml.
 
     With no file anywhere the router runs with no backends (zero-config).
@@ -1200,11 +1241,15 @@ def _expose_items(
                 # Namespaces off: another backend's tool of the same name. One owner, the other never reached
                 # through this name: by priority, unless the other's path route claims the name.
                 if not (_path_claims(m, original) and not _path_claims(owner[exposed], original)):
-                    conflicts.append(f"{kind} {original!r} of {m.name} is hidden by {entry.pool[0]}'s (higher priority)")
+                    conflicts.append(
+                        f"{kind} {original!r} of {m.name} is hidden by {entry.pool[0]}'s (higher priority)"
+                    )
                     continue
                 conflicts.append(f"{kind} {original!r} of {entry.pool[0]} is hidden by {m.name}'s (its path route)")
             else:
-                exposed = by_key[key] = expose_name(key[0], original, ChainMap(cast("dict[str, object]", entries), dict(reserved)))
+                exposed = by_key[key] = expose_name(
+                    key[0], original, ChainMap(cast("dict[str, object]", entries), dict(reserved))
+                )
             owner[exposed] = m
             entries[exposed] = Entry(exposed, original, (m.name,), retry_safe=kind == "tool" and _is_retry_safe(item))
             items[exposed] = strip_reserved_meta({**item, "name": exposed})
@@ -1241,7 +1286,9 @@ def build_catalogue(
             for exposed, e in entries.items()
         }
 
-    tools, tool_items = _expose_items(members, lambda lst: lst.tools, namespaced, dict.fromkeys(reserved), "tool", conflicts)
+    tools, tool_items = _expose_items(
+        members, lambda lst: lst.tools, namespaced, dict.fromkeys(reserved), "tool", conflicts
+    )
     prompts, prompt_items = _expose_items(members, lambda lst: lst.prompts, namespaced, {}, "prompt", conflicts)
     tools, prompts = planned(tools), planned(prompts)
     offered = {  # a backend not listed yet offers nothing so far: it is not counted
@@ -1296,7 +1343,9 @@ def build_catalogue(
             templates.append((text, (m.name,)))
             template_items.append(strip_reserved_meta(tpl))
     instructions = "\n\n".join(
-        f"## {m.namespace if namespaced else m.name}\n{m.listing.instructions.strip()}" for m in members if m.listing.instructions
+        f"## {m.namespace if namespaced else m.name}\n{m.listing.instructions.strip()}"
+        for m in members
+        if m.listing.instructions
     )
     return Catalogue(
         tools=tools,
@@ -1357,7 +1406,9 @@ class EncodedItems(list[Any]):
         self.encoded: bytes | None = None
 
 
-def filter_tools(tools: Iterable[dict[str, Any]], include: Sequence[str], exclude: Sequence[str]) -> tuple[dict[str, Any], ...]:
+def filter_tools(
+    tools: Iterable[dict[str, Any]], include: Sequence[str], exclude: Sequence[str]
+) -> tuple[dict[str, Any], ...]:
     """Keep tools whose name matches an include glob (all, when none are given) and no exclude glob."""
 
     def wanted(name: str) -> bool:
@@ -1624,14 +1675,21 @@ RouteStrategy: TypeAlias = Callable[[Sequence[Candidate], int], Decision]
 """A strategy: the candidates (in the plan's order) and the request's turn (for round-robin) in, a decision out."""
 
 
-def _decide(ranked: Sequence[Candidate], candidates: Sequence[Candidate], why_later: Callable[[Candidate], str]) -> Decision:
+def _decide(
+    ranked: Sequence[Candidate], candidates: Sequence[Candidate], why_later: Callable[[Candidate], str]
+) -> Decision:
     """The decision for candidates ranked best first: send to the usable ones, else wait or refuse."""
     usable = [c for c in ranked if c.usable]
     if usable:
-        later = [(c.name, why_later(c)) for c in usable[1:]] + [(c.name, c.why_not()) for c in candidates if not c.usable]
+        later = [(c.name, why_later(c)) for c in usable[1:]] + [
+            (c.name, c.why_not()) for c in candidates if not c.usable
+        ]
         return Decision("send", tuple(c.name for c in usable), skipped=tuple(later))
     skipped = tuple((c.name, c.why_not()) for c in candidates)
-    reason = "; ".join(why if repr(name) in why else f"backend {name!r}: {why}" for name, why in skipped) or "no backend offers it"
+    reason = (
+        "; ".join(why if repr(name) in why else f"backend {name!r}: {why}" for name, why in skipped)
+        or "no backend offers it"
+    )
     coming_back = any(c.offers and c.state in CALLS_WAIT for c in candidates)
     return Decision("wait" if coming_back else "refuse", reason=reason, skipped=skipped)
 
@@ -1646,7 +1704,10 @@ def route_by_capability(candidates: Sequence[Candidate], turn: int) -> Decision:
     """`capability`: among the backends that offer the name, a closed breaker first, then the fewest calls in flight,
     then the lower priority, then round-robin."""
     n = len(candidates)
-    ranked = sorted(enumerate(candidates), key=lambda ic: (ic[1].breaker != "closed", ic[1].in_flight, ic[1].priority, (ic[0] - turn) % n))
+    ranked = sorted(
+        enumerate(candidates),
+        key=lambda ic: (ic[1].breaker != "closed", ic[1].in_flight, ic[1].priority, (ic[0] - turn) % n),
+    )
     best = ranked[0][1] if ranked else None
 
     def why_later(c: Candidate) -> str:
@@ -1666,7 +1727,9 @@ STRATEGIES: Final[Mapping[str, RouteStrategy]] = {
 STRATEGY_ALIASES: Final = {"priority": "fallback"}
 
 
-def plan_route(name: str, pool: Sequence[str], routes: Mapping[str, Sequence[Route]], priority: Mapping[str, int], default: str) -> Plan:
+def plan_route(
+    name: str, pool: Sequence[str], routes: Mapping[str, Sequence[Route]], priority: Mapping[str, int], default: str
+) -> Plan:
     """The plan for `name`, offered by `pool` (replicas, in priority order): the most specific route of a pool member
     that matches decides the strategy; `fallback_to` links (followed while routes match) add backends outside the pool."""
     route = best_route(name, (r for member in pool for r in routes.get(member, ())))
@@ -1807,7 +1870,9 @@ NETWORK_ENV: Final = re.compile(
 
 def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
     """A stdio backend's environment: the basics and network settings of the router's (never its secrets), then its own `env`."""
-    inherited = {k: v for k, v in parent.items() if (k in BASIC_ENV or NETWORK_ENV.fullmatch(k)) and not v.startswith("()")}
+    inherited = {
+        k: v for k, v in parent.items() if (k in BASIC_ENV or NETWORK_ENV.fullmatch(k)) and not v.startswith("()")
+    }
     return inherited | dict(own)  # "()": an exported shell function
 
 
@@ -1922,7 +1987,13 @@ class Warden:
         read_end, write_end = os.pipe()  # neither is inherited by backends started later
         try:
             actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
-            os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", WARDEN], os.environ, file_actions=actions, setsid=True)
+            os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-I", "-S", "-c", WARDEN],
+                os.environ,
+                file_actions=actions,
+                setsid=True,
+            )
         except (OSError, NotImplementedError) as err:  # NotImplementedError: no setsid for posix_spawn here
             log.warning("cannot start the warden that stops stdio backends if the router is killed: %s", err)
             os.close(write_end)
@@ -2023,18 +2094,34 @@ def build_parser() -> argparse.ArgumentParser:
         if s.flag is None:
             continue
         if s.kind is bool:
-            common.add_argument(s.flag, dest=s.field, action=argparse.BooleanOptionalAction, default=None, help=f"{s.help} (env {s.env})")
+            common.add_argument(
+                s.flag,
+                dest=s.field,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{s.help} (env {s.env})",
+            )
         elif isinstance(s.kind, tuple):
             common.add_argument(s.flag, dest=s.field, metavar="|".join(s.kind).lower(), help=f"{s.help} (env {s.env})")
         elif s.kind is list:
             common.add_argument(
-                s.flag, dest=s.field, type=functools.partial(_from_text, kind=list), metavar="A,B", help=f"{s.help} (env {s.env})"
+                s.flag,
+                dest=s.field,
+                type=functools.partial(_from_text, kind=list),
+                metavar="A,B",
+                help=f"{s.help} (env {s.env})",
             )
         else:
-            common.add_argument(s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})")
-    common.add_argument("--debug", dest="log_level", action="store_const", const="DEBUG", help="same as --log-level debug")
+            common.add_argument(
+                s.flag, dest=s.field, type=cast(Callable[[str], Any], s.kind), help=f"{s.help} (env {s.env})"
+            )
+    common.add_argument(
+        "--debug", dest="log_level", action="store_const", const="DEBUG", help="same as --log-level debug"
+    )
     waits = argparse.ArgumentParser(add_help=False)
-    waits.add_argument("--timeout", type=float, default=CHECK_TIMEOUT, metavar="SECONDS", help="how long backends may take to start")
+    waits.add_argument(
+        "--timeout", type=float, default=CHECK_TIMEOUT, metavar="SECONDS", help="how long backends may take to start"
+    )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser = argparse.ArgumentParser(
@@ -2059,10 +2146,19 @@ def build_parser() -> argparse.ArgumentParser:
         extra = {"serve": [], "check": [waits, as_json], "tools": [waits, as_json], "call": [waits]}[name]
         command = commands.add_parser(name, parents=[common, *extra], help=summary, description=summary)
         if name == "tools":
-            command.add_argument("pattern", nargs="?", default="*", metavar="GLOB", help="only the names that match, e.g. 'github__*'")
+            command.add_argument(
+                "pattern", nargs="?", default="*", metavar="GLOB", help="only the names that match, e.g. 'github__*'"
+            )
         elif name == "call":
             command.add_argument("tool", metavar="TOOL", help="the tool's exposed name, as `tools` lists it")
-            command.add_argument("arguments", nargs="?", default={}, type=_json_object, metavar="JSON", help="the arguments, a JSON object")
+            command.add_argument(
+                "arguments",
+                nargs="?",
+                default={},
+                type=_json_object,
+                metavar="JSON",
+                help="the arguments, a JSON object",
+            )
     return parser
 
 
@@ -2092,7 +2188,9 @@ def parse_command_line(argv: Sequence[str] | None) -> argparse.Namespace:
 def bind(host: str, port: int) -> socket.socket:
     """The HTTP listening socket, bound before anything starts, so a busy port is a clear error and not a traceback."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio disables Nagle only when it sees TCP here
+    sock = socket.socket(
+        family, socket.SOCK_STREAM, socket.IPPROTO_TCP
+    )  # asyncio disables Nagle only when it sees TCP here
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -2118,7 +2216,9 @@ def http_service_problems(settings: Settings) -> list[str]:
     """What stops the HTTP service from starting as configured (exit 2): above all, an open door to every backend."""
     problems = []
     if settings.auth_jwks_url and not (settings.auth_issuer and settings.auth_resource_url):
-        problems.append("server.auth.jwks_url needs server.auth.issuer and server.auth.resource_url (the tokens' iss and aud)")
+        problems.append(
+            "server.auth.jwks_url needs server.auth.issuer and server.auth.resource_url (the tokens' iss and aud)"
+        )
     if not settings.authenticated and not settings.allow_unauthenticated and not is_loopback(settings.host):
         problems.append(
             f"serving {settings.host} without authentication would hand every backend's credentials to anyone who can "
@@ -2167,7 +2267,10 @@ def start(argv: Sequence[str] | None) -> Started | int:
         print("mcp-router: cannot serve HTTP:", *(f"  {p}" for p in problems), sep="\n", file=sys.stderr)
         return 2
     if serves_http and not settings.authenticated and not is_loopback(settings.host):
-        log.warning("serving %s without authentication (--allow-unauthenticated): anyone who reaches it uses every backend", settings.host)
+        log.warning(
+            "serving %s without authentication (--allow-unauthenticated): anyone who reaches it uses every backend",
+            settings.host,
+        )
     try:
         listening = bind(settings.host, settings.port) if serves_http else None
     except RouterError as err:
@@ -2238,7 +2341,15 @@ from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.uri_template import UriTemplate
-from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, REQUEST_TIMEOUT
+from mcp_types import (
+    CONNECTION_CLOSED,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    REQUEST_TIMEOUT,
+)
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 # ---------------------------------------------------------------------------- I/O shell: backends
@@ -2275,14 +2386,23 @@ def _answer_problem(message: Any) -> str:
     if "result" in message and not isinstance(message["result"], dict):
         return "its result is not an object"
     error = message.get("error")
-    if "error" in message and not (isinstance(error, dict) and isinstance(error.get("code"), int) and "message" in error):
+    if "error" in message and not (
+        isinstance(error, dict) and isinstance(error.get("code"), int) and "message" in error
+    ):
         return "its error has no code or message"
     return "not a valid JSON-RPC answer"
 
 
 SESSION_LOST: Final = re.compile(r"session (not found|terminated)", re.IGNORECASE)
 """How the SDKs spell an HTTP 404 for our session id (the server restarted and forgot it)."""
-TRANSPORT_ERRORS: Final = (NotSent, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError, httpx2.TransportError)
+TRANSPORT_ERRORS: Final = (
+    NotSent,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    OSError,
+    httpx2.TransportError,
+)
 
 
 def is_transport_failure(exc: BaseException) -> bool:
@@ -2337,7 +2457,9 @@ class _WatchedDispatcher(JSONRPCDispatcher[Any]):
     def closed(self) -> bool:
         return self._closed
 
-    async def send_raw_request(self, method: str, params: Mapping[str, Any] | None, opts: Any = None, **kwargs: Any) -> dict[str, Any]:
+    async def send_raw_request(
+        self, method: str, params: Mapping[str, Any] | None, opts: Any = None, **kwargs: Any
+    ) -> dict[str, Any]:
         if self._closed:
             raise NotSent("the backend's connection has ended")
         return await super().send_raw_request(method, params, opts, **kwargs)
@@ -2514,7 +2636,9 @@ def malformed_line_answer(line: bytes, error: ValueError) -> dict[str, Any] | No
         return None  # a malformed notification
     request_id = message.get("id") if isinstance(message, dict) else None
     if too_deep:
-        return _error_answer(request_id, INVALID_REQUEST, f"Invalid request: nested more than {MAX_JSON_DEPTH} levels deep")
+        return _error_answer(
+            request_id, INVALID_REQUEST, f"Invalid request: nested more than {MAX_JSON_DEPTH} levels deep"
+        )
     return _error_answer(request_id, INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message")
 
 
@@ -2574,13 +2698,17 @@ class LineWriter:
 
 
 @asynccontextmanager
-async def _line_pipes(read_file: Any, write_file: Any, *, answer_errors: bool = False) -> AsyncIterator[tuple[LineReader, LineWriter]]:
+async def _line_pipes(
+    read_file: Any, write_file: Any, *, answer_errors: bool = False
+) -> AsyncIterator[tuple[LineReader, LineWriter]]:
     """Newline-delimited JSON-RPC over a pipe (or socket) pair, read and written by the event loop; closed on exit."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 30)  # one line is one message, of any size
     read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
     try:
-        write_transport, protocol = await loop.connect_write_pipe(lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), write_file)
+        write_transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), write_file
+        )
         try:
             writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
             yield LineReader(reader, answer_errors_to=writer if answer_errors else None), LineWriter(writer)
@@ -2617,7 +2745,9 @@ class BackendStderr(asyncio.Protocol):
             self.partial = b""
 
     def _show(self, lines: Iterable[bytes]) -> None:
-        text = "".join(f"{self.prefix}{redact(line.decode(errors='replace').rstrip(), self.secrets)}\n" for line in lines)
+        text = "".join(
+            f"{self.prefix}{redact(line.decode(errors='replace').rstrip(), self.secrets)}\n" for line in lines
+        )
         if text:
             with contextlib.suppress(OSError, ValueError):  # the router's stderr is gone: nowhere to show it
                 sys.stderr.write(text)
@@ -2625,7 +2755,9 @@ class BackendStderr(asyncio.Protocol):
 
 
 @asynccontextmanager
-async def stdio_connection(process: subprocess.Popen[bytes], stderr: BackendStderr | None = None) -> AsyncIterator[Streams]:
+async def stdio_connection(
+    process: subprocess.Popen[bytes], stderr: BackendStderr | None = None
+) -> AsyncIterator[Streams]:
     """A launched stdio backend's pipes; on exit its stdin closes, then its group gets SIGTERM and SIGKILL."""
     async with AsyncExitStack() as stack:
         with anyio.CancelScope(shield=True):  # a loop turn; cancelled then, the process would be left running
@@ -2752,7 +2884,9 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
         timeout = httpx2.Timeout(30.0, read=300.0)
         hooks = {"response": [_reuse_after_sse_answers, _name_error_statuses]}
         async with (
-            httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout, verify=_tls_context(), event_hooks=hooks) as client,
+            httpx2.AsyncClient(
+                headers=dict(config.headers), timeout=timeout, verify=_tls_context(), event_hooks=hooks
+            ) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,
         ):
             yield streams
@@ -2870,7 +3004,9 @@ async def listen_for_changes(backend: Backend, session: ClientSession) -> None:
     Per-resource updates are not asked for here (clients' resources/subscribe is handshake-era only so far).
     """
     try:
-        every_list = functools.partial(listen, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True)
+        every_list = functools.partial(
+            listen, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True
+        )
         async with every_list(session) as events:
             async for _ in events:
                 await backend.refresh()
@@ -2896,7 +3032,9 @@ class Backend:
         self.clock = router.clock
         self.connector = connector or _connector_for(config)
         cb = config.circuit_breaker
-        self.breaker = CircuitBreaker(config.name, cb.failure_threshold, cb.timeout_seconds, cb.half_open_attempts, self.clock.now)
+        self.breaker = CircuitBreaker(
+            config.name, cb.failure_threshold, cb.timeout_seconds, cb.half_open_attempts, self.clock.now
+        )
         self.timeout = config.timeout or router.settings.request_timeout
         self.state: LifecycleState = "starting" if config.enabled else "disabled"
         self.session: ClientSession | None = None
@@ -2961,14 +3099,18 @@ class Backend:
         seconds until the next attempt."""
         error = redact(failure, self.secrets)
         lost = self.state == "ready"
-        stable = lost and self.connected_at is not None and self.clock.now() - self.connected_at > self.settings.max_backoff
+        stable = (
+            lost and self.connected_at is not None and self.clock.now() - self.connected_at > self.settings.max_backoff
+        )
         self.failed_attempts = 0 if lost else self.failed_attempts + 1
         self._disconnect("lost" if lost else "failed", error)
         self._feed_breaker(error)  # once per connection, however many calls were in flight on it
         attempt = 1 if stable else max(1, self.failed_attempts)
         if lost:
             log.warning("backend %s: connection lost: %s; reconnecting", self.name, error)
-        elif self.failed_attempts & (self.failed_attempts - 1) == 0 or error != self.last_error:  # 1, 2, 4, 8... or news
+        elif (
+            self.failed_attempts & (self.failed_attempts - 1) == 0 or error != self.last_error
+        ):  # 1, 2, 4, 8... or news
             log.warning("backend %s: cannot connect (attempt %d): %s; retrying", self.name, self.failed_attempts, error)
         self.last_error = error
         self._booked_delay = backoff_delay(
@@ -3032,11 +3174,17 @@ class Backend:
         b = self.breaker
         breaker = b.state
         admits = b.admits(breaker)
-        offers = name in self.offered[kind] or (kind == "resource" and any(t.match(name) is not None for t in self.templates))
+        offers = name in self.offered[kind] or (
+            kind == "resource" and any(t.match(name) is not None for t in self.templates)
+        )
         if self.state != "ready":
             reason = self.unavailable_reason()
         elif not admits:
-            reason = b.open_error() if breaker == "open" else f"backend {self.name!r}: circuit half-open, its trial call is under way"
+            reason = (
+                b.open_error()
+                if breaker == "open"
+                else f"backend {self.name!r}: circuit half-open, its trial call is under way"
+            )
         else:
             reason = ""
         return Candidate(
@@ -3084,7 +3232,11 @@ class Backend:
             except (MCPError, NotSent) as err:
                 if isinstance(err, MCPError) and err.code != CONNECTION_CLOSED:
                     raise
-                hint = " (did the command exit? its stderr is in the router's log)" if self.config.transport == "stdio" else ""
+                hint = (
+                    " (did the command exit? its stderr is in the router's log)"
+                    if self.config.transport == "stdio"
+                    else ""
+                )
                 raise RouterError(f"connection closed during the MCP handshake{hint}") from None
             handshake.deadline = math.inf
             # 2026 era: the stamp sets the version header with the others, and the level clients set
@@ -3152,7 +3304,9 @@ class Backend:
         hints: list[tuple[str, int, str]] = []
         tools = await self._fetch_all("tools/list", "tools", hints) if caps.tools else []
         resources = await self._fetch_all("resources/list", "resources", hints) if caps.resources else []
-        templates = await self._fetch_all("resources/templates/list", "resourceTemplates", hints) if caps.resources else []
+        templates = (
+            await self._fetch_all("resources/templates/list", "resourceTemplates", hints) if caps.resources else []
+        )
         prompts = await self._fetch_all("prompts/list", "prompts", hints) if caps.prompts else []
         return Listing(
             cache_hints=tuple(hints),
@@ -3178,7 +3332,13 @@ class Backend:
                 continue
             kept.append(item)
         if problems:
-            log.warning("backend %s: ignoring %d invalid %s items: %s", self.name, len(problems), model.__name__, "; ".join(problems))
+            log.warning(
+                "backend %s: ignoring %d invalid %s items: %s",
+                self.name,
+                len(problems),
+                model.__name__,
+                "; ".join(problems),
+            )
         return tuple(kept)
 
     async def refresh(self) -> None:
@@ -3204,7 +3364,10 @@ class Backend:
 
     async def _on_message(self, message: Any) -> None:
         if isinstance(
-            message, types.ToolListChangedNotification | types.PromptListChangedNotification | types.ResourceListChangedNotification
+            message,
+            types.ToolListChangedNotification
+            | types.PromptListChangedNotification
+            | types.ResourceListChangedNotification,
         ):
             await self.refresh()
         elif isinstance(message, types.ResourceUpdatedNotification):
@@ -3241,7 +3404,11 @@ class Backend:
         except Exception as exc:  # noqa: BLE001
             error = redact(
                 "health check failed: "
-                + (describe_error(exc) if not isinstance(exc, TimeoutError) else f"no answer within {check.timeout_seconds}s"),
+                + (
+                    describe_error(exc)
+                    if not isinstance(exc, TimeoutError)
+                    else f"no answer within {check.timeout_seconds}s"
+                ),
                 self.secrets,
             )
             self._record_health(ok=False, error=error, latency=self.clock.now() - started)
@@ -3254,7 +3421,9 @@ class Backend:
         return True
 
     async def _check_endpoint(self, endpoint: str, timeout: float) -> None:
-        async with httpx2.AsyncClient(headers=dict(self.config.headers), timeout=timeout, verify=_tls_context()) as client:
+        async with httpx2.AsyncClient(
+            headers=dict(self.config.headers), timeout=timeout, verify=_tls_context()
+        ) as client:
             response = await client.get(urljoin(self.config.url or "", endpoint))
         if response.status_code >= 400:
             raise RouterError(f"health endpoint answered HTTP {response.status_code}")
@@ -3275,7 +3444,12 @@ class Backend:
         """Record one outcome (None: a success) in the breaker, and log when it opens or closes."""
         transition = self.breaker.record_success() if failure is None else self.breaker.record_failure(failure)
         if transition == "open":
-            log.warning("backend %s: circuit opened after %d failures: %s", self.name, self.breaker.failures, self.breaker.last_error)
+            log.warning(
+                "backend %s: circuit opened after %d failures: %s",
+                self.name,
+                self.breaker.failures,
+                self.breaker.last_error,
+            )
         elif transition == "closed":
             log.info("backend %s: circuit closed; backend healthy again", self.name)
 
@@ -3310,12 +3484,20 @@ class Backend:
                 result = await dispatcher.send_raw_request(method, params, cast(Any, opts))
         except TimeoutError:
             feed(f"could not write to the backend within {timeout:g}s")
-            raise MCPError(REQUEST_TIMEOUT, f"Request timed out: the backend is not reading (after {timeout:g}s)") from None
+            raise MCPError(
+                REQUEST_TIMEOUT, f"Request timed out: the backend is not reading (after {timeout:g}s)"
+            ) from None
         except MCPError as err:
-            if self.config.transport != "stdio" and err.code in (INVALID_REQUEST, REQUEST_TIMEOUT) and SESSION_LOST.fullmatch(err.message):
+            if (
+                self.config.transport != "stdio"
+                and err.code in (INVALID_REQUEST, REQUEST_TIMEOUT)
+                and SESSION_LOST.fullmatch(err.message)
+            ):
                 self.breaker.release()
                 if self.dispatcher is dispatcher:  # not a straggler from a connection already replaced
-                    self.restart("its HTTP session was lost; reconnecting")  # the server forgot our session: nothing ran
+                    self.restart(
+                        "its HTTP session was lost; reconnecting"
+                    )  # the server forgot our session: nothing ran
                 raise NotSent(f"backend {self.name!r} lost its session; reconnecting") from None
             if err.code == CONNECTION_CLOSED or (err.code == REQUEST_TIMEOUT and timeout < self.timeout):
                 self.breaker.release()  # counted once for the lost connection; or the router cut its time short
@@ -3373,8 +3555,12 @@ class Backend:
             info |= {
                 "priority": self.config.priority,
                 "failed_attempts": self.failed_attempts,
-                "uptime_seconds": round(now - self.connected_at, 1) if self.connected_at is not None and self.state == "ready" else None,
-                "reconnect_in_seconds": round(max(0.0, self.next_attempt_at - now), 1) if self.next_attempt_at else None,
+                "uptime_seconds": round(now - self.connected_at, 1)
+                if self.connected_at is not None and self.state == "ready"
+                else None,
+                "reconnect_in_seconds": round(max(0.0, self.next_attempt_at - now), 1)
+                if self.next_attempt_at
+                else None,
                 "health_checks": {
                     "enabled": self.config.health_check.enabled,
                     "interval_seconds": self.config.health_check.interval_seconds,
@@ -3382,7 +3568,9 @@ class Backend:
                     "failed": h.failed_checks,
                     "consecutive_failures": h.consecutive_failures,
                     "last_latency_ms": h.last_latency_ms,
-                    "last_success_ago_seconds": round(self.clock.wall() - h.last_success, 1) if h.last_success else None,
+                    "last_success_ago_seconds": round(self.clock.wall() - h.last_success, 1)
+                    if h.last_success
+                    else None,
                     "last_error": h.last_error,
                 },
             }
@@ -3542,13 +3730,19 @@ class ClientHub:
         """A backend's log message, to the clients whose level it meets; never waits (full queues drop it)."""
         severity = LOG_SEVERITY.get(message["level"], 0)
         for outbox in self._outboxes.values():
-            if outbox.log_level is not None and severity >= LOG_SEVERITY.get(outbox.log_level, 0) and not outbox.log(message):
+            if (
+                outbox.log_level is not None
+                and severity >= LOG_SEVERITY.get(outbox.log_level, 0)
+                and not outbox.log(message)
+            ):
                 self.dropped += 1
 
     def takes(self, level: Any) -> bool:
         """Does any client take backends' log messages of `level` (a handshake-era client that set a level it meets)?"""
         severity = LOG_SEVERITY.get(level, 0) if isinstance(level, str) else 0
-        return any(o.log_level is not None and LOG_SEVERITY.get(o.log_level, 0) <= severity for o in self._outboxes.values())
+        return any(
+            o.log_level is not None and LOG_SEVERITY.get(o.log_level, 0) <= severity for o in self._outboxes.values()
+        )
 
     def status(self) -> dict[str, Any]:
         return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}
@@ -3661,18 +3855,24 @@ class Router:
             return
         backend.listing = listing
         backend.offered = {
-            kind: frozenset(i["name"] for i in items) for kind, items in (("tool", listing.tools), ("prompt", listing.prompts))
+            kind: frozenset(i["name"] for i in items)
+            for kind, items in (("tool", listing.tools), ("prompt", listing.prompts))
         } | {"resource": frozenset(r["uri"] for r in listing.resources)}
-        backend.templates = tuple(t for t in (_compiled_template(t["uriTemplate"]) for t in listing.templates) if t is not None)
+        backend.templates = tuple(
+            t for t in (_compiled_template(t["uriTemplate"]) for t in listing.templates) if t is not None
+        )
         self._rebuild()
 
     def _rebuild(self) -> None:
         """Rebuild the catalogue from every backend's listing, and tell clients what changed."""
         old = self.catalogue
         members = [
-            Member(b.name, b.config.namespace, b.config.priority, b.listing, self.routes.get(b.name, ())) for b in self.backends.values()
+            Member(b.name, b.config.namespace, b.config.priority, b.listing, self.routes.get(b.name, ()))
+            for b in self.backends.values()
         ]
-        new = build_catalogue(members, namespaced=self.settings.enable_namespaces, default_strategy=self.settings.default_strategy)
+        new = build_catalogue(
+            members, namespaced=self.settings.enable_namespaces, default_strategy=self.settings.default_strategy
+        )
         new = dataclasses.replace(new, tool_items=MANAGEMENT_TOOL_ITEMS + new.tool_items)
         for conflict in set(new.conflicts) - set(old.conflicts):
             log.warning("routing: %s", conflict)
@@ -3789,7 +3989,9 @@ class Router:
 
         callers = {_connection_of(c): c for c in backend.inflight.values() if c is not None}
         if len(callers) > 1:
-            return refuse(f"calls of several clients are running on {backend.name!r}; cannot tell which one {request.method} is for")
+            return refuse(
+                f"calls of several clients are running on {backend.name!r}; cannot tell which one {request.method} is for"
+            )
         ctx = next(iter(callers.values()), None)
         connection = self.clients.newest()
         if ctx is not None:
@@ -3808,9 +4010,13 @@ class Router:
         try:
             if ctx is None:
                 assert connection is not None
-                answer = await connection.send_raw_request(request.method, None, {"timeout": self.settings.request_timeout})
+                answer = await connection.send_raw_request(
+                    request.method, None, {"timeout": self.settings.request_timeout}
+                )
                 return result_type.model_validate(answer)
-            return await ctx.session.send_request(request, result_type, metadata=ServerMessageMetadata(related_request_id=ctx.request_id))
+            return await ctx.session.send_request(
+                request, result_type, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
+            )
         except NoBackChannelError:
             return refuse(f"the client's connection cannot carry {request.method}")
         except MCPError as err:
@@ -3825,7 +4031,10 @@ class Router:
             for b in self.backends.values()
             if b.state in ("starting", "reconnecting", "failing") and not getattr(b.listing, f"{kind}s")
         ]
-        return MCPError(INVALID_PARAMS, f"Unknown {kind}: {name!r}" + (f"; not listed yet: {'; '.join(unlisted)}" if unlisted else ""))
+        return MCPError(
+            INVALID_PARAMS,
+            f"Unknown {kind}: {name!r}" + (f"; not listed yet: {'; '.join(unlisted)}" if unlisted else ""),
+        )
 
     async def find(self, lookup: Callable[[Catalogue], _T | None]) -> _T | None:
         """Look something up in the catalogue; before the first listing is complete, wait for it and look again."""
@@ -3844,7 +4053,14 @@ class Router:
             return plan
         pool = self.catalogue.resources.get(uri)
         if pool is None:
-            pool = next((owners for template, owners in self._templates if template is not None and template.match(uri) is not None), None)
+            pool = next(
+                (
+                    owners
+                    for template, owners in self._templates
+                    if template is not None and template.match(uri) is not None
+                ),
+                None,
+            )
         if pool is None:
             return None
         plan = self.plan_for(uri, pool)
@@ -3861,7 +4077,9 @@ class Router:
                 result = page(getattr(self.catalogue, attribute), cursor, key)
             except InvalidCursor as err:
                 raise MCPError(INVALID_PARAMS, str(err)) from None
-            if cursor is None or cursor == str(int(cursor) // PAGE_SIZE * PAGE_SIZE):  # the cursors the router hands out
+            if cursor is None or cursor == str(
+                int(cursor) // PAGE_SIZE * PAGE_SIZE
+            ):  # the cursors the router hands out
                 result[key] = EncodedItems(result[key])
                 self._pages[(method, cursor)] = result
         return result
@@ -3928,7 +4146,9 @@ class Router:
                 reached, error = True, exc
             else:
                 fell_back = bool(failed) or (plan.strategy != "capability" and target != plan.candidates[0])
-                self._account(method, name, backend, started, None, fallback=fell_back, tool_error=result.get("isError") is True)
+                self._account(
+                    method, name, backend, started, None, fallback=fell_back, tool_error=result.get("isError") is True
+                )
                 return result
             finally:
                 backend.inflight.pop(key, None)
@@ -3970,7 +4190,11 @@ class Router:
         milliseconds = (self.clock.now() - started) * 1000
         backend.stats.record(milliseconds, ok=error is None, fallback=fallback)
         if log.isEnabledFor(logging.DEBUG):
-            outcome = ("tool error" if tool_error else "ok") if error is None else redact(describe_error(error), backend.secrets)
+            outcome = (
+                ("tool error" if tool_error else "ok")
+                if error is None
+                else redact(describe_error(error), backend.secrets)
+            )
             via = " (fallback)" if fallback else ""
             log.debug("%s %s -> %s%s: %s in %.1f ms", method, name, backend.name, via, outcome, milliseconds)
 
@@ -4000,7 +4224,9 @@ def _checked_call_result(result: dict[str, Any], backend: str) -> dict[str, Any]
     """A backend's tools/call result, checked for the shape every client parses (cheaply: no model is built), and
     stamped with the backend that served it."""
     content = result.get("content")
-    if not isinstance(content, list) or not all(isinstance(c, dict) and isinstance(c.get("type"), str) for c in content):
+    if not isinstance(content, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("type"), str) for c in content
+    ):
         problem = "content is not a list of typed blocks"
     elif "structuredContent" in result and not isinstance(result["structuredContent"], dict):
         problem = "structuredContent is not an object"
@@ -4008,7 +4234,10 @@ def _checked_call_result(result: dict[str, Any], backend: str) -> dict[str, Any]
         problem = "isError is not true or false"
     else:
         meta = result.get("_meta")
-        return {**result, "_meta": {**meta, ROUTER_META_KEY: backend} if isinstance(meta, dict) else {ROUTER_META_KEY: backend}}
+        return {
+            **result,
+            "_meta": {**meta, ROUTER_META_KEY: backend} if isinstance(meta, dict) else {ROUTER_META_KEY: backend},
+        }
     raise MCPError(INTERNAL_ERROR, f"backend {backend!r} sent an invalid tools/call result: {problem}")
 
 
@@ -4016,7 +4245,9 @@ def _as_mcp_error(error: Exception, backend: Backend) -> MCPError:
     """The client-facing error for a request that failed in transport: names the backend, leaks nothing."""
     if isinstance(error, MCPError) and error.code == REQUEST_TIMEOUT:
         return MCPError(REQUEST_TIMEOUT, f"backend {backend.name!r} did not answer in time ({error.message})")
-    return MCPError(BACKEND_UNAVAILABLE, f"backend {backend.name!r} failed: {redact(describe_error(error), backend.secrets)}")
+    return MCPError(
+        BACKEND_UNAVAILABLE, f"backend {backend.name!r} failed: {redact(describe_error(error), backend.secrets)}"
+    )
 
 
 # ---------------------------------------------------------------------------- I/O shell: the era bridge
@@ -4305,7 +4536,17 @@ _OUTPUT_BACKEND: Final[dict[str, Any]] = {
         **{key: {"type": "string"} for key in ("name", "namespace", "transport", "target", "state", "circuit_state")},
         **{
             key: {"type": "integer"}
-            for key in ("consecutive_failures", "tools", "resources", "prompts", "restarts", "requests", "errors", "fallbacks", "in_flight")
+            for key in (
+                "consecutive_failures",
+                "tools",
+                "resources",
+                "prompts",
+                "restarts",
+                "requests",
+                "errors",
+                "fallbacks",
+                "in_flight",
+            )
         },
         "healthy": {"type": "boolean"},
         "last_error": {"type": ["string", "null"]},
@@ -4329,7 +4570,9 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
                 "clients": {
                     "type": "object",
                     "description": "handshake-era client connections, and the log messages dropped for slow readers",
-                    "properties": {key: {"type": "integer"} for key in ("connected", "dropped_log_messages", "queue_bound")},
+                    "properties": {
+                        key: {"type": "integer"} for key in ("connected", "dropped_log_messages", "queue_bound")
+                    },
                 },
             },
             "required": ["backends"],
@@ -4340,7 +4583,11 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
         "name": "get_backend_health",
         "title": "Backend health",
         "description": "Health detail for one backend: breaker state, failures, last error, next retry, restarts, uptime and health-check history.",
-        "inputSchema": {"type": "object", "properties": {"name": {"type": "string", "description": "backend name"}}, "required": ["name"]},
+        "inputSchema": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "description": "backend name"}},
+            "required": ["name"],
+        },
         "outputSchema": _OUTPUT_BACKEND,
         "annotations": {"readOnlyHint": True, "openWorldHint": False},
     },
@@ -4351,7 +4598,9 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
         "and why each other candidate was passed over.",
         "inputSchema": {
             "type": "object",
-            "properties": {"name": {"type": "string", "description": "a tool or prompt name as listed here, or a resource URI"}},
+            "properties": {
+                "name": {"type": "string", "description": "a tool or prompt name as listed here, or a resource URI"}
+            },
             "required": ["name"],
         },
         "outputSchema": {
@@ -4369,7 +4618,11 @@ MANAGEMENT_TOOL_ITEMS: Final[tuple[dict[str, Any], ...]] = (
                     "type": "array",
                     "items": {
                         "type": "object",
-                        "properties": {"backend": {"type": "string"}, "verdict": {"type": "string"}, "state": {"type": "string"}},
+                        "properties": {
+                            "backend": {"type": "string"},
+                            "verdict": {"type": "string"},
+                            "state": {"type": "string"},
+                        },
                         "required": ["backend", "verdict"],
                     },
                 },
@@ -4403,13 +4656,19 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
     if name == "explain_route":
         if not isinstance(wanted, str):
             problem = "is missing" if wanted is None else f"must be a string, not {type(wanted).__name__}"
-            return _management_result(None, f"the 'name' argument {problem}: give a tool or prompt name, or a resource URI")
+            return _management_result(
+                None, f"the 'name' argument {problem}: give a tool or prompt name, or a resource URI"
+            )
         explained = explain_route(router, wanted)
         lines = [f"{wanted}: {explained['decision']}" + (f" to {explained['backend']}" if explained["backend"] else "")]
         lines += (
             [
                 f"  strategy {explained['strategy']}"
-                + (f", route {explained['route']['pattern']!r} of {explained['route']['backend']}" if explained["route"] else ", no route")
+                + (
+                    f", route {explained['route']['pattern']!r} of {explained['route']['backend']}"
+                    if explained["route"]
+                    else ", no route"
+                )
             ]
             if explained["strategy"]
             else []
@@ -4430,7 +4689,12 @@ def explain_route(router: Router, name: str) -> dict[str, Any]:
     catalogue = router.catalogue
     entry = catalogue.tools.get(name) or catalogue.prompts.get(name)
     if entry is not None:
-        kind, original, plan, pool = ("tool" if name in catalogue.tools else "prompt"), entry.original, entry.plan, entry.pool
+        kind, original, plan, pool = (
+            ("tool" if name in catalogue.tools else "prompt"),
+            entry.original,
+            entry.plan,
+            entry.pool,
+        )
     else:
         kind, original, plan, pool = "resource", name, router.resource_plan(name), ()
     if plan is None:
@@ -4449,7 +4713,10 @@ def explain_route(router: Router, name: str) -> dict[str, Any]:
         for s in snapshots
     ]  # fmt: skip
     candidates += [
-        {"backend": b, "verdict": f"no pattern match: {plan.strategy} route {plan.route.pattern!r} of {plan.route.backend} applies"}
+        {
+            "backend": b,
+            "verdict": f"no pattern match: {plan.strategy} route {plan.route.pattern!r} of {plan.route.backend} applies",
+        }
         for b in pool
         if b not in plan.candidates and plan.route is not None
     ]
@@ -4459,7 +4726,9 @@ def explain_route(router: Router, name: str) -> dict[str, Any]:
         "kind": kind,
         "original": original,
         "strategy": plan.strategy,
-        "route": {"backend": route.backend, "pattern": route.pattern, "fallback_to": route.fallback_to} if route else None,
+        "route": {"backend": route.backend, "pattern": route.pattern, "fallback_to": route.fallback_to}
+        if route
+        else None,
         "decision": decision.action,
         "backend": decision.order[0] if decision.order else None,
         "reason": decision.reason or None,
@@ -4467,7 +4736,9 @@ def explain_route(router: Router, name: str) -> dict[str, Any]:
     }
 
 
-async def route_tool_call(router: Router, ctx: Any, name: str, arguments: dict[str, Any] | None, *, checked: bool) -> dict[str, Any]:
+async def route_tool_call(
+    router: Router, ctx: Any, name: str, arguments: dict[str, Any] | None, *, checked: bool
+) -> dict[str, Any]:
     """The one implementation of tools/call. `checked`: the SDK validated the request and checks the result on its way
     out (2026-era calls, and handshake-era ones the fast path passed over); otherwise the result goes to the wire as is."""
     if name in MANAGEMENT_TOOLS:
@@ -4569,7 +4840,9 @@ class RouterServer(Server[Any]):
         experimental_capabilities: dict[str, dict[str, Any]] | None = None,
         extensions: dict[str, dict[str, Any]] | None = None,
     ) -> InitializationOptions:
-        options = notification_options or NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        options = notification_options or NotificationOptions(
+            prompts_changed=True, resources_changed=True, tools_changed=True
+        )
         return super().create_initialization_options(options, experimental_capabilities, extensions)
 
 
@@ -4643,7 +4916,9 @@ def build_server(router: Router) -> RouterServer:
     server = RouterServer(
         router.settings.server_name,
         version=__version__,
-        cache_hints=dict.fromkeys(cast("frozenset[CacheableMethod]", CACHEABLE_METHODS), CacheHint(ttl_ms=0, scope="private")),
+        cache_hints=dict.fromkeys(
+            cast("frozenset[CacheableMethod]", CACHEABLE_METHODS), CacheHint(ttl_ms=0, scope="private")
+        ),
         on_list_tools=list_handler("tools/list"),
         on_call_tool=_guard(call_tool),
         on_list_prompts=list_handler("prompts/list"),
@@ -4681,7 +4956,9 @@ class _RouterMiddleware:
     re-validating both on the hot path would only cost time.
     """
 
-    def __init__(self, router: Router, handler_of: Callable[[str], object] = lambda method: None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, router: Router, handler_of: Callable[[str], object] = lambda method: None, metrics: Metrics | None = None
+    ) -> None:
         self.router = router
         self.handler_of = handler_of
         """The server's handler of a request method, or None."""
@@ -4700,7 +4977,9 @@ class _RouterMiddleware:
             outcome = "cancelled"
             raise
         finally:
-            metrics.observe(ctx.method, _metrics_target(self.router, ctx.method, ctx.params), outcome, time.perf_counter() - began)
+            metrics.observe(
+                ctx.method, _metrics_target(self.router, ctx.method, ctx.params), outcome, time.perf_counter() - began
+            )
 
     async def _serve(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -4711,7 +4990,11 @@ class _RouterMiddleware:
     async def _fast_path(self, ctx: Any) -> dict[str, Any] | None:
         """The result for a request the router answers itself, or None to take the SDK's checked path."""
         router, method, params = self.router, ctx.method, ctx.params
-        if ctx.request_id is not None and method not in ("initialize", "ping") and not _connection_of(ctx).initialize_accepted:
+        if (
+            ctx.request_id is not None
+            and method not in ("initialize", "ping")
+            and not _connection_of(ctx).initialize_accepted
+        ):
             if self.handler_of(method) is not None:  # the SDK would say "Invalid request parameters"
                 raise MCPError(INVALID_REQUEST, f"the MCP handshake is missing: send initialize before {method}")
             return None  # the SDK answers the rest: method not found
@@ -4824,14 +5107,18 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter]]:
         async with AsyncExitStack() as stack:
             if piped_in:
                 reader = asyncio.StreamReader(limit=1 << 30)
-                transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0))
+                transport, _ = await loop.connect_read_pipe(
+                    lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0)
+                )
                 stack.callback(transport.close)
             else:
                 reader = _thread_fed_reader(wire_in)
             writer: Any
             if piped_out:
                 protocol_factory = lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader())  # noqa: E731
-                write_transport, protocol = await loop.connect_write_pipe(protocol_factory, os.fdopen(wire_out, "wb", 0))
+                write_transport, protocol = await loop.connect_write_pipe(
+                    protocol_factory, os.fdopen(wire_out, "wb", 0)
+                )
                 stack.callback(write_transport.close)
                 writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
             else:
@@ -4846,7 +5133,9 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter]]:
 
 
 async def serve_stdio(server: Server[Any], router: Router) -> None:
-    await router.wait_ready()  # the client's initialize waits in the pipe; its answer then carries the backends' instructions
+    await (
+        router.wait_ready()
+    )  # the client's initialize waits in the pipe; its answer then carries the backends' instructions
     async with _stdio_pipes() as (read, write):
         log.info("serving MCP over stdio")
         await server.run(read, write, server.create_initialization_options())
@@ -4947,7 +5236,9 @@ class PlainAnswers:
                 else:
                     state = "pass"
                     await send(message)
-            elif state == "held" and (message.get("body") or not message.get("more_body")):  # empty chunks carry nothing
+            elif state == "held" and (
+                message.get("body") or not message.get("more_body")
+            ):  # empty chunks carry nothing
                 if (event := SSE_ANSWER_EVENT.fullmatch(message.get("body", b""))) is None:
                     state = "pass"  # progress, a log or a request comes first: a stream it is
                     await send(held)
@@ -5020,11 +5311,18 @@ class StaticTokens:
                 stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
                 if stamp != self._stamp:
                     lines = Path(self._path).read_text().splitlines()
-                    self._from_file = [self._digest(t.strip()) for t in lines if t.strip() and not t.lstrip().startswith("#")]
+                    self._from_file = [
+                        self._digest(t.strip()) for t in lines if t.strip() and not t.lstrip().startswith("#")
+                    ]
                     self._stamp = stamp
                     log.info("accepting %d token(s) from %s", len(self._from_file), self._path)
             except OSError as err:
-                _warn_once(f"tokens:{err.errno}", "cannot read %s (%s); keeping the tokens read before", self._path, err.strerror)
+                _warn_once(
+                    f"tokens:{err.errno}",
+                    "cannot read %s (%s); keeping the tokens read before",
+                    self._path,
+                    err.strerror,
+                )
         return self._fixed + self._from_file
 
     async def verify_token(self, token: str) -> AccessToken | None:
@@ -5125,10 +5423,14 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
         names.append(f"[{settings.host}]" if ":" in settings.host else settings.host)
     with_port = re.compile(r".*:(\d+|\*)")
     hosts = [
-        pattern for name in (*names, *settings.allowed_hosts) for pattern in ((name,) if with_port.fullmatch(name) else (name, f"{name}:*"))
+        pattern
+        for name in (*names, *settings.allowed_hosts)
+        for pattern in ((name,) if with_port.fullmatch(name) else (name, f"{name}:*"))
     ]
     local = [f"{scheme}://{name}" for scheme in ("http", "https") for name in names]
-    origins = [pattern for o in (*local, *settings.allowed_origins, *settings.cors_origins) for pattern in (o, f"{o}:*")]
+    origins = [
+        pattern for o in (*local, *settings.allowed_origins, *settings.cors_origins) for pattern in (o, f"{o}:*")
+    ]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
@@ -5176,21 +5478,33 @@ class Metrics:
         """The exposition text; `rows` are the backends' status() rows (state, breaker, restarts)."""
 
         def labels(**values: Any) -> str:
-            inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in values.items())
+            inner = ",".join(
+                f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                for k, v in values.items()
+            )
             return "{" + inner + "}"
 
         out = ["# HELP mcp_router_requests_total MCP requests served, by method, backend and outcome.",
                "# TYPE mcp_router_requests_total counter"]  # fmt: skip
-        out += [f"mcp_router_requests_total{labels(mcp_method_name=m, backend=b, outcome=o)} {n}" for (m, b, o), n in self.requests.items()]
+        out += [
+            f"mcp_router_requests_total{labels(mcp_method_name=m, backend=b, outcome=o)} {n}"
+            for (m, b, o), n in self.requests.items()
+        ]
         out += ["# HELP mcp_server_operation_duration_seconds Time to answer an MCP request.",
                 "# TYPE mcp_server_operation_duration_seconds histogram"]  # fmt: skip
         for (m, b), histogram in self.latency.items():
             total = 0.0
             for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram[:-1], strict=True):
                 total += count
-                out.append(f"mcp_server_operation_duration_seconds_bucket{labels(mcp_method_name=m, backend=b, le=bound)} {int(total)}")
-            out.append(f"mcp_server_operation_duration_seconds_sum{labels(mcp_method_name=m, backend=b)} {histogram[-1]:.6f}")
-            out.append(f"mcp_server_operation_duration_seconds_count{labels(mcp_method_name=m, backend=b)} {int(total)}")
+                out.append(
+                    f"mcp_server_operation_duration_seconds_bucket{labels(mcp_method_name=m, backend=b, le=bound)} {int(total)}"
+                )
+            out.append(
+                f"mcp_server_operation_duration_seconds_sum{labels(mcp_method_name=m, backend=b)} {histogram[-1]:.6f}"
+            )
+            out.append(
+                f"mcp_server_operation_duration_seconds_count{labels(mcp_method_name=m, backend=b)} {int(total)}"
+            )
         out += ["# HELP mcp_router_backend_up Whether the backend is connected and listed (1) or not (0).",
                 "# TYPE mcp_router_backend_up gauge"]  # fmt: skip
         out += [f"mcp_router_backend_up{labels(backend=r['name'])} {int(r['state'] == 'ready')}" for r in rows]
@@ -5202,7 +5516,11 @@ class Metrics:
         out += ["# HELP mcp_router_backend_restarts_total Times the backend was reconnected or restarted.",
                 "# TYPE mcp_router_backend_restarts_total counter"]  # fmt: skip
         out += [f"mcp_router_backend_restarts_total{labels(backend=r['name'])} {r['restarts']}" for r in rows]
-        out += ["# HELP mcp_router_sessions Open client sessions.", "# TYPE mcp_router_sessions gauge", f"mcp_router_sessions {sessions}"]
+        out += [
+            "# HELP mcp_router_sessions Open client sessions.",
+            "# TYPE mcp_router_sessions gauge",
+            f"mcp_router_sessions {sessions}",
+        ]
         out += ["# HELP mcp_router_in_flight MCP requests being served.", "# TYPE mcp_router_in_flight gauge",
                 f"mcp_router_in_flight {self.in_flight}"]  # fmt: skip
         return "\n".join(out) + "\n"
@@ -5212,7 +5530,11 @@ def _metrics_target(router: Router, method: str, params: Any) -> str:
     """The backend label of a request: the backend (or replicas, joined by +) its name routes to; else the router."""
     try:
         return _routed_to(router, method, params)
-    except (AttributeError, TypeError, ValueError):  # a broken catalogue is the request's error to report, not the metrics'
+    except (
+        AttributeError,
+        TypeError,
+        ValueError,
+    ):  # a broken catalogue is the request's error to report, not the metrics'
         return "router"
 
 
@@ -5258,7 +5580,9 @@ class SessionLimits:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > settings.max_body_bytes:
             limit = f"{settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
-            return await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(scope, receive, send)
+            return await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(
+                scope, receive, send
+            )
         session = dict(scope["headers"]).get(b"mcp-session-id")
         if session is None:
             if scope["method"] == "POST" and not settings.stateless:
@@ -5266,7 +5590,11 @@ class SessionLimits:
             return await self.app(scope, receive, send)
         key = session.decode("latin-1")
         if self.busy.get(key, 0) >= settings.max_requests_per_session:
-            _warn_once("per-session", "a session reached max_requests_per_session (%d); refusing more", settings.max_requests_per_session)
+            _warn_once(
+                "per-session",
+                "a session reached max_requests_per_session (%d); refusing more",
+                settings.max_requests_per_session,
+            )
             message = f"too many requests in flight on this session (at most {settings.max_requests_per_session})"
             return await _json_rpc_refusal(429, message)(scope, receive, send)
         self.busy[key] = self.busy.get(key, 0) + 1
@@ -5282,7 +5610,11 @@ class SessionLimits:
         sessions = self.opened.setdefault(client, set())
         sessions.intersection_update([s for s in sessions if s in self.live])
         if len(sessions) >= self.settings.max_sessions_per_client:
-            _warn_once("per-client", "a client reached max_sessions_per_client (%d); refusing more", self.settings.max_sessions_per_client)
+            _warn_once(
+                "per-client",
+                "a client reached max_sessions_per_client (%d); refusing more",
+                self.settings.max_sessions_per_client,
+            )
             message = f"too many open sessions for this client (at most {self.settings.max_sessions_per_client}); end some with DELETE"
             return await _json_rpc_refusal(429, message)(scope, receive, send)
 
@@ -5386,11 +5718,16 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
     if verifier is not None:
         resource = AnyHttpUrl(settings.auth_resource_url) if settings.auth_resource_url else None
         metadata_url = build_resource_metadata_url(resource) if resource is not None and settings.auth_issuer else None
-        middleware = [Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)), Middleware(AuthContextMiddleware)]
+        middleware = [
+            Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)),
+            Middleware(AuthContextMiddleware),
+        ]
         protect = functools.partial(RequireAuthMiddleware, required_scopes=[], resource_metadata_url=metadata_url)
         if metadata_url is not None and resource is not None:
             # strings, not AnyHttpUrl: the SDK's model keeps a path-less issuer as written (issuers compare exactly)
-            metadata_routes = create_protected_resource_routes(cast(Any, settings.auth_resource_url), [cast(Any, settings.auth_issuer)])
+            metadata_routes = create_protected_resource_routes(
+                cast(Any, settings.auth_resource_url), [cast(Any, settings.auth_issuer)]
+            )
     if settings.cors_origins:
         middleware.insert(0, Middleware(
             CORSMiddleware,
@@ -5412,7 +5749,9 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         down = {b.name: b.state for b in enabled if b.state != "ready"}
         needed = min(settings.min_ready, len(enabled))
         ready = len(up) >= needed
-        return JSONResponse({"ready": ready, "needed": needed, "up": up, "down": down}, status_code=200 if ready else 503)
+        return JSONResponse(
+            {"ready": ready, "needed": needed, "up": up, "down": down}, status_code=200 if ready else 503
+        )
 
     async def metrics(request: Any) -> Any:
         text = server.metrics.render([b.status() for b in router.backends.values()], sessions())
@@ -5437,13 +5776,19 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
 def _guarded_protocol(base: type, settings: Settings, max_connections: int) -> type:
     """uvicorn's HTTP protocol, with a cap on open connections and a time limit for each request's headers."""
     busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": LIMIT_EXCEEDED, "message": "too many open connections"}})
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": None, "error": {"code": LIMIT_EXCEEDED, "message": "too many open connections"}}
+    )
 
     class GuardedProtocol(base):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                _warn_once("connections", "%d connections are open (server.limits.max_connections); refusing more", max_connections)
+                _warn_once(
+                    "connections",
+                    "%d connections are open (server.limits.max_connections); refusing more",
+                    max_connections,
+                )
                 transport.write(busy % (len(body), body.encode()))
                 transport.close()
                 return
@@ -5451,7 +5796,9 @@ def _guarded_protocol(base: type, settings: Settings, max_connections: int) -> t
 
         def _expect_headers(self) -> None:
             waiting_after = self.cycle  # a new request replaces it once its headers are complete
-            self._header_timer = self.loop.call_later(settings.header_timeout_seconds, self._headers_overdue, waiting_after)
+            self._header_timer = self.loop.call_later(
+                settings.header_timeout_seconds, self._headers_overdue, waiting_after
+            )
 
         def _headers_overdue(self, waiting_after: Any) -> None:
             if self.cycle is waiting_after and not self.transport.is_closing():
@@ -5514,7 +5861,9 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_seconds + STOP_GRACE)),
     )
     config.load()
-    config.http_protocol_class = _guarded_protocol(config.http_protocol_class, settings, connection_cap(settings, len(router.backends)))
+    config.http_protocol_class = _guarded_protocol(
+        config.http_protocol_class, settings, connection_cap(settings, len(router.backends))
+    )
     web = _Uvicorn(config)
     async with anyio.create_task_group() as tg:
 
@@ -5637,7 +5986,9 @@ async def run_router(started: Started) -> None:
     SIGINT and SIGTERM stop the router, whatever its stdin and stdout are; SIGHUP reloads the configuration.
     """
     config, listening, launched = started.config, started.listening, started.launched
-    router = Router(config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched})
+    router = Router(
+        config, connectors={b.name: _connector_for(b, launched[b.name]) for b in config.backends if b.name in launched}
+    )
     server = build_server(router)
     if not config.backends:
         log.info("%s; serving the management tools only", no_backends_hint(config.source))
@@ -5727,7 +6078,17 @@ async def _started_router(router: Router, timeout: float) -> dict[str, float]:
 def _check_row(r: Mapping[str, Any]) -> tuple[Any, ...]:
     era = f"{r['era']} {r['protocol_version']}" if r["protocol_version"] else None
     seconds = f"{r['startup_seconds']:.2f}s" if r["startup_seconds"] is not None else None
-    return (r["name"], r["transport"], era, r["state"], r["tools"], r["resources"], r["prompts"], seconds, r["last_error"])
+    return (
+        r["name"],
+        r["transport"],
+        era,
+        r["state"],
+        r["tools"],
+        r["resources"],
+        r["prompts"],
+        seconds,
+        r["last_error"],
+    )
 
 
 async def run_check(started: Started) -> int:
@@ -5757,7 +6118,10 @@ async def run_check(started: Started) -> int:
     else:
         headers = ("BACKEND", "TRANSPORT", "ERA", "STATE", "TOOLS", "RESOURCES", "PROMPTS", "START-UP", "ERROR")
         _print_table(headers, map(_check_row, rows))
-        print(f"\n{len(rows) - len(failed)} of {len(rows)} backends ready" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        print(
+            f"\n{len(rows) - len(failed)} of {len(rows)} backends ready"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+        )
     return 1 if failed else 0
 
 
@@ -5782,11 +6146,15 @@ async def run_tools(started: Started) -> int:
         entry = router.catalogue.tools.get(tool.name)
         backends, original = (list(entry.pool), entry.original) if entry else (["(router)"], tool.name)
         if fnmatchcase(tool.name, args.pattern):
-            rows.append({"name": tool.name, "backends": backends, "original": original, "description": tool.description})
+            rows.append(
+                {"name": tool.name, "backends": backends, "original": original, "description": tool.description}
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        _print_table(("TOOL", "BACKEND", "ORIGINAL NAME"), [(r["name"], ",".join(r["backends"]), r["original"]) for r in rows])
+        _print_table(
+            ("TOOL", "BACKEND", "ORIGINAL NAME"), [(r["name"], ",".join(r["backends"]), r["original"]) for r in rows]
+        )
     limit = next(((n, who) for n, who in CLIENT_TOOL_LIMITS if len(tools) > n), None)
     if limit is not None:
         print(
@@ -5818,8 +6186,12 @@ async def run_call(started: Started) -> int:
             texts.append(block.text)
         else:
             print(json.dumps(block.model_dump(by_alias=True, mode="json", exclude_none=True)))
-    if result.structured_content is not None and not any(_is_json_of(text, result.structured_content) for text in texts):
-        print(json.dumps(result.structured_content, indent=2))  # unless a text block carries it already, as tools should
+    if result.structured_content is not None and not any(
+        _is_json_of(text, result.structured_content) for text in texts
+    ):
+        print(
+            json.dumps(result.structured_content, indent=2)
+        )  # unless a text block carries it already, as tools should
     return 1 if result.is_error else 0
 
 

@@ -148,7 +148,9 @@ class FakeBackend:
         names = ["echo", "fail", "broken", "hang", "count", "progress", "sample", "elicit", "roots", "add_tool", "log", "touch", "was_cancelled", "expired"]  # fmt: skip
         base = [types.Tool(name=n, description=f"{n} on {self.name}", input_schema=schema) for n in names]
         base[4] = types.Tool(name="count", input_schema=schema, annotations=types.ToolAnnotations(idempotent_hint=True))
-        base.append(types.Tool(name="peek", input_schema=schema, annotations=types.ToolAnnotations(read_only_hint=True)))
+        base.append(
+            types.Tool(name="peek", input_schema=schema, annotations=types.ToolAnnotations(read_only_hint=True))
+        )
         fill = [types.Tool(name=f"tool_{i}", input_schema={"type": "object"}) for i in range(self.fillers)]
         return base + self.extra_tools + fill
 
@@ -199,7 +201,9 @@ class FakeBackend:
             if params.name == "sample":
                 message = types.SamplingMessage(role="user", content=types.TextContent(text=args.get("text", "")))
                 try:
-                    sampled = await ctx.session.create_message([message], max_tokens=10, related_request_id=ctx.request_id)
+                    sampled = await ctx.session.create_message(
+                        [message], max_tokens=10, related_request_id=ctx.request_id
+                    )
                 except anyio.get_cancelled_exc_class():
                     self.cancelled.set()
                     raise
@@ -208,10 +212,14 @@ class FakeBackend:
             if params.name == "elicit":
                 schema = {"type": "object", "properties": {"name": {"type": "string"}}}
                 answer = await ctx.session.elicit_form("Who?", schema, related_request_id=ctx.request_id)
-                return types.CallToolResult(content=[types.TextContent(text=f"elicited:{answer.action}:{answer.content}")])
+                return types.CallToolResult(
+                    content=[types.TextContent(text=f"elicited:{answer.action}:{answer.content}")]
+                )
             if params.name == "roots":
                 roots = await ctx.session.send_request(types.ListRootsRequest(), types.ListRootsResult)
-                return types.CallToolResult(content=[types.TextContent(text="roots:" + ",".join(str(r.uri) for r in roots.roots))])
+                return types.CallToolResult(
+                    content=[types.TextContent(text="roots:" + ",".join(str(r.uri) for r in roots.roots))]
+                )
             if params.name == "interview":  # two questions in one call: a name, then a sampled greeting for it
                 schema = {"type": "object", "properties": {"name": {"type": "string"}}}
                 answer = await ctx.session.elicit_form("Who?", schema, related_request_id=ctx.request_id)
@@ -236,7 +244,9 @@ class FakeBackend:
         async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
             return types.ListResourcesResult(resources=self.resources)
 
-        async def list_templates(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourceTemplatesResult:
+        async def list_templates(
+            ctx: Any, params: types.PaginatedRequestParams | None
+        ) -> types.ListResourceTemplatesResult:
             return types.ListResourceTemplatesResult(resource_templates=self.templates)
 
         async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
@@ -250,7 +260,9 @@ class FakeBackend:
 
         async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult:
             text = f"{self.name} prompt {params.name} {params.arguments or {}}"
-            return types.GetPromptResult(description="d", messages=[types.PromptMessage(role="user", content=types.TextContent(text=text))])
+            return types.GetPromptResult(
+                description="d", messages=[types.PromptMessage(role="user", content=types.TextContent(text=text))]
+            )
 
         async def complete(ctx: Any, params: types.CompleteRequestParams) -> types.CompleteResult:
             return types.CompleteResult(completion=types.Completion(values=[f"{self.name}-{params.argument.value}"]))
@@ -344,8 +356,13 @@ class InProcess:
             await self.stall.wait()
         if self.refuse or self.stall is not None:
             raise ConnectionRefusedError("fake backend refuses connections")
-        async with create_client_server_memory_streams() as (client_streams, server_streams), anyio.create_task_group() as tg:
-            tg.start_soon(self.server.run, server_streams[0], server_streams[1], self.server.create_initialization_options())
+        async with (
+            create_client_server_memory_streams() as (client_streams, server_streams),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(
+                self.server.run, server_streams[0], server_streams[1], self.server.create_initialization_options()
+            )
             self._cut = self.backend.crash = tg.cancel_scope.cancel
             writes = BreakableWrites(client_streams[1])
             self.break_writes = writes.break_
@@ -370,7 +387,9 @@ async def until(router: mr.Router, holds: Callable[[], bool], seconds: float = 1
 class HintingInProcess(InProcess):
     """An in-process backend whose list answers carry 2026-style cache hints, added on the wire as it answers."""
 
-    def __init__(self, backend: FakeBackend, ttl_ms: int, scope: str, lists: tuple[str, ...] = ("tools", "prompts")) -> None:
+    def __init__(
+        self, backend: FakeBackend, ttl_ms: int, scope: str, lists: tuple[str, ...] = ("tools", "prompts")
+    ) -> None:
         super().__init__(backend)
         self.hint = {"ttlMs": ttl_ms, "cacheScope": scope}
         self.lists = set(lists)
@@ -453,7 +472,8 @@ async def routed(
 
 async def call(client: Client, name: str, arguments: dict[str, Any] | None = None) -> types.CallToolResult:
     return await client.session.send_request(
-        types.CallToolRequest(params=types.CallToolRequestParams(name=name, arguments=arguments or {})), types.CallToolResult
+        types.CallToolRequest(params=types.CallToolRequestParams(name=name, arguments=arguments or {})),
+        types.CallToolResult,
     )
 
 
@@ -499,7 +519,9 @@ def test_config_baseline_schema_loads_with_every_key() -> None:
     db, api = config.backends
     assert (db.namespace, db.priority, db.transport) == ("db", 5, "http")
     assert db.routes[1] == mr.RouteConfig(pattern="analyze_*", strategy="fallback", fallback_to="api")
-    assert db.health_check == mr.HealthCheckConfig(enabled=True, interval_seconds=15, timeout_seconds=2, endpoint="/health")
+    assert db.health_check == mr.HealthCheckConfig(
+        enabled=True, interval_seconds=15, timeout_seconds=2, endpoint="/health"
+    )
     assert db.circuit_breaker == mr.CircuitBreakerConfig(failure_threshold=3, timeout_seconds=20, half_open_attempts=2)
     assert (api.namespace, api.priority) == ("api", 10)
     s = config.settings
@@ -524,7 +546,13 @@ def test_config_stdio_backend_with_env_cwd_and_filters() -> None:
         ]
     }
     (b,) = mr.parse_config(raw, {}).backends
-    assert (b.transport, b.command, b.args, dict(b.env), b.cwd) == ("stdio", "uvx", ("mcp-server-time",), {"TZ": "UTC"}, "/tmp")
+    assert (b.transport, b.command, b.args, dict(b.env), b.cwd) == (
+        "stdio",
+        "uvx",
+        ("mcp-server-time",),
+        {"TZ": "UTC"},
+        "/tmp",
+    )
     assert (b.include, b.exclude, b.timeout, b.enabled) == (("get_*",), ("*_secret",), 3.0, False)
 
 
@@ -536,7 +564,13 @@ def test_config_reports_every_problem_with_path_and_expectation() -> None:
                 {"name": "ok", "url": "http://localhost:2/mcp"},
                 {"name": "bad", "url": "localhost:8000"},
                 {"name": "typo", "command": "x", "priortiy": 3},
-                {"name": "types", "command": "x", "priority": "high", "args": "not-a-list", "circuit_breaker": {"failure_threshold": -1}},
+                {
+                    "name": "types",
+                    "command": "x",
+                    "priority": "high",
+                    "args": "not-a-list",
+                    "circuit_breaker": {"failure_threshold": -1},
+                },
                 {"name": "neither"},
             ],
             "routing": {"request_timeout_seconds": "soon", "retry": {"max_attempts": 0}},
@@ -568,7 +602,12 @@ def test_config_empty_backends_list_or_file_means_zero_config(tmp_path: Path) ->
 def test_config_expands_environment_variables_and_reports_missing_ones() -> None:
     raw = {
         "backends": [
-            {"name": "gh", "url": "https://${HOST}/mcp", "headers": {"Authorization": "Bearer ${TOKEN}"}, "env": {"MODE": "${MODE:-fast}"}}
+            {
+                "name": "gh",
+                "url": "https://${HOST}/mcp",
+                "headers": {"Authorization": "Bearer ${TOKEN}"},
+                "env": {"MODE": "${MODE:-fast}"},
+            }
         ]
     }
     (b,) = mr.parse_config(raw, {"HOST": "api.example.com", "TOKEN": "s3cret"}).backends
@@ -612,7 +651,9 @@ def test_config_of_claude_desktop_ignores_its_other_keys_once_and_skips_the_rout
         "router": {"command": "uv", "args": ["run", "/home/me/mcp-router/mcp_router.py", "--config", "b.yaml"]},
         "router-installed": {"command": "/home/me/.local/bin/mcp-router"},
     }
-    path.write_text(json.dumps({"globalShortcut": "Ctrl+Space", "preferences": {"menuBarEnabled": False}, "mcpServers": servers}))
+    path.write_text(
+        json.dumps({"globalShortcut": "Ctrl+Space", "preferences": {"menuBarEnabled": False}, "mcpServers": servers})
+    )
     with caplog.at_level("INFO", logger="mcp_router"):
         config = mr.load_config(path, {})
     assert [b.name for b in config.backends] == ["time"]
@@ -634,7 +675,11 @@ def test_config_of_vs_code_reads_servers_and_reports_inputs(tmp_path: Path, capl
                         "url": "https://api.example.com/mcp",
                         "headers": {"Authorization": "Bearer ${input:gh-token}"},
                     },
-                    "files": {"type": "stdio", "command": "npx", "args": ["-y", "server-filesystem", "${env:HOME}/src"]},
+                    "files": {
+                        "type": "stdio",
+                        "command": "npx",
+                        "args": ["-y", "server-filesystem", "${env:HOME}/src"],
+                    },
                 },
             }
         )
@@ -670,9 +715,16 @@ def test_config_of_codex_is_read_from_its_toml(tmp_path: Path, caplog: pytest.Lo
     with caplog.at_level("WARNING", logger="mcp_router"):
         config = mr.load_config(path, {"DOCS_TOKEN": "tok-123456"})
     time_backend, docs = config.backends
-    assert (time_backend.command, time_backend.env, time_backend.include, time_backend.timeout) == ("uvx", {"TZ": "UTC"}, ("get_*",), 20)
+    assert (time_backend.command, time_backend.env, time_backend.include, time_backend.timeout) == (
+        "uvx",
+        {"TZ": "UTC"},
+        ("get_*",),
+        20,
+    )
     assert docs.headers == {"Authorization": "Bearer tok-123456", "X-Team": "core"}
-    assert [r.getMessage() for r in caplog.records] == [f"{path}: ignoring top-level keys that are not about MCP servers: model"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: ignoring top-level keys that are not about MCP servers: model"
+    ]
     path.write_text("[mcp_servers.x\n")
     with pytest.raises(mr.ConfigError) as info:
         mr.load_config(path, {})
@@ -694,7 +746,12 @@ async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: p
             await server.run(read, write, server.create_initialization_options())
         return Response()
 
-    app = Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]), Mount("/messages/", app=transport.handle_post_message)])
+    app = Starlette(
+        routes=[
+            Route("/sse", endpoint=handle_sse, methods=["GET"]),
+            Mount("/messages/", app=transport.handle_post_message),
+        ]
+    )
     listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
     port = listening.getsockname()[1]
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -739,7 +796,9 @@ ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     ],
     ids=["alias-bomb", "5000-digits", "1000-deep", "self-alias", "bad-date"],
 )
-def test_config_bombs_and_unbuildable_values_are_config_errors_naming_file_and_line(tmp_path: Path, text: str, reason: str) -> None:
+def test_config_bombs_and_unbuildable_values_are_config_errors_naming_file_and_line(
+    tmp_path: Path, text: str, reason: str
+) -> None:
     path = tmp_path / "backends.yaml"
     path.write_text(text)
     with pytest.raises(mr.ConfigError) as info:
@@ -750,7 +809,9 @@ def test_config_bombs_and_unbuildable_values_are_config_errors_naming_file_and_l
 
 def test_config_aliases_within_the_budget_still_work(tmp_path: Path) -> None:
     path = tmp_path / "backends.yaml"
-    path.write_text("backends:\n  - &base {name: a, url: 'http://a/mcp', timeout: 5}\n  - {<<: *base, name: b, url: 'http://b/mcp'}\n")
+    path.write_text(
+        "backends:\n  - &base {name: a, url: 'http://a/mcp', timeout: 5}\n  - {<<: *base, name: b, url: 'http://b/mcp'}\n"
+    )
     a, b = mr.load_config(path, {}).backends
     assert (b.name, b.url, b.timeout) == ("b", "http://b/mcp", 5.0) and a.timeout == 5.0
 
@@ -780,14 +841,19 @@ def test_config_names_that_clean_to_one_namespace_are_an_error_unless_both_decla
         "backends.yaml: backends[1].name: backend 'a_b' has the namespace 'a_b' of 'a.b' (backends[0]); "
         "rename one, or give both `namespace: a_b` to make them replicas"
     ]
-    half = {"backends": [{"name": "one", "url": "http://x/mcp", "namespace": "two"}, {"name": "two", "url": "http://y/mcp"}]}
+    half = {
+        "backends": [{"name": "one", "url": "http://x/mcp", "namespace": "two"}, {"name": "two", "url": "http://y/mcp"}]
+    }
     assert "backends[1].name: backend 'two' has the namespace 'two' of 'one'" in problems_of(half)[0]
     replicas = {"backends": [{"name": n, "url": f"http://{n}/mcp", "namespace": "a_b"} for n in ("a.b", "a_b")]}
     assert [b.namespace for b in mr.parse_config(replicas, {}).backends] == ["a_b", "a_b"]
 
 
 def test_config_precedence_is_cli_then_env_then_yaml_then_default() -> None:
-    raw = {"routing": {"request_timeout_seconds": 5, "retry": {"max_attempts": 2}}, "server": {"port": 9000, "name": "yaml-name"}}
+    raw = {
+        "routing": {"request_timeout_seconds": 5, "retry": {"max_attempts": 2}},
+        "server": {"port": 9000, "name": "yaml-name"},
+    }
     env = {"MCP_REQUEST_TIMEOUT": "7", "MCP_PORT": "9001", "MCP_ENABLE_NAMESPACES": "false"}
     s = mr.parse_config(raw, env, overrides={"request_timeout": 9.0}).settings
     assert s.request_timeout == 9.0  # CLI
@@ -815,7 +881,11 @@ def test_config_numbers_and_flags_may_come_from_environment_defaults() -> None:
 
 def test_config_rejects_a_health_interval_of_zero_and_never_echoes_url_credentials() -> None:
     problems = problems_of(
-        {"backends": [{"name": "a", "url": "htps://user:topsecretpw@example.com/mcp", "health_check": {"interval_seconds": 0}}]}
+        {
+            "backends": [
+                {"name": "a", "url": "htps://user:topsecretpw@example.com/mcp", "health_check": {"interval_seconds": 0}}
+            ]
+        }
     )
     text = "\n".join(problems)
     assert "backends[0].health_check: expected interval_seconds and timeout_seconds > 0" in text
@@ -840,10 +910,22 @@ SECRET = "s3cr3t-VALUE-4217"
         ({"backends": [{"name": "a", "url": "http://x/", "timeout": "${S}"}]}, "backends[0].timeout"),
         ({"backends": [{"name": "a", "url": "http://x/", "namespace": "${S}!"}]}, "backends[0].namespace"),
         ({"backends": [{"name": "a", "command": "x", "args": "${S}"}]}, "backends[0].args"),
-        ({"backends": [{"name": "a", "url": "http://x/", "circuit_breaker": {"failure_threshold": "${S}"}}]}, "failure_threshold"),
-        ({"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "strategy": "${S}"}]}]}, "strategy"),
-        ({"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "fallback_to": "${S}"}]}]}, "routes"),
-        ({"backends": [{"name": "${S}", "url": "http://x/"}, {"name": "${S}", "url": "http://y/"}]}, "backends[1].name"),
+        (
+            {"backends": [{"name": "a", "url": "http://x/", "circuit_breaker": {"failure_threshold": "${S}"}}]},
+            "failure_threshold",
+        ),
+        (
+            {"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "strategy": "${S}"}]}]},
+            "strategy",
+        ),
+        (
+            {"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "fallback_to": "${S}"}]}]},
+            "routes",
+        ),
+        (
+            {"backends": [{"name": "${S}", "url": "http://x/"}, {"name": "${S}", "url": "http://y/"}]},
+            "backends[1].name",
+        ),
     ],
 )
 def test_config_errors_never_echo_values_from_environment_variables(raw: dict[str, Any], path: str) -> None:
@@ -853,7 +935,9 @@ def test_config_errors_never_echo_values_from_environment_variables(raw: dict[st
     assert SECRET not in problems[0] and "99999" not in problems[0]
 
 
-@pytest.mark.parametrize("endpoint", ["//other.example:8000/health", "http://other.example/health", "https://api.example.com/h"])
+@pytest.mark.parametrize(
+    "endpoint", ["//other.example:8000/health", "http://other.example/health", "https://api.example.com/h"]
+)
 def test_a_health_endpoint_on_another_server_is_refused_so_the_headers_stay_home(endpoint: str) -> None:
     raw = {"backends": [{"name": "a", "url": "http://api.example.com/mcp", "health_check": {"endpoint": endpoint}}]}
     assert problems_of(raw) == [
@@ -868,7 +952,11 @@ def test_values_from_environment_variables_in_args_and_url_paths_are_secrets() -
     raw = {
         "backends": [
             {"name": "web", "url": "http://h:1/mcp/${KEY}/sse"},
-            {"name": "cli", "command": "/usr/bin/uvx", "args": ["--token", "${T}", "git+https://x:${T}@github.com/o/r", "pkg"]},
+            {
+                "name": "cli",
+                "command": "/usr/bin/uvx",
+                "args": ["--token", "${T}", "git+https://x:${T}@github.com/o/r", "pkg"],
+            },
             {"name": "lit", "command": "npx", "args": ["git+https://x:literal-pw-99@github.com/o/r"]},
         ]
     }
@@ -884,7 +972,9 @@ def test_the_log_filter_takes_secrets_out_of_every_line_and_traceback() -> None:
     try:
         raise ValueError(f"bad token {SECRET}")
     except ValueError:
-        record = logging.LogRecord("httpx", logging.WARNING, __file__, 1, "GET %s failed", (f"/mcp/{SECRET}",), sys.exc_info())
+        record = logging.LogRecord(
+            "httpx", logging.WARNING, __file__, 1, "GET %s failed", (f"/mcp/{SECRET}",), sys.exc_info()
+        )
     assert redaction.filter(record)
     line = logging.Formatter().format(record)
     assert "GET /mcp/*** failed" in line and "ValueError: bad token ***" in line and SECRET not in line
@@ -892,7 +982,8 @@ def test_the_log_filter_takes_secrets_out_of_every_line_and_traceback() -> None:
 
 def test_config_health_defaults_come_from_the_router_settings() -> None:
     config = mr.parse_config(
-        {"backends": [{"name": "a", "command": "x"}]}, {"MCP_HEALTH_CHECK_INTERVAL": "12", "MCP_HEALTH_CHECK_TIMEOUT": "2"}
+        {"backends": [{"name": "a", "command": "x"}]},
+        {"MCP_HEALTH_CHECK_INTERVAL": "12", "MCP_HEALTH_CHECK_TIMEOUT": "2"},
     )
     assert config.backends[0].health_check.interval_seconds == 12
     assert config.backends[0].health_check.timeout_seconds == 2
@@ -911,7 +1002,10 @@ def test_dependency_lists_agree_between_script_headers_and_pyproject() -> None:
 
     project = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
     assert header_deps(ROUTER) == project["dependencies"]
-    assert header_deps(HERE / "test_mcp_router.py") == [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    assert header_deps(HERE / "test_mcp_router.py") == [
+        *project["dependencies"],
+        *project["optional-dependencies"]["test"],
+    ]
 
 
 def test_readme_documents_every_setting_and_key() -> None:
@@ -921,7 +1015,9 @@ def test_readme_documents_every_setting_and_key() -> None:
         assert row is not None, f"README lacks {s.env}"
         assert f"`{s.yaml_path}`" in row, f"README row for {s.env} lacks {s.yaml_path}"
         default = getattr(mr.Settings(), s.field)
-        assert f"`{str(default).lower() if isinstance(default, bool) else default}`" in row, f"README default for {s.env}"
+        assert f"`{str(default).lower() if isinstance(default, bool) else default}`" in row, (
+            f"README default for {s.env}"
+        )
     for key in mr._BACKEND_KEYS:
         assert f"`{key}`" in readme, f"README lacks backend key {key}"
 
@@ -976,9 +1072,15 @@ def test_page_rejects_a_bad_cursor() -> None:
 
 
 def test_a_cached_page_is_written_as_the_sdk_would_write_it() -> None:
-    tool = {"name": "b__ä", "description": 'quote " and \u2028 and 😀', "inputSchema": {"maximum": float("inf"), "x": float("nan")}}
+    tool = {
+        "name": "b__ä",
+        "description": 'quote " and \u2028 and 😀',
+        "inputSchema": {"maximum": float("inf"), "x": float("nan")},
+    }
     result = mr.page([tool, {"name": "b__plain", "inputSchema": {"type": "object"}}], None, "tools", size=1)
-    expected = types.JSONRPCResponse(jsonrpc="2.0", id="req-1", result=result).model_dump_json(by_alias=True, exclude_unset=True)
+    expected = types.JSONRPCResponse(jsonrpc="2.0", id="req-1", result=result).model_dump_json(
+        by_alias=True, exclude_unset=True
+    )
     result["tools"] = mr.EncodedItems(result["tools"])
     for _ in range(2):  # encoded once, then reused
         line = mr.encode_line(types.JSONRPCResponse(jsonrpc="2.0", id="req-1", result=result))
@@ -1016,7 +1118,10 @@ async def test_with_namespaces_off_names_pass_through_and_collisions_route_by_pr
         assert names.count("echo") == 1
         assert text_of(await call(client, "echo", {"text": "x"})) == "a:echo:x"
         listed = await call(client, "list_backends")
-        assert listed.structured_content and "tool 'echo' of b is hidden by a's (higher priority)" in listed.structured_content["conflicts"]
+        assert (
+            listed.structured_content
+            and "tool 'echo' of b is hidden by a's (higher priority)" in listed.structured_content["conflicts"]
+        )
 
 
 # ---------------------------------------------------------------------------- passthrough fidelity
@@ -1036,7 +1141,9 @@ RICH_RESULT = types.CallToolResult(
         types.TextContent(text="text", annotations=types.Annotations(audience=["user"], priority=0.5)),
         types.ImageContent(data="aGVsbG8=", mime_type="image/png"),
         types.AudioContent(data="aGVsbG8=", mime_type="audio/wav"),
-        types.EmbeddedResource(resource=types.TextResourceContents(uri="file:///a.txt", text="embedded", mime_type="text/plain")),
+        types.EmbeddedResource(
+            resource=types.TextResourceContents(uri="file:///a.txt", text="embedded", mime_type="text/plain")
+        ),
         types.ResourceLink(uri="file:///b.bin", name="b", mime_type="application/octet-stream"),
     ],
     structured_content={"total": 3},
@@ -1051,7 +1158,9 @@ def rich_backend(name: str = "rich") -> FakeBackend:
         result_for={"rich": RICH_RESULT},
         resources=[types.Resource(uri="file:///a.txt", name="a", title="A", mime_type="text/plain", size=8)],
         templates=[types.ResourceTemplate(uri_template="notes://{id}", name="note")],
-        prompts=[types.Prompt(name="greet", title="Greet", arguments=[types.PromptArgument(name="who", required=True)])],
+        prompts=[
+            types.Prompt(name="greet", title="Greet", arguments=[types.PromptArgument(name="who", required=True)])
+        ],
         instructions="Use rich tools wisely.",
     )
 
@@ -1065,7 +1174,9 @@ async def test_parity_router_changes_nothing_but_names(mode: str, backend_eras: 
         Client(fake.server(), mode=mode, cache=None) as direct,
         routed(fake, mode=mode, backend_eras=backend_eras) as (client, router, _),
     ):
-        assert router.backends["rich"].status()["protocol_version"] == ("2026-07-28" if backend_eras == "auto" else "2025-11-25")
+        assert router.backends["rich"].status()["protocol_version"] == (
+            "2026-07-28" if backend_eras == "auto" else "2025-11-25"
+        )
         d_tool = next(t for t in (await direct.list_tools()).tools if t.name == "rich")
         r_tool = next(t for t in (await client.list_tools()).tools if t.name == "rich__rich")
         d_dump, r_dump = d_tool.model_dump(exclude={"name"}), r_tool.model_dump(exclude={"name"})
@@ -1079,14 +1190,16 @@ async def test_parity_router_changes_nothing_but_names(mode: str, backend_eras: 
         assert (r_result.meta or {}).get("vendor/trace") == "abc"
 
         assert (await client.list_resources()).resources == (await direct.list_resources()).resources
-        assert (await client.list_resource_templates()).resource_templates == (await direct.list_resource_templates()).resource_templates
+        assert (await client.list_resource_templates()).resource_templates == (
+            await direct.list_resource_templates()
+        ).resource_templates
         for uri in ("file:///a.txt", "notes://42"):
             assert (await client.read_resource(uri)).contents == (await direct.read_resource(uri)).contents
 
         r_prompt = (await client.list_prompts()).prompts[0]
-        assert r_prompt.name == "rich__greet" and r_prompt.model_dump(exclude={"name"}) == (await direct.list_prompts()).prompts[
-            0
-        ].model_dump(exclude={"name"})
+        assert r_prompt.name == "rich__greet" and r_prompt.model_dump(exclude={"name"}) == (
+            await direct.list_prompts()
+        ).prompts[0].model_dump(exclude={"name"})
         got = await client.get_prompt("rich__greet", {"who": "Ada"})
         assert got.messages == (await direct.get_prompt("greet", {"who": "Ada"})).messages
 
@@ -1264,7 +1377,9 @@ async def test_resource_updates_reach_only_subscribed_clients() -> None:
 async def _sampling(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
     block = params.messages[0].content
     assert isinstance(block, types.TextContent)
-    return types.CreateMessageResult(role="assistant", content=types.TextContent(text=block.text.upper()), model="fake-llm")
+    return types.CreateMessageResult(
+        role="assistant", content=types.TextContent(text=block.text.upper()), model="fake-llm"
+    )
 
 
 async def _elicitation(context: Any, params: Any) -> types.ElicitResult:
@@ -1275,7 +1390,11 @@ async def _roots(context: Any) -> types.ListRootsResult:
     return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///work"})])
 
 
-ASKING_CLIENT: dict[str, Any] = {"sampling_callback": _sampling, "elicitation_callback": _elicitation, "list_roots_callback": _roots}
+ASKING_CLIENT: dict[str, Any] = {
+    "sampling_callback": _sampling,
+    "elicitation_callback": _elicitation,
+    "list_roots_callback": _roots,
+}
 INTERVIEW = types.Tool(name="interview", input_schema={"type": "object"})
 
 
@@ -1284,7 +1403,10 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client_i
     """A 2026-07-28 client (mode auto) gets input_required rounds for what a handshake-era backend asks, and the
     same answers as a 2025-11-25 client, which gets the backend's requests as requests."""
     fake = FakeBackend("svc", extra_tools=[INTERVIEW])
-    async with routed(fake) as (_, router, _), Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client:
+    async with (
+        routed(fake) as (_, router, _),
+        Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client,
+    ):
         assert (client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS) == (mode == "auto")
         assert text_of(await client.call_tool("svc__sample", {"text": "hi"})) == "sampled:HI"
         assert text_of(await client.call_tool("svc__elicit")) == "elicited:accept:{'name': 'Ada'}"
@@ -1308,7 +1430,9 @@ async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_
         assert [r.method for r in (second.input_requests or {}).values()] == ["sampling/createMessage"]
         for stale in (first.request_state, first.request_state[:-4] + "AAAA", "v1.forged"):
             with pytest.raises(MCPError) as info:  # an answered round, a tampered and a made-up state
-                await client.session.call_tool("svc__interview", {}, input_responses=answer, request_state=stale, allow_input_required=True)
+                await client.session.call_tool(
+                    "svc__interview", {}, input_responses=answer, request_state=stale, allow_input_required=True
+                )
             assert (info.value.code, info.value.message) == (types.INVALID_PARAMS, "Invalid or expired requestState")
         key = next(iter(second.input_requests or {}))
         sampled: types.InputResponses = {
@@ -1335,7 +1459,9 @@ async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_s
                 key: types.CreateMessageResult(role="assistant", content=types.TextContent(text="late"), model="m")
             }
             with pytest.raises(MCPError) as info:
-                await client.session.call_tool("svc__sample", {"text": "hi"}, input_responses=answer, request_state=first.request_state)
+                await client.session.call_tool(
+                    "svc__sample", {"text": "hi"}, input_responses=answer, request_state=first.request_state
+                )
             assert info.value.message == "Invalid or expired requestState"
             assert text_of(await client.call_tool("svc__echo", {"text": "still"})) == "svc:echo:still"
 
@@ -1351,8 +1477,12 @@ async def test_a_client_without_the_capability_gets_a_clear_error_in_either_era(
 
 def test_only_what_the_client_declared_is_asked_of_it() -> None:
     form_only = types.ClientCapabilities(elicitation=types.ElicitationCapability(), sampling=types.SamplingCapability())
-    url = types.ElicitRequest(params=types.ElicitRequestURLParams(message="Pay", url="https://example.com/pay", elicitation_id="e1"))
-    form = types.ElicitRequest(params=types.ElicitRequestFormParams(message="Who?", requested_schema={"type": "object"}))
+    url = types.ElicitRequest(
+        params=types.ElicitRequestURLParams(message="Pay", url="https://example.com/pay", elicitation_id="e1")
+    )
+    form = types.ElicitRequest(
+        params=types.ElicitRequestFormParams(message="Who?", requested_schema={"type": "object"})
+    )
     message = types.SamplingMessage(role="user", content=types.TextContent(text="hi"))
     with_tools = types.CreateMessageRequest(
         params=types.CreateMessageRequestParams(
@@ -1368,7 +1498,10 @@ def test_only_what_the_client_declared_is_asked_of_it() -> None:
 
 async def test_roots_changes_of_a_client_reach_the_backends() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake) as (_, router, _), Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client:
+    async with (
+        routed(fake) as (_, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client,
+    ):
         await client.send_roots_list_changed()
         with anyio.fail_after(1):
             while not fake.roots_changes:
@@ -1382,7 +1515,9 @@ def native_asking_server(name: str) -> Server[Any]:
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=tools)
 
-    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult | types.InputRequiredResult:
+    async def call_tool(
+        ctx: Any, params: types.CallToolRequestParams
+    ) -> types.CallToolResult | types.InputRequiredResult:
         answer = (params.input_responses or {}).get("who")
         if params.request_state != "asked-once" or not isinstance(answer, types.ElicitResult):
             schema = {"type": "object", "properties": {"name": {"type": "string"}}}
@@ -1419,7 +1554,9 @@ async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_st
         return types.CallToolResult(content=[types.TextContent(text="grew")])
 
     connector = InProcess(FakeBackend("native"))
-    connector.server = Server("native", on_list_tools=list_tools, on_call_tool=call_tool, on_subscriptions_listen=ListenHandler(bus))
+    connector.server = Server(
+        "native", on_list_tools=list_tools, on_call_tool=call_tool, on_subscriptions_listen=ListenHandler(bus)
+    )
     changed = anyio.Event()
 
     async def on_message(message: Any) -> None:
@@ -1427,7 +1564,10 @@ async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_st
             changed.set()
 
     router = mr.Router(config_for("native"), connectors={"native": connector}, backend_eras="auto")
-    async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client:
+    async with (
+        router.running(),
+        Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client,
+    ):
         await router.wait_ready()
         await client.list_tools()
         assert text_of(await client.call_tool("native__grow")) == "grew"
@@ -1457,7 +1597,11 @@ async def test_debug_log_has_one_line_per_request(caplog: pytest.LogCaptureFixtu
             await call(client, "svc__broken")
             with pytest.raises(MCPError):
                 await call(client, "svc__fail")
-    lines = [re.sub(r"in [\d.]+ ms", "in N ms", r.getMessage()) for r in caplog.records if r.getMessage().startswith("tools/call")]
+    lines = [
+        re.sub(r"in [\d.]+ ms", "in N ms", r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("tools/call")
+    ]
     assert lines == [
         "tools/call echo -> svc: ok in N ms",  # Router._account: the backend's own name of the tool
         "tools/call broken -> svc: tool error in N ms",
@@ -1467,7 +1611,8 @@ async def test_debug_log_has_one_line_per_request(caplog: pytest.LogCaptureFixtu
 
 async def test_a_backend_still_starting_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     router = mr.Router(
-        config_for("slow", "quick"), connectors={"slow": InProcess(FakeBackend("slow")), "quick": InProcess(FakeBackend("quick"))}
+        config_for("slow", "quick"),
+        connectors={"slow": InProcess(FakeBackend("slow")), "quick": InProcess(FakeBackend("quick"))},
     )
     router.backends["slow"].connector.stall = anyio.Event()  # type: ignore[attr-defined]
     with anyio.fail_after(10), caplog.at_level("INFO", logger="mcp_router"):
@@ -1475,7 +1620,9 @@ async def test_a_backend_still_starting_is_logged_once(caplog: pytest.LogCapture
             await router.backends["quick"].first_attempt_done.wait()
             await mr.note_slow_starts(router, after=0)
             router.backends["slow"].connector.stall.set()  # type: ignore[attr-defined]
-    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")] == ["waiting for backend slow, 0 s"]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")] == [
+        "waiting for backend slow, 0 s"
+    ]
 
 
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
@@ -1515,8 +1662,12 @@ class StalledClient:
         self.received.append(("tools/list_changed", None))
 
 
-async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_before_it_costs_anything(tmp_path: Path) -> None:
-    config = mr.parse_config({"backends": [{"name": "flood", "command": sys.executable, "args": ["-c", FLOOD_BACKEND]}]}, {})
+async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_before_it_costs_anything(
+    tmp_path: Path,
+) -> None:
+    config = mr.parse_config(
+        {"backends": [{"name": "flood", "command": sys.executable, "args": ["-c", FLOOD_BACKEND]}]}, {}
+    )
     clock = FakeClock()  # time stands still: the budget's burst is all that passes
     router = mr.Router(config, clock=clock.clock())
     received: list[Any] = []
@@ -1533,10 +1684,17 @@ async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_bef
             Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
         ):
             await client.set_logging_level("info")
-            assert text_of(await call(client, "flood__flood", {"count": 5000, "fifo": str(tmp_path / "done")})) == "flooded"
-            assert router.clients.dropped == 5000 - mr.LOG_MESSAGES_PER_SECOND  # shed as they were read, before the result
+            assert (
+                text_of(await call(client, "flood__flood", {"count": 5000, "fifo": str(tmp_path / "done")}))
+                == "flooded"
+            )
+            assert (
+                router.clients.dropped == 5000 - mr.LOG_MESSAGES_PER_SECOND
+            )  # shed as they were read, before the result
             await all_in.wait()
-            assert [line.split()[1] for line in received] == [str(i) for i in range(mr.LOG_MESSAGES_PER_SECOND)]  # the first, in order
+            assert [line.split()[1] for line in received] == [
+                str(i) for i in range(mr.LOG_MESSAGES_PER_SECOND)
+            ]  # the first, in order
             assert (await call(client, "list_backends")).structured_content["clients"]["dropped_log_messages"] == 4800
 
 
@@ -1618,7 +1776,11 @@ async def test_errors_are_clear_mcp_errors_and_the_router_keeps_serving() -> Non
         assert info.value.code == types.INVALID_PARAMS and "Unknown tool: 'svc__nope'" in info.value.message
         with pytest.raises(MCPError) as info:
             await call(client, "svc__fail")
-        assert (info.value.code, info.value.message, info.value.data) == (-32042, "the fake refuses", {"why": "asked to"})
+        assert (info.value.code, info.value.message, info.value.data) == (
+            -32042,
+            "the fake refuses",
+            {"why": "asked to"},
+        )
         broken = await call(client, "svc__broken")
         assert broken.is_error and text_of(broken) == "tool-level failure"
         with pytest.raises(MCPError) as info:
@@ -1661,7 +1823,12 @@ async def test_a_replica_that_hangs_is_blamed_for_its_timeout_and_the_other_is_n
 async def test_each_pool_takes_its_own_turns() -> None:
     fakes = [FakeBackend(n) for n in ("a", "b", "c", "d")]
     config = mr.parse_config(
-        {"backends": [{"name": f.name, "command": "x", "namespace": "one" if f.name in "ab" else "two"} for f in fakes]}, {}
+        {
+            "backends": [
+                {"name": f.name, "command": "x", "namespace": "one" if f.name in "ab" else "two"} for f in fakes
+            ]
+        },
+        {},
     )
     router = mr.Router(config, connectors={f.name: InProcess(f) for f in fakes})
     with anyio.fail_after(20):
@@ -1700,7 +1867,9 @@ async def test_an_unknown_name_error_names_the_backends_never_listed() -> None:
                 with pytest.raises(MCPError) as info:
                     await call(client, "never__echo")
                 assert info.value.code == types.INVALID_PARAMS
-                assert info.value.message.startswith("Unknown tool: 'never__echo'; not listed yet: backend 'never' is failing to connect (")
+                assert info.value.message.startswith(
+                    "Unknown tool: 'never__echo'; not listed yet: backend 'never' is failing to connect ("
+                )
                 assert "refuses connections" in info.value.message and "'up'" not in info.value.message
 
 
@@ -1750,7 +1919,9 @@ async def test_management_tools_report_backends_without_secrets() -> None:
     everything = json.dumps([listed.model_dump(), health.model_dump()])
     for secret in ("tok-123456", "pw-987654", "user:", "query-secret-42"):
         assert secret not in everything
-    stdio = mr.parse_config({"backends": [{"name": "s", "command": "/usr/bin/srv", "args": ["--api-key=sk-live-ARGSECRET", "pkg"]}]}, {})
+    stdio = mr.parse_config(
+        {"backends": [{"name": "s", "command": "/usr/bin/srv", "args": ["--api-key=sk-live-ARGSECRET", "pkg"]}]}, {}
+    )
     assert stdio.backends[0].public_target() == "srv pkg"
 
 
@@ -1803,19 +1974,32 @@ def test_backoff_grows_by_the_multiplier_up_to_the_cap_with_bounded_jitter() -> 
 
 
 def candidate(name: str, **overrides: Any) -> mr.Candidate:
-    values: dict[str, Any] = {"priority": 10, "state": "ready", "breaker": "closed", "admits": True, "in_flight": 0, "offers": True}
+    values: dict[str, Any] = {
+        "priority": 10,
+        "state": "ready",
+        "breaker": "closed",
+        "admits": True,
+        "in_flight": 0,
+        "offers": True,
+    }
     return mr.Candidate(name=name, **(values | overrides))
 
 
 def test_strategies_live_in_one_registry_that_config_validation_reads() -> None:
     assert set(mr.STRATEGIES) == {"path", "capability", "fallback"}
-    problems = problems_of({"backends": [{"name": "a", "command": "x", "routes": [{"pattern": "*", "strategy": "fastest"}]}]})
+    problems = problems_of(
+        {"backends": [{"name": "a", "command": "x", "routes": [{"pattern": "*", "strategy": "fastest"}]}]}
+    )
     assert problems == [
         "backends.yaml: backends[0].routes[0].strategy: expected one of path, capability, fallback, priority, got 'fastest'"
     ]
-    config = config_for("a", routes=[{"pattern": "*", "strategy": "priority"}], settings={"routing": {"default_strategy": "path"}})
+    config = config_for(
+        "a", routes=[{"pattern": "*", "strategy": "priority"}], settings={"routing": {"default_strategy": "path"}}
+    )
     assert config.backends[0].routes[0].strategy == "priority" and config.settings.default_strategy == "path"
-    assert mr.plan_route("x", ["a"], mr.routes_of(config.backends), {"a": 10}, "capability").strategy == "fallback"  # an alias
+    assert (
+        mr.plan_route("x", ["a"], mr.routes_of(config.backends), {"a": 10}, "capability").strategy == "fallback"
+    )  # an alias
 
 
 def test_the_most_specific_matching_pattern_wins_and_config_order_breaks_ties() -> None:
@@ -1836,12 +2020,23 @@ def test_the_most_specific_matching_pattern_wins_and_config_order_breaks_ties() 
 
 def test_capability_prefers_a_closed_breaker_then_fewest_calls_in_flight_then_priority_then_takes_turns() -> None:
     route = mr.STRATEGIES["capability"]
-    assert route([candidate("half", breaker="half_open"), candidate("closed", in_flight=3)], 0).order == ("closed", "half")
+    assert route([candidate("half", breaker="half_open"), candidate("closed", in_flight=3)], 0).order == (
+        "closed",
+        "half",
+    )
     assert route([candidate("busy", in_flight=2), candidate("idle")], 0).order == ("idle", "busy")
     assert route([candidate("low", priority=20), candidate("high", priority=1)], 0).order[0] == "high"
-    assert [route([candidate("a"), candidate("b"), candidate("c")], turn).order[0] for turn in range(4)] == ["a", "b", "c", "a"]
+    assert [route([candidate("a"), candidate("b"), candidate("c")], turn).order[0] for turn in range(4)] == [
+        "a",
+        "b",
+        "c",
+        "a",
+    ]
     decision = route([candidate("a", in_flight=1), candidate("b", offers=False), candidate("c")], 0)
-    assert decision.order == ("c", "a") and dict(decision.skipped) == {"a": "busier (1 in flight)", "b": "does not offer it"}
+    assert decision.order == ("c", "a") and dict(decision.skipped) == {
+        "a": "busier (1 in flight)",
+        "b": "does not offer it",
+    }
 
 
 def test_a_chain_takes_the_first_candidate_that_can_serve_and_says_why_it_passed_the_others() -> None:
@@ -1855,10 +2050,21 @@ def test_a_chain_takes_the_first_candidate_that_can_serve_and_says_why_it_passed
         dict(decision.skipped)["primary"].startswith("backend 'primary' is failing")
         and dict(decision.skipped)["last"] == "later in the chain"
     )
-    waiting = route([candidate("a", state="reconnecting", reason="backend 'a' is reconnecting"), candidate("b", state="stopped")], 0)
+    waiting = route(
+        [candidate("a", state="reconnecting", reason="backend 'a' is reconnecting"), candidate("b", state="stopped")], 0
+    )
     assert waiting.action == "wait"  # a is on its way back: calls wait for it, within their deadline
-    refused = route([candidate("a", state="failing", reason="backend 'a' is failing to connect (boom)"), candidate("b", offers=False)], 0)
-    assert refused.action == "refuse" and refused.reason == "backend 'a' is failing to connect (boom); backend 'b': does not offer it"
+    refused = route(
+        [
+            candidate("a", state="failing", reason="backend 'a' is failing to connect (boom)"),
+            candidate("b", offers=False),
+        ],
+        0,
+    )
+    assert (
+        refused.action == "refuse"
+        and refused.reason == "backend 'a' is failing to connect (boom); backend 'b': does not offer it"
+    )
 
 
 def test_plans_follow_priority_and_fallback_links_and_a_path_route_pins_its_backend() -> None:
@@ -1874,7 +2080,9 @@ def test_plans_follow_priority_and_fallback_links_and_a_path_route_pins_its_back
     assert mr.plan_route("echo", ["replica"], routes, priority, "fallback") == mr.Plan("fallback", None, ("replica",))
     pinned = mr.plan_route("github_pr", ["other", "gh"], routes, priority, "capability")
     assert pinned.strategy == "path" and pinned.candidates == ("gh",)
-    assert mr.plan_route("echo", ["other", "gh"], routes, priority, "capability") == mr.Plan("capability", None, ("other", "gh"))
+    assert mr.plan_route("echo", ["other", "gh"], routes, priority, "capability") == mr.Plan(
+        "capability", None, ("other", "gh")
+    )
 
 
 def test_a_cycle_of_fallback_links_is_a_config_error_naming_the_cycle() -> None:
@@ -1896,7 +2104,11 @@ def test_route_errors_name_the_route_and_the_fix() -> None:
 
 def test_a_resource_listed_by_unrelated_backends_has_one_owner_and_replicas_share_it() -> None:
     memo = mr.Listing(resources=({"uri": "memo://settings", "name": "settings"},))
-    alpha, beta, gamma = mr.Member("alpha", "a", 1, memo), mr.Member("beta", "b", 5, memo), mr.Member("gamma", "a", 9, memo)
+    alpha, beta, gamma = (
+        mr.Member("alpha", "a", 1, memo),
+        mr.Member("beta", "b", 5, memo),
+        mr.Member("gamma", "a", 9, memo),
+    )
     cat = mr.build_catalogue([beta, gamma, alpha])
     assert cat.resources["memo://settings"] == ("alpha", "gamma")  # gamma is alpha's replica; beta is another server
     assert "resource 'memo://settings' of beta is hidden by alpha's (higher priority)" in cat.conflicts
@@ -1996,7 +2208,9 @@ async def test_breaker_opens_after_failures_and_rejects_without_touching_the_bac
     clock = FakeClock()
     fake = FakeBackend("svc")
     settings = {"routing": {"request_timeout_seconds": 0.2, "retry": {"max_attempts": 1}}}
-    async with routed(fake, settings=settings, clock=clock, circuit_breaker={"failure_threshold": 2, "timeout_seconds": 30}) as (
+    async with routed(
+        fake, settings=settings, clock=clock, circuit_breaker={"failure_threshold": 2, "timeout_seconds": 30}
+    ) as (
         client,
         router,
         _,
@@ -2008,7 +2222,10 @@ async def test_breaker_opens_after_failures_and_rejects_without_touching_the_bac
         calls_before = len(fake.calls)
         with pytest.raises(MCPError) as info:
             await call(client, "svc__echo")
-        assert info.value.code == mr.BACKEND_UNAVAILABLE and "circuit open after 2 consecutive failures" in info.value.message
+        assert (
+            info.value.code == mr.BACKEND_UNAVAILABLE
+            and "circuit open after 2 consecutive failures" in info.value.message
+        )
         assert len(fake.calls) == calls_before
         clock.advance(30)
         assert text_of(await call(client, "svc__echo", {"text": "back"})) == "svc:echo:back"
@@ -2024,7 +2241,9 @@ async def test_retries_follow_the_configured_count_and_backoff() -> None:
             await call(client, "svc__count")
         assert "'svc' failed: Connection closed" in info.value.message
     assert fake.calls.count("count") == 4  # four attempts in all, each one cut by a crash
-    retries = sorted(d for d in clock.delays if d < 0.4)  # the restarts after each crash wait 0.45 s (the cap, jittered)
+    retries = sorted(
+        d for d in clock.delays if d < 0.4
+    )  # the restarts after each crash wait 0.45 s (the cap, jittered)
     assert retries == pytest.approx([0.1 * 0.9, 0.3 * 0.9])  # then the third wait is the cap too: 0.1, 0.3, 0.5
     assert len([d for d in clock.delays if d == pytest.approx(0.45)]) >= 4
 
@@ -2041,7 +2260,11 @@ async def test_idempotent_tools_are_retried_after_a_transport_failure() -> None:
 
 async def test_a_lost_connection_is_reestablished_and_listed_again() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake, settings={"routing": {"retry": {"max_backoff_seconds": 0.05}}}) as (client, router, connectors):
+    async with routed(fake, settings={"routing": {"retry": {"max_backoff_seconds": 0.05}}}) as (
+        client,
+        router,
+        connectors,
+    ):
         connectors["svc"].cut()
         await until(router, lambda: connectors["svc"].connects == 2 and router.backends["svc"].state == "ready")
         assert text_of(await call(client, "svc__echo", {"text": "again"})) == "svc:echo:again"
@@ -2107,7 +2330,9 @@ async def test_an_answered_sse_stream_that_breaks_while_drained_is_just_closed()
     assert inner.closed
 
 
-async def test_http_backends_are_reached_through_the_proxy_the_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_http_backends_are_reached_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     requests: list[bytes] = []
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -2134,7 +2359,9 @@ async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
 
     router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning"))
+    web = uvicorn.Server(
+        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
+    )
     accept = {"accept": "application/json, text/event-stream"}
 
     def rpc(request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -2146,24 +2373,38 @@ async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
             while not web.started:
                 await anyio.sleep(0.01)
             async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=accept) as http:
-                hello = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+                hello = {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "1"},
+                }
                 opened = await http.post("/mcp", json=rpc(1, "initialize", hello))
                 session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
                 await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
 
                 plain = await http.post(
-                    "/mcp", json=rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "hi"}}), headers=session
+                    "/mcp",
+                    json=rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "hi"}}),
+                    headers=session,
                 )
                 assert plain.headers["content-type"] == "application/json"
                 assert plain.json()["id"] == 2 and plain.json()["result"]["content"][0]["text"] == "svc:echo:hi"
-                unknown = await http.post("/mcp", json=rpc(3, "tools/call", {"name": "nope", "arguments": {}}), headers=session)
+                unknown = await http.post(
+                    "/mcp", json=rpc(3, "tools/call", {"name": "nope", "arguments": {}}), headers=session
+                )
                 assert unknown.headers["content-type"] == "application/json" and unknown.json()["id"] == 3
 
                 progress = {"name": "svc__progress", "arguments": {}, "_meta": {"progressToken": "t"}}
                 streamed = await http.post("/mcp", json=rpc(4, "tools/call", progress), headers=session)
                 assert streamed.headers["content-type"].startswith("text/event-stream")
-                events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
-                assert [e.get("method") for e in events] == ["notifications/progress"] * 3 + [None] and events[-1]["id"] == 4
+                events = [
+                    json.loads(line[len("data: ") :])
+                    for line in streamed.text.splitlines()
+                    if line.startswith("data: ")
+                ]
+                assert [e.get("method") for e in events] == ["notifications/progress"] * 3 + [None] and events[-1][
+                    "id"
+                ] == 4
         web.should_exit = True
 
 
@@ -2172,7 +2413,9 @@ async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_
 
     router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning"))
+    web = uvicorn.Server(
+        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
+    )
     headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
     async with router.running(), anyio.create_task_group() as tg:
         tg.start_soon(web.serve)
@@ -2181,11 +2424,17 @@ async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_
                 await anyio.sleep(0.01)
             async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
                 answers = []
-                for body in (b"not json", b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}', nested_request(6, 975)):
+                for body in (
+                    b"not json",
+                    b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}',
+                    nested_request(6, 975),
+                ):
                     response = await http.post("/mcp", content=body)
                     assert response.status_code == 400 and "pydantic" not in response.text
                     assert int(response.headers["content-length"]) == len(response.content)
-                    answers.append((response.json()["id"], response.json()["error"]["code"], response.json()["error"]["message"]))
+                    answers.append(
+                        (response.json()["id"], response.json()["error"]["code"], response.json()["error"]["message"])
+                    )
         web.should_exit = True
     assert answers == [
         (None, types.PARSE_ERROR, "Parse error: not JSON"),
@@ -2206,7 +2455,9 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
                 if not head.startswith("POST") or "id" not in message:
                     writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
                 elif message["method"] == "tools/call":
-                    writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n\r\noops")
+                    writer.write(
+                        b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n\r\noops"
+                    )
                 else:
                     result: dict[str, Any] = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
                     if message["method"] == "initialize":
@@ -2216,7 +2467,10 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
                             "serverInfo": {"name": "raw", "version": "1"},
                         }
                     out = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(out), out))
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(out), out)
+                    )
                 await writer.drain()
 
     listening = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -2237,15 +2491,24 @@ async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_r
 
     router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning"))
-    envelope = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    web = uvicorn.Server(
+        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
+    )
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
     body = {
         "jsonrpc": "2.0",
         "id": 1,
         "method": "tools/call",
         "params": {"name": "svc__echo", "arguments": {"text": "hi"}, "_meta": envelope},
     }
-    base = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call"}
+    base = {
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+    }
     encoded = "=?base64?" + base64.b64encode(b"svc__echo").decode() + "?="
 
     async with router.running(), anyio.create_task_group() as tg:
@@ -2313,13 +2576,21 @@ ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":
     ("first_event", "plain"),
     [
         (ANSWER_EVENT, True),
-        (b'id: 1\r\nevent: message\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\r\n\r\n', False),  # resumable: stays a stream
+        (
+            b'id: 1\r\nevent: message\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\r\n\r\n',
+            False,
+        ),  # resumable: stays a stream
         (b": ping - 2026-11-24 08:00:00\r\n\r\n", False),  # a silent call past the keep-alive ping
         (b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\r\n\r\n', False),
-        (b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"method":"sampling/createMessage","params":{}}\r\n\r\n', False),
+        (
+            b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"method":"sampling/createMessage","params":{}}\r\n\r\n',
+            False,
+        ),
     ],
 )
-async def test_an_sse_answer_becomes_plain_json_only_when_its_first_event_is_the_answer(first_event: bytes, plain: bool) -> None:
+async def test_an_sse_answer_becomes_plain_json_only_when_its_first_event_is_the_answer(
+    first_event: bytes, plain: bool
+) -> None:
     async def sdk_app(scope: Any, receive: Any, send: Any) -> None:
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"mcp-session-id", b"s1")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -2352,7 +2623,11 @@ async def test_a_call_made_while_its_backend_restarts_waits_for_it() -> None:
 
 async def test_calls_to_a_backend_that_fails_to_reconnect_fail_at_once_with_the_reason() -> None:
     fake, steady = FakeBackend("flaky"), FakeBackend("steady")
-    async with routed(fake, steady, settings={"routing": {"request_timeout_seconds": 60}}) as (client, router, connectors):
+    async with routed(fake, steady, settings={"routing": {"request_timeout_seconds": 60}}) as (
+        client,
+        router,
+        connectors,
+    ):
         connectors["flaky"].refuse = True
         connectors["flaky"].cut()
         await until(router, lambda: router.backends["flaky"].state == "reconnecting")
@@ -2368,7 +2643,11 @@ async def test_calls_to_a_backend_that_fails_to_reconnect_fail_at_once_with_the_
 
 
 async def test_a_backend_whose_attempts_fail_slowly_fails_calls_at_once_after_the_first_failure() -> None:
-    async with routed(FakeBackend("slow"), settings={"routing": {"request_timeout_seconds": 60}}) as (client, router, connectors):
+    async with routed(FakeBackend("slow"), settings={"routing": {"request_timeout_seconds": 60}}) as (
+        client,
+        router,
+        connectors,
+    ):
         backend, first_attempt = router.backends["slow"], anyio.Event()
         connectors["slow"].stall = first_attempt
         connectors["slow"].cut()
@@ -2378,11 +2657,18 @@ async def test_a_backend_whose_attempts_fail_slowly_fails_calls_at_once_after_th
         await until(router, lambda: backend.state == "failing")
         with anyio.fail_after(5), pytest.raises(MCPError) as info:  # not the 60 s timeout: the last attempt failed
             await call(client, "slow__echo")
-        assert "'slow' is failing to connect (ConnectionRefusedError: fake backend refuses connections)" in info.value.message
+        assert (
+            "'slow' is failing to connect (ConnectionRefusedError: fake backend refuses connections)"
+            in info.value.message
+        )
 
 
 async def test_calls_waiting_for_a_backend_fail_when_it_is_removed() -> None:
-    async with routed(FakeBackend("gone"), settings={"routing": {"request_timeout_seconds": 60}}) as (client, router, connectors):
+    async with routed(FakeBackend("gone"), settings={"routing": {"request_timeout_seconds": 60}}) as (
+        client,
+        router,
+        connectors,
+    ):
         connectors["gone"].stall = anyio.Event()  # the reconnection never ends
         connectors["gone"].cut()
         await until(router, lambda: router.backends["gone"].state != "ready")
@@ -2411,7 +2697,11 @@ async def test_a_backend_serving_only_part_of_a_capability_still_comes_up() -> N
 
 async def test_replicas_sharing_a_namespace_cover_for_each_other() -> None:
     first, second = FakeBackend("first"), FakeBackend("second")
-    async with routed(first, second, namespace="svc", settings={"routing": {"request_timeout_seconds": 2}}) as (client, router, connectors):
+    async with routed(first, second, namespace="svc", settings={"routing": {"request_timeout_seconds": 2}}) as (
+        client,
+        router,
+        connectors,
+    ):
         names = [t.name for t in (await client.list_tools()).tools]
         assert names.count("svc__echo") == 1
         assert text_of(await call(client, "svc__echo", {"text": "a"})) == "first:echo:a"  # same priority: config order
@@ -2456,7 +2746,9 @@ async def test_backends_are_added_restarted_and_removed_while_serving() -> None:
     ):
         await client.list_tools()
         connector = InProcess(second)
-        router.add_backend(mr.parse_config({"backends": [{"name": "second", "command": "x"}]}, {}).backends[0], connector)
+        router.add_backend(
+            mr.parse_config({"backends": [{"name": "second", "command": "x"}]}, {}).backends[0], connector
+        )
         with anyio.fail_after(2):
             while not changes:
                 await anyio.sleep(0.01)
@@ -2496,7 +2788,9 @@ async def test_path_routes_send_a_family_of_tools_to_its_backend_and_the_rest_by
             assert sorted(echoed) == ["gh:echo:x"] * 2 + ["other:echo:x"] * 2  # no route: capability takes turns
             why = await explain(client, "tools__github_search")
             assert (why["strategy"], why["backend"], why["route"]["pattern"]) == ("path", "gh", "github_*")
-            assert next(c for c in why["candidates"] if c["backend"] == "other")["verdict"].startswith("no pattern match")
+            assert next(c for c in why["candidates"] if c["backend"] == "other")["verdict"].startswith(
+                "no pattern match"
+            )
             assert (await explain(client, "tools__echo"))["strategy"] == "capability"
 
 
@@ -2514,22 +2808,33 @@ async def test_a_priority_chain_falls_back_on_transport_failure_but_never_resend
             primary.crashes = 1
             with pytest.raises(MCPError) as info:  # it may have run on primary: not sent again anywhere
                 await call(client, "primary__echo", {"text": "2"})
-            assert info.value.code == mr.BACKEND_UNAVAILABLE and "'primary' failed: Connection closed" in info.value.message
+            assert (
+                info.value.code == mr.BACKEND_UNAVAILABLE
+                and "'primary' failed: Connection closed" in info.value.message
+            )
             assert "echo" not in secondary.calls
             await until(router, lambda: router.backends["primary"].state == "ready")
             primary.crashes = 1
-            counted = await call(client, "primary__count", {"text": "3"})  # idempotent: safe to send to the next in the chain
+            counted = await call(
+                client, "primary__count", {"text": "3"}
+            )  # idempotent: safe to send to the next in the chain
             assert text_of(counted) == "secondary:count:3" and counted.meta == {mr.ROUTER_META_KEY: "secondary"}
             await until(router, lambda: router.backends["primary"].state == "ready")
             connectors["primary"].refuse = True
             connectors["primary"].cut()
             await until(router, lambda: router.backends["primary"].state == "failing")
-            assert text_of(await call(client, "primary__echo", {"text": "4"})) == "secondary:echo:4"  # primary down: never sent
+            assert (
+                text_of(await call(client, "primary__echo", {"text": "4"})) == "secondary:echo:4"
+            )  # primary down: never sent
             why = await explain(client, "primary__echo")
             assert (why["strategy"], why["decision"], why["backend"]) == ("fallback", "send", "secondary")
             assert "failing to connect" in next(c for c in why["candidates"] if c["backend"] == "primary")["verdict"]
             rows = {r["name"]: r for r in ((await call(client, "list_backends")).structured_content or {})["backends"]}
-            assert rows["secondary"]["fallbacks"] == 2 and rows["primary"]["errors"] >= 1 and rows["primary"]["requests"] >= 2
+            assert (
+                rows["secondary"]["fallbacks"] == 2
+                and rows["primary"]["errors"] >= 1
+                and rows["primary"]["requests"] >= 2
+            )
 
 
 async def test_with_namespaces_off_a_down_owner_gives_a_clear_error_and_never_the_other_backends_tool() -> None:
@@ -2554,14 +2859,22 @@ async def test_with_namespaces_off_a_down_owner_gives_a_clear_error_and_never_th
 
 async def test_a_backend_down_for_thousands_of_restarts_never_stops_the_router_and_tells_the_truth() -> None:
     dead, alive_ = FakeBackend("dead"), FakeBackend("alive")
-    async with routed(dead, alive_, clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (client, router, connectors):
+    async with routed(dead, alive_, clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (
+        client,
+        router,
+        connectors,
+    ):
         connectors["dead"].refuse = True
         connectors["dead"].cut()
         await until(router, lambda: connectors["dead"].connects >= 2_000, seconds=60)
         assert text_of(await call(client, "alive__echo", {"text": "still"})) == "alive:echo:still"
         health = (await call(client, "get_backend_health", {"name": "dead"})).structured_content
         assert health is not None and health["state"] == "failing" and health["circuit_state"] != "closed"
-        assert health["failed_attempts"] >= 1_999 and health["restarts"] >= 1_999 and health["next_retry_in_seconds"] is not None
+        assert (
+            health["failed_attempts"] >= 1_999
+            and health["restarts"] >= 1_999
+            and health["next_retry_in_seconds"] is not None
+        )
         assert health["consecutive_failures"] >= 1_999 and "refuses connections" in health["last_error"]
 
 
@@ -2618,7 +2931,11 @@ async def test_reload_adds_removes_and_replaces_backends_while_a_client_stays_co
     path = tmp_path / "backends.yaml"
 
     def write(backends: dict[str, dict[str, str]], **extra: Any) -> None:
-        path.write_text(yaml.safe_dump({"backends": [{"name": n, "command": "unused", "env": e} for n, e in backends.items()], **extra}))
+        path.write_text(
+            yaml.safe_dump(
+                {"backends": [{"name": n, "command": "unused", "env": e} for n, e in backends.items()], **extra}
+            )
+        )
 
     write({"keep": {}, "drop": {}, "change": {"V": "1"}})
     config = mr.load_config(path, {})
@@ -2659,7 +2976,10 @@ async def test_reload_adds_removes_and_replaces_backends_while_a_client_stays_co
     assert "server.port (MCP_PORT) changed; it takes effect when the router restarts" in messages
     assert "backend drop: removed by reload" in messages and "backend new: added by reload" in messages
     assert "backend change: changed; restarting it with its new settings" in messages
-    assert any(m.startswith(f"config reload rejected, still running the previous one:\n  {path}: invalid YAML") for m in messages)
+    assert any(
+        m.startswith(f"config reload rejected, still running the previous one:\n  {path}: invalid YAML")
+        for m in messages
+    )
 
 
 # ---------------------------------------------------------------------------- end to end: real processes
@@ -2682,7 +3002,9 @@ def write_config(tmp_path: Path, backends: list[dict[str, Any]], **extra: Any) -
 
 
 def router_params(config: Path, *extra: str) -> StdioServerParameters:
-    return StdioServerParameters(command=sys.executable, args=[str(ROUTER), "--config", str(config), "--log-level", "WARNING", *extra])
+    return StdioServerParameters(
+        command=sys.executable, args=[str(ROUTER), "--config", str(config), "--log-level", "WARNING", *extra]
+    )
 
 
 def alive(pid: int) -> bool:
@@ -2702,7 +3024,8 @@ def pids_from(client_result: types.CallToolResult) -> int:
 
 async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) -> None:
     config = write_config(
-        tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command("--fillers", "1200")}]
+        tmp_path,
+        [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command("--fillers", "1200")}],
     )
     with anyio.fail_after(30):
         async with Client(router_params(config), mode="legacy", cache=None) as client:
@@ -2741,7 +3064,18 @@ async def test_end_to_end_over_http(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     proc = subprocess.Popen(
-        [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+        [
+            sys.executable,
+            str(ROUTER),
+            "--config",
+            str(config),
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+        ]
     )
     try:
         with anyio.fail_after(30):
@@ -2787,7 +3121,18 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
             yield client
         return
     port = free_port()
-    args = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    args = [
+        sys.executable,
+        str(ROUTER),
+        "--config",
+        str(config),
+        "--transport",
+        "http",
+        "--port",
+        str(port),
+        "--log-level",
+        "WARNING",
+    ]
     proc = subprocess.Popen(args)
     try:
         await wait_for_http_router(port)
@@ -2800,7 +3145,9 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_progress_cancel_server_requests_and_list_changed_end_to_end(tmp_path: Path, transport: str, mode: str) -> None:
+async def test_progress_cancel_server_requests_and_list_changed_end_to_end(
+    tmp_path: Path, transport: str, mode: str
+) -> None:
     changes: list[types.ToolListChangedNotification] = []
 
     async def on_message(message: Any) -> None:
@@ -2851,7 +3198,18 @@ async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path:
     nested = {"command": "sh", "args": ["-c", f"{sys.executable} {Path(__file__).resolve()} --fake-backend; exit 0"]}
     config = write_config(tmp_path, [{"name": "direct", **fake_backend_command()}, {"name": "nested", **nested}])
     proc = subprocess.Popen(
-        [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+        [
+            sys.executable,
+            str(ROUTER),
+            "--config",
+            str(config),
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+        ]
     )
     try:
         await wait_for_http_router(port)
@@ -2876,12 +3234,25 @@ async def process_exit(pidfd: int) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="escaped descendants are found through /proc")
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_router(tmp_path: Path, stop: int) -> None:
+async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_router(
+    tmp_path: Path, stop: int
+) -> None:
     port = free_port()
     escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
     config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
     proc = subprocess.Popen(
-        [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+        [
+            sys.executable,
+            str(ROUTER),
+            "--config",
+            str(config),
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+        ]
     )
     pidfds: list[int] = []
     try:
@@ -2969,7 +3340,8 @@ async def not_found_server() -> AsyncIterator[int]:
             with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
                 request_line = (await stream.receive()).split(b"\r\n", 1)[0]
                 await stream.send(
-                    b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(request_line), request_line)
+                    b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(request_line), request_line)
                 )
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
@@ -3000,7 +3372,9 @@ async def test_secrets_in_args_and_url_paths_never_reach_status_errors_or_logs(t
     assert rows["flagged"]["target"].endswith("test_mcp_router.py") and rows["flagged"]["state"] == "ready"
     assert "404" in health.structured_content["last_error"] and "***" in health.structured_content["last_error"]
     assert "not listed yet: backend 'keyed'" in unknown.value.error.message
-    everything = json.dumps([listed.model_dump(), health.model_dump()]) + unknown.value.error.message + errors.read_text()
+    everything = (
+        json.dumps([listed.model_dump(), health.model_dump()]) + unknown.value.error.message + errors.read_text()
+    )
     assert "mcp/***/sse" in errors.read_text()  # the log says what failed, with the key shown as ***
     assert SECRET not in everything
 
@@ -3034,10 +3408,14 @@ for line in sys.stdin:
 
 
 @pytest.mark.parametrize("mode", ["deaf", "mute"])
-async def test_a_backend_that_stops_reading_or_writing_fails_the_call_within_its_timeout(tmp_path: Path, mode: str) -> None:
+async def test_a_backend_that_stops_reading_or_writing_fails_the_call_within_its_timeout(
+    tmp_path: Path, mode: str
+) -> None:
     script = tmp_path / "raw_backend.py"
     script.write_text(RAW_BACKEND)
-    config = write_config(tmp_path, [{"name": "raw", "command": sys.executable, "args": [str(script), mode], "timeout": 1}])
+    config = write_config(
+        tmp_path, [{"name": "raw", "command": sys.executable, "args": [str(script), mode], "timeout": 1}]
+    )
     with anyio.fail_after(30):
         async with Client(router_params(config), mode="legacy", cache=None) as client:
             for _ in range(2):  # the first is read, then the backend stops; the second cannot even be written
@@ -3045,7 +3423,9 @@ async def test_a_backend_that_stops_reading_or_writing_fails_the_call_within_its
                     await call(client, "raw__echo", {"text": "x" * 300_000})  # more than a pipe holds
                 assert info.value.code in (types.REQUEST_TIMEOUT, mr.BACKEND_UNAVAILABLE)
             if mode == "mute":  # the closed stdout reaches the router, which restarts the backend
-                while ((await call(client, "get_backend_health", {"name": "raw"})).structured_content or {})["restarts"] < 1:
+                while ((await call(client, "get_backend_health", {"name": "raw"})).structured_content or {})[
+                    "restarts"
+                ] < 1:
                     await anyio.sleep(0.05)
 
 
@@ -3064,17 +3444,25 @@ async def test_malformed_lines_from_a_client_get_json_rpc_errors_and_the_router_
 
         with anyio.fail_after(20):
             init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
-            assert "result" in await exchange(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode())
+            assert "result" in await exchange(
+                json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode()
+            )
             await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
             assert (await exchange(b"this is not json"))["error"]["code"] == -32700
             bad = await exchange(b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": [1]}')
             assert (bad["id"], bad["error"]["code"]) == (7, types.INVALID_REQUEST)
-            assert (await exchange(b'{"jsonrpc": "2.0", "id": 8, "method": "ping"}')) == {"jsonrpc": "2.0", "id": 8, "result": {}}
+            assert (await exchange(b'{"jsonrpc": "2.0", "id": 8, "method": "ping"}')) == {
+                "jsonrpc": "2.0",
+                "id": 8,
+                "result": {},
+            }
             await proc.stdin.aclose()
 
 
 async def test_a_sigkilled_replica_costs_no_call_the_very_next_one_included() -> None:
-    config = mr.parse_config({"backends": [{"name": n, "namespace": "pool", **fake_backend_command()} for n in ("one", "two")]}, {})
+    config = mr.parse_config(
+        {"backends": [{"name": n, "namespace": "pool", **fake_backend_command()} for n in ("one", "two")]}, {}
+    )
     router = mr.Router(config)
     with anyio.fail_after(30):
         async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
@@ -3120,20 +3508,29 @@ for line in sys.stdin:
 """
 
 
-async def test_invalid_list_items_and_invalid_answers_cost_nothing_but_themselves(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_invalid_list_items_and_invalid_answers_cost_nothing_but_themselves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     script = tmp_path / "invalid_backend.py"
     script.write_text(INVALID_BACKEND)
-    config = mr.parse_config({"backends": [{"name": "raw", "command": sys.executable, "args": [str(script)], "timeout": 60}]}, {})
+    config = mr.parse_config(
+        {"backends": [{"name": "raw", "command": sys.executable, "args": [str(script)], "timeout": 60}]}, {}
+    )
     router = mr.Router(config)
     with anyio.fail_after(20):  # a call waiting out the 60 s timeout fails the test
         async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
             await router.wait_ready()
             assert router.backends["raw"].state == "ready"
-            assert [t.name for t in (await client.list_tools()).tools if t.name not in mr.MANAGEMENT_TOOLS] == ["raw__shape"]
+            assert [t.name for t in (await client.list_tools()).tools if t.name not in mr.MANAGEMENT_TOOLS] == [
+                "raw__shape"
+            ]
             for shape in ("null", "list", "no-code", "no-id"):
                 with pytest.raises(MCPError) as info:
                     await call(client, "raw__shape", {"shape": shape})
-                assert info.value.code == types.INTERNAL_ERROR and "backend 'raw' sent an invalid answer" in info.value.message
+                assert (
+                    info.value.code == types.INTERNAL_ERROR
+                    and "backend 'raw' sent an invalid answer" in info.value.message
+                )
             with pytest.raises(MCPError) as info:
                 await call(client, "raw__shape", {"shape": "no-content"})
             assert "invalid tools/call result: content is not a list" in info.value.message
@@ -3183,21 +3580,35 @@ async def test_hostile_client_lines_are_answered_and_the_router_keeps_serving(tm
             return answer["id"], answer["error"]["code"], answer["error"]["message"]
 
         with anyio.fail_after(20):
-            early = await exchange(b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_backends"}}')
+            early = await exchange(
+                b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_backends"}}'
+            )
             assert error_of(early)[:2] == (1, types.INVALID_REQUEST) and "handshake is missing" in error_of(early)[2]
             init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
-            assert "result" in await exchange(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": init}).encode())
+            assert "result" in await exchange(
+                json.dumps({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": init}).encode()
+            )
             await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
 
             deep = nested_request(3, 975)
             assert len(deep) < 2100  # the 2 KB line that used to stop the router
-            assert error_of(await exchange(deep)) == (3, types.INVALID_REQUEST, "Invalid request: nested more than 201 levels deep")
+            assert error_of(await exchange(deep)) == (
+                3,
+                types.INVALID_REQUEST,
+                "Invalid request: nested more than 201 levels deep",
+            )
             assert error_of(await exchange(nested_request(4, 5000)))[:2] == (4, types.INVALID_REQUEST)
             assert error_of(await exchange(nested_request(5, 202)))[:2] == (5, types.INVALID_REQUEST)
             assert error_of(await exchange(nested_request(6, 975, closed=False)))[:2] == (None, types.PARSE_ERROR)
-            notification = b'{"jsonrpc":"2.0","method":"notifications/progress","params":' + b"[" * 975 + b"]" * 975 + b"}"
+            notification = (
+                b'{"jsonrpc":"2.0","method":"notifications/progress","params":' + b"[" * 975 + b"]" * 975 + b"}"
+            )
             await proc.stdin.send(notification + b"\n")  # no answer: the ping's answer comes next
-            assert await exchange(b'{"jsonrpc": "2.0", "id": 7, "method": "ping"}') == {"jsonrpc": "2.0", "id": 7, "result": {}}
+            assert await exchange(b'{"jsonrpc": "2.0", "id": 7, "method": "ping"}') == {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "result": {},
+            }
             served = await exchange(nested_request(8, 201))  # as deep as it gets, and served
             assert served["id"] == 8 and "backends" in served["result"]["structuredContent"]
 
@@ -3208,7 +3619,11 @@ async def test_hostile_client_lines_are_answered_and_the_router_keeps_serving(tm
             cursor = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/list", "params": {"cursor": "9" * 5000}})
             assert error_of(await exchange(cursor.encode()))[:2] == (9, types.INVALID_PARAMS)
             assert "Invalid cursor" in error_of(await exchange(cursor.encode()))[2]
-            assert await exchange(b'{"jsonrpc": "2.0", "id": 10, "method": "ping"}') == {"jsonrpc": "2.0", "id": 10, "result": {}}
+            assert await exchange(b'{"jsonrpc": "2.0", "id": 10, "method": "ping"}') == {
+                "jsonrpc": "2.0",
+                "id": 10,
+                "result": {},
+            }
             await proc.stdin.aclose()
             assert await proc.wait() == 0
     assert "Traceback" not in errors.read_text()
@@ -3248,7 +3663,9 @@ def rss_mb(pid: int) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 @pytest.mark.parametrize("reads_after", [True, False])
-async def test_a_client_that_does_not_read_while_a_backend_floods_costs_bounded_memory(tmp_path: Path, reads_after: bool) -> None:
+async def test_a_client_that_does_not_read_while_a_backend_floods_costs_bounded_memory(
+    tmp_path: Path, reads_after: bool
+) -> None:
     """20,000 log lines (5 MB of JSON) at a client that reads nothing: the router grew from 75 to 280 MB."""
     fifo = tmp_path / "flooded"
     os.mkfifo(fifo)
@@ -3306,7 +3723,9 @@ async def test_sighup_reloads_the_config_instead_of_stopping(tmp_path: Path) -> 
     with anyio.fail_after(30):
         async with Client(router_params(config), mode="legacy", cache=None, message_handler=on_message) as client:
             router_pid = pids_from(await call(client, "one__ppid"))  # the router is the backend's parent
-            write_config(tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command()}])
+            write_config(
+                tmp_path, [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command()}]
+            )
             os.kill(router_pid, signal.SIGHUP)
             while True:
                 changed = anyio.Event()  # before listing: a change announced meanwhile is not missed
@@ -3347,7 +3766,9 @@ async def test_http_connections_are_served_without_nagle_delays() -> None:
 
 def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "a", "url": "localhost:8000"}, {"name": "a", "command": "x", "prio": 1}])
-    proc = subprocess.run([sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert f"{config}: backends[0].url: expected an http(s) URL, got 'localhost:8000'" in proc.stderr
     assert "backends[1].prio: unknown key (did you mean 'priority'?)" in proc.stderr
@@ -3357,7 +3778,9 @@ def test_bad_config_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) 
 def test_an_alias_bomb_config_exits_2_with_a_clear_message_and_no_traceback(tmp_path: Path) -> None:
     config = tmp_path / "backends.yaml"
     config.write_text(ALIAS_BOMB)
-    proc = subprocess.run([sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, str(ROUTER), "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert f"{config}: invalid YAML: line 5, column 8: aliases expand to more than 10,000 values" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -3468,7 +3891,10 @@ async def test_http_refuses_a_missing_or_wrong_token_and_serves_the_right_one(tm
 async def test_tokens_rotate_through_the_tokens_file_without_a_restart(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# one a line\nold-token\n")
-    async with http_router(tmp_path, "--auth-tokens-file", str(tokens)) as (url, _), httpx2.AsyncClient(base_url=url) as http:
+    async with (
+        http_router(tmp_path, "--auth-tokens-file", str(tokens)) as (url, _),
+        httpx2.AsyncClient(base_url=url) as http,
+    ):
 
         async def status(token: str) -> int:
             headers = {**MCP_ACCEPT, "authorization": f"Bearer {token}"}
@@ -3485,7 +3911,11 @@ def test_a_non_loopback_bind_without_auth_refuses_to_start(tmp_path: Path) -> No
     args = [sys.executable, str(ROUTER), "--transport", "http", "--host", "0.0.0.0", "--port", str(free_port())]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert proc.returncode == 2
-    assert "without authentication" in proc.stderr and "MCP_AUTH_TOKEN" in proc.stderr and "--allow-unauthenticated" in proc.stderr
+    assert (
+        "without authentication" in proc.stderr
+        and "MCP_AUTH_TOKEN" in proc.stderr
+        and "--allow-unauthenticated" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -3504,7 +3934,9 @@ async def test_bad_host_and_origin_are_refused_whatever_the_bind_address(host: s
         assert (await http.post("/mcp", json=HELLO, headers={"origin": "http://evil.example"})).status_code == 403
         assert (await http.post("/mcp", json=HELLO, headers={"host": "mcp.example.com"})).status_code == 200
         assert (await http.post("/mcp", json=HELLO, headers={"origin": "http://localhost:3000"})).status_code == 200
-        assert (await http.options("/mcp", headers={"origin": "http://localhost:3000"})).headers.get("access-control-allow-origin") is None
+        assert (await http.options("/mcp", headers={"origin": "http://localhost:3000"})).headers.get(
+            "access-control-allow-origin"
+        ) is None
 
 
 async def test_cors_answers_only_the_configured_origins() -> None:
@@ -3522,9 +3954,14 @@ async def test_a_body_over_the_limit_gets_413_and_the_next_request_is_served() -
         big = rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "x" * 200_000}})
         refused = await http.post("/mcp", json=big, headers=session)
         assert refused.status_code == 413
-        assert refused.json()["error"]["code"] == types.INVALID_REQUEST and "max_body_bytes" in refused.json()["error"]["message"]
+        assert (
+            refused.json()["error"]["code"] == types.INVALID_REQUEST
+            and "max_body_bytes" in refused.json()["error"]["message"]
+        )
         fine = await http.post(
-            "/mcp", json=rpc(3, "tools/call", {"name": "svc__echo", "arguments": {"text": "x" * 50_000}}), headers=session
+            "/mcp",
+            json=rpc(3, "tools/call", {"name": "svc__echo", "arguments": {"text": "x" * 50_000}}),
+            headers=session,
         )
         assert fine.status_code == 200 and fine.json()["result"]["content"][0]["text"] == "svc:echo:" + "x" * 50_000
 
@@ -3553,7 +3990,9 @@ async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() ->
             refused = await http.post("/mcp", json=rpc(3, "tools/call", {"name": "svc__echo"}), headers=session)
             assert refused.status_code == 429 and "in flight" in refused.json()["error"]["message"]
             other = await open_session(http)  # other sessions are served meanwhile
-            assert (await http.post("/mcp", json=rpc(4, "tools/call", {"name": "svc__echo"}), headers=other)).status_code == 200
+            assert (
+                await http.post("/mcp", json=rpc(4, "tools/call", {"name": "svc__echo"}), headers=other)
+            ).status_code == 200
             fake.release.set()
         assert hung[0].status_code == 200
 
@@ -3566,10 +4005,19 @@ async def backend_attempts_until(router: mr.Router, done: Callable[[], bool]) ->
 
 
 async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: Path) -> None:
-    secrets = {"ENV_SECRET": "env-6a1f", "HEADER_SECRET": "hdr-93c2", "URL_PASSWORD": "pw-55d0", "MCP_AUTH_TOKEN": "tok-7e4b"}
+    secrets = {
+        "ENV_SECRET": "env-6a1f",
+        "HEADER_SECRET": "hdr-93c2",
+        "URL_PASSWORD": "pw-55d0",
+        "MCP_AUTH_TOKEN": "tok-7e4b",
+    }
     backends = [
         {"name": "one", "env": {"API_KEY": "${ENV_SECRET}"}, **fake_backend_command()},
-        {"name": "remote", "url": "http://user:${URL_PASSWORD}@127.0.0.1:1/mcp", "headers": {"X-Key": "${HEADER_SECRET}"}},
+        {
+            "name": "remote",
+            "url": "http://user:${URL_PASSWORD}@127.0.0.1:1/mcp",
+            "headers": {"X-Key": "${HEADER_SECRET}"},
+        },
     ]
     seen: list[str] = []
     async with http_router(tmp_path, "--log-level", "DEBUG", env=secrets, backends=backends) as (url, log_path):
@@ -3578,7 +4026,11 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
             seen.append((await http.post("/mcp", json=HELLO, headers={"authorization": "Bearer tok-7e4"})).text)
         with anyio.fail_after(20):
             async with authorized_client(url, "tok-7e4b") as client:
-                for name, arguments in [("list_backends", {}), ("get_backend_health", {"name": "remote"}), ("remote__x", {})]:
+                for name, arguments in [
+                    ("list_backends", {}),
+                    ("get_backend_health", {"name": "remote"}),
+                    ("remote__x", {}),
+                ]:
                     try:
                         seen.append((await call(client, name, arguments)).model_dump_json())
                     except MCPError as err:
@@ -3593,7 +4045,18 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
 async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     port = free_port()
-    args = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    args = [
+        sys.executable,
+        str(ROUTER),
+        "--config",
+        str(config),
+        "--transport",
+        "http",
+        "--port",
+        str(port),
+        "--log-level",
+        "WARNING",
+    ]
     proc = subprocess.Popen(args)
     try:
         await wait_for_http_router(port)
@@ -3603,13 +4066,20 @@ async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -
             started.set()
 
         with anyio.fail_after(30):
-            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client, anyio.create_task_group() as tg:
+            async with (
+                Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client,
+                anyio.create_task_group() as tg,
+            ):
                 answers: list[types.CallToolResult] = []
 
                 async def nap() -> None:
                     # longer than the 2 s grace shutdown had before draining waited for calls
-                    request = types.CallToolRequest(params=types.CallToolRequestParams(name="one__nap", arguments={"text": "2.5"}))
-                    answers.append(await client.session.send_request(request, types.CallToolResult, progress_callback=on_progress))
+                    request = types.CallToolRequest(
+                        params=types.CallToolRequestParams(name="one__nap", arguments={"text": "2.5"})
+                    )
+                    answers.append(
+                        await client.session.send_request(request, types.CallToolResult, progress_callback=on_progress)
+                    )
 
                 tg.start_soon(nap)
                 await started.wait()
@@ -3631,7 +4101,9 @@ async def test_older_clients_use_the_legacy_sse_transport() -> None:
             assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 1
 
 
-async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_and_the_router_recovers(tmp_path: Path) -> None:
+async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_and_the_router_recovers(
+    tmp_path: Path,
+) -> None:
     import resource
 
     def low_file_limit() -> None:
@@ -3647,7 +4119,9 @@ async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_an
     try:
         await wait_for_http_router(port)
         with anyio.fail_after(30):
-            idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)]  # more than the 160 descriptors allow
+            idle = [
+                await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)
+            ]  # more than the 160 descriptors allow
             answers = []
             for stream in idle:  # each is refused at once with a JSON-RPC 503, or closed when its headers are overdue
                 received = b""
@@ -3657,7 +4131,9 @@ async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_an
                 answers.append(received)
                 await stream.aclose()
             refused = [a for a in answers if a]
-            assert refused and all(a.startswith(b"HTTP/1.1 503") and b'"too many open connections"' in a for a in refused)
+            assert refused and all(
+                a.startswith(b"HTTP/1.1 503") and b'"too many open connections"' in a for a in refused
+            )
             assert len(refused) < len(answers)  # the others were held open until the header timeout
             async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
                 assert text_of(await call(client, "one__echo", {"text": "back"})) == "fake:echo:back"
@@ -3684,7 +4160,12 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
     async with served(FakeBackend("alpha"), FakeBackend("beta"), server={"min_ready": 2}) as (http, router, connectors):
         assert (await http.get("/healthz")).text == "ok\n"
         ready = await http.get("/readyz")
-        assert ready.status_code == 200 and ready.json() == {"ready": True, "needed": 2, "up": ["alpha", "beta"], "down": {}}
+        assert ready.status_code == 200 and ready.json() == {
+            "ready": True,
+            "needed": 2,
+            "up": ["alpha", "beta"],
+            "down": {},
+        }
         session = await open_session(http)
         for i in range(3):
             await http.post("/mcp", json=rpc(10 + i, "tools/call", {"name": "alpha__echo"}), headers=session)
@@ -3703,13 +4184,20 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         call_ok = 'mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="ok"}'
         assert samples[call_ok] == 3
         assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="error"}'] == 1
-        assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="beta",outcome="tool_error"}'] == 1
+        assert (
+            samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="beta",outcome="tool_error"}'] == 1
+        )
         inf = 'mcp_server_operation_duration_seconds_bucket{mcp_method_name="tools/call",backend="alpha",le="+Inf"}'
         assert samples[inf] == 4
         assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 4
-        assert samples['mcp_router_backend_up{backend="alpha"}'] == 1 and samples['mcp_router_backend_up{backend="beta"}'] == 0
+        assert (
+            samples['mcp_router_backend_up{backend="alpha"}'] == 1
+            and samples['mcp_router_backend_up{backend="beta"}'] == 0
+        )
         assert samples['mcp_router_backend_circuit_state{backend="alpha",state="closed"}'] == 1
-        assert samples['mcp_router_backend_restarts_total{backend="beta"}'] == router.backends["beta"].status()["restarts"]
+        assert (
+            samples['mcp_router_backend_restarts_total{backend="beta"}'] == router.backends["beta"].status()["restarts"]
+        )
         assert samples["mcp_router_sessions"] == 1 and samples["mcp_router_in_flight"] == 0
 
         connectors["beta"].refuse = False
@@ -3734,7 +4222,8 @@ class Issuer:
         from jwt.algorithms import RSAAlgorithm
 
         keys = [
-            {**RSAAlgorithm.to_jwk(self.keys[k].public_key(), as_dict=True), "kid": k, "alg": "RS256", "use": "sig"} for k in self.published
+            {**RSAAlgorithm.to_jwk(self.keys[k].public_key(), as_dict=True), "kid": k, "alg": "RS256", "use": "sig"}
+            for k in self.published
         ]
         return {"keys": keys}
 
@@ -3743,7 +4232,13 @@ class Issuer:
 
         import jwt
 
-        claims = {"iss": issuer or self.url, "aud": audience, "sub": "alice", "client_id": "agent-7", "exp": int(time.time() + expires_in)}
+        claims = {
+            "iss": issuer or self.url,
+            "aud": audience,
+            "sub": "alice",
+            "client_id": "agent-7",
+            "exp": int(time.time() + expires_in),
+        }
         return jwt.encode(claims, self.keys[kid], algorithm="RS256", headers={"kid": kid})
 
     @asynccontextmanager
@@ -3755,7 +4250,9 @@ class Issuer:
                 return
             self.fetches += 1
             body = json.dumps(self.jwks()).encode()
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
             await send({"type": "http.response.body", "body": body})
 
         web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -3785,7 +4282,9 @@ async def test_jwt_access_tokens_are_checked_against_the_issuers_keys(tmp_path: 
                             break
                         except httpx2.TransportError:
                             await anyio.sleep(0.05)
-                assert metadata.json()["resource"] == resource and metadata.json()["authorization_servers"] == [issuer.url]
+                assert metadata.json()["resource"] == resource and metadata.json()["authorization_servers"] == [
+                    issuer.url
+                ]
 
                 async def answer(token: str) -> httpx2.Response:
                     return await http.post("/mcp", json=HELLO, headers={"authorization": f"Bearer {token}"})
@@ -3801,7 +4300,9 @@ async def test_jwt_access_tokens_are_checked_against_the_issuers_keys(tmp_path: 
                 for why, token in refused.items():
                     response = await answer(token)
                     assert response.status_code == 401, why
-                    metadata_url = f'resource_metadata="http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp"'
+                    metadata_url = (
+                        f'resource_metadata="http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp"'
+                    )
                     assert metadata_url in response.headers["www-authenticate"], why
         finally:
             proc.terminate()
@@ -3816,17 +4317,25 @@ async def test_a_new_signing_key_is_fetched_on_its_first_token_but_unknown_ids_c
         assert issuer.fetches == 1
         issuer.published.append("k2")  # the issuer rotates in a new key
         rotated = issuer.token("https://mcp.example.com/mcp", kid="k2")
-        assert await verifier.verify_token(rotated) is None  # within JWKS_MIN_REFETCH of the last fetch: not fetched again
+        assert (
+            await verifier.verify_token(rotated) is None
+        )  # within JWKS_MIN_REFETCH of the last fetch: not fetched again
         assert issuer.fetches == 1
         clock.advance(mr.JWKS_MIN_REFETCH)
         accepted = await verifier.verify_token(rotated)
         assert accepted is not None and issuer.fetches == 2
-        assert (accepted.client_id, accepted.subject, accepted.resource) == ("agent-7", "alice", "https://mcp.example.com/mcp")
+        assert (accepted.client_id, accepted.subject, accepted.resource) == (
+            "agent-7",
+            "alice",
+            "https://mcp.example.com/mcp",
+        )
         assert await verifier.verify_token(issuer.token("https://mcp.example.com/mcp", kid="k2")) is not None
         assert issuer.fetches == 2  # known keys are not fetched again
 
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+)
 
 
 def readme_nginx_config(listen: int, upstreams: list[int]) -> str:
@@ -3845,13 +4354,17 @@ async def nginx_in_front(tmp_path: Path, upstreams: list[int]) -> AsyncIterator[
     port = free_port()
     prefix = tmp_path / "nginx"
     prefix.mkdir()
-    temp_paths = "".join(f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp_paths = "".join(
+        f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     (prefix / "nginx.conf").write_text(
         f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
         f"events {{ worker_connections 256; }}\nhttp {{\n    access_log off;\n{temp_paths}"
         f"{readme_nginx_config(port, upstreams)}}}\n"
     )
-    proc = await anyio.open_process([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")])
+    proc = await anyio.open_process(
+        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
+    )
     try:
         yield port
     finally:
@@ -3863,7 +4376,17 @@ async def nginx_in_front(tmp_path: Path, upstreams: list[int]) -> AsyncIterator[
 async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losing_one(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     ports = [free_port(), free_port()]
-    base = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--stateless", "--log-level", "WARNING"]
+    base = [
+        sys.executable,
+        str(ROUTER),
+        "--config",
+        str(config),
+        "--transport",
+        "http",
+        "--stateless",
+        "--log-level",
+        "WARNING",
+    ]
     replicas = [subprocess.Popen([*base, "--port", str(port)]) for port in ports]
 
     async def tool_calls(http: httpx2.AsyncClient, port: int) -> float:
@@ -3918,7 +4441,9 @@ async def test_sigint_stops_the_router_within_the_stop_grace_whatever_stdin_is(t
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command("--pid-file", str(pid_file))}])
     controller, terminal = pty.openpty()
     stdin: Any = terminal if stdin_kind == "terminal" else subprocess.PIPE
-    stdout: Any = (tmp_path / "out.txt").open("wb") if stdin_kind != "terminal" else subprocess.PIPE  # a file, or a pipe
+    stdout: Any = (
+        (tmp_path / "out.txt").open("wb") if stdin_kind != "terminal" else subprocess.PIPE
+    )  # a file, or a pipe
     args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "INFO"]
     try:
         async with await anyio.open_process(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE) as proc:
@@ -3945,12 +4470,16 @@ async def test_sigint_stops_the_router_within_the_stop_grace_whatever_stdin_is(t
 
 
 def run_router(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROUTER), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(ROUTER), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
 
 
 def test_check_reports_every_backend_and_fails_when_one_does(tmp_path: Path) -> None:
     noisy = {"command": "sh", "args": ["-c", 'echo "hello from good" >&2; exec "$0" "$@"', sys.executable, str(Path(__file__).resolve()), "--fake-backend"]}  # fmt: skip
-    config = write_config(tmp_path, [{"name": "good", **noisy}, {"name": "missing", "command": "/nonexistent/mcp-server"}])
+    config = write_config(
+        tmp_path, [{"name": "good", **noisy}, {"name": "missing", "command": "/nonexistent/mcp-server"}]
+    )
     table = run_router("check", "--config", str(config))
     assert "[good] hello from good\n" in table.stderr  # a backend's stderr, named
     assert table.returncode == 1, table.stderr
@@ -3977,12 +4506,21 @@ def test_check_passes_when_every_enabled_backend_is_up(tmp_path: Path) -> None:
 
 def test_tools_lists_exposed_names_with_backend_and_warns_past_client_limits(tmp_path: Path) -> None:
     config = write_config(
-        tmp_path, [{"name": "big", **fake_backend_command("--fillers", "30")}, {"name": "missing", "command": "/nonexistent/mcp-server"}]
+        tmp_path,
+        [
+            {"name": "big", **fake_backend_command("--fillers", "30")},
+            {"name": "missing", "command": "/nonexistent/mcp-server"},
+        ],
     )
     listed = run_router("tools", "--config", str(config), "--json")
     assert listed.returncode == 0, listed.stderr
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
-    assert rows["big__echo"] == {"name": "big__echo", "backends": ["big"], "original": "echo", "description": "echo on fake"}
+    assert rows["big__echo"] == {
+        "name": "big__echo",
+        "backends": ["big"],
+        "original": "echo",
+        "description": "echo on fake",
+    }
     assert rows["list_backends"]["backends"] == ["(router)"]
     assert "more than Cursor (about 40 tools) takes; trim them with a backend's include or exclude" in listed.stderr
     table = run_router("tools", "--config", str(config), "big__e[cx]*")
@@ -4001,7 +4539,9 @@ def test_call_prints_the_result_and_fails_on_errors(tmp_path: Path) -> None:
     tool_error = run_router("call", "--config", str(config), "svc__broken", '{"text": "x"}')
     assert (tool_error.returncode, tool_error.stdout) == (1, "tool-level failure\n")
     mcp_error = run_router("call", "--config", str(config), "svc__fail")
-    assert mcp_error.returncode == 1 and "mcp-router: call svc__fail: error -32042: the fake refuses" in mcp_error.stderr
+    assert (
+        mcp_error.returncode == 1 and "mcp-router: call svc__fail: error -32042: the fake refuses" in mcp_error.stderr
+    )
     bad = run_router("call", "--config", str(config), "svc__echo", "[1]")
     assert bad.returncode == 2 and "argument JSON: expected a JSON object of arguments, got [1]" in bad.stderr
     assert "Traceback" not in listed.stderr + tool_error.stderr + mcp_error.stderr + bad.stderr
@@ -4058,7 +4598,9 @@ def run_fake_backend(argv: list[str]) -> None:
     if args.pid_file:
         args.pid_file.write_text(str(os.getpid()))
 
-    own_tools = [types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "ppid", "environ", "escapee", "nap")]
+    own_tools = [
+        types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "ppid", "environ", "escapee", "nap")
+    ]
     if args.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.escape:  # the child says when it has left, so the test never races its setsid
