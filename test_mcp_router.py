@@ -3001,6 +3001,12 @@ def write_config(tmp_path: Path, backends: list[dict[str, Any]], **extra: Any) -
     return path
 
 
+def http_router_argv(config: Path, port: int, *extra: str) -> list[str]:
+    """The command line of a router serving streamable HTTP on 127.0.0.1:`port`."""
+    return [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port),
+            "--log-level", "WARNING", *extra]  # fmt: skip
+
+
 def router_params(config: Path, *extra: str) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable, args=[str(ROUTER), "--config", str(config), "--log-level", "WARNING", *extra]
@@ -3063,20 +3069,7 @@ async def test_stdio_backends_get_their_own_env_and_the_routers_basics_but_not_i
 async def test_end_to_end_over_http(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROUTER),
-            "--config",
-            str(config),
-            "--transport",
-            "http",
-            "--port",
-            str(port),
-            "--log-level",
-            "WARNING",
-        ]
-    )
+    proc = subprocess.Popen(http_router_argv(config, port))
     try:
         with anyio.fail_after(30):
             while True:
@@ -3121,19 +3114,7 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
             yield client
         return
     port = free_port()
-    args = [
-        sys.executable,
-        str(ROUTER),
-        "--config",
-        str(config),
-        "--transport",
-        "http",
-        "--port",
-        str(port),
-        "--log-level",
-        "WARNING",
-    ]
-    proc = subprocess.Popen(args)
+    proc = subprocess.Popen(http_router_argv(config, port))
     try:
         await wait_for_http_router(port)
         async with Client(f"http://127.0.0.1:{port}/mcp", mode=mode, cache=None, **client_args) as client:
@@ -3197,20 +3178,7 @@ async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path:
     port = free_port()
     nested = {"command": "sh", "args": ["-c", f"{sys.executable} {Path(__file__).resolve()} --fake-backend; exit 0"]}
     config = write_config(tmp_path, [{"name": "direct", **fake_backend_command()}, {"name": "nested", **nested}])
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROUTER),
-            "--config",
-            str(config),
-            "--transport",
-            "http",
-            "--port",
-            str(port),
-            "--log-level",
-            "WARNING",
-        ]
-    )
+    proc = subprocess.Popen(http_router_argv(config, port))
     try:
         await wait_for_http_router(port)
         async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
@@ -3240,20 +3208,7 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
     port = free_port()
     escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
     config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROUTER),
-            "--config",
-            str(config),
-            "--transport",
-            "http",
-            "--port",
-            str(port),
-            "--log-level",
-            "WARNING",
-        ]
-    )
+    proc = subprocess.Popen(http_router_argv(config, port))
     pidfds: list[int] = []
     try:
         await wait_for_http_router(port)
@@ -4045,19 +4000,7 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
 async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     port = free_port()
-    args = [
-        sys.executable,
-        str(ROUTER),
-        "--config",
-        str(config),
-        "--transport",
-        "http",
-        "--port",
-        str(port),
-        "--log-level",
-        "WARNING",
-    ]
-    proc = subprocess.Popen(args)
+    proc = subprocess.Popen(http_router_argv(config, port))
     try:
         await wait_for_http_router(port)
         started = anyio.Event()
