@@ -221,6 +221,7 @@ def strategy_names() -> tuple[str, ...]:
 
 
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EVENT_LOOPS: Final = ("auto", "asyncio", "uvloop")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,6 +303,7 @@ class Settings:
     port: int = 8000
     json_response: bool = False
     log_level: str = "INFO"
+    event_loop: str = "auto"
     default_strategy: str = "capability"
     enable_namespaces: bool = True
     cache_ttl: float = 300.0
@@ -365,6 +367,8 @@ SETTINGS: Final = (
     Setting("json_response", "server.json_response", "MCP_JSON_RESPONSE", "--json-response", bool,
             "answer every HTTP request with one JSON body, never a stream: no progress or sampling mid-call"),
     Setting("log_level", "server.log_level", "MCP_LOG_LEVEL", "--log-level", LOG_LEVELS, "stderr log level"),
+    Setting("event_loop", "server.event_loop", "MCP_EVENT_LOOP", None, EVENT_LOOPS,
+            "asyncio, or uvloop (faster; auto: uvloop when it is installed)"),
     Setting("default_strategy", "routing.default_strategy", "MCP_DEFAULT_STRATEGY", None, strategy_names,
             "routing strategy of a route that names none"),
     Setting("enable_namespaces", "routing.enable_namespace_prefixing", "MCP_ENABLE_NAMESPACES", "--namespaces", bool,
@@ -2252,6 +2256,11 @@ def start(argv: Sequence[str] | None) -> Started | int:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    if config.settings.event_loop == "uvloop" and not uvloop_installed():
+        print("mcp-router: configuration error:", file=sys.stderr)
+        print("  server.event_loop: uvloop is not installed: install it (pip install uvloop, or uv run --with uvloop "
+              "mcp_router.py ...), or choose auto or asyncio", file=sys.stderr)  # fmt: skip
+        return 2
     quiet = args.command != "serve" and args.log_level is None  # a report on stdout needs no progress log
     logging.getLogger().setLevel("WARNING" if quiet else config.settings.log_level)
     log_redaction.secrets = config.secrets()
@@ -2282,6 +2291,22 @@ def start(argv: Sequence[str] | None) -> Started | int:
             with contextlib.suppress(RouterError):  # its supervisor tries again, says why, and retries with backoff
                 launched[backend.name] = launch(backend)
     return Started(args, config, listening, launched)
+
+
+def uvloop_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def event_loop_options(choice: str) -> dict[str, Any]:
+    """anyio's options for the loop `server.event_loop` names. uvloop (libuv, in C) costs the router about a sixth
+    less CPU a call than asyncio's own loop; it is optional, so auto takes it only where it is installed."""
+    return {"use_uvloop": choice == "uvloop" or (choice == "auto" and uvloop_installed())}
+
+
+def running_loop_name() -> str:
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 # -- the one thing done while the module imports
@@ -5133,11 +5158,10 @@ async def _stdio_pipes() -> AsyncIterator[tuple[LineReader, LineWriter]]:
 
 
 async def serve_stdio(server: Server[Any], router: Router) -> None:
-    await (
-        router.wait_ready()
-    )  # the client's initialize waits in the pipe; its answer then carries the backends' instructions
+    # the client's initialize waits in the pipe; its answer then carries the backends' instructions
+    await router.wait_ready()
     async with _stdio_pipes() as (read, write):
-        log.info("serving MCP over stdio")
+        log.info("serving MCP over stdio (%s)", running_loop_name())
         await server.run(read, write, server.create_initialization_options())
 
 
@@ -6015,9 +6039,10 @@ async def run_router(started: Started) -> None:
         if listening is not None:
             where = f"http://{config.settings.host}:{config.settings.port}"
             log.info(
-                "serving streamable HTTP on %s/mcp%s",
+                "serving streamable HTTP on %s/mcp%s (%s)",
                 where,
                 f" and legacy SSE on {where}/sse" if config.settings.transport == "sse" else "",
+                running_loop_name(),
             )
             await serve_http(router, server, stop, listening)
         else:
@@ -6216,7 +6241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(started, int):
         return started
     try:
-        return anyio.run(SUBCOMMANDS[started.args.command], started) or 0
+        options = event_loop_options(started.config.settings.event_loop)
+        return anyio.run(SUBCOMMANDS[started.args.command], started, backend_options=options) or 0
     except KeyboardInterrupt:
         return 130
     except RouterError as err:

@@ -6,6 +6,8 @@
 #     "pyyaml>=6",
 #     "pytest>=8",
 #     "pytest-xdist>=3",
+#     "uvloop>=0.19; sys_platform != 'win32'",
+#     "httptools>=0.6",
 # ]
 # ///
 """The whole test suite of mcp_router.py.
@@ -54,6 +56,10 @@ import mcp_router as mr
 HERE = Path(__file__).resolve().parent
 ROUTER = HERE / "mcp_router.py"
 pytestmark = pytest.mark.anyio
+# Routers run as subprocesses take asyncio's own loop, the one `uv run mcp_router.py` gets; the suite has uvloop
+# installed, so the tests that take it (parametrized by EVENT_LOOPS) pass MCP_EVENT_LOOP themselves.
+os.environ["MCP_EVENT_LOOP"] = "asyncio"
+EVENT_LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 
 
 @pytest.fixture
@@ -3028,13 +3034,16 @@ def pids_from(client_result: types.CallToolResult) -> int:
     return int(text_of(client_result).rsplit(":", 1)[1])
 
 
-async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) -> None:
+@EVENT_LOOPS
+async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path, event_loop: str) -> None:
     config = write_config(
         tmp_path,
         [{"name": "one", **fake_backend_command()}, {"name": "two", **fake_backend_command("--fillers", "1200")}],
     )
-    with anyio.fail_after(30):
-        async with Client(router_params(config), mode="legacy", cache=None) as client:
+    params = router_params(config, "--log-level", "INFO")
+    params.env = {"MCP_EVENT_LOOP": event_loop}
+    with anyio.fail_after(30), (tmp_path / "router.log").open("w+") as errlog:
+        async with Client(stdio_client(params, errlog=errlog), mode="legacy", cache=None) as client:
             listings = []
             for _ in range(2):  # the second listing comes from the router's cache of encoded pages
                 first = await client.session.list_tools()
@@ -3053,6 +3062,8 @@ async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path) ->
         # stdin EOF shut the router down; its children went with it
         while alive(pid):
             await anyio.sleep(0.05)
+        errlog.seek(0)
+        assert f"serving MCP over stdio ({event_loop})" in errlog.read()
 
 
 async def test_stdio_backends_get_their_own_env_and_the_routers_basics_but_not_its_secrets(tmp_path: Path) -> None:
@@ -3066,10 +3077,13 @@ async def test_stdio_backends_get_their_own_env_and_the_routers_basics_but_not_i
     assert "ROUTER_SECRET_TOKEN" not in names
 
 
-async def test_end_to_end_over_http(tmp_path: Path) -> None:
+@EVENT_LOOPS
+async def test_end_to_end_over_http(tmp_path: Path, event_loop: str) -> None:
     port = free_port()
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
-    proc = subprocess.Popen(http_router_argv(config, port))
+    errlog = (tmp_path / "router.log").open("w+")
+    environment = {**os.environ, "MCP_EVENT_LOOP": event_loop}
+    proc = subprocess.Popen(http_router_argv(config, port, "--log-level", "INFO"), env=environment, stderr=errlog)
     try:
         with anyio.fail_after(30):
             while True:
@@ -3088,7 +3102,10 @@ async def test_end_to_end_over_http(tmp_path: Path) -> None:
                     await anyio.sleep(0.1)
         assert proc.returncode == 0
         assert not alive(pid)
+        errlog.seek(0)
+        assert f"/mcp ({event_loop})" in errlog.read()
     finally:
+        errlog.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
