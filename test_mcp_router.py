@@ -32,17 +32,19 @@ import socket
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import anyio
+import anyio.streams.text
 import httpx2
 import mcp_types as types
 import pytest
 import yaml
+from anyio.abc import Process
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
@@ -3057,11 +3059,9 @@ async def test_end_to_end_over_stdio_with_real_stdio_backends(tmp_path: Path, ev
             assert {"one__echo", "two__echo", "one__pid", "two__tool_1199", "list_backends"} <= set(names)
             assert client.instructions == "## one\nAsk the fake nicely.\n\n## two\nAsk the fake nicely."
             assert text_of(await call(client, "two__echo", {"text": "hello"})) == "fake:echo:hello"
-            pid = pids_from(await call(client, "one__pid"))
-            assert alive(pid)
-        # stdin EOF shut the router down; its children went with it
-        while alive(pid):
-            await anyio.sleep(0.05)
+            death = os.pidfd_open(pids_from(await call(client, "one__pid")))
+        await process_exit(death)  # stdin EOF shut the router down; its children went with it
+        os.close(death)
         errlog.seek(0)
         assert f"serving MCP over stdio ({event_loop})" in errlog.read()
 
@@ -3077,38 +3077,48 @@ async def test_stdio_backends_get_their_own_env_and_the_routers_basics_but_not_i
     assert "ROUTER_SECRET_TOKEN" not in names
 
 
+@asynccontextmanager
+async def serving_router(argv: Sequence[str], env: Mapping[str, str]) -> AsyncIterator[tuple[Process, list[str]]]:
+    """The router run by `argv`, once its log says it is serving (or it exited), and its log lines so far and to
+    come; killed on the way out if it is still running."""
+    lines: list[str] = []
+    serving = anyio.Event()
+    async with await anyio.open_process(argv, env=env, stderr=subprocess.PIPE) as proc, anyio.create_task_group() as tg:
+
+        async def read_log() -> None:
+            assert proc.stderr is not None
+            async for line in anyio.streams.text.TextReceiveStream(proc.stderr):
+                lines.extend(line.splitlines())
+                if " serving " in line:
+                    serving.set()
+            serving.set()
+
+        tg.start_soon(read_log)
+        with anyio.fail_after(30):
+            await serving.wait()
+        try:
+            yield proc, lines
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+
+
 @EVENT_LOOPS
 async def test_end_to_end_over_http(tmp_path: Path, event_loop: str) -> None:
     port = free_port()
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
-    errlog = (tmp_path / "router.log").open("w+")
-    environment = {**os.environ, "MCP_EVENT_LOOP": event_loop}
-    proc = subprocess.Popen(http_router_argv(config, port, "--log-level", "INFO"), env=environment, stderr=errlog)
-    try:
-        with anyio.fail_after(30):
-            while True:
-                try:
-                    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-                        assert "one__echo" in {t.name for t in (await client.list_tools()).tools}
-                        assert text_of(await call(client, "one__echo", {"text": "web"})) == "fake:echo:web"
-                        pid = pids_from(await call(client, "one__pid"))
-                        proc.send_signal(signal.SIGTERM)  # while the client holds its GET stream open
-                        while proc.poll() is None:
-                            await anyio.sleep(0.05)
-                        break
-                except Exception:  # noqa: BLE001 - not up yet, or the client seeing the router go
-                    if proc.poll() is not None:
-                        break
-                    await anyio.sleep(0.1)
-        assert proc.returncode == 0
-        assert not alive(pid)
-        errlog.seek(0)
-        assert f"/mcp ({event_loop})" in errlog.read()
-    finally:
-        errlog.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    argv = http_router_argv(config, port, "--log-level", "INFO")
+    with anyio.fail_after(30):
+        async with serving_router(argv, {**os.environ, "MCP_EVENT_LOOP": event_loop}) as (proc, log):
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                assert "one__echo" in {t.name for t in (await client.list_tools()).tools}
+                assert text_of(await call(client, "one__echo", {"text": "web"})) == "fake:echo:web"
+                death = os.pidfd_open(pids_from(await call(client, "one__pid")))
+                proc.send_signal(signal.SIGTERM)  # while the client holds its GET stream open
+                assert await proc.wait() == 0
+            await process_exit(death)
+            os.close(death)
+    assert any(line.endswith(f"/mcp ({event_loop})") for line in log)
 
 
 async def wait_for_http_router(port: int) -> None:
