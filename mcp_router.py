@@ -4856,8 +4856,8 @@ class _SendsUnderWay:
 
     def __init__(self) -> None:
         self._count = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._idle: anyio.Event | None = None
+        """Set when the last send under way ends; made when one starts (most requests send nothing)."""
 
     def __enter__(self) -> None:
         if not self._count:
@@ -4866,12 +4866,13 @@ class _SendsUnderWay:
 
     def __exit__(self, *exc_info: object) -> None:
         self._count -= 1
-        if not self._count:
+        if not self._count and self._idle is not None:
             self._idle.set()
 
     async def drained(self) -> None:
         await anyio.lowlevel.checkpoint()  # a send that arrived just before the result starts first
-        await self._idle.wait()
+        if self._count and self._idle is not None:
+            await self._idle.wait()
 
 
 class _ProgressRelay:

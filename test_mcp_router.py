@@ -2553,13 +2553,6 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
 
 
 async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_refused() -> None:
-    import uvicorn
-
-    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
-    port = free_port()
-    web = uvicorn.Server(
-        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
-    )
     envelope = {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {},
@@ -2576,22 +2569,16 @@ async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_r
         "mcp-method": "tools/call",
     }
     encoded = "=?base64?" + base64.b64encode(b"svc__echo").decode() + "?="
-
-    async with router.running(), anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-                for name in ("svc__echo", encoded):  # a base64-encoded name is decoded before it is compared
-                    ok = await http.post("/mcp", json=body, headers={**base, "mcp-name": name})
-                    assert ok.status_code == 200, ok.text
-                    assert "svc:echo:hi" in ok.text
-                for wrong in ({"mcp-name": "svc__fail"}, {"mcp-name": "svc__echo", "mcp-method": "tools/list"}):
-                    refused = await http.post("/mcp", json=body, headers={**base, **wrong})
-                    assert refused.status_code == 400
-                    assert refused.json()["error"]["code"] == types.HEADER_MISMATCH
-        web.should_exit = True
+    with anyio.fail_after(20):
+        async with served(FakeBackend("svc")) as (http, _, _):
+            for name in ("svc__echo", encoded):  # a base64-encoded name is decoded before it is compared
+                ok = await http.post("/mcp", json=body, headers={**base, "mcp-name": name})
+                assert ok.status_code == 200, ok.text
+                assert "svc:echo:hi" in ok.text
+            for wrong in ({"mcp-name": "svc__fail"}, {"mcp-name": "svc__echo", "mcp-method": "tools/list"}):
+                refused = await http.post("/mcp", json=body, headers={**base, **wrong})
+                assert refused.status_code == 400
+                assert refused.json()["error"]["code"] == types.HEADER_MISMATCH
 
 
 async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> None:
@@ -3865,28 +3852,28 @@ def mcp_url(http: httpx2.AsyncClient) -> str:
 async def test_closing_a_calls_http_stream_cancels_the_call_at_the_backend(mode: str) -> None:
     """2026-07-28 has no client notifications over HTTP: the SDK client cancels by closing the request's stream."""
     fake = FakeBackend("svc")
-    async with served(fake) as (http, _, _), Client(mcp_url(http), mode=mode, cache=None) as client:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(call, client, "svc__hang")
-            with anyio.fail_after(5):
+    with anyio.fail_after(20):
+        async with served(fake) as (http, _, _), Client(mcp_url(http), mode=mode, cache=None) as client:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, client, "svc__hang")
                 await fake.hang_started.wait()
-            tg.cancel_scope.cancel()  # the client gives up on the call
-        with anyio.fail_after(5):
+                tg.cancel_scope.cancel()  # the client gives up on the call
             await fake.cancelled.wait()
-        assert text_of(await call(client, "svc__echo", {"text": "after"})) == "svc:echo:after"
+            assert text_of(await call(client, "svc__echo", {"text": "after"})) == "svc:echo:after"
 
 
 async def test_over_http_a_2026_client_gets_its_calls_logs_on_the_calls_own_stream_before_the_result() -> None:
     """A 2026-era client opens no other stream: what reaches it came on the POST that carried the call."""
     fake = FakeBackend("svc")
     recorder = LogRecorder()
-    async with (
-        served(fake) as (http, _, _),
-        Client(mcp_url(http), cache=None, log_level="info", logging_callback=recorder) as client,
-    ):
-        assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
-        assert text_of(await call(client, "svc__log")) == "svc:log:"
-        assert recorder.logs == SVC_LOGS[1:]
+    with anyio.fail_after(20):
+        async with (
+            served(fake) as (http, _, _),
+            Client(mcp_url(http), cache=None, log_level="info", logging_callback=recorder) as client,
+        ):
+            assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+            assert text_of(await call(client, "svc__log")) == "svc:log:"
+            assert recorder.logs == SVC_LOGS[1:]
 
 
 @asynccontextmanager
