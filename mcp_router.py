@@ -3691,7 +3691,7 @@ class ClientHub:
     subscribed to, and (once they set a level) the backends' log messages, each
     through its own bounded `_Outbox`. 2026-era clients hear list changes and
     resource updates on `events` (`subscriptions/listen`) and no log messages:
-    in that era logs travel only with the request that asked for them.
+    in that era logs travel only with the request that asked for them (RequestLog).
     Results and progress never pass here: they go out on their request's own
     channel, and are never dropped.
     """
