@@ -1162,6 +1162,18 @@ def strip_reserved_meta(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+def most_verbose(*levels: str | None) -> str | None:
+    """The most verbose of the MCP log levels given (None: none asked for), or None if none is."""
+    return min((lv for lv in levels if lv in LOG_SEVERITY), key=LOG_SEVERITY.__getitem__, default=None)
+
+
+def admits(asked: str | None, level: object) -> bool:
+    """Does a client that asked for `asked` (None: for no log messages) take a message of `level` (an unknown
+    level counts as debug)?"""
+    severity = LOG_SEVERITY.get(level, 0) if isinstance(level, str) else 0
+    return asked is not None and severity >= LOG_SEVERITY.get(asked, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Listing:
     """What one backend offers, as the raw wire dicts it sent (after include/exclude)."""
@@ -2993,28 +3005,31 @@ async def open_in_newest_era(session: ClientSession) -> types.InitializeResult |
     return result
 
 
-Stamp: TypeAlias = Callable[[str, Mapping[str, Any] | None, dict[str, Any]], Mapping[str, Any]]
-"""(method, params, call options) -> the params to send, with the options' headers set."""
+Stamp: TypeAlias = Callable[[str, Mapping[str, Any] | None, dict[str, Any], str | None], Mapping[str, Any]]
+"""(method, params, call options, log level) -> the params to send, with the options' headers set."""
 
 
-def modern_stamp(session: ClientSession, log_level: Callable[[], str | None] = lambda: None) -> Stamp | None:
+def modern_stamp(session: ClientSession) -> Stamp | None:
     """For a session opened in the 2026 era, what makes a raw request one of that era, else None.
 
     The SDK's session stamp: the request `_meta` (protocol version, the router's client info and capabilities)
     and, over HTTP, `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name`, the backend's own (un-prefixed) name,
-    as the router sends the backend's own names. The level clients set (`log_level()`) goes with every request,
-    as the 2026 era has no logging/setLevel.
+    as the router sends the backend's own names. The log level is the one the request's client asked for (see
+    Router.forward); without one the backend sends no log messages for the request, as the 2026 era has no
+    logging/setLevel.
     """
     if session.discover_result is None:
         return None
     sdk_stamp = session._stamp  # the SDK keeps it private; Backend.request sends raw requests, past its send_request
 
-    def stamp(method: str, params: Mapping[str, Any] | None, opts: dict[str, Any]) -> Mapping[str, Any]:
+    def stamp(
+        method: str, params: Mapping[str, Any] | None, opts: dict[str, Any], log_level: str | None
+    ) -> Mapping[str, Any]:
         own = dict(params or {})
         if isinstance(meta := own.get("_meta"), Mapping):
             own["_meta"] = dict(meta)  # the stamp writes into it; the caller's stays as it was
-        if (level := log_level()) is not None:
-            own["_meta"] = {**own.get("_meta", {}), types.LOG_LEVEL_META_KEY: level}
+        if log_level is not None:
+            own["_meta"] = {**own.get("_meta", {}), types.LOG_LEVEL_META_KEY: log_level}
         data = {"method": method, "params": own}
         opts["headers"] = dict(opts.get("headers") or {})  # per request: Mcp-Name differs from call to call
         sdk_stamp(data, cast(Any, opts))
@@ -3088,6 +3103,8 @@ class Backend:
         self._connection_scope: anyio.CancelScope | None = None
         self._booked_delay: float | None = None
         self._log_budget = TokenBucket(LOG_MESSAGES_PER_SECOND, LOG_MESSAGES_PER_SECOND)
+        self.logs_at: str | None = None
+        """The level this connection was set to (logging/setLevel, handshake era), None if it was not."""
         self._refreshing = anyio.Lock()
 
     # -- supervision
@@ -3182,8 +3199,8 @@ class Backend:
         if not (isinstance(message, dict) and message.get("method") == "notifications/message" and "id" not in message):
             return False
         params = message.get("params")
-        if not self.router.clients.takes(params.get("level") if isinstance(params, dict) else None):
-            return True  # as the hub would: no client asked for this level
+        if not self.takes_log(params.get("level") if isinstance(params, dict) else None):
+            return True  # as Router.forward_log would: nobody asked for this level
         if self._log_budget.take(self.clock.now()):
             return False
         self.router.clients.dropped += 1
@@ -3264,13 +3281,13 @@ class Backend:
                 )
                 raise RouterError(f"connection closed during the MCP handshake{hint}") from None
             handshake.deadline = math.inf
-            # 2026 era: the stamp sets the version header with the others, and the level clients set
-            self._stamp = modern_stamp(session, lambda: self.router.log_level)
+            # 2026 era: the stamp sets the version header with the others, and each request's log level
+            self._stamp = modern_stamp(session)
             if self.config.transport != "stdio" and self._stamp is None:
                 self._headers = {"mcp-protocol-version": init.protocol_version}  # type: ignore[union-attr]
             self.session, self.dispatcher = session, dispatcher
-            if self.router.log_level is not None and init.capabilities.logging is not None and self._stamp is None:
-                await self.request("logging/setLevel", {"level": self.router.log_level}, self.timeout, guarded=False)
+            self.logs_at = None
+            await self.follow_log_level()
             listing = await self._fetch_listing(init.instructions)
             self.connected_at = self.clock.now()
             self.last_error = None
@@ -3398,6 +3415,36 @@ class Backend:
         elif isinstance(message, types.ResourceUpdatedNotification):
             await self.router.resource_updated(str(message.params.uri))
 
+    # -- log messages
+
+    def log_request(self) -> RequestLog | None:
+        """The 2026-era client request this backend's log messages belong to now: its only call in flight, if such
+        a client made it. Otherwise they belong to no request (no call, several, or a handshake-era client's call):
+        MCP does not say which call a message is for, as with sampling (see Router.ask_client)."""
+        if len(self.inflight) != 1:
+            return None
+        key = next(iter(self.inflight))
+        return key if isinstance(key, RequestLog) else None
+
+    def takes_log(self, level: object) -> bool:
+        """Does anybody take a log message of `level` from this backend now?"""
+        request = self.log_request()
+        return request.takes(level) if request is not None else self.router.clients.takes(level)
+
+    async def follow_log_level(self) -> None:
+        """Set a handshake-era backend that logs to the level its clients want (Router.backend_log_level), unless it
+        is at that level already. A 2026-era backend gets each request's level with the request instead."""
+        level = self.router.backend_log_level()
+        session = self.session
+        if level is None or level == self.logs_at or self._stamp is not None or session is None:
+            return
+        caps = session.server_capabilities
+        if caps is None or caps.logging is None:
+            return
+        self.logs_at = level
+        with contextlib.suppress(Exception):
+            await self.request("logging/setLevel", {"level": level}, min(self.timeout, 5.0), guarded=False)
+
     # -- requests from the backend to the client behind the call that caused them
 
     async def _on_sampling(self, context: Any, params: types.CreateMessageRequestParams) -> Any:
@@ -3488,9 +3535,11 @@ class Backend:
         *,
         on_progress: Any = None,
         guarded: bool = True,
+        log_level: str | None = None,
     ) -> dict[str, Any]:
         """Send one request. Transport failures feed the breaker (answered errors, router bugs and `guarded=False`
         housekeeping do not); a lost connection is fed once, by the supervisor, not once per call it cut.
+        `log_level`: what the request's client asked for, sent with the request to a 2026-era backend.
         Raises NotSent when the request provably never reached the backend."""
         feed = self._feed_breaker if guarded else lambda failure: None
         dispatcher = self.dispatcher
@@ -3502,7 +3551,7 @@ class Backend:
         if on_progress is not None:
             opts["on_progress"] = on_progress
         if self._stamp is not None:
-            params = self._stamp(method, params, opts)
+            params = self._stamp(method, params, opts, log_level)
         try:
             # The SDK's own timeout starts once the request is written; this one also bounds a backend that stopped reading.
             with anyio.fail_after(timeout + 1):
@@ -3667,7 +3716,7 @@ class ClientHub:
     subscribed to, and (once they set a level) the backends' log messages, each
     through its own bounded `_Outbox`. 2026-era clients hear list changes and
     resource updates on `events` (`subscriptions/listen`) and no log messages:
-    in that era logs travel only with the request that asked for them.
+    in that era logs travel only with the request that asked for them (RequestLog).
     Results and progress never pass here: they go out on their request's own
     channel, and are never dropped.
     """
@@ -3745,29 +3794,25 @@ class ClientHub:
         return list(self._followers)
 
     def set_log_level(self, connection: Any, level: str) -> str:
-        """Record a client's level; returns the most verbose level any client asked for (what backends get)."""
+        """Record a client's level; returns the most verbose level any handshake-era client set now."""
         if (outbox := self._outboxes.get(connection)) is not None:
             outbox.log_level = level
-        levels = [o.log_level for o in self._outboxes.values() if o.log_level is not None] or [level]
-        return min(levels, key=lambda lv: LOG_SEVERITY.get(lv, 0))
+        return most_verbose(*(o.log_level for o in self._outboxes.values())) or level
+
+    def level_of(self, connection: Any) -> str | None:
+        """The level a handshake-era client set, None if it set none (or is not known)."""
+        outbox = self._outboxes.get(connection)
+        return outbox.log_level if outbox is not None else None
 
     def log(self, message: dict[str, Any]) -> None:
         """A backend's log message, to the clients whose level it meets; never waits (full queues drop it)."""
-        severity = LOG_SEVERITY.get(message["level"], 0)
         for outbox in self._outboxes.values():
-            if (
-                outbox.log_level is not None
-                and severity >= LOG_SEVERITY.get(outbox.log_level, 0)
-                and not outbox.log(message)
-            ):
+            if admits(outbox.log_level, message["level"]) and not outbox.log(message):
                 self.dropped += 1
 
     def takes(self, level: Any) -> bool:
         """Does any client take backends' log messages of `level` (a handshake-era client that set a level it meets)?"""
-        severity = LOG_SEVERITY.get(level, 0) if isinstance(level, str) else 0
-        return any(
-            o.log_level is not None and LOG_SEVERITY.get(o.log_level, 0) <= severity for o in self._outboxes.values()
-        )
+        return any(admits(o.log_level, level) for o in self._outboxes.values())
 
     def status(self) -> dict[str, Any]:
         return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}
@@ -3799,6 +3844,9 @@ class Router:
         self._turns: dict[tuple[str, ...], int] = {}
         """Requests routed to each set of candidates, for round-robin."""
         self.log_level: str | None = None
+        """The most verbose level a handshake-era client has set (logging/setLevel), None until one does."""
+        self.asked_log_level: str | None = None
+        """The most verbose level any 2026-era request has asked for (`io.modelcontextprotocol/logLevel`)."""
         self.events = InMemorySubscriptionBus()
         """Change events for 2026-era clients, which hear them on `subscriptions/listen`."""
         self.clients = ClientHub(self.events)
@@ -3968,29 +4016,40 @@ class Router:
         with contextlib.suppress(MCPError):
             await self.forward("resources/unsubscribe", pool, {"uri": uri}, retry_safe=True)
 
+    def backend_log_level(self) -> str | None:
+        """What handshake-era backends that log are set to: the most verbose level any client asked for, of the
+        levels handshake-era clients set now and those 2026-era requests asked for since the start. Each client
+        still gets only what it asked for: the router filters (see forward_log)."""
+        return most_verbose(self.log_level, self.asked_log_level)
+
     async def set_log_level(self, level: str, connection: Any = None) -> None:
         """A client's logging/setLevel: that client now gets log messages at `level` and above; every backend that
-        logs (and those that connect later) is set to the most verbose level any client asked for."""
-        level = self.log_level = self.clients.set_log_level(connection, level)
-
-        async def apply(backend: Backend) -> None:
-            with contextlib.suppress(Exception):
-                await backend.request("logging/setLevel", {"level": level}, min(backend.timeout, 5.0), guarded=False)
-
+        logs (and those that connect later) follows backend_log_level."""
+        self.log_level = self.clients.set_log_level(connection, level)
         async with anyio.create_task_group() as tg:
             for backend in self.backends.values():
-                caps = backend.session.server_capabilities if backend.session else None
-                if caps is not None and caps.logging is not None:
-                    tg.start_soon(apply, backend)
+                tg.start_soon(backend.follow_log_level)
+
+    async def ask_for_logs(self, backend: Backend, level: str) -> None:
+        """A 2026-era request asks for log messages at `level`: a handshake-era backend that logs less is set to it
+        (once: the level stays, so requests do not each cost a logging/setLevel)."""
+        if most_verbose(level, self.asked_log_level) != self.asked_log_level:
+            self.asked_log_level = level
+        await backend.follow_log_level()
 
     async def forward_log(self, backend: Backend, params: types.LoggingMessageNotificationParams) -> None:
-        """A backend's log message, tagged with the backend's name, to the clients that asked for logs; never waits."""
+        """A backend's log message, tagged with the backend's name: to the 2026-era request it belongs to, on that
+        request's own stream if it asked for the level; one that belongs to no request, to the handshake-era clients
+        whose level it meets, never waiting for a slow client."""
         message = {
             "level": params.level,
             "logger": f"{backend.name}/{params.logger}" if params.logger else backend.name,
             "data": params.data,
         }
-        self.clients.log(message)
+        if (request := backend.log_request()) is not None:
+            await request.send(message)
+        else:
+            self.clients.log(message)
 
     async def roots_changed(self) -> None:
         """A client's roots changed (or a client with roots arrived): backends that cache roots ask again."""
@@ -4121,7 +4180,9 @@ class Router:
         """Send a request where its plan's strategy decides, and on a failure, where the one rule allows, to the next.
 
         `ctx` is the client's request context: progress flows back to it, and
-        requests the backend makes while serving this one go to its client.
+        requests the backend makes while serving this one go to its client; so do
+        its log messages, as a 2026-era client asked for them (see RequestLog), or
+        as a handshake-era one set its level.
         """
         kind, name = _subject(method, params)
         members = [self.backends[n] for n in plan.candidates if n in self.backends]
@@ -4132,6 +4193,11 @@ class Router:
         strategy = STRATEGIES[plan.strategy]
         turn = self._turns[plan.candidates] = self._turns.get(plan.candidates, -1) + 1  # each pool takes its own turns
         on_progress = _progress_forwarder(ctx)
+        request_log = RequestLog.of(ctx)
+        if request_log is not None:
+            log_level = request_log.level
+        else:  # a handshake-era client's own level goes with its requests to 2026-era backends
+            log_level = self.clients.level_of(_connection_of(ctx)) if ctx is not None else None
         failed: set[str] = set()
         attempts = 0  # attempts that may have run
         error: Exception | None = None
@@ -4149,17 +4215,20 @@ class Router:
             target = next((n for n in decision.order if n not in failed), decision.order[0])
             backend = self.backends[target]
             backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
-            key = object()
+            key = request_log or object()  # the key tells backend.log_request where its log messages go
             backend.inflight[key] = ctx
             started = self.clock.now()
             try:
-                result = await backend.request(
-                    method, params, min(backend.timeout, max(0.001, deadline - started)), on_progress=on_progress
-                )
+                if request_log is not None and request_log.level is not None:
+                    await self.ask_for_logs(backend, request_log.level)
+                timeout = min(backend.timeout, max(0.001, deadline - started))
+                result = await backend.request(method, params, timeout, on_progress=on_progress, log_level=log_level)
                 if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
-                    result = await answer_input_rounds(backend, method, params, result, ctx, on_progress)
+                    result = await answer_input_rounds(backend, method, params, result, ctx, on_progress, log_level)
                 if on_progress is not None:
                     await on_progress.drained()  # the client hears every update before the result
+                if request_log is not None:
+                    await request_log.drained()  # and every log message
                 if method == "tools/call" and result.get("resultType") != "input_required":  # a round is no result yet
                     result = _checked_call_result(result, target)
             except NotSent as exc:
@@ -4517,7 +4586,13 @@ MAX_INPUT_ROUNDS: Final = 10
 
 
 async def answer_input_rounds(
-    backend: Backend, method: str, params: Mapping[str, Any], result: dict[str, Any], ctx: Any, on_progress: Any
+    backend: Backend,
+    method: str,
+    params: Mapping[str, Any],
+    result: dict[str, Any],
+    ctx: Any,
+    on_progress: Any,
+    log_level: str | None = None,
 ) -> dict[str, Any]:
     """A 2026-era backend's input_required, for a handshake-era client: each input request goes to that client as
     an ordinary server request, and the call is retried with the answers until the backend completes it.
@@ -4549,7 +4624,7 @@ async def answer_input_rounds(
         retry = {**params, "inputResponses": answers}
         if asked.request_state is not None:
             retry["requestState"] = asked.request_state
-        result = await backend.request(method, retry, backend.timeout, on_progress=on_progress)
+        result = await backend.request(method, retry, backend.timeout, on_progress=on_progress, log_level=log_level)
     raise MCPError(INTERNAL_ERROR, f"backend {backend.name!r} still asks for input after {MAX_INPUT_ROUNDS} rounds")
 
 
@@ -4799,33 +4874,85 @@ def _passthrough(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-class _ProgressRelay:
-    """Passes a backend's progress to the client, and lets the result wait until every update has gone out.
+class _SendsUnderWay:
+    """What must reach the client before its request's result: each send runs `with` this, the result awaits
+    `drained()`. The SDK runs each progress and notification callback in a task of its own, so without this a
+    result could overtake the last of them on its way to the client."""
 
-    The SDK runs each progress callback in a task of its own, so without this a
-    result could overtake the last update on its way to the client.
-    """
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle: anyio.Event | None = None
+        """Set when the last send under way ends; made when one starts (most requests send nothing)."""
+
+    def __enter__(self) -> None:
+        if not self._count:
+            self._idle = anyio.Event()
+        self._count += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._count -= 1
+        if not self._count and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        await anyio.lowlevel.checkpoint()  # a send that arrived just before the result starts first
+        if self._count and self._idle is not None:
+            await self._idle.wait()
+
+
+class _ProgressRelay:
+    """Passes a backend's progress to the client, and lets the result wait until every update has gone out."""
 
     def __init__(self, report: Callable[[float, float | None, str | None], Awaitable[None]]) -> None:
         self._report = report
-        self._busy = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._sends = _SendsUnderWay()
 
     async def __call__(self, progress: float, total: float | None, message: str | None) -> None:
-        if not self._busy:
-            self._idle = anyio.Event()
-        self._busy += 1
-        try:
+        with self._sends:
             await self._report(progress, total, message)
-        finally:
-            self._busy -= 1
-            if not self._busy:
-                self._idle.set()
 
     async def drained(self) -> None:
-        await anyio.lowlevel.checkpoint()  # an update that arrived just before the result starts first
-        await self._idle.wait()
+        await self._sends.drained()
+
+
+def requested_log_level(ctx: Any) -> str | None:
+    """The level a 2026-era client's request asked for (`io.modelcontextprotocol/logLevel` in its `_meta`), else
+    None. A handshake-era client sets its level once, for its connection, with logging/setLevel."""
+    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS or not ctx.meta:
+        return None
+    level = ctx.meta.get(types.LOG_LEVEL_META_KEY)
+    return level if level in LOG_SEVERITY else None
+
+
+class RequestLog:
+    """Where a backend's log messages for one 2026-era client request go: that request's own stream (the only
+    place the spec allows), at or above the level it asked for, none if it asked for none. The request's result
+    waits until each has gone out."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.level = requested_log_level(ctx)
+        self._sends = _SendsUnderWay()
+
+    @classmethod
+    def of(cls, ctx: Any) -> RequestLog | None:
+        """A 2026-era request's log; None for a handshake-era one (its client's level decides) or no request."""
+        return cls(ctx) if ctx is not None and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS else None
+
+    def takes(self, level: object) -> bool:
+        return admits(self.level, level)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        # A parked call's messages go to whichever of the client's requests waits now; between rounds, none does.
+        ctx = self.ctx.parked.current if isinstance(self.ctx, _ParkedContext) else self.ctx
+        if ctx is None or not self.takes(message["level"]):
+            return
+        notification = types.LoggingMessageNotification(params=types.LoggingMessageNotificationParams(**message))
+        with self._sends, contextlib.suppress(Exception):  # a client gone: its result will not reach it either
+            await ctx.session.send_notification(notification, related_request_id=ctx.request_id)
+
+    async def drained(self) -> None:
+        await self._sends.drained()
 
 
 def _progress_forwarder(ctx: Any) -> _ProgressRelay | None:

@@ -147,6 +147,8 @@ class FakeBackend:
     serves_templates: bool = True
     answers_ping: bool = True
     log_levels: list[str] = field(default_factory=list)
+    log_session: Any = None
+    """The session of the last `log` call: it logs outside any request when the test calls it."""
     release: anyio.Event = field(default_factory=anyio.Event)
     hang_started: anyio.Event = field(default_factory=anyio.Event)
     cancelled: anyio.Event = field(default_factory=anyio.Event)
@@ -240,6 +242,7 @@ class FakeBackend:
                 self.extra_tools.append(types.Tool(name=args.get("text", "added"), input_schema={"type": "object"}))
                 await ctx.session.send_tool_list_changed()
             if params.name == "log":
+                self.log_session = ctx.session
                 for level in ("debug", "info", "warning"):
                     await ctx.session.send_log_message(level, f"{level} from {self.name}", logger="fake")
             if params.name == "was_cancelled":
@@ -1633,24 +1636,80 @@ async def test_a_backend_still_starting_is_logged_once(caplog: pytest.LogCapture
     ]
 
 
+class LogRecorder:
+    """A client's logging_callback: keeps (level, logger, data), and says when a message with `data` has come."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[str, str | None, Any]] = []
+        self._came: dict[Any, anyio.Event] = {}
+
+    async def __call__(self, params: types.LoggingMessageNotificationParams) -> None:
+        self.logs.append((params.level, params.logger, params.data))
+        self._came.setdefault(params.data, anyio.Event()).set()
+
+    async def wait_for(self, data: Any) -> None:
+        with anyio.fail_after(5):
+            await self._came.setdefault(data, anyio.Event()).wait()
+
+
+SVC_LOGS: Final = [("debug", "svc/fake", "debug from svc"), ("info", "svc/fake", "info from svc")]
+SVC_LOGS.append(("warning", "svc/fake", "warning from svc"))
+
+
 async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged() -> None:
     fake = FakeBackend("svc")
-    logs: list[tuple[str, str | None, Any]] = []
-
-    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
-        logs.append((params.level, params.logger, params.data))
-
+    recorder = LogRecorder()
     async with (
         routed(fake) as (_, router, _),
-        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
+        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=recorder) as client,
     ):
         await client.set_logging_level("info")
         assert fake.log_levels == ["info"]
         await call(client, "svc__log")
-        with anyio.fail_after(1):
-            while len(logs) < 2:
-                await anyio.sleep(0.01)
-    assert logs == [("info", "svc/fake", "info from svc"), ("warning", "svc/fake", "warning from svc")]
+        await recorder.wait_for("warning from svc")
+    assert recorder.logs == SVC_LOGS[1:]
+
+
+@pytest.mark.parametrize("backend_eras", ["legacy", "auto"])
+async def test_a_2026_client_gets_its_calls_logs_at_the_level_its_request_asked_for_and_none_unasked(
+    backend_eras: str,
+) -> None:
+    """The level travels in each request's `_meta`; a handshake-era backend is set once to the most verbose level
+    asked for, and each request still gets only what it asked for. The result comes after its log messages."""
+    fake = FakeBackend("svc")
+    levels: tuple[types.LoggingLevel | None, ...] = ("warning", "debug", "info", None)
+    asked = {level: LogRecorder() for level in levels}
+    async with routed(fake, backend_eras=backend_eras) as (_, router, _):
+        for level, recorder in asked.items():
+            async with Client(mr.build_server(router), cache=None, log_level=level, logging_callback=recorder) as c:
+                assert c.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+                assert text_of(await call(c, "svc__log")) == "svc:log:"
+    assert asked["warning"].logs == SVC_LOGS[2:]
+    assert asked["debug"].logs == SVC_LOGS
+    assert asked["info"].logs == SVC_LOGS[1:]  # the backend logs debug now, and this request did not ask for it
+    assert asked[None].logs == []
+    assert fake.log_levels == ([] if backend_eras == "auto" else ["warning", "debug"])  # 2026: no logging/setLevel
+
+
+async def test_backend_logs_of_no_request_reach_only_handshake_era_clients_that_set_a_level() -> None:
+    """And a 2026-era request's log messages reach that request only."""
+    fake = FakeBackend("svc")
+    loud, quiet, modern = LogRecorder(), LogRecorder(), LogRecorder()
+    async with (
+        routed(fake) as (_, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=loud) as loud_client,
+        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=quiet),
+        Client(mr.build_server(router), cache=None, log_level="info", logging_callback=modern) as modern_client,
+    ):
+        await loud_client.set_logging_level("info")
+        await call(modern_client, "svc__log")
+        assert modern.logs == SVC_LOGS[1:]
+        await fake.log_session.send_log_message("warning", "of no request", logger="fake")
+        await loud.wait_for("of no request")
+        assert text_of(await call(modern_client, "svc__echo", {"text": "after"})) == "svc:echo:after"
+    assert loud.logs == [("warning", "svc/fake", "of no request")]  # queued in order: the call's would come first
+    assert quiet.logs == []  # set no level
+    assert modern.logs == SVC_LOGS[1:]  # nothing outside its own call
 
 
 class StalledClient:
@@ -1668,6 +1727,20 @@ class StalledClient:
     async def send_tool_list_changed(self) -> None:
         await self.reading.wait()
         self.received.append(("tools/list_changed", None))
+
+
+async def test_a_stdio_backends_log_lines_asked_for_by_a_2026_request_are_not_shed() -> None:
+    """The router drops a stdio backend's log lines nobody asked for before it parses them (see the next test)."""
+    config = mr.parse_config({"backends": [{"name": "svc", **fake_backend_command()}]}, {})
+    router = mr.Router(config)
+    recorder = LogRecorder()
+    with anyio.fail_after(20):
+        async with (
+            router.running(),
+            Client(mr.build_server(router), cache=None, log_level="info", logging_callback=recorder) as client,
+        ):
+            assert text_of(await call(client, "svc__log")) == "fake:log:"
+    assert recorder.logs == [("info", "svc/fake", "info from fake"), ("warning", "svc/fake", "warning from fake")]
 
 
 async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_before_it_costs_anything(
@@ -1740,28 +1813,21 @@ async def test_a_slow_client_gets_bounded_logs_and_coalesced_changes_and_the_dro
     assert deaf.received == []
 
 
-async def test_the_log_level_clients_set_goes_with_each_request_to_a_2026_era_backend() -> None:
+async def test_the_level_a_client_set_goes_with_its_own_requests_to_a_2026_era_backend() -> None:
     fake = FakeBackend("svc")
-    got_info = anyio.Event()
-    logs: list[tuple[str, str | None, Any]] = []
-
-    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
-        logs.append((params.level, params.logger, params.data))
-        if params.level == "warning":
-            got_info.set()
-
+    recorder = LogRecorder()
     async with (
-        routed(fake, backend_eras="auto") as (_, router, _),
-        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
+        routed(fake, backend_eras="auto") as (quiet, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=recorder) as client,
     ):
         assert router.backends["svc"].status()["protocol_version"] == "2026-07-28"
         await call(client, "svc__log")  # no level set yet: the backend sends none
         await client.set_logging_level("info")
         assert fake.log_levels == []  # no logging/setLevel in the 2026 era
+        await call(quiet, "svc__log")  # a client that set no level: its request asks for none
         await call(client, "svc__log")
-        with anyio.fail_after(5):
-            await got_info.wait()
-    assert logs == [("info", "svc/fake", "info from svc"), ("warning", "svc/fake", "warning from svc")]
+        await recorder.wait_for("warning from svc")
+    assert recorder.logs == SVC_LOGS[1:]  # once: the quiet client's call sent none to anybody
 
 
 async def test_both_protocol_eras_use_one_router_at_once() -> None:
@@ -2495,13 +2561,6 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
 
 
 async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_refused() -> None:
-    import uvicorn
-
-    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
-    port = free_port()
-    web = uvicorn.Server(
-        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
-    )
     envelope = {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {},
@@ -2518,22 +2577,16 @@ async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_r
         "mcp-method": "tools/call",
     }
     encoded = "=?base64?" + base64.b64encode(b"svc__echo").decode() + "?="
-
-    async with router.running(), anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-                for name in ("svc__echo", encoded):  # a base64-encoded name is decoded before it is compared
-                    ok = await http.post("/mcp", json=body, headers={**base, "mcp-name": name})
-                    assert ok.status_code == 200, ok.text
-                    assert "svc:echo:hi" in ok.text
-                for wrong in ({"mcp-name": "svc__fail"}, {"mcp-name": "svc__echo", "mcp-method": "tools/list"}):
-                    refused = await http.post("/mcp", json=body, headers={**base, **wrong})
-                    assert refused.status_code == 400
-                    assert refused.json()["error"]["code"] == types.HEADER_MISMATCH
-        web.should_exit = True
+    with anyio.fail_after(20):
+        async with served(FakeBackend("svc")) as (http, _, _):
+            for name in ("svc__echo", encoded):  # a base64-encoded name is decoded before it is compared
+                ok = await http.post("/mcp", json=body, headers={**base, "mcp-name": name})
+                assert ok.status_code == 200, ok.text
+                assert "svc:echo:hi" in ok.text
+            for wrong in ({"mcp-name": "svc__fail"}, {"mcp-name": "svc__echo", "mcp-method": "tools/list"}):
+                refused = await http.post("/mcp", json=body, headers={**base, **wrong})
+                assert refused.status_code == 400
+                assert refused.json()["error"]["code"] == types.HEADER_MISMATCH
 
 
 async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> None:
@@ -3815,6 +3868,39 @@ async def open_session(http: httpx2.AsyncClient, **headers: str) -> dict[str, st
     session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25", **headers}
     await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
     return session
+
+
+def mcp_url(http: httpx2.AsyncClient) -> str:
+    """The MCP endpoint of the router that `served` serves to `http`, for an SDK client."""
+    return str(http.base_url.join("/mcp"))
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_closing_a_calls_http_stream_cancels_the_call_at_the_backend(mode: str) -> None:
+    """2026-07-28 has no client notifications over HTTP: the SDK client cancels by closing the request's stream."""
+    fake = FakeBackend("svc")
+    with anyio.fail_after(20):
+        async with served(fake) as (http, _, _), Client(mcp_url(http), mode=mode, cache=None) as client:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, client, "svc__hang")
+                await fake.hang_started.wait()
+                tg.cancel_scope.cancel()  # the client gives up on the call
+            await fake.cancelled.wait()
+            assert text_of(await call(client, "svc__echo", {"text": "after"})) == "svc:echo:after"
+
+
+async def test_over_http_a_2026_client_gets_its_calls_logs_on_the_calls_own_stream_before_the_result() -> None:
+    """A 2026-era client opens no other stream: what reaches it came on the POST that carried the call."""
+    fake = FakeBackend("svc")
+    recorder = LogRecorder()
+    with anyio.fail_after(20):
+        async with (
+            served(fake) as (http, _, _),
+            Client(mcp_url(http), cache=None, log_level="info", logging_callback=recorder) as client,
+        ):
+            assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+            assert text_of(await call(client, "svc__log")) == "svc:log:"
+            assert recorder.logs == SVC_LOGS[1:]
 
 
 @asynccontextmanager
