@@ -213,6 +213,10 @@ class InvalidCursor(RouterError):
 # ---------------------------------------------------------------------------- config
 
 Transport: TypeAlias = Literal["stdio", "http", "sse"]
+BackendEra: TypeAlias = Literal["auto", "handshake"]
+BACKEND_ERAS: Final[tuple[BackendEra, ...]] = ("auto", "handshake")
+"""auto: 2026-07-28 with a backend that serves it (server/discover answers), else the handshake; handshake: always
+the handshake era, for a server whose tools ask the client through their session (see the README)."""
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -270,6 +274,8 @@ class BackendConfig:
     """The values `${VAR}` references in this backend's entry took from the environment: secrets, wherever they went."""
     fallback_to_sse: bool = False
     """A URL backend whose transport is not declared: streamable HTTP, else the legacy SSE transport."""
+    era: BackendEra | None = None
+    """The protocol era spoken to it: "auto" (its newest) or "handshake"; None: the router's `backend_eras`."""
 
     def secrets(self) -> list[str]:
         """Values that must never appear in output: what came from `${VAR}`, env and header values (and their last
@@ -311,7 +317,7 @@ class Settings:
     max_backoff: float = 10.0
     health_check_interval: float = 30.0
     health_check_timeout: float = 5.0
-    backend_eras: str = "legacy"
+    backend_eras: BackendEra = "auto"
     # the HTTP service (see the serving section)
     allow_unauthenticated: bool = False
     auth_token: str | None = None
@@ -383,9 +389,9 @@ SETTINGS: Final = (
             "default seconds between a backend's health checks"),
     Setting("health_check_timeout", "health_check.timeout_seconds", "MCP_HEALTH_CHECK_TIMEOUT", None, float,
             "default seconds a health check may take"),
-    Setting("backend_eras", "routing.backend_eras", "MCP_BACKEND_ERAS", None, ("legacy", "auto"),
-            "protocol era spoken to backends: legacy (the handshake era, which every server speaks) or auto "
-            "(2026-07-28 with backends that serve it, found by server/discover)"),
+    Setting("backend_eras", "routing.backend_eras", "MCP_BACKEND_ERAS", None, BACKEND_ERAS,
+            "protocol era spoken to backends without their own `era`: auto (2026-07-28 with those that serve it, "
+            "found by server/discover, else the handshake) or handshake (the handshake era with every backend)"),
     # the HTTP service
     Setting("allow_unauthenticated", "server.allow_unauthenticated", "MCP_ALLOW_UNAUTHENTICATED", "--allow-unauthenticated", bool,
             "serve a non-loopback address without authentication (logs a warning)"),
@@ -639,7 +645,7 @@ def _parse_settings(
 _TOP_KEYS: Final = ("backends", "mcpServers", "routing", "server", "health_check")
 _BACKEND_KEYS: Final = (
     "name", "url", "command", "args", "env", "cwd", "transport", "headers", "namespace", "priority", "routes",
-    "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude",
+    "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude", "era",
 )  # fmt: skip
 _MCP_SERVERS_EXTRA_KEYS: Final = ("type",)
 """Keys of the Claude Desktop / Claude Code / Cursor `mcpServers` format beside ours."""
@@ -811,6 +817,9 @@ def _parse_backend(
     cwd = raw.get("cwd")
     if cwd is not None:
         _check(cwd, str, _join(path, "cwd"), problems)
+    era = raw.get("era")
+    if era is not None:
+        era = _check(era, BACKEND_ERAS, _join(path, "era"), problems)
     if len(problems.items) > before:
         return None
     return BackendConfig(
@@ -833,6 +842,7 @@ def _parse_backend(
         exclude=exclude,
         expanded=problems.expanded_under(path),
         fallback_to_sse=url is not None and declared is None,
+        era=era,
     )
 
 
@@ -2968,23 +2978,37 @@ async def open_in_newest_era(session: ClientSession) -> types.InitializeResult |
     return result
 
 
-Stamp: TypeAlias = Callable[[str, Mapping[str, Any] | None, dict[str, Any]], Mapping[str, Any]]
-"""(method, params, call options) -> the params to send, with the options' headers set."""
+Stamp: TypeAlias = Callable[[str, Mapping[str, Any] | None, dict[str, Any], Mapping[str, Any]], Mapping[str, Any]]
+"""(method, params, call options, client capabilities) -> the params to send, with the options' headers set."""
+RELAYED_CAPABILITIES: Final = frozenset({"sampling", "elicitation", "roots"})
+"""The client capabilities the router can carry for a backend: the requests it relays to the client behind a call
+(as server requests or input_required rounds). Extensions and experimental ones it cannot, so backends never hear
+of them."""
 
 
 def modern_stamp(session: ClientSession, log_level: Callable[[], str | None] = lambda: None) -> Stamp | None:
     """For a session opened in the 2026 era, what makes a raw request one of that era, else None.
 
-    The SDK's session stamp: the request `_meta` (protocol version, the router's client info and capabilities)
-    and, over HTTP, `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name`, the backend's own (un-prefixed) name,
-    as the router sends the backend's own names. The level clients set (`log_level()`) goes with every request,
-    as the 2026 era has no logging/setLevel.
+    The SDK's session stamp: the request `_meta` (protocol version, the router's client info) and, over HTTP,
+    `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name`, the backend's own (un-prefixed) name, as the router sends
+    the backend's own names. The capabilities are those of the client behind the request, as far as the router
+    relays them; the router's own requests (re-listing, health, the listen stream) declare none, as the router
+    alone can answer none. The level clients set (`log_level()`) goes with every request, as the 2026 era has no
+    logging/setLevel.
     """
     if session.discover_result is None:
         return None
     sdk_stamp = session._stamp  # the SDK keeps it private; Backend.request sends raw requests, past its send_request
 
-    def stamp(method: str, params: Mapping[str, Any] | None, opts: dict[str, Any]) -> Mapping[str, Any]:
+    def own_stamp(data: dict[str, Any], opts: Any) -> None:
+        sdk_stamp(data, opts)
+        data["params"]["_meta"][types.CLIENT_CAPABILITIES_META_KEY] = {}
+
+    session._stamp = own_stamp  # what the SDK sends itself (subscriptions/listen) is the router's own request
+
+    def stamp(
+        method: str, params: Mapping[str, Any] | None, opts: dict[str, Any], capabilities: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
         own = dict(params or {})
         if isinstance(meta := own.get("_meta"), Mapping):
             own["_meta"] = dict(meta)  # the stamp writes into it; the caller's stays as it was
@@ -2993,6 +3017,7 @@ def modern_stamp(session: ClientSession, log_level: Callable[[], str | None] = l
         data = {"method": method, "params": own}
         opts["headers"] = dict(opts.get("headers") or {})  # per request: Mcp-Name differs from call to call
         sdk_stamp(data, cast(Any, opts))
+        own["_meta"][types.CLIENT_CAPABILITIES_META_KEY] = capabilities
         return own
 
     return stamp
@@ -3036,6 +3061,7 @@ class Backend:
             config.name, cb.failure_threshold, cb.timeout_seconds, cb.half_open_attempts, self.clock.now
         )
         self.timeout = config.timeout or router.settings.request_timeout
+        self.era: BackendEra = config.era or router.backend_eras
         self.state: LifecycleState = "starting" if config.enabled else "disabled"
         self.session: ClientSession | None = None
         self.dispatcher: _WatchedDispatcher | None = None
@@ -3059,6 +3085,7 @@ class Backend:
         self._headers: dict[str, str] = {}
         self._stamp: Stamp | None = None
         """For a backend spoken to in the 2026 era: adds the `_meta` envelope and mirrored headers to each request."""
+        self._relayed_for: tuple[Any, Mapping[str, Any]] = (None, {})
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
         self._booked_delay: float | None = None
@@ -3227,8 +3254,7 @@ class Backend:
             )
             await stack.enter_async_context(session)
             try:
-                modern = self.router.backend_eras == "auto"
-                init = await open_in_newest_era(session) if modern else await session.initialize()
+                init = await open_in_newest_era(session) if self.era == "auto" else await session.initialize()
             except (MCPError, NotSent) as err:
                 if isinstance(err, MCPError) and err.code != CONNECTION_CLOSED:
                     raise
@@ -3463,10 +3489,12 @@ class Backend:
         *,
         on_progress: Any = None,
         guarded: bool = True,
+        caller: Any = None,
     ) -> dict[str, Any]:
         """Send one request. Transport failures feed the breaker (answered errors, router bugs and `guarded=False`
         housekeeping do not); a lost connection is fed once, by the supervisor, not once per call it cut.
-        Raises NotSent when the request provably never reached the backend."""
+        `caller`: the client's request context behind it (None: the router's own request), whose capabilities a
+        2026-era backend is told of. Raises NotSent when the request provably never reached the backend."""
         feed = self._feed_breaker if guarded else lambda failure: None
         dispatcher = self.dispatcher
         if dispatcher is None:
@@ -3477,7 +3505,7 @@ class Backend:
         if on_progress is not None:
             opts["on_progress"] = on_progress
         if self._stamp is not None:
-            params = self._stamp(method, params, opts)
+            params = self._stamp(method, params, opts, self._relayed(caller))
         try:
             # The SDK's own timeout starts once the request is written; this one also bounds a backend that stopped reading.
             with anyio.fail_after(timeout + 1):
@@ -3518,6 +3546,17 @@ class Backend:
         feed(None)
         return result
 
+    def _relayed(self, caller: Any) -> Mapping[str, Any]:
+        """What of the calling client's declared capabilities the router relays (see RELAYED_CAPABILITIES); the last
+        answer is kept, as a handshake-era client's capabilities are one object for all its calls."""
+        declared = caller.session.client_capabilities if caller is not None else None
+        if declared is None:
+            return {}
+        if declared is not self._relayed_for[0]:
+            relayed = declared.model_dump(by_alias=True, mode="json", exclude_none=True, include=RELAYED_CAPABILITIES)
+            self._relayed_for = (declared, relayed)
+        return self._relayed_for[1]
+
     # -- visibility
 
     def status(self, *, detail: bool = False) -> dict[str, Any]:
@@ -3527,6 +3566,7 @@ class Backend:
         now = self.clock.now()
         retry_at = self.next_attempt_at if self.state == "failing" else b.retry_at if state == "open" else None
         s = self.stats
+        version = self.session.protocol_version if self.session is not None else None
         info: dict[str, Any] = {
             "name": self.name,
             "namespace": self.config.namespace,
@@ -3540,7 +3580,8 @@ class Backend:
             "resources": len(self.listing.resources) + len(self.listing.templates),
             "prompts": len(self.listing.prompts),
             "restarts": self.restarts,
-            "protocol_version": self.session.protocol_version if self.session is not None else None,
+            "era": None if version is None else "2026" if version in MODERN_PROTOCOL_VERSIONS else "handshake",
+            "protocol_version": version,
             "last_error": redact(self.last_error or (b.last_error if b.failures else None) or "", self.secrets) or None,
             "next_retry_in_seconds": None if retry_at is None else round(max(0.0, retry_at - now), 1),
             "requests": s.requests,
@@ -3757,11 +3798,12 @@ class Router:
         *,
         connectors: Mapping[str, Connector] | None = None,
         clock: Clock = Clock(),
-        backend_eras: Literal["legacy", "auto"] | None = None,
+        backend_eras: BackendEra | None = None,
     ) -> None:
         self.settings = config.settings
-        self.backend_eras = backend_eras or config.settings.backend_eras
-        """"auto": speak 2026-07-28 to backends that serve it (see open_in_newest_era); "legacy": the handshake only."""
+        self.backend_eras: BackendEra = backend_eras or config.settings.backend_eras
+        """The era of backends without their own `era`: "auto" speaks 2026-07-28 to those that serve it (see
+        open_in_newest_era), "handshake" the handshake era only."""
         self.config_source = config.source
         self.clock = clock
         self.routes = routes_of(config.backends)
@@ -4129,8 +4171,9 @@ class Router:
             started = self.clock.now()
             try:
                 result = await backend.request(
-                    method, params, min(backend.timeout, max(0.001, deadline - started)), on_progress=on_progress
-                )
+                    method, params, min(backend.timeout, max(0.001, deadline - started)), on_progress=on_progress,
+                    caller=ctx,
+                )  # fmt: skip
                 if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
                     result = await answer_input_rounds(backend, method, params, result, ctx, on_progress)
                 if on_progress is not None:
@@ -4524,7 +4567,7 @@ async def answer_input_rounds(
         retry = {**params, "inputResponses": answers}
         if asked.request_state is not None:
             retry["requestState"] = asked.request_state
-        result = await backend.request(method, retry, backend.timeout, on_progress=on_progress)
+        result = await backend.request(method, retry, backend.timeout, on_progress=on_progress, caller=ctx)
     raise MCPError(INTERNAL_ERROR, f"backend {backend.name!r} still asks for input after {MAX_INPUT_ROUNDS} rounds")
 
 
@@ -4551,7 +4594,12 @@ _OUTPUT_BACKEND: Final[dict[str, Any]] = {
         "healthy": {"type": "boolean"},
         "last_error": {"type": ["string", "null"]},
         **{key: {"type": ["number", "null"]} for key in ("next_retry_in_seconds", "latency_p50_ms", "latency_p95_ms")},
-        "protocol_version": {"type": ["string", "null"], "description": "the era the router speaks to it in"},
+        "era": {
+            "type": ["string", "null"],
+            "enum": ["2026", "handshake", None],
+            "description": "the protocol era the router speaks to it in (null while not connected)",
+        },
+        "protocol_version": {"type": ["string", "null"], "description": "the protocol version of that era"},
     },
     "required": ["name", "state", "healthy", "circuit_state"],
 }
@@ -6099,15 +6147,13 @@ async def run_check(started: Started) -> int:
         rows = []
         for backend in router.backends.values():
             info = backend.status()
-            version = backend.session.protocol_version if backend.session is not None else None
-            era = None if version is None else "2026" if version in MODERN_PROTOCOL_VERSIONS else "handshake"
             error = info["last_error"]
             if backend.config.enabled and backend.name not in took:
                 error = f"still starting after --timeout {args.timeout:g}s"
             seconds = took.get(backend.name)
             rows.append(
                 info
-                | {"enabled": backend.config.enabled, "era": era, "protocol_version": version, "last_error": error}
+                | {"enabled": backend.config.enabled, "last_error": error}
                 | {"startup_seconds": round(seconds, 2) if seconds is not None and backend.config.enabled else None}
             )
     failed = [r["name"] for r in rows if r["enabled"] and r["state"] != "ready"]

@@ -455,13 +455,15 @@ async def routed(
     settings: dict[str, Any] | None = None,
     mode: str = "legacy",
     clock: FakeClock | None = None,
-    backend_eras: str = "legacy",
+    backend_eras: str | None = None,
     **backend_keys: Any,
 ) -> AsyncIterator[tuple[Client, mr.Router, dict[str, InProcess]]]:
-    """A router over in-process fakes, and a client connected to it."""
+    """A router over in-process fakes, and a client connected to it; the backends' era is the config's (by default
+    auto: the fakes, 2.x servers, are spoken to in 2026-07-28) unless `backend_eras` or an `era` key says otherwise."""
     config = config_for(*(f.name for f in fakes), settings=settings, **backend_keys)
     connectors = {f.name: InProcess(f) for f in fakes}
-    extra: dict[str, Any] = {"backend_eras": backend_eras} | ({"clock": clock.clock()} if clock is not None else {})
+    extra: dict[str, Any] = {"backend_eras": backend_eras} if backend_eras else {}
+    extra |= {"clock": clock.clock()} if clock is not None else {}
     router = mr.Router(config, connectors=connectors, **extra)
     with anyio.fail_after(20):
         async with router.running():
@@ -1165,7 +1167,7 @@ def rich_backend(name: str = "rich") -> FakeBackend:
     )
 
 
-@pytest.mark.parametrize("backend_eras", ["legacy", "auto"])
+@pytest.mark.parametrize("backend_eras", ["handshake", "auto"])
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_parity_router_changes_nothing_but_names(mode: str, backend_eras: str) -> None:
     """Direct and routed look alike for a client of either era, with the backend spoken to in either era."""
@@ -1234,7 +1236,9 @@ async def test_instructions_of_backends_are_combined_under_their_namespace() -> 
 
 async def test_list_cache_hints_are_the_shortest_of_the_backends_and_the_routers_refresh() -> None:
     fakes = [FakeBackend("a"), FakeBackend("b"), FakeBackend("c", prompts=[types.Prompt(name="p")])]
-    config = config_for("a", "b", "c", settings={"routing": {"capability_cache_ttl_seconds": 60}})
+    # handshake era: hints only where the wire adds them (a 2026-era SDK server hints ttlMs 0 on every list)
+    routing = {"capability_cache_ttl_seconds": 60, "backend_eras": "handshake"}
+    config = config_for("a", "b", "c", settings={"routing": routing})
     connectors = {
         "a": InProcess(fakes[0]),
         "b": HintingInProcess(fakes[1], 5000, "public", lists=("tools",)),
@@ -1333,7 +1337,7 @@ async def test_a_backends_new_tool_reaches_a_connected_client() -> None:
             changed.set()
 
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client,
     ):
         assert client.server_capabilities.tools and client.server_capabilities.tools.list_changed
@@ -1355,7 +1359,7 @@ async def test_resource_updates_reach_only_subscribed_clients() -> None:
 
         return on_message
 
-    async with routed(fake) as (_, router, _):
+    async with routed(fake, era="handshake") as (_, router, _):
         server = mr.build_server(router)
         async with (
             Client(server, mode="legacy", cache=None, message_handler=handler("a")) as a,
@@ -1404,7 +1408,7 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client_i
     same answers as a 2025-11-25 client, which gets the backend's requests as requests."""
     fake = FakeBackend("svc", extra_tools=[INTERVIEW])
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client,
     ):
         assert (client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS) == (mode == "auto")
@@ -1417,7 +1421,7 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client_i
 
 async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_state_is_refused() -> None:
     fake = FakeBackend("svc", extra_tools=[INTERVIEW])
-    async with routed(fake) as (_, router, _), Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client:
+    async with routed(fake, era="handshake") as (_, router, _), Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client:
         first = await client.session.call_tool("svc__interview", {}, allow_input_required=True)
         assert isinstance(first, types.InputRequiredResult) and first.request_state
         assert [r.method for r in (first.input_requests or {}).values()] == ["elicitation/create"]
@@ -1446,7 +1450,7 @@ async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_
 
 async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_state_refused() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake, clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (_, router, _):
+    async with routed(fake, era="handshake", clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (_, router, _):
         server = mr.build_server(router)
         async with Client(server, cache=None, **ASKING_CLIENT) as client:
             first = await client.session.call_tool("svc__sample", {"text": "hi"}, allow_input_required=True)
@@ -1468,7 +1472,7 @@ async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_s
 
 async def test_a_client_without_the_capability_gets_a_clear_error_in_either_era() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake) as (bare, router, _), Client(mr.build_server(router), cache=None) as modern:
+    async with routed(fake, era="handshake") as (bare, router, _), Client(mr.build_server(router), cache=None) as modern:
         for client in (bare, modern):
             with pytest.raises(MCPError) as info:  # a clear error, not a hang
                 await client.call_tool("svc__sample", {"text": "hi"})
@@ -1499,7 +1503,7 @@ def test_only_what_the_client_declared_is_asked_of_it() -> None:
 async def test_roots_changes_of_a_client_reach_the_backends() -> None:
     fake = FakeBackend("svc")
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client,
     ):
         await client.send_roots_list_changed()
@@ -1633,7 +1637,7 @@ async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged
         logs.append((params.level, params.logger, params.data))
 
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=on_log) as client,
     ):
         await client.set_logging_level("info")
@@ -3108,7 +3112,8 @@ async def wait_for_http_router(port: int) -> None:
 @asynccontextmanager
 async def router_process(tmp_path: Path, transport: str, mode: str, **client_args: Any) -> AsyncIterator[Client]:
     """The router as a real subprocess over stdio or HTTP, one real stdio backend behind it, and a client."""
-    config = write_config(tmp_path, [{"name": "svc", **fake_backend_command()}])
+    # its tools ask the client and announce new tools through their session: the handshake era has the channel
+    config = write_config(tmp_path, [{"name": "svc", "era": "handshake", **fake_backend_command()}])
     if transport == "stdio":
         async with Client(router_params(config), mode=mode, cache=None, **client_args) as client:
             yield client
@@ -3354,6 +3359,8 @@ for line in sys.stdin:
               "serverInfo": {"name": "raw", "version": "1"}}})
     elif message.get("method") == "tools/list":
         send({"jsonrpc": "2.0", "id": message["id"], "result": {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}})
+    elif message.get("method") == "server/discover":  # a 1.x server's answer: the router shakes hands instead
+        send({"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32601, "message": "Method not found"}})
     elif message.get("method") == "tools/call":
         if mode == "deaf":
             time.sleep(60)  # stops reading: the router's writes pile up in the pipe
@@ -4428,7 +4435,7 @@ def test_check_reports_every_backend_and_fails_when_one_does(tmp_path: Path) -> 
     assert table.returncode == 1, table.stderr
     lines = {line.split()[0]: line for line in table.stdout.splitlines() if line.strip()}
     assert lines["BACKEND"].split()[:4] == ["BACKEND", "TRANSPORT", "ERA", "STATE"]
-    assert lines["good"].split()[1:5] == ["stdio", "handshake", "2025-11-25", "ready"]
+    assert lines["good"].split()[1:5] == ["stdio", "2026", "2026-07-28", "ready"]  # an SDK 2.x server
     assert "cannot run '/nonexistent/mcp-server': No such file or directory" in lines["missing"]
     assert "1 of 2 backends ready; failed: missing" in table.stdout
     report = run_router("check", "--config", str(config), "--json")
