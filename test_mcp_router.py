@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import anyio
 import httpx2
@@ -44,10 +44,12 @@ import yaml
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
+from mcp.server.mcpserver import Elicit, ListRoots, MCPServer, Resolve, Sample
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
 from mcp.shared.message import SessionMessage
+from pydantic import BaseModel
 
 import mcp_router as mr
 
@@ -1024,6 +1026,26 @@ def test_readme_documents_every_setting_and_key() -> None:
         assert f"`{key}`" in readme, f"README lacks backend key {key}"
 
 
+async def test_a_backends_own_era_overrides_the_routers_and_bad_eras_are_named_with_the_fix() -> None:
+    raw = {
+        "backends": [{"name": "pinned", "command": "unused", "era": "handshake"}, {"name": "free", "command": "unused"}]
+    }
+    connectors = {name: InProcess(FakeBackend(name)) for name in ("pinned", "free")}
+    router = mr.Router(mr.parse_config(raw, {}), connectors=connectors)
+    async with router.running():
+        await router.wait_ready()
+        assert {n: b.status()["era"] for n, b in router.backends.items()} == {"pinned": "handshake", "free": "2026"}
+    everyone = mr.parse_config({**raw, "routing": {"backend_eras": "handshake"}}, {})
+    assert [b.era for b in everyone.backends] == ["handshake", None]  # None: the router's setting
+    assert mr.parse_config({}, {"MCP_BACKEND_ERAS": "handshake"}).settings.backend_eras == "handshake"
+    assert problems_of(
+        {"backends": [{"name": "a", "command": "x", "era": "2026"}], "routing": {"backend_eras": "new"}}
+    ) == [
+        "backends.yaml: routing.backend_eras: expected one of auto, handshake, got 'new'",
+        "backends.yaml: backends[0].era: expected one of auto, handshake, got '2026'",
+    ]
+
+
 def test_example_config_is_valid() -> None:
     config = mr.load_config(HERE / "backends.example.yaml", {})
     assert config.backends
@@ -1421,7 +1443,10 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client_i
 
 async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_state_is_refused() -> None:
     fake = FakeBackend("svc", extra_tools=[INTERVIEW])
-    async with routed(fake, era="handshake") as (_, router, _), Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client:
+    async with (
+        routed(fake, era="handshake") as (_, router, _),
+        Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client,
+    ):
         first = await client.session.call_tool("svc__interview", {}, allow_input_required=True)
         assert isinstance(first, types.InputRequiredResult) and first.request_state
         assert [r.method for r in (first.input_requests or {}).values()] == ["elicitation/create"]
@@ -1450,7 +1475,11 @@ async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_
 
 async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_state_refused() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake, era="handshake", clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (_, router, _):
+    async with routed(fake, era="handshake", clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (
+        _,
+        router,
+        _,
+    ):
         server = mr.build_server(router)
         async with Client(server, cache=None, **ASKING_CLIENT) as client:
             first = await client.session.call_tool("svc__sample", {"text": "hi"}, allow_input_required=True)
@@ -1472,7 +1501,10 @@ async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_s
 
 async def test_a_client_without_the_capability_gets_a_clear_error_in_either_era() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake, era="handshake") as (bare, router, _), Client(mr.build_server(router), cache=None) as modern:
+    async with (
+        routed(fake, era="handshake") as (bare, router, _),
+        Client(mr.build_server(router), cache=None) as modern,
+    ):
         for client in (bare, modern):
             with pytest.raises(MCPError) as info:  # a clear error, not a hang
                 await client.call_tool("svc__sample", {"text": "hi"})
@@ -1543,6 +1575,96 @@ async def test_a_2026_backends_input_rounds_reach_a_client_of_either_era(mode: s
         await router.wait_ready()
         assert router.backends["native"].status()["protocol_version"] == "2026-07-28"
         assert text_of(await client.call_tool("native__ask")) == "asked:Ada"
+
+
+class Person(BaseModel):
+    name: str
+
+
+def ask_name() -> Elicit[Person]:
+    return Elicit("Who?", Person)
+
+
+def ask_greeting(person: Annotated[Person, Resolve(ask_name)]) -> Sample:
+    return Sample(
+        [types.SamplingMessage(role="user", content=types.TextContent(text=f"greet {person.name}"))], max_tokens=9
+    )
+
+
+def ask_roots() -> ListRoots:
+    return ListRoots()
+
+
+def interviewing_server() -> Server[Any]:
+    """A 2026-native backend written with the SDK's multi-round-trip API: its `interview` tool elicits a name and asks
+    for roots (one round), then samples a greeting for that name (a second round)."""
+    server = MCPServer("mrtr")
+
+    @server.tool()
+    def interview(
+        person: Annotated[Person, Resolve(ask_name)],
+        greeting: Annotated[types.CreateMessageResult, Resolve(ask_greeting)],
+        roots: Annotated[types.ListRootsResult, Resolve(ask_roots)],
+    ) -> str:
+        assert isinstance(greeting.content, types.TextContent)
+        return f"{person.name}:{greeting.content.text}:{','.join(str(r.uri) for r in roots.roots)}"
+
+    return server._lowlevel_server
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_2026_backend_using_the_sdks_input_rounds_serves_a_client_of_either_era(mode: str) -> None:
+    """Its two rounds reach a 2025-11-25 client as ordinary server requests (and the call is retried with the
+    answers), a 2026-07-28 client as input_required rounds; both get the answer a direct client gets."""
+    connector = InProcess(FakeBackend("mrtr"))
+    connector.server = interviewing_server()
+    router = mr.Router(config_for("mrtr"), connectors={"mrtr": connector})  # the default era: auto
+    async with (
+        router.running(),
+        Client(interviewing_server(), mode=mode, cache=None, **ASKING_CLIENT) as direct,
+        Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client,
+    ):
+        await router.wait_ready()
+        assert router.backends["mrtr"].status()["era"] == "2026"
+        assert text_of(await client.call_tool("mrtr__interview")) == "Ada:GREET ADA:file:///work"
+        assert text_of(await direct.call_tool("interview")) == "Ada:GREET ADA:file:///work"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_2026_backend_hears_only_the_capabilities_the_calling_client_declared(mode: str) -> None:
+    """The request `_meta` carries the client's capabilities (those the router relays), not the router's own: a
+    backend asking for what the client lacks gets the spec's missing-capability error, which the client sees."""
+    seen: list[dict[str, Any]] = []
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        seen.append(_capabilities(ctx))
+        return types.ListToolsResult(tools=[types.Tool(name="caps", input_schema={"type": "object"})])
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        return types.CallToolResult(content=[types.TextContent(text=json.dumps(_capabilities(ctx), sort_keys=True))])
+
+    connector = InProcess(FakeBackend("native"))
+    connector.server = Server("native", on_list_tools=list_tools, on_call_tool=call_tool)
+    mrtr = InProcess(FakeBackend("mrtr"))
+    mrtr.server = interviewing_server()
+    router = mr.Router(config_for("native", "mrtr"), connectors={"native": connector, "mrtr": mrtr})
+    elicits_only = {"elicitation_callback": _elicitation, "list_roots_callback": _roots}
+    async with (
+        router.running(),
+        Client(mr.build_server(router), mode=mode, cache=None, **elicits_only) as client,
+    ):
+        await router.wait_ready()
+        declared = json.loads(text_of(await client.call_tool("native__caps")))
+        assert declared == {"elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}  # no sampling
+        with pytest.raises(MCPError) as info:
+            await client.call_tool("mrtr__interview")
+        assert info.value.code == types.MISSING_REQUIRED_CLIENT_CAPABILITY
+    assert seen and all(caps == {} for caps in seen)  # the router's own listing: no client, no capabilities
+
+
+def _capabilities(ctx: Any) -> dict[str, Any]:
+    declared = ctx.session.client_capabilities
+    return declared.model_dump(by_alias=True, mode="json", exclude_none=True) if declared is not None else {}
 
 
 async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_stream() -> None:
@@ -2533,8 +2655,8 @@ async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_r
 
 
 async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> None:
-    """With backend_eras="auto": a backend serving 2026-07-28 over HTTP gets that era's envelope and mirrored headers,
-    with its own un-prefixed tool name; a 1.x-style backend (no server/discover) keeps the handshake."""
+    """By default a backend serving 2026-07-28 over HTTP gets that era's envelope and mirrored headers, with its own
+    un-prefixed tool name; a 1.x-style backend (no server/discover) keeps the handshake; list_backends shows both."""
     import uvicorn
 
     seen: list[dict[str, str]] = []
@@ -2549,10 +2671,7 @@ async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> No
     old = HandshakeOnly(FakeBackend("old"))
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    raw = {
-        "backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}],
-        "routing": {"backend_eras": "auto"},  # the setting that turns it on
-    }
+    raw = {"backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}]}
     router = mr.Router(mr.parse_config(raw, {}), connectors={"old": old})
     async with anyio.create_task_group() as tg:
         tg.start_soon(web.serve)
@@ -2566,10 +2685,11 @@ async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> No
                     assert text_of(await client.call_tool("old__echo", {"text": "b"})) == "old:echo:b"
                     rows = (await client.call_tool("list_backends")).structured_content or {}
         web.should_exit = True
-    eras = {row["name"]: row["protocol_version"] for row in rows["backends"]}
-    assert eras == {"new": "2026-07-28", "old": "2025-11-25"}
+    eras = {row["name"]: (row["era"], row["protocol_version"]) for row in rows["backends"]}
+    assert eras == {"new": ("2026", "2026-07-28"), "old": ("handshake", "2025-11-25")}
     call = next(h for h in seen if h.get("mcp-method") == "tools/call")
     assert (call["mcp-protocol-version"], call["mcp-name"]) == ("2026-07-28", "echo")
+    assert [h["mcp-method"] for h in seen if "mcp-method" in h][:1] == ["server/discover"]  # classified first
     assert not any("mcp-session-id" in h for h in seen)  # no handshake, no session
 
 
