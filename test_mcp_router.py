@@ -44,6 +44,7 @@ import yaml
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
+from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Elicit, ListRoots, MCPServer, Resolve, Sample
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.shared.exceptions import MCPError
@@ -1278,6 +1279,32 @@ async def test_list_cache_hints_are_the_shortest_of_the_backends_and_the_routers
     assert mr.refresh_interval(router.backends["b"].listing, 60) == 5.0  # b is re-listed as often as it asks
     assert mr.refresh_interval(router.backends["a"].listing, 60) == 60
     assert mr.refresh_interval(router.backends["a"].listing, 0) is None  # only on list_changed
+
+
+async def test_the_router_re_lists_a_2026_backend_as_often_as_its_cache_hints_ask() -> None:
+    listed = [anyio.Event()]  # one per listing the router asks for
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        listed[-1].set()
+        return types.ListToolsResult(tools=[types.Tool(name="t", input_schema={"type": "object"})])
+
+    connector = InProcess(FakeBackend("hinting"))
+    hints: dict[Any, CacheHint] = {"tools/list": CacheHint(ttl_ms=5000, scope="public")}
+    connector.server = Server("hinting", on_list_tools=list_tools, cache_hints=hints)
+    clock = FakeClock()
+    config = config_for("hinting", settings={"routing": {"capability_cache_ttl_seconds": 60}}, **QUIET)
+    router = mr.Router(config, connectors={"hinting": connector}, clock=clock.clock())
+    with anyio.fail_after(10):
+        async with router.running():
+            await listed[0].wait()
+            await router.wait_ready()
+            await anyio.wait_all_tasks_blocked()
+            listed.append(anyio.Event())
+            clock.advance(4.9)
+            await anyio.wait_all_tasks_blocked()
+            assert not listed[1].is_set()  # not before the backend's 5 s are up
+            clock.advance(0.1)
+            await listed[1].wait()  # the backend's 5 s, not the router's 60 s
 
 
 class Gated(InProcess):
