@@ -37,7 +37,8 @@ Map of this file, contract first, machinery last:
     start-up               the command line (every flag and subcommand) and config; run as a program to serve,
                            stdio backends launch while the SDK (next) is imported
     the SDK                its imports
-    I/O shell: backends    one Backend per server: connection, supervisor, health, requests
+    I/O shell: backends    one Backend per server: connection, supervisor, health, requests; a 2026-era one's
+                           ChangeStream (subscriptions/listen: list changes, followed resources)
     I/O shell: the router  Router: the backends, the catalogue, and the request path between them
     MCP wiring             the SDK Server's handlers, the management tools, the fast path
     serving                stdio and HTTP serving, hot reload (ConfigReloader), signals (run_router)
@@ -3023,21 +3024,92 @@ def modern_stamp(session: ClientSession, log_level: Callable[[], str | None] = l
     return stamp
 
 
-async def listen_for_changes(backend: Backend, session: ClientSession) -> None:
-    """Hold a `subscriptions/listen` open to a 2026-era backend, and re-list it whenever one of its lists changes.
+FOLLOW_METHODS: Final = ("resources/subscribe", "resources/unsubscribe")
 
-    Per-resource updates are not asked for here (clients' resources/subscribe is handshake-era only so far).
+
+class ChangeStream:
+    """The `subscriptions/listen` stream of a 2026-era backend, the only way that era tells of changes: its list
+    changes re-list it, and updates of the resources clients follow on it go to them.
+
+    The era has no resources/subscribe: following a resource re-opens the stream with the new set of URIs, the new
+    stream acknowledged before the old one closes, so no change falls between them. The set outlives connections.
     """
-    try:
-        every_list = functools.partial(
-            listen, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True
-        )
-        async with every_list(session) as events:
-            async for _ in events:
-                await backend.refresh()
-    except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
-        reason = describe_error(err)
-        log.info("backend %s: no change notifications (%s); re-listed on its interval", backend.name, reason)
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.uris: dict[str, None] = {}
+        self._wanted = 0
+        """Counts changes of `uris`; a stream opened at count n carries the set as it was then."""
+        self._opened: float = -1
+        """The count of the set the open stream carries (math.inf: no stream will open on this connection)."""
+        self._asked = anyio.Event()
+        self._heard = anyio.Event()
+
+    async def follow(self, uri: str, *, on: bool, timeout: float) -> None:
+        """Add (or drop) a resource; returns once a stream carries the new set, or after `timeout`."""
+        if on == (uri in self.uris):
+            return
+        if on:
+            self.uris[uri] = None
+        else:
+            del self.uris[uri]
+        self._wanted += 1
+        wanted = self._wanted
+        self._asked.set()
+        with anyio.move_on_after(timeout):
+            while self._opened < wanted:
+                await self._heard.wait()
+
+    async def run(self, session: ClientSession) -> None:
+        """Hold the stream open while the connection lasts, re-opened whenever the set of resources changes."""
+        self._opened = -1
+        try:
+            async with anyio.create_task_group() as tg:
+                old: anyio.CancelScope | None = None
+                while True:
+                    self._asked = anyio.Event()
+                    wanted, uris = self._wanted, tuple(self.uris)
+                    scope = await tg.start(self._listen, session, uris)
+                    if old is not None:
+                        old.cancel()
+                    if scope is None:  # refused: said in the log; calls and re-listing go on without it
+                        return
+                    old = scope
+                    self._open(wanted)
+                    await self._asked.wait()
+        finally:
+            self._open(math.inf)  # nobody waits for a stream that will not come
+
+    def _open(self, wanted: float) -> None:
+        self._opened = wanted
+        self._heard.set()
+        self._heard = anyio.Event()
+
+    async def _listen(
+        self, session: ClientSession, uris: Sequence[str], *, task_status: anyio.abc.TaskStatus[Any]
+    ) -> None:
+        """One stream: started (with its cancel scope) once acknowledged, or (with None) when refused."""
+        started = False
+        with anyio.CancelScope() as scope:
+            try:
+                async with listen(
+                    session, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True,
+                    resource_subscriptions=uris,
+                ) as events:  # fmt: skip
+                    task_status.started(scope)
+                    started = True
+                    async for event in events:
+                        if isinstance(event, ResourceUpdated):
+                            await self.backend.router.resource_updated(event.uri)
+                        else:
+                            await self.backend.refresh()
+            except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
+                reason = describe_error(err)
+                log.info(
+                    "backend %s: no change notifications (%s); re-listed on its interval", self.backend.name, reason
+                )
+        if not started:
+            task_status.started(None)
 
 
 class Backend:
@@ -3086,6 +3158,7 @@ class Backend:
         self._stamp: Stamp | None = None
         """For a backend spoken to in the 2026 era: adds the `_meta` envelope and mirrored headers to each request."""
         self._relayed_for: tuple[Any, Mapping[str, Any]] = (None, {})
+        self.changes = ChangeStream(self)
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
         self._booked_delay: float | None = None
@@ -3294,7 +3367,7 @@ class Backend:
                     tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
                 tg.start_soon(self._refresh_when_stale)
                 if self._stamp is not None:  # a 2026-era backend tells of changes only on a listen stream
-                    tg.start_soon(listen_for_changes, self, session)
+                    tg.start_soon(self.changes.run, session)
                 await dispatcher.ended.wait()
                 self._book_end("connection closed")
                 tg.cancel_scope.cancel()
@@ -3505,6 +3578,9 @@ class Backend:
         if on_progress is not None:
             opts["on_progress"] = on_progress
         if self._stamp is not None:
+            if method in FOLLOW_METHODS:  # not in the 2026 era: its listen stream carries the resources followed
+                await self.changes.follow(str((params or {})["uri"]), on=method == FOLLOW_METHODS[0], timeout=timeout)
+                return {}
             params = self._stamp(method, params, opts, self._relayed(caller))
         try:
             # The SDK's own timeout starts once the request is written; this one also bounds a backend that stopped reading.
@@ -4977,7 +5053,7 @@ def build_server(router: Router) -> RouterServer:
         on_completion=_guard(complete),
         on_subscribe_resource=_guard(subscribe),
         on_unsubscribe_resource=_guard(unsubscribe),
-        on_subscriptions_listen=ListenHandler(router.events),
+        on_subscriptions_listen=_FollowingListen(router),
     )
     server.router, server.bridge = router, router.bridge
     # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.
@@ -4993,6 +5069,26 @@ def build_server(router: Router) -> RouterServer:
 
 def _connection_of(ctx: Any) -> Any:
     return ctx.session._connection  # the SDK offers no public handle on a request's connection
+
+
+class _FollowingListen:
+    """Serves a 2026-era client's `subscriptions/listen` (the SDK's ListenHandler, on the router's events), and while
+    it lasts follows the resources it names at their backends, as a handshake-era client's resources/subscribe does.
+    URIs no backend serves are passed over: the stream still tells of the rest."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.serve = ListenHandler(router.events)
+
+    async def __call__(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
+        listener = object()  # this stream, among each resource's followers
+        try:
+            for uri in dict.fromkeys(params.notifications.resource_subscriptions or ()):
+                with contextlib.suppress(MCPError):
+                    await self.router.subscribe(listener, uri)
+            return await self.serve(ctx, params)
+        finally:
+            self.router.clients.forget(listener)  # backends are unsubscribed in the background
 
 
 class _RouterMiddleware:

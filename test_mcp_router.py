@@ -46,7 +46,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Elicit, ListRoots, MCPServer, Resolve, Sample
-from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
 from mcp.shared.message import SessionMessage
@@ -1675,7 +1675,7 @@ async def test_a_2026_backend_hears_only_the_capabilities_the_calling_client_dec
     mrtr = InProcess(FakeBackend("mrtr"))
     mrtr.server = interviewing_server()
     router = mr.Router(config_for("native", "mrtr"), connectors={"native": connector, "mrtr": mrtr})
-    elicits_only = {"elicitation_callback": _elicitation, "list_roots_callback": _roots}
+    elicits_only: dict[str, Any] = {"elicitation_callback": _elicitation, "list_roots_callback": _roots}
     async with (
         router.running(),
         Client(mr.build_server(router), mode=mode, cache=None, **elicits_only) as client,
@@ -1727,6 +1727,60 @@ async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_st
         with anyio.fail_after(5):
             await changed.wait()
         assert "native__grown" in {t.name for t in (await client.list_tools()).tools}
+
+
+async def test_updates_of_a_2026_backends_resources_reach_the_clients_following_them_in_either_era() -> None:
+    """A 2026-era backend has no resources/subscribe: what clients follow (a handshake-era client's subscribe, a
+    2026 client's listen with resource URIs) goes on the router's listen stream to it, and its updates come back."""
+    bus = InMemorySubscriptionBus()
+    files = [types.Resource(uri=f"file:///{n}.txt", name=n) for n in ("a", "b")]
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=[types.Tool(name="touch", input_schema={"type": "object"})])
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        await bus.publish(ResourceUpdated(uri=(params.arguments or {})["uri"]))
+        return types.CallToolResult(content=[types.TextContent(text="touched")])
+
+    async def list_resources(ctx: Any, params: Any) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=files)
+
+    connector = InProcess(FakeBackend("native"))
+    connector.server = Server(
+        "native",
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_resources=list_resources,
+        on_subscriptions_listen=ListenHandler(bus),
+    )
+    heard: list[str] = []
+    updated = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceUpdatedNotification):
+            heard.append(str(message.params.uri))
+            updated.set()
+
+    router = mr.Router(config_for("native"), connectors={"native": connector})
+    async with router.running():
+        await router.wait_ready()
+        server = mr.build_server(router)
+        async with (
+            Client(server, mode="legacy", cache=None, message_handler=on_message) as old,
+            Client(server, cache=None) as new,
+        ):
+            async with new.listen(resource_subscriptions=["file:///a.txt"]) as events:
+                assert list(router.backends["native"].changes.uris) == ["file:///a.txt"]  # asked of the backend
+                await old.subscribe_resource("file:///a.txt")
+                await old.call_tool("native__touch", {"uri": "file:///b.txt"})  # followed by nobody
+                await old.call_tool("native__touch", {"uri": "file:///a.txt"})
+                with anyio.fail_after(5):
+                    assert await anext(events) == ResourceUpdated(uri="file:///a.txt")
+                    await updated.wait()
+            assert heard == ["file:///a.txt"]
+            assert list(router.backends["native"].changes.uris) == ["file:///a.txt"]
+            await old.unsubscribe_resource("file:///a.txt")
+            assert list(router.backends["native"].changes.uris) == []  # the stream no longer asks for it
 
 
 async def test_a_backends_roots_request_before_any_client_with_roots_gets_an_empty_list() -> None:
