@@ -3025,6 +3025,8 @@ def modern_stamp(session: ClientSession, log_level: Callable[[], str | None] = l
 
 
 FOLLOW_METHODS: Final = ("resources/subscribe", "resources/unsubscribe")
+NO_BACK_CHANNEL: Final = "no back-channel for server-initiated requests"
+"""The SDK's words (NoBackChannelError) when a 2.x server's tool asks the client through its session in 2026-07-28."""
 
 
 class ChangeStream:
@@ -3159,6 +3161,8 @@ class Backend:
         """For a backend spoken to in the 2026 era: adds the `_meta` envelope and mirrored headers to each request."""
         self._relayed_for: tuple[Any, Mapping[str, Any]] = (None, {})
         self.changes = ChangeStream(self)
+        self._told_era = False
+        """Whether the log said once that this backend needs the handshake era."""
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
         self._booked_delay: float | None = None
@@ -3607,6 +3611,14 @@ class Backend:
                 self.breaker.release()  # counted once for the lost connection; or the router cut its time short
             else:
                 feed(err.message if err.code == REQUEST_TIMEOUT else None)
+            if self._stamp is not None and NO_BACK_CHANNEL in err.message and not self._told_era:
+                self._told_era = True
+                log.warning(
+                    "backend %s: %s asked the client through its session, which the 2026 era cannot carry; "
+                    "give the backend `era: handshake` in the config",
+                    self.name,
+                    _subject(method, params or {})[1],
+                )
             raise
         except NotSent:
             self.breaker.release()

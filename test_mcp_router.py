@@ -1538,6 +1538,26 @@ async def test_a_client_without_the_capability_gets_a_clear_error_in_either_era(
             assert "does not support sampling" in info.value.message
 
 
+async def test_a_2026_era_backend_asking_through_its_session_gets_the_fix_named_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An SDK 2.x server whose tool samples through `ctx.session` cannot in the 2026 era; the log says what to do."""
+    async with (
+        routed(FakeBackend("svc")) as (_, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client,
+    ):
+        with caplog.at_level("WARNING", logger="mcp_router"):
+            for _ in range(2):
+                with pytest.raises(MCPError) as info:
+                    await call(client, "svc__sample", {"text": "hi"})
+                assert "back-channel" in info.value.message
+    told = [r.getMessage() for r in caplog.records if "era: handshake" in r.getMessage()]
+    assert told == [
+        "backend svc: sample asked the client through its session, which the 2026 era cannot carry; "
+        "give the backend `era: handshake` in the config"
+    ]  # once
+
+
 def test_only_what_the_client_declared_is_asked_of_it() -> None:
     form_only = types.ClientCapabilities(elicitation=types.ElicitationCapability(), sampling=types.SamplingCapability())
     url = types.ElicitRequest(
