@@ -3042,8 +3042,9 @@ class ChangeStream:
         self.uris: dict[str, None] = {}
         self._wanted = 0
         """Counts changes of `uris`; a stream opened at count n carries the set as it was then."""
-        self._opened: float = -1
-        """The count of the set the open stream carries (math.inf: no stream will open on this connection)."""
+        self._opened = math.inf
+        """The count of the set the open stream carries (math.inf: none is opening, as none runs: the next `run`
+        opens one with the whole set)."""
         self._asked = anyio.Event()
         self._heard = anyio.Event()
 
@@ -3062,9 +3063,10 @@ class ChangeStream:
             while self._opened < wanted:
                 await self._heard.wait()
 
-    async def run(self, session: ClientSession) -> None:
-        """Hold the stream open while the connection lasts, re-opened whenever the set of resources changes."""
-        self._opened = -1
+    async def run(self, session: ClientSession, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Hold the stream open while the connection lasts, re-opened whenever the set of resources changes; started
+        once the first stream is acknowledged (or refused)."""
+        self._opened = -1.0
         try:
             async with anyio.create_task_group() as tg:
                 old: anyio.CancelScope | None = None
@@ -3072,7 +3074,9 @@ class ChangeStream:
                     self._asked = anyio.Event()
                     wanted, uris = self._wanted, tuple(self.uris)
                     scope = await tg.start(self._listen, session, uris)
-                    if old is not None:
+                    if old is None:
+                        task_status.started()  # the first stream: the connection goes on to list the backend
+                    else:
                         old.cancel()
                     if scope is None:  # refused: said in the log; calls and re-listing go on without it
                         return
@@ -3349,6 +3353,10 @@ class Backend:
             self.session, self.dispatcher = session, dispatcher
             if self.router.log_level is not None and init.capabilities.logging is not None and self._stamp is None:
                 await self.request("logging/setLevel", {"level": self.router.log_level}, self.timeout, guarded=False)
+            if self._stamp is not None:  # a 2026-era backend tells of changes only on a stream: open before listing
+                streams = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(streams.cancel_scope.cancel)  # runs first: the stream ends with the connection
+                await streams.start(self.changes.run, session)
             listing = await self._fetch_listing(init.instructions)
             self.connected_at = self.clock.now()
             self.last_error = None
@@ -3370,8 +3378,6 @@ class Backend:
                 if self.config.health_check.enabled:
                     tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
                 tg.start_soon(self._refresh_when_stale)
-                if self._stamp is not None:  # a 2026-era backend tells of changes only on a listen stream
-                    tg.start_soon(self.changes.run, session)
                 await dispatcher.ended.wait()
                 self._book_end("connection closed")
                 tg.cancel_scope.cancel()

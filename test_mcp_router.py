@@ -1799,6 +1799,12 @@ async def test_updates_of_a_2026_backends_resources_reach_the_clients_following_
                     await updated.wait()
             assert heard == ["file:///a.txt"]
             assert list(router.backends["native"].changes.uris) == ["file:///a.txt"]
+            connector.cut()  # the backend restarts: the new connection's stream asks for what is still followed
+            await until(router, lambda: connector.connects == 2 and router.backends["native"].state == "ready")
+            updated = anyio.Event()
+            await old.call_tool("native__touch", {"uri": "file:///a.txt"})
+            with anyio.fail_after(5):
+                await updated.wait()
             await old.unsubscribe_resource("file:///a.txt")
             assert list(router.backends["native"].changes.uris) == []  # the stream no longer asks for it
 
