@@ -3112,7 +3112,10 @@ class ChangeStream:
             except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
                 reason = describe_error(err)
                 log.info(
-                    "backend %s: no change notifications (%s); re-listed on its interval", self.backend.name, reason
+                    "backend %s: no change stream (%s); re-listed on its interval (one that announces changes "
+                    "through its session needs `era: handshake`)",
+                    self.backend.name,
+                    reason,
                 )
         if not started:
             task_status.started(None)
