@@ -37,7 +37,8 @@ Map of this file, contract first, machinery last:
     start-up               the command line (every flag and subcommand) and config; run as a program to serve,
                            stdio backends launch while the SDK (next) is imported
     the SDK                its imports
-    I/O shell: backends    one Backend per server: connection, supervisor, health, requests
+    I/O shell: backends    one Backend per server: connection, supervisor, health, requests; a 2026-era one's
+                           ChangeStream (subscriptions/listen: list changes, followed resources)
     I/O shell: the router  Router: the backends, the catalogue, and the request path between them
     MCP wiring             the SDK Server's handlers, the management tools, the fast path
     serving                stdio and HTTP serving, hot reload (ConfigReloader), signals (run_router)
@@ -213,6 +214,10 @@ class InvalidCursor(RouterError):
 # ---------------------------------------------------------------------------- config
 
 Transport: TypeAlias = Literal["stdio", "http", "sse"]
+BackendEra: TypeAlias = Literal["auto", "handshake"]
+BACKEND_ERAS: Final[tuple[BackendEra, ...]] = ("auto", "handshake")
+"""auto: 2026-07-28 with a backend that serves it (server/discover answers), else the handshake; handshake: always
+the handshake era, for a server whose tools ask the client through their session (see the README)."""
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -271,6 +276,8 @@ class BackendConfig:
     """The values `${VAR}` references in this backend's entry took from the environment: secrets, wherever they went."""
     fallback_to_sse: bool = False
     """A URL backend whose transport is not declared: streamable HTTP, else the legacy SSE transport."""
+    era: BackendEra | None = None
+    """The protocol era spoken to it: "auto" (its newest) or "handshake"; None: the router's `backend_eras`."""
 
     def secrets(self) -> list[str]:
         """Values that must never appear in output: what came from `${VAR}`, env and header values (and their last
@@ -313,7 +320,7 @@ class Settings:
     max_backoff: float = 10.0
     health_check_interval: float = 30.0
     health_check_timeout: float = 5.0
-    backend_eras: str = "legacy"
+    backend_eras: BackendEra = "auto"
     # the HTTP service (see the serving section)
     allow_unauthenticated: bool = False
     auth_token: str | None = None
@@ -387,9 +394,9 @@ SETTINGS: Final = (
             "default seconds between a backend's health checks"),
     Setting("health_check_timeout", "health_check.timeout_seconds", "MCP_HEALTH_CHECK_TIMEOUT", None, float,
             "default seconds a health check may take"),
-    Setting("backend_eras", "routing.backend_eras", "MCP_BACKEND_ERAS", None, ("legacy", "auto"),
-            "protocol era spoken to backends: legacy (the handshake era, which every server speaks) or auto "
-            "(2026-07-28 with backends that serve it, found by server/discover)"),
+    Setting("backend_eras", "routing.backend_eras", "MCP_BACKEND_ERAS", None, BACKEND_ERAS,
+            "protocol era spoken to backends without their own `era`: auto (2026-07-28 with those that serve it, "
+            "found by server/discover, else the handshake) or handshake (the handshake era with every backend)"),
     # the HTTP service
     Setting("allow_unauthenticated", "server.allow_unauthenticated", "MCP_ALLOW_UNAUTHENTICATED", "--allow-unauthenticated", bool,
             "serve a non-loopback address without authentication (logs a warning)"),
@@ -643,7 +650,7 @@ def _parse_settings(
 _TOP_KEYS: Final = ("backends", "mcpServers", "routing", "server", "health_check")
 _BACKEND_KEYS: Final = (
     "name", "url", "command", "args", "env", "cwd", "transport", "headers", "namespace", "priority", "routes",
-    "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude",
+    "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude", "era",
 )  # fmt: skip
 _MCP_SERVERS_EXTRA_KEYS: Final = ("type",)
 """Keys of the Claude Desktop / Claude Code / Cursor `mcpServers` format beside ours."""
@@ -815,6 +822,9 @@ def _parse_backend(
     cwd = raw.get("cwd")
     if cwd is not None:
         _check(cwd, str, _join(path, "cwd"), problems)
+    era = raw.get("era")
+    if era is not None:
+        era = _check(era, BACKEND_ERAS, _join(path, "era"), problems)
     if len(problems.items) > before:
         return None
     return BackendConfig(
@@ -837,6 +847,7 @@ def _parse_backend(
         exclude=exclude,
         expanded=problems.expanded_under(path),
         fallback_to_sse=url is not None and declared is None,
+        era=era,
     )
 
 
@@ -3005,25 +3016,43 @@ async def open_in_newest_era(session: ClientSession) -> types.InitializeResult |
     return result
 
 
-Stamp: TypeAlias = Callable[[str, Mapping[str, Any] | None, dict[str, Any], str | None], Mapping[str, Any]]
-"""(method, params, call options, log level) -> the params to send, with the options' headers set."""
+Stamp: TypeAlias = Callable[
+    [str, Mapping[str, Any] | None, dict[str, Any], str | None, Mapping[str, Any]], Mapping[str, Any]
+]
+"""(method, params, call options, log level, client capabilities) -> the params to send, with the options' headers set."""
+RELAYED_CAPABILITIES: Final = frozenset({"sampling", "elicitation", "roots"})
+"""The client capabilities the router can carry for a backend: the requests it relays to the client behind a call
+(as server requests or input_required rounds). Extensions and experimental ones it cannot, so backends never hear
+of them."""
 
 
 def modern_stamp(session: ClientSession) -> Stamp | None:
     """For a session opened in the 2026 era, what makes a raw request one of that era, else None.
 
-    The SDK's session stamp: the request `_meta` (protocol version, the router's client info and capabilities)
-    and, over HTTP, `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name`, the backend's own (un-prefixed) name,
-    as the router sends the backend's own names. The log level is the one the request's client asked for (see
-    Router.forward); without one the backend sends no log messages for the request, as the 2026 era has no
+    The SDK's session stamp: the request `_meta` (protocol version, the router's client info) and, over HTTP,
+    `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name`, the backend's own (un-prefixed) name, as the router sends
+    the backend's own names. The capabilities are those of the client behind the request, as far as the router
+    relays them; the router's own requests (re-listing, health, the listen stream) declare none, as the router
+    alone can answer none. The log level is the one the request's client asked for (see Router.forward); without
+    one the backend sends no log messages for the request, as the 2026 era has no
     logging/setLevel.
     """
     if session.discover_result is None:
         return None
     sdk_stamp = session._stamp  # the SDK keeps it private; Backend.request sends raw requests, past its send_request
 
+    def own_stamp(data: dict[str, Any], opts: Any) -> None:
+        sdk_stamp(data, opts)
+        data["params"]["_meta"][types.CLIENT_CAPABILITIES_META_KEY] = {}
+
+    session._stamp = own_stamp  # what the SDK sends itself (subscriptions/listen) is the router's own request
+
     def stamp(
-        method: str, params: Mapping[str, Any] | None, opts: dict[str, Any], log_level: str | None
+        method: str,
+        params: Mapping[str, Any] | None,
+        opts: dict[str, Any],
+        log_level: str | None,
+        capabilities: Mapping[str, Any],
     ) -> Mapping[str, Any]:
         own = dict(params or {})
         if isinstance(meta := own.get("_meta"), Mapping):
@@ -3033,26 +3062,107 @@ def modern_stamp(session: ClientSession) -> Stamp | None:
         data = {"method": method, "params": own}
         opts["headers"] = dict(opts.get("headers") or {})  # per request: Mcp-Name differs from call to call
         sdk_stamp(data, cast(Any, opts))
+        own["_meta"][types.CLIENT_CAPABILITIES_META_KEY] = capabilities
         return own
 
     return stamp
 
 
-async def listen_for_changes(backend: Backend, session: ClientSession) -> None:
-    """Hold a `subscriptions/listen` open to a 2026-era backend, and re-list it whenever one of its lists changes.
+FOLLOW_METHODS: Final = ("resources/subscribe", "resources/unsubscribe")
+NO_BACK_CHANNEL: Final = "no back-channel for server-initiated requests"
+"""The SDK's words (NoBackChannelError) when a 2.x server's tool asks the client through its session in 2026-07-28."""
 
-    Per-resource updates are not asked for here (clients' resources/subscribe is handshake-era only so far).
+
+class ChangeStream:
+    """The `subscriptions/listen` stream of a 2026-era backend, the only way that era tells of changes: its list
+    changes re-list it, and updates of the resources clients follow on it go to them.
+
+    The era has no resources/subscribe: following a resource re-opens the stream with the new set of URIs, the new
+    stream acknowledged before the old one closes, so no change falls between them. The set outlives connections.
     """
-    try:
-        every_list = functools.partial(
-            listen, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True
-        )
-        async with every_list(session) as events:
-            async for _ in events:
-                await backend.refresh()
-    except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
-        reason = describe_error(err)
-        log.info("backend %s: no change notifications (%s); re-listed on its interval", backend.name, reason)
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.uris: dict[str, None] = {}
+        self._wanted = 0
+        """Counts changes of `uris`; a stream opened at count n carries the set as it was then."""
+        self._opened = math.inf
+        """The count of the set the open stream carries (math.inf: none is opening, as none runs: the next `run`
+        opens one with the whole set)."""
+        self._asked = anyio.Event()
+        self._heard = anyio.Event()
+
+    async def follow(self, uri: str, *, on: bool, timeout: float) -> None:
+        """Add (or drop) a resource; returns once a stream carries the new set, or after `timeout`."""
+        if on == (uri in self.uris):
+            return
+        if on:
+            self.uris[uri] = None
+        else:
+            del self.uris[uri]
+        self._wanted += 1
+        wanted = self._wanted
+        self._asked.set()
+        with anyio.move_on_after(timeout):
+            while self._opened < wanted:
+                await self._heard.wait()
+
+    async def run(self, session: ClientSession, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Hold the stream open while the connection lasts, re-opened whenever the set of resources changes; started
+        once the first stream is acknowledged (or refused)."""
+        self._opened = -1.0
+        try:
+            async with anyio.create_task_group() as tg:
+                old: anyio.CancelScope | None = None
+                while True:
+                    self._asked = anyio.Event()
+                    wanted, uris = self._wanted, tuple(self.uris)
+                    scope = await tg.start(self._listen, session, uris)
+                    if old is None:
+                        task_status.started()  # the first stream: the connection goes on to list the backend
+                    else:
+                        old.cancel()
+                    if scope is None:  # refused: said in the log; calls and re-listing go on without it
+                        return
+                    old = scope
+                    self._open(wanted)
+                    await self._asked.wait()
+        finally:
+            self._open(math.inf)  # nobody waits for a stream that will not come
+
+    def _open(self, wanted: float) -> None:
+        self._opened = wanted
+        self._heard.set()
+        self._heard = anyio.Event()
+
+    async def _listen(
+        self, session: ClientSession, uris: Sequence[str], *, task_status: anyio.abc.TaskStatus[Any]
+    ) -> None:
+        """One stream: started (with its cancel scope) once acknowledged, or (with None) when refused."""
+        started = False
+        with anyio.CancelScope() as scope:
+            try:
+                async with listen(
+                    session, tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True,
+                    resource_subscriptions=uris,
+                ) as events:  # fmt: skip
+                    task_status.started(scope)
+                    started = True
+                    async for event in events:
+                        if isinstance(event, ResourceUpdated):
+                            await self.backend.router.resource_updated(event.uri)
+                        else:
+                            await self.backend.refresh()
+            except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
+                reason = describe_error(err)
+                log.info(
+                    "backend %s: no change stream (%s); re-listed on its interval (one that announces changes "
+                    "through its session needs `era: handshake`)",
+                    self.backend.name,
+                    reason,
+                )
+        if not started:
+            task_status.started(None)
 
 
 class Backend:
@@ -3076,6 +3186,7 @@ class Backend:
             config.name, cb.failure_threshold, cb.timeout_seconds, cb.half_open_attempts, self.clock.now
         )
         self.timeout = config.timeout or router.settings.request_timeout
+        self.era: BackendEra = config.era or router.backend_eras
         self.state: LifecycleState = "starting" if config.enabled else "disabled"
         self.session: ClientSession | None = None
         self.dispatcher: _WatchedDispatcher | None = None
@@ -3099,6 +3210,10 @@ class Backend:
         self._headers: dict[str, str] = {}
         self._stamp: Stamp | None = None
         """For a backend spoken to in the 2026 era: adds the `_meta` envelope and mirrored headers to each request."""
+        self._relayed_for: tuple[Any, Mapping[str, Any]] = (None, {})
+        self.changes = ChangeStream(self)
+        self._told_era = False
+        """Whether the log said once that this backend needs the handshake era."""
         self._stop_scope: anyio.CancelScope | None = None
         self._connection_scope: anyio.CancelScope | None = None
         self._booked_delay: float | None = None
@@ -3269,8 +3384,7 @@ class Backend:
             )
             await stack.enter_async_context(session)
             try:
-                modern = self.router.backend_eras == "auto"
-                init = await open_in_newest_era(session) if modern else await session.initialize()
+                init = await open_in_newest_era(session) if self.era == "auto" else await session.initialize()
             except (MCPError, NotSent) as err:
                 if isinstance(err, MCPError) and err.code != CONNECTION_CLOSED:
                     raise
@@ -3288,6 +3402,10 @@ class Backend:
             self.session, self.dispatcher = session, dispatcher
             self.logs_at = None
             await self.follow_log_level()
+            if self._stamp is not None:  # a 2026-era backend tells of changes only on a stream: open before listing
+                streams = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(streams.cancel_scope.cancel)  # runs first: the stream ends with the connection
+                await streams.start(self.changes.run, session)
             listing = await self._fetch_listing(init.instructions)
             self.connected_at = self.clock.now()
             self.last_error = None
@@ -3309,8 +3427,6 @@ class Backend:
                 if self.config.health_check.enabled:
                     tg.start_soon(self._every, self.config.health_check.interval_seconds, self.check_health)
                 tg.start_soon(self._refresh_when_stale)
-                if self._stamp is not None:  # a 2026-era backend tells of changes only on a listen stream
-                    tg.start_soon(listen_for_changes, self, session)
                 await dispatcher.ended.wait()
                 self._book_end("connection closed")
                 tg.cancel_scope.cancel()
@@ -3536,11 +3652,13 @@ class Backend:
         on_progress: Any = None,
         guarded: bool = True,
         log_level: str | None = None,
+        caller: Any = None,
     ) -> dict[str, Any]:
         """Send one request. Transport failures feed the breaker (answered errors, router bugs and `guarded=False`
         housekeeping do not); a lost connection is fed once, by the supervisor, not once per call it cut.
-        `log_level`: what the request's client asked for, sent with the request to a 2026-era backend.
-        Raises NotSent when the request provably never reached the backend."""
+        `log_level`: what the request's client asked for, and `caller`: the client's request context behind it
+        (None: the router's own request), whose capabilities a 2026-era backend is told of, go with the request to a
+        2026-era backend. Raises NotSent when the request provably never reached the backend."""
         feed = self._feed_breaker if guarded else lambda failure: None
         dispatcher = self.dispatcher
         if dispatcher is None:
@@ -3551,7 +3669,10 @@ class Backend:
         if on_progress is not None:
             opts["on_progress"] = on_progress
         if self._stamp is not None:
-            params = self._stamp(method, params, opts, log_level)
+            if method in FOLLOW_METHODS:  # not in the 2026 era: its listen stream carries the resources followed
+                await self.changes.follow(str((params or {})["uri"]), on=method == FOLLOW_METHODS[0], timeout=timeout)
+                return {}
+            params = self._stamp(method, params, opts, log_level, self._relayed(caller))
         try:
             # The SDK's own timeout starts once the request is written; this one also bounds a backend that stopped reading.
             with anyio.fail_after(timeout + 1):
@@ -3577,6 +3698,14 @@ class Backend:
                 self.breaker.release()  # counted once for the lost connection; or the router cut its time short
             else:
                 feed(err.message if err.code == REQUEST_TIMEOUT else None)
+            if self._stamp is not None and NO_BACK_CHANNEL in err.message and not self._told_era:
+                self._told_era = True
+                log.warning(
+                    "backend %s: %s asked the client through its session, which the 2026 era cannot carry; "
+                    "give the backend `era: handshake` in the config",
+                    self.name,
+                    _subject(method, params or {})[1],
+                )
             raise
         except NotSent:
             self.breaker.release()
@@ -3592,6 +3721,17 @@ class Backend:
         feed(None)
         return result
 
+    def _relayed(self, caller: Any) -> Mapping[str, Any]:
+        """What of the calling client's declared capabilities the router relays (see RELAYED_CAPABILITIES); the last
+        answer is kept, as a handshake-era client's capabilities are one object for all its calls."""
+        declared = caller.session.client_capabilities if caller is not None else None
+        if declared is None:
+            return {}
+        if declared is not self._relayed_for[0]:
+            relayed = declared.model_dump(by_alias=True, mode="json", exclude_none=True, include=RELAYED_CAPABILITIES)
+            self._relayed_for = (declared, relayed)
+        return self._relayed_for[1]
+
     # -- visibility
 
     def status(self, *, detail: bool = False) -> dict[str, Any]:
@@ -3601,6 +3741,7 @@ class Backend:
         now = self.clock.now()
         retry_at = self.next_attempt_at if self.state == "failing" else b.retry_at if state == "open" else None
         s = self.stats
+        version = self.session.protocol_version if self.session is not None else None
         info: dict[str, Any] = {
             "name": self.name,
             "namespace": self.config.namespace,
@@ -3614,7 +3755,8 @@ class Backend:
             "resources": len(self.listing.resources) + len(self.listing.templates),
             "prompts": len(self.listing.prompts),
             "restarts": self.restarts,
-            "protocol_version": self.session.protocol_version if self.session is not None else None,
+            "era": None if version is None else "2026" if version in MODERN_PROTOCOL_VERSIONS else "handshake",
+            "protocol_version": version,
             "last_error": redact(self.last_error or (b.last_error if b.failures else None) or "", self.secrets) or None,
             "next_retry_in_seconds": None if retry_at is None else round(max(0.0, retry_at - now), 1),
             "requests": s.requests,
@@ -3827,11 +3969,12 @@ class Router:
         *,
         connectors: Mapping[str, Connector] | None = None,
         clock: Clock = Clock(),
-        backend_eras: Literal["legacy", "auto"] | None = None,
+        backend_eras: BackendEra | None = None,
     ) -> None:
         self.settings = config.settings
-        self.backend_eras = backend_eras or config.settings.backend_eras
-        """"auto": speak 2026-07-28 to backends that serve it (see open_in_newest_era); "legacy": the handshake only."""
+        self.backend_eras: BackendEra = backend_eras or config.settings.backend_eras
+        """The era of backends without their own `era`: "auto" speaks 2026-07-28 to those that serve it (see
+        open_in_newest_era), "handshake" the handshake era only."""
         self.config_source = config.source
         self.clock = clock
         self.routes = routes_of(config.backends)
@@ -4222,7 +4365,9 @@ class Router:
                 if request_log is not None and request_log.level is not None:
                     await self.ask_for_logs(backend, request_log.level)
                 timeout = min(backend.timeout, max(0.001, deadline - started))
-                result = await backend.request(method, params, timeout, on_progress=on_progress, log_level=log_level)
+                result = await backend.request(
+                    method, params, timeout, on_progress=on_progress, log_level=log_level, caller=ctx
+                )
                 if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
                     result = await answer_input_rounds(backend, method, params, result, ctx, on_progress, log_level)
                 if on_progress is not None:
@@ -4624,7 +4769,9 @@ async def answer_input_rounds(
         retry = {**params, "inputResponses": answers}
         if asked.request_state is not None:
             retry["requestState"] = asked.request_state
-        result = await backend.request(method, retry, backend.timeout, on_progress=on_progress, log_level=log_level)
+        result = await backend.request(
+            method, retry, backend.timeout, on_progress=on_progress, log_level=log_level, caller=ctx
+        )
     raise MCPError(INTERNAL_ERROR, f"backend {backend.name!r} still asks for input after {MAX_INPUT_ROUNDS} rounds")
 
 
@@ -4651,7 +4798,12 @@ _OUTPUT_BACKEND: Final[dict[str, Any]] = {
         "healthy": {"type": "boolean"},
         "last_error": {"type": ["string", "null"]},
         **{key: {"type": ["number", "null"]} for key in ("next_retry_in_seconds", "latency_p50_ms", "latency_p95_ms")},
-        "protocol_version": {"type": ["string", "null"], "description": "the era the router speaks to it in"},
+        "era": {
+            "type": ["string", "null"],
+            "enum": ["2026", "handshake", None],
+            "description": "the protocol era the router speaks to it in (null while not connected)",
+        },
+        "protocol_version": {"type": ["string", "null"], "description": "the protocol version of that era"},
     },
     "required": ["name", "state", "healthy", "circuit_state"],
 }
@@ -5081,7 +5233,7 @@ def build_server(router: Router) -> RouterServer:
         on_completion=_guard(complete),
         on_subscribe_resource=_guard(subscribe),
         on_unsubscribe_resource=_guard(unsubscribe),
-        on_subscriptions_listen=ListenHandler(router.events),
+        on_subscriptions_listen=_FollowingListen(router),
     )
     server.router, server.bridge = router, router.bridge
     # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.
@@ -5097,6 +5249,26 @@ def build_server(router: Router) -> RouterServer:
 
 def _connection_of(ctx: Any) -> Any:
     return ctx.session._connection  # the SDK offers no public handle on a request's connection
+
+
+class _FollowingListen:
+    """Serves a 2026-era client's `subscriptions/listen` (the SDK's ListenHandler, on the router's events), and while
+    it lasts follows the resources it names at their backends, as a handshake-era client's resources/subscribe does.
+    URIs no backend serves are passed over: the stream still tells of the rest."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.serve = ListenHandler(router.events)
+
+    async def __call__(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
+        listener = object()  # this stream, among each resource's followers
+        try:
+            for uri in dict.fromkeys(params.notifications.resource_subscriptions or ()):
+                with contextlib.suppress(MCPError):
+                    await self.router.subscribe(listener, uri)
+            return await self.serve(ctx, params)
+        finally:
+            self.router.clients.forget(listener)  # backends are unsubscribed in the background
 
 
 class _RouterMiddleware:
@@ -6251,15 +6423,13 @@ async def run_check(started: Started) -> int:
         rows = []
         for backend in router.backends.values():
             info = backend.status()
-            version = backend.session.protocol_version if backend.session is not None else None
-            era = None if version is None else "2026" if version in MODERN_PROTOCOL_VERSIONS else "handshake"
             error = info["last_error"]
             if backend.config.enabled and backend.name not in took:
                 error = f"still starting after --timeout {args.timeout:g}s"
             seconds = took.get(backend.name)
             rows.append(
                 info
-                | {"enabled": backend.config.enabled, "era": era, "protocol_version": version, "last_error": error}
+                | {"enabled": backend.config.enabled, "last_error": error}
                 | {"startup_seconds": round(seconds, 2) if seconds is not None and backend.config.enabled else None}
             )
     failed = [r["name"] for r in rows if r["enabled"] and r["state"] != "ready"]

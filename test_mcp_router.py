@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import anyio
 import anyio.streams.text
@@ -48,10 +48,13 @@ from anyio.abc import Process
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
-from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.server.caching import CacheHint
+from mcp.server.mcpserver import Elicit, ListRoots, MCPServer, Resolve, Sample
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.memory import create_client_server_memory_streams
 from mcp.shared.message import SessionMessage
+from pydantic import BaseModel
 
 import mcp_router as mr
 
@@ -466,13 +469,15 @@ async def routed(
     settings: dict[str, Any] | None = None,
     mode: str = "legacy",
     clock: FakeClock | None = None,
-    backend_eras: str = "legacy",
+    backend_eras: str | None = None,
     **backend_keys: Any,
 ) -> AsyncIterator[tuple[Client, mr.Router, dict[str, InProcess]]]:
-    """A router over in-process fakes, and a client connected to it."""
+    """A router over in-process fakes, and a client connected to it; the backends' era is the config's (by default
+    auto: the fakes, 2.x servers, are spoken to in 2026-07-28) unless `backend_eras` or an `era` key says otherwise."""
     config = config_for(*(f.name for f in fakes), settings=settings, **backend_keys)
     connectors = {f.name: InProcess(f) for f in fakes}
-    extra: dict[str, Any] = {"backend_eras": backend_eras} | ({"clock": clock.clock()} if clock is not None else {})
+    extra: dict[str, Any] = {"backend_eras": backend_eras} if backend_eras else {}
+    extra |= {"clock": clock.clock()} if clock is not None else {}
     router = mr.Router(config, connectors=connectors, **extra)
     with anyio.fail_after(20):
         async with router.running():
@@ -1033,6 +1038,26 @@ def test_readme_documents_every_setting_and_key() -> None:
         assert f"`{key}`" in readme, f"README lacks backend key {key}"
 
 
+async def test_a_backends_own_era_overrides_the_routers_and_bad_eras_are_named_with_the_fix() -> None:
+    raw = {
+        "backends": [{"name": "pinned", "command": "unused", "era": "handshake"}, {"name": "free", "command": "unused"}]
+    }
+    connectors = {name: InProcess(FakeBackend(name)) for name in ("pinned", "free")}
+    router = mr.Router(mr.parse_config(raw, {}), connectors=connectors)
+    async with router.running():
+        await router.wait_ready()
+        assert {n: b.status()["era"] for n, b in router.backends.items()} == {"pinned": "handshake", "free": "2026"}
+    everyone = mr.parse_config({**raw, "routing": {"backend_eras": "handshake"}}, {})
+    assert [b.era for b in everyone.backends] == ["handshake", None]  # None: the router's setting
+    assert mr.parse_config({}, {"MCP_BACKEND_ERAS": "handshake"}).settings.backend_eras == "handshake"
+    assert problems_of(
+        {"backends": [{"name": "a", "command": "x", "era": "2026"}], "routing": {"backend_eras": "new"}}
+    ) == [
+        "backends.yaml: routing.backend_eras: expected one of auto, handshake, got 'new'",
+        "backends.yaml: backends[0].era: expected one of auto, handshake, got '2026'",
+    ]
+
+
 def test_example_config_is_valid() -> None:
     config = mr.load_config(HERE / "backends.example.yaml", {})
     assert config.backends
@@ -1176,7 +1201,7 @@ def rich_backend(name: str = "rich") -> FakeBackend:
     )
 
 
-@pytest.mark.parametrize("backend_eras", ["legacy", "auto"])
+@pytest.mark.parametrize("backend_eras", ["handshake", "auto"])
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_parity_router_changes_nothing_but_names(mode: str, backend_eras: str) -> None:
     """Direct and routed look alike for a client of either era, with the backend spoken to in either era."""
@@ -1245,7 +1270,9 @@ async def test_instructions_of_backends_are_combined_under_their_namespace() -> 
 
 async def test_list_cache_hints_are_the_shortest_of_the_backends_and_the_routers_refresh() -> None:
     fakes = [FakeBackend("a"), FakeBackend("b"), FakeBackend("c", prompts=[types.Prompt(name="p")])]
-    config = config_for("a", "b", "c", settings={"routing": {"capability_cache_ttl_seconds": 60}})
+    # handshake era: hints only where the wire adds them (a 2026-era SDK server hints ttlMs 0 on every list)
+    routing = {"capability_cache_ttl_seconds": 60, "backend_eras": "handshake"}
+    config = config_for("a", "b", "c", settings={"routing": routing})
     connectors = {
         "a": InProcess(fakes[0]),
         "b": HintingInProcess(fakes[1], 5000, "public", lists=("tools",)),
@@ -1263,6 +1290,32 @@ async def test_list_cache_hints_are_the_shortest_of_the_backends_and_the_routers
     assert mr.refresh_interval(router.backends["b"].listing, 60) == 5.0  # b is re-listed as often as it asks
     assert mr.refresh_interval(router.backends["a"].listing, 60) == 60
     assert mr.refresh_interval(router.backends["a"].listing, 0) is None  # only on list_changed
+
+
+async def test_the_router_re_lists_a_2026_backend_as_often_as_its_cache_hints_ask() -> None:
+    listed = [anyio.Event()]  # one per listing the router asks for
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        listed[-1].set()
+        return types.ListToolsResult(tools=[types.Tool(name="t", input_schema={"type": "object"})])
+
+    connector = InProcess(FakeBackend("hinting"))
+    hints: dict[Any, CacheHint] = {"tools/list": CacheHint(ttl_ms=5000, scope="public")}
+    connector.server = Server("hinting", on_list_tools=list_tools, cache_hints=hints)
+    clock = FakeClock()
+    config = config_for("hinting", settings={"routing": {"capability_cache_ttl_seconds": 60}}, **QUIET)
+    router = mr.Router(config, connectors={"hinting": connector}, clock=clock.clock())
+    with anyio.fail_after(10):
+        async with router.running():
+            await listed[0].wait()
+            await router.wait_ready()
+            await anyio.wait_all_tasks_blocked()
+            listed.append(anyio.Event())
+            clock.advance(4.9)
+            await anyio.wait_all_tasks_blocked()
+            assert not listed[1].is_set()  # not before the backend's 5 s are up
+            clock.advance(0.1)
+            await listed[1].wait()  # the backend's 5 s, not the router's 60 s
 
 
 class Gated(InProcess):
@@ -1344,7 +1397,7 @@ async def test_a_backends_new_tool_reaches_a_connected_client() -> None:
             changed.set()
 
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client,
     ):
         assert client.server_capabilities.tools and client.server_capabilities.tools.list_changed
@@ -1366,7 +1419,7 @@ async def test_resource_updates_reach_only_subscribed_clients() -> None:
 
         return on_message
 
-    async with routed(fake) as (_, router, _):
+    async with routed(fake, era="handshake") as (_, router, _):
         server = mr.build_server(router)
         async with (
             Client(server, mode="legacy", cache=None, message_handler=handler("a")) as a,
@@ -1415,7 +1468,7 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client_i
     same answers as a 2025-11-25 client, which gets the backend's requests as requests."""
     fake = FakeBackend("svc", extra_tools=[INTERVIEW])
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client,
     ):
         assert (client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS) == (mode == "auto")
@@ -1428,7 +1481,10 @@ async def test_sampling_elicitation_and_roots_round_trip_to_the_calling_client_i
 
 async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_state_is_refused() -> None:
     fake = FakeBackend("svc", extra_tools=[INTERVIEW])
-    async with routed(fake) as (_, router, _), Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client:
+    async with (
+        routed(fake, era="handshake") as (_, router, _),
+        Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client,
+    ):
         first = await client.session.call_tool("svc__interview", {}, allow_input_required=True)
         assert isinstance(first, types.InputRequiredResult) and first.request_state
         assert [r.method for r in (first.input_requests or {}).values()] == ["elicitation/create"]
@@ -1457,7 +1513,11 @@ async def test_a_2026_client_sees_each_input_round_and_a_used_or_forged_request_
 
 async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_state_refused() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake, clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (_, router, _):
+    async with routed(fake, era="handshake", clock=FakeClock(autojump=True), settings=no_refresh(), **QUIET) as (
+        _,
+        router,
+        _,
+    ):
         server = mr.build_server(router)
         async with Client(server, cache=None, **ASKING_CLIENT) as client:
             first = await client.session.call_tool("svc__sample", {"text": "hi"}, allow_input_required=True)
@@ -1479,11 +1539,34 @@ async def test_a_parked_call_never_resumed_is_cancelled_at_the_backend_and_its_s
 
 async def test_a_client_without_the_capability_gets_a_clear_error_in_either_era() -> None:
     fake = FakeBackend("svc")
-    async with routed(fake) as (bare, router, _), Client(mr.build_server(router), cache=None) as modern:
+    async with (
+        routed(fake, era="handshake") as (bare, router, _),
+        Client(mr.build_server(router), cache=None) as modern,
+    ):
         for client in (bare, modern):
             with pytest.raises(MCPError) as info:  # a clear error, not a hang
                 await client.call_tool("svc__sample", {"text": "hi"})
             assert "does not support sampling" in info.value.message
+
+
+async def test_a_2026_era_backend_asking_through_its_session_gets_the_fix_named_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An SDK 2.x server whose tool samples through `ctx.session` cannot in the 2026 era; the log says what to do."""
+    async with (
+        routed(FakeBackend("svc")) as (_, router, _),
+        Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client,
+    ):
+        with caplog.at_level("WARNING", logger="mcp_router"):
+            for _ in range(2):
+                with pytest.raises(MCPError) as info:
+                    await call(client, "svc__sample", {"text": "hi"})
+                assert "back-channel" in info.value.message
+    told = [r.getMessage() for r in caplog.records if "era: handshake" in r.getMessage()]
+    assert told == [
+        "backend svc: sample asked the client through its session, which the 2026 era cannot carry; "
+        "give the backend `era: handshake` in the config"
+    ]  # once
 
 
 def test_only_what_the_client_declared_is_asked_of_it() -> None:
@@ -1510,7 +1593,7 @@ def test_only_what_the_client_declared_is_asked_of_it() -> None:
 async def test_roots_changes_of_a_client_reach_the_backends() -> None:
     fake = FakeBackend("svc")
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode="legacy", cache=None, **ASKING_CLIENT) as client,
     ):
         await client.send_roots_list_changed()
@@ -1552,6 +1635,96 @@ async def test_a_2026_backends_input_rounds_reach_a_client_of_either_era(mode: s
         assert text_of(await client.call_tool("native__ask")) == "asked:Ada"
 
 
+class Person(BaseModel):
+    name: str
+
+
+def ask_name() -> Elicit[Person]:
+    return Elicit("Who?", Person)
+
+
+def ask_greeting(person: Annotated[Person, Resolve(ask_name)]) -> Sample:
+    return Sample(
+        [types.SamplingMessage(role="user", content=types.TextContent(text=f"greet {person.name}"))], max_tokens=9
+    )
+
+
+def ask_roots() -> ListRoots:
+    return ListRoots()
+
+
+def interviewing_server() -> Server[Any]:
+    """A 2026-native backend written with the SDK's multi-round-trip API: its `interview` tool elicits a name and asks
+    for roots (one round), then samples a greeting for that name (a second round)."""
+    server = MCPServer("mrtr")
+
+    @server.tool()
+    def interview(
+        person: Annotated[Person, Resolve(ask_name)],
+        greeting: Annotated[types.CreateMessageResult, Resolve(ask_greeting)],
+        roots: Annotated[types.ListRootsResult, Resolve(ask_roots)],
+    ) -> str:
+        assert isinstance(greeting.content, types.TextContent)
+        return f"{person.name}:{greeting.content.text}:{','.join(str(r.uri) for r in roots.roots)}"
+
+    return server._lowlevel_server
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_2026_backend_using_the_sdks_input_rounds_serves_a_client_of_either_era(mode: str) -> None:
+    """Its two rounds reach a 2025-11-25 client as ordinary server requests (and the call is retried with the
+    answers), a 2026-07-28 client as input_required rounds; both get the answer a direct client gets."""
+    connector = InProcess(FakeBackend("mrtr"))
+    connector.server = interviewing_server()
+    router = mr.Router(config_for("mrtr"), connectors={"mrtr": connector})  # the default era: auto
+    async with (
+        router.running(),
+        Client(interviewing_server(), mode=mode, cache=None, **ASKING_CLIENT) as direct,
+        Client(mr.build_server(router), mode=mode, cache=None, **ASKING_CLIENT) as client,
+    ):
+        await router.wait_ready()
+        assert router.backends["mrtr"].status()["era"] == "2026"
+        assert text_of(await client.call_tool("mrtr__interview")) == "Ada:GREET ADA:file:///work"
+        assert text_of(await direct.call_tool("interview")) == "Ada:GREET ADA:file:///work"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_2026_backend_hears_only_the_capabilities_the_calling_client_declared(mode: str) -> None:
+    """The request `_meta` carries the client's capabilities (those the router relays), not the router's own: a
+    backend asking for what the client lacks gets the spec's missing-capability error, which the client sees."""
+    seen: list[dict[str, Any]] = []
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        seen.append(_capabilities(ctx))
+        return types.ListToolsResult(tools=[types.Tool(name="caps", input_schema={"type": "object"})])
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        return types.CallToolResult(content=[types.TextContent(text=json.dumps(_capabilities(ctx), sort_keys=True))])
+
+    connector = InProcess(FakeBackend("native"))
+    connector.server = Server("native", on_list_tools=list_tools, on_call_tool=call_tool)
+    mrtr = InProcess(FakeBackend("mrtr"))
+    mrtr.server = interviewing_server()
+    router = mr.Router(config_for("native", "mrtr"), connectors={"native": connector, "mrtr": mrtr})
+    elicits_only: dict[str, Any] = {"elicitation_callback": _elicitation, "list_roots_callback": _roots}
+    async with (
+        router.running(),
+        Client(mr.build_server(router), mode=mode, cache=None, **elicits_only) as client,
+    ):
+        await router.wait_ready()
+        declared = json.loads(text_of(await client.call_tool("native__caps")))
+        assert declared == {"elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}  # no sampling
+        with pytest.raises(MCPError) as info:
+            await client.call_tool("mrtr__interview")
+        assert info.value.code == types.MISSING_REQUIRED_CLIENT_CAPABILITY
+    assert seen and all(caps == {} for caps in seen)  # the router's own listing: no client, no capabilities
+
+
+def _capabilities(ctx: Any) -> dict[str, Any]:
+    declared = ctx.session.client_capabilities
+    return declared.model_dump(by_alias=True, mode="json", exclude_none=True) if declared is not None else {}
+
+
 async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_stream() -> None:
     bus = InMemorySubscriptionBus()
     tools = [types.Tool(name="grow", input_schema={"type": "object"})]
@@ -1585,6 +1758,66 @@ async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_st
         with anyio.fail_after(5):
             await changed.wait()
         assert "native__grown" in {t.name for t in (await client.list_tools()).tools}
+
+
+async def test_updates_of_a_2026_backends_resources_reach_the_clients_following_them_in_either_era() -> None:
+    """A 2026-era backend has no resources/subscribe: what clients follow (a handshake-era client's subscribe, a
+    2026 client's listen with resource URIs) goes on the router's listen stream to it, and its updates come back."""
+    bus = InMemorySubscriptionBus()
+    files = [types.Resource(uri=f"file:///{n}.txt", name=n) for n in ("a", "b")]
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=[types.Tool(name="touch", input_schema={"type": "object"})])
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        await bus.publish(ResourceUpdated(uri=(params.arguments or {})["uri"]))
+        return types.CallToolResult(content=[types.TextContent(text="touched")])
+
+    async def list_resources(ctx: Any, params: Any) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=files)
+
+    connector = InProcess(FakeBackend("native"))
+    connector.server = Server(
+        "native",
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_resources=list_resources,
+        on_subscriptions_listen=ListenHandler(bus),
+    )
+    heard: list[str] = []
+    updated = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceUpdatedNotification):
+            heard.append(str(message.params.uri))
+            updated.set()
+
+    router = mr.Router(config_for("native"), connectors={"native": connector})
+    async with router.running():
+        await router.wait_ready()
+        server = mr.build_server(router)
+        async with (
+            Client(server, mode="legacy", cache=None, message_handler=on_message) as old,
+            Client(server, cache=None) as new,
+        ):
+            async with new.listen(resource_subscriptions=["file:///a.txt"]) as events:
+                assert list(router.backends["native"].changes.uris) == ["file:///a.txt"]  # asked of the backend
+                await old.subscribe_resource("file:///a.txt")
+                await old.call_tool("native__touch", {"uri": "file:///b.txt"})  # followed by nobody
+                await old.call_tool("native__touch", {"uri": "file:///a.txt"})
+                with anyio.fail_after(5):
+                    assert await anext(events) == ResourceUpdated(uri="file:///a.txt")
+                    await updated.wait()
+            assert heard == ["file:///a.txt"]
+            assert list(router.backends["native"].changes.uris) == ["file:///a.txt"]
+            connector.cut()  # the backend restarts: the new connection's stream asks for what is still followed
+            await until(router, lambda: connector.connects == 2 and router.backends["native"].state == "ready")
+            updated = anyio.Event()
+            await old.call_tool("native__touch", {"uri": "file:///a.txt"})
+            with anyio.fail_after(5):
+                await updated.wait()
+            await old.unsubscribe_resource("file:///a.txt")
+            assert list(router.backends["native"].changes.uris) == []  # the stream no longer asks for it
 
 
 async def test_a_backends_roots_request_before_any_client_with_roots_gets_an_empty_list() -> None:
@@ -1660,7 +1893,7 @@ async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged
     fake = FakeBackend("svc")
     recorder = LogRecorder()
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=recorder) as client,
     ):
         await client.set_logging_level("info")
@@ -1670,7 +1903,7 @@ async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged
     assert recorder.logs == SVC_LOGS[1:]
 
 
-@pytest.mark.parametrize("backend_eras", ["legacy", "auto"])
+@pytest.mark.parametrize("backend_eras", ["handshake", "auto"])
 async def test_a_2026_client_gets_its_calls_logs_at_the_level_its_request_asked_for_and_none_unasked(
     backend_eras: str,
 ) -> None:
@@ -1696,7 +1929,7 @@ async def test_backend_logs_of_no_request_reach_only_handshake_era_clients_that_
     fake = FakeBackend("svc")
     loud, quiet, modern = LogRecorder(), LogRecorder(), LogRecorder()
     async with (
-        routed(fake) as (_, router, _),
+        routed(fake, era="handshake") as (_, router, _),
         Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=loud) as loud_client,
         Client(mr.build_server(router), mode="legacy", cache=None, logging_callback=quiet),
         Client(mr.build_server(router), cache=None, log_level="info", logging_callback=modern) as modern_client,
@@ -2590,8 +2823,8 @@ async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_r
 
 
 async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> None:
-    """With backend_eras="auto": a backend serving 2026-07-28 over HTTP gets that era's envelope and mirrored headers,
-    with its own un-prefixed tool name; a 1.x-style backend (no server/discover) keeps the handshake."""
+    """By default a backend serving 2026-07-28 over HTTP gets that era's envelope and mirrored headers, with its own
+    un-prefixed tool name; a 1.x-style backend (no server/discover) keeps the handshake; list_backends shows both."""
     import uvicorn
 
     seen: list[dict[str, str]] = []
@@ -2606,10 +2839,7 @@ async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> No
     old = HandshakeOnly(FakeBackend("old"))
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    raw = {
-        "backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}],
-        "routing": {"backend_eras": "auto"},  # the setting that turns it on
-    }
+    raw = {"backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}]}
     router = mr.Router(mr.parse_config(raw, {}), connectors={"old": old})
     async with anyio.create_task_group() as tg:
         tg.start_soon(web.serve)
@@ -2623,10 +2853,11 @@ async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> No
                     assert text_of(await client.call_tool("old__echo", {"text": "b"})) == "old:echo:b"
                     rows = (await client.call_tool("list_backends")).structured_content or {}
         web.should_exit = True
-    eras = {row["name"]: row["protocol_version"] for row in rows["backends"]}
-    assert eras == {"new": "2026-07-28", "old": "2025-11-25"}
+    eras = {row["name"]: (row["era"], row["protocol_version"]) for row in rows["backends"]}
+    assert eras == {"new": ("2026", "2026-07-28"), "old": ("handshake", "2025-11-25")}
     call = next(h for h in seen if h.get("mcp-method") == "tools/call")
     assert (call["mcp-protocol-version"], call["mcp-name"]) == ("2026-07-28", "echo")
+    assert [h["mcp-method"] for h in seen if "mcp-method" in h][:1] == ["server/discover"]  # classified first
     assert not any("mcp-session-id" in h for h in seen)  # no handshake, no session
 
 
@@ -3188,7 +3419,8 @@ async def wait_for_http_router(port: int) -> None:
 @asynccontextmanager
 async def router_process(tmp_path: Path, transport: str, mode: str, **client_args: Any) -> AsyncIterator[Client]:
     """The router as a real subprocess over stdio or HTTP, one real stdio backend behind it, and a client."""
-    config = write_config(tmp_path, [{"name": "svc", **fake_backend_command()}])
+    # its tools ask the client and announce new tools through their session: the handshake era has the channel
+    config = write_config(tmp_path, [{"name": "svc", "era": "handshake", **fake_backend_command()}])
     if transport == "stdio":
         async with Client(router_params(config), mode=mode, cache=None, **client_args) as client:
             yield client
@@ -3434,6 +3666,8 @@ for line in sys.stdin:
               "serverInfo": {"name": "raw", "version": "1"}}})
     elif message.get("method") == "tools/list":
         send({"jsonrpc": "2.0", "id": message["id"], "result": {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}})
+    elif message.get("method") == "server/discover":  # a 1.x server's answer: the router shakes hands instead
+        send({"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32601, "message": "Method not found"}})
     elif message.get("method") == "tools/call":
         if mode == "deaf":
             time.sleep(60)  # stops reading: the router's writes pile up in the pipe
@@ -4541,7 +4775,7 @@ def test_check_reports_every_backend_and_fails_when_one_does(tmp_path: Path) -> 
     assert table.returncode == 1, table.stderr
     lines = {line.split()[0]: line for line in table.stdout.splitlines() if line.strip()}
     assert lines["BACKEND"].split()[:4] == ["BACKEND", "TRANSPORT", "ERA", "STATE"]
-    assert lines["good"].split()[1:5] == ["stdio", "handshake", "2025-11-25", "ready"]
+    assert lines["good"].split()[1:5] == ["stdio", "2026", "2026-07-28", "ready"]  # an SDK 2.x server
     assert "cannot run '/nonexistent/mcp-server': No such file or directory" in lines["missing"]
     assert "1 of 2 backends ready; failed: missing" in table.stdout
     report = run_router("check", "--config", str(config), "--json")
