@@ -27,8 +27,10 @@ overhead  The `echo` tool called directly on a backend and through the router, s
           behind a router in its default mode, and backend and router both set to plain JSON
           (json_response, --json-response), and over stdio to a pool of two replicas with routes
           (the routing decision's share): p50, p99 and calls/s with one caller and with 32
-          concurrent callers sharing one session, and the ratio routed/direct. Direct and routed are measured in alternating rounds so that drift on
-          a busy machine hits both alike.
+          concurrent callers sharing one session, and the ratio routed/direct. Direct and routed are
+          measured in alternating rounds so that drift on a busy machine hits both alike. The
+          http-auth row compares two routers over one SSE backend, one taking a bearer token
+          (MCP_AUTH_TOKEN) and one without authentication: what auth costs a call.
 scale     tools/list through a stdio router (every page, catalogue warm) with 1, 10 and 50 backends
           of 50 tools each and with one backend of 5,000 tools, and the router's resident memory
           (VmRSS from /proc) with 0, 1, 10 and 50 backends. The client is a bare JSON-RPC client
@@ -96,6 +98,7 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
@@ -458,10 +461,14 @@ class Lab:
         return path
 
     @contextmanager
-    def spawn(self, label: str, argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
-        """A background process (HTTP backend or router) in its own session, stopped on the way out."""
+    def spawn(
+        self, label: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> Iterator[subprocess.Popen[bytes]]:
+        """A background process (HTTP backend or router) in its own session, stopped on the way out; `env` is added
+        to this one's environment."""
         proc = subprocess.Popen(
             [sys.executable, *argv],
+            env={**os.environ, **env} if env else None,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.log(label),
@@ -503,8 +510,18 @@ async def connect(transport: AbstractAsyncContextManager[Any]) -> AsyncIterator[
             yield Connection(session, dispatcher)
 
 
-def connect_http(url: str) -> AbstractAsyncContextManager[Connection]:
-    return connect(streamable_http_client(url))
+@asynccontextmanager
+async def connect_http(url: str, token: str | None = None) -> AsyncIterator[Connection]:
+    """A handshake-era session over streamable HTTP, presenting `token` as a bearer token if one is given."""
+    if token is None:
+        async with connect(streamable_http_client(url)) as conn:
+            yield conn
+        return
+    async with (
+        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
+        connect(streamable_http_client(url, http_client=http)) as conn,
+    ):
+        yield conn
 
 
 class BareClient:
@@ -639,16 +656,16 @@ async def http_fake_backend(lab: Lab, label: str, tools: int = 1, *, sse: bool =
 
 @asynccontextmanager
 async def http_router(
-    lab: Lab, label: str, backends: Sequence[Mapping[str, Any]], *extra: str
+    lab: Lab, label: str, backends: Sequence[Mapping[str, Any]], *extra: str, token: str | None = None
 ) -> AsyncIterator[Connection]:
-    """A router serving streamable HTTP, launched through its CLI, and a connection to it."""
+    """A router serving streamable HTTP, launched through its CLI, and a connection to it; with `token`, the router
+    takes only that bearer token (MCP_AUTH_TOKEN) and the connection presents it."""
     config = lab.write_config(label, backends)
     port = free_port()
-    with lab.spawn(
-        label, router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port), *extra)
-    ) as proc:
+    argv = router_argv(lab, config, "--transport", "http", "--host", HOST, "--port", str(port), *extra)
+    with lab.spawn(label, argv, {"MCP_AUTH_TOKEN": token} if token else None) as proc:
         await wait_for_port(port, proc)
-        async with connect_http(f"http://{HOST}:{port}/mcp") as conn:
+        async with connect_http(f"http://{HOST}:{port}/mcp", token) as conn:
             yield conn
 
 
@@ -829,12 +846,27 @@ async def overhead_http(lab: Lab, profile: Profile, *, sse: bool) -> dict[str, A
         return await compare(profile, echo_call(direct, "echo"), echo_call(routed, "h0__echo"))
 
 
+async def overhead_http_auth(lab: Lab, profile: Profile) -> dict[str, Any]:
+    """What a bearer token costs: two routers over one SSE-answering backend, one of them taking a static token;
+    "direct" here is the router without authentication, "routed" the one with it."""
+    async with AsyncExitStack() as stack:
+        url = await stack.enter_async_context(http_fake_backend(lab, "auth-http-backend", sse=True))
+        backends = [http_backend("h0", url)]
+        open_router = await stack.enter_async_context(http_router(lab, "auth-off-router", backends))
+        token = "bench-token-" + "x" * 32
+        guarded_router = await stack.enter_async_context(http_router(lab, "auth-on-router", backends, token=token))
+        for conn in (open_router, guarded_router):
+            await wait_for_tools(conn, {"h0": 1})
+        return await compare(profile, echo_call(open_router, "h0__echo"), echo_call(guarded_router, "h0__echo"))
+
+
 async def bench_overhead(lab: Lab, profile: Profile) -> dict[str, Any]:
     return {
         "stdio": await overhead_stdio(lab, profile),
         "stdio-pool": await overhead_stdio_pool(lab, profile),
         "http": await overhead_http(lab, profile, sse=True),
         "http-json": await overhead_http(lab, profile, sse=False),
+        "http-auth": await overhead_http_auth(lab, profile),
     }
 
 
@@ -1159,11 +1191,19 @@ TARGETS: Final = (
         False,
         "x",
     ),
+    Target("routed/direct p50, http", ("overhead", "http", "sequential", "ratio", "p50_ms"), 1.6, True, "x"),
     Target(
         "routed/direct calls/s, 32 callers, http",
         ("overhead", "http", "concurrent", "ratio", "calls_per_s"),
-        0.5,
+        0.7,
         False,
+        "x",
+    ),
+    Target(
+        "with a bearer token / without, p50, http",
+        ("overhead", "http-auth", "sequential", "ratio", "p50_ms"),
+        1.05,
+        True,
         "x",
     ),
     Target("tools/list p50, 50 backends x 50 tools", ("scale", "50x50", "list", "p50_ms"), 5.0, True, " ms"),
@@ -1212,9 +1252,14 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
             print("  " + "  ".join("-" * w for w in widths))
 
 
+SIDE_NAMES: Final = {"http-auth": {"direct": "no auth", "routed": "token", "routed/direct": "token/no auth"}}
+"""The rows of the overhead table that compare two routers, not a backend with and without one."""
+
+
 def report_overhead(results: Mapping[str, Any]) -> None:
     rows = []
     for transport, by_mode in results.items():
+        names = SIDE_NAMES.get(transport, {})
         for mode in ("sequential", "concurrent"):
             m = by_mode[mode]
             for side in ("direct", "routed"):
@@ -1223,7 +1268,7 @@ def report_overhead(results: Mapping[str, Any]) -> None:
                     [
                         transport,
                         m["callers"],
-                        side,
+                        names.get(side, side),
                         s["calls"],
                         num(s["p50_ms"]),
                         num(s["p99_ms"]),
@@ -1235,7 +1280,7 @@ def report_overhead(results: Mapping[str, Any]) -> None:
                 [
                     transport,
                     m["callers"],
-                    "routed/direct",
+                    names.get("routed/direct", "routed/direct"),
                     "",
                     *(num(r[k]) + "x" for k in ("p50_ms", "p99_ms", "calls_per_s")),
                 ]
