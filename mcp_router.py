@@ -5644,7 +5644,11 @@ class LongStreams:
 
 
 class Tracked:
-    """ASGI wrapper whose GET requests join `streams` (an object, not a function, so Starlette takes it as ASGI)."""
+    """ASGI wrapper whose GET requests join `streams` (an object, not a function, so Starlette takes it as ASGI).
+
+    A stream ended by the drain is closed as a finished response (its last chunk sent), so the client reads an
+    ordinary end of stream, not a broken connection.
+    """
 
     def __init__(self, app: Any, streams: LongStreams) -> None:
         self.app, self.streams = app, streams
@@ -5652,12 +5656,25 @@ class Tracked:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "GET":
             return await self.app(scope, receive, send)
+        unfinished = False
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal unfinished
+            if message["type"] == "http.response.start":
+                unfinished = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                unfinished = False
+            await send(message)
+
         with anyio.CancelScope() as stream:
             self.streams.open.add(stream)
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, watched)
             finally:
                 self.streams.open.discard(stream)
+        if stream.cancelled_caught and unfinished:
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @dataclass(slots=True)
@@ -5869,7 +5886,11 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
 
         async def drain_on_stop() -> None:
             await stop.wait()
-            web.should_exit = True  # uvicorn stops accepting and closes idle connections
+            for listener in web.servers:  # at once: uvicorn would close them on its next tick
+                listener.close()
+            web.should_exit = True  # uvicorn closes idle connections, and waits for the others to finish
+            log.info("stopped accepting connections; %d call(s) in flight get up to %gs to finish (server.drain_seconds)",
+                     server.metrics.in_flight, settings.drain_seconds)  # fmt: skip
             with anyio.move_on_after(settings.drain_seconds):
                 await server.metrics.idle()
             if server.metrics.in_flight:

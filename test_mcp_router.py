@@ -182,6 +182,9 @@ class FakeBackend:
             if params.name == "nap":  # listed only by the fake as a program: says it has started, then sleeps
                 await ctx.session.report_progress(0, None, "napping")
                 await anyio.sleep(float(args.get("text", "1")))
+            if params.name == "stall":  # listed only where a test adds it: says it has started, then waits for release
+                await ctx.session.report_progress(0, None, "stalling")
+                await self.release.wait()
             if params.name == "fail":
                 raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
@@ -4035,6 +4038,78 @@ async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -
             proc.wait()
 
 
+@asynccontextmanager
+async def http_backend(fake: FakeBackend) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """`fake` as a real streamable HTTP server on 127.0.0.1 in this process; yields its URL, and the headers of
+    every request it receives as they arrive."""
+    import uvicorn
+
+    app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
+    received: list[dict[str, str]] = []
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            received.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+        await app(scope, receive, send)
+
+    listening = mr.bind("127.0.0.1", 0)
+    web = uvicorn.Server(uvicorn.Config(recording, log_level="warning"))
+    with listening:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[listening]))
+            try:
+                yield f"http://127.0.0.1:{listening.getsockname()[1]}/mcp", received
+            finally:
+                web.should_exit = True
+
+
+async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: Path) -> None:
+    fake = FakeBackend("svc", extra_tools=[types.Tool(name="stall", input_schema={"type": "object"})])
+    async with http_backend(fake) as (backend_url, _):
+        config = write_config(tmp_path, [{"name": "svc", "url": backend_url}])
+        port = free_port()
+        argv = http_router_argv(config, port, "--log-level", "INFO")
+        async with await anyio.open_process(argv, stderr=subprocess.PIPE) as proc:
+            try:
+                await wait_for_http_router(port)
+                progressed = anyio.Event()
+
+                async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                    progressed.set()
+
+                with anyio.fail_after(30):
+                    async with (
+                        Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client,
+                        anyio.create_task_group() as tg,
+                    ):
+                        answers: list[types.CallToolResult] = []
+
+                        async def stall() -> None:
+                            request = types.CallToolRequest(params=types.CallToolRequestParams(name="svc__stall"))
+                            answers.append(
+                                await client.session.send_request(
+                                    request, types.CallToolResult, progress_callback=on_progress
+                                )
+                            )
+
+                        tg.start_soon(stall)
+                        await progressed.wait()  # the answer is an SSE stream now, its progress sent
+                        proc.send_signal(signal.SIGTERM)
+                        log_lines = await lines_until(proc.stderr, "stopped accepting")
+                        with pytest.raises(httpx2.ConnectError):
+                            async with httpx2.AsyncClient() as http:
+                                await http.get(f"http://127.0.0.1:{port}/healthz")
+                        fake.release.set()
+                    assert text_of(answers[0]) == "svc:stall:"
+                    log_text = "\n".join(log_lines) + await rest_of(proc.stderr)
+                    assert await proc.wait() == 0
+                assert "ASGI callable returned without completing response" not in log_text, log_text
+                assert "Traceback" not in log_text, log_text
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+
+
 async def test_older_clients_use_the_legacy_sse_transport() -> None:
     async with served(FakeBackend("svc"), server={"transport": "sse"}) as (http, _, _):
         assert (await http.get("/sse", headers={"host": "evil.example"})).status_code == 421
@@ -4374,6 +4449,15 @@ async def lines_until(stream: Any, wanted: str, seen: list[str] | None = None) -
         *complete, buffer = buffer.split(b"\n")
         seen += [line.decode(errors="replace") for line in complete]
     return seen
+
+
+async def rest_of(stream: Any) -> str:
+    """What a subprocess's stream still says, up to its end."""
+    chunks = []
+    with contextlib.suppress(anyio.EndOfStream):
+        while True:
+            chunks.append(await stream.receive())
+    return b"".join(chunks).decode(errors="replace")
 
 
 @pytest.mark.parametrize("stdin_kind", ["terminal", "never-closing pipe"])
