@@ -258,6 +258,8 @@ class BackendConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    forward_headers: tuple[str, ...] = ()
+    """Client request headers (lower case) passed on to this HTTP backend with each call made for that client."""
     priority: int = 10
     routes: tuple[RouteConfig, ...] = ()
     health_check: HealthCheckConfig = HealthCheckConfig()
@@ -638,9 +640,21 @@ def _parse_settings(
 
 _TOP_KEYS: Final = ("backends", "mcpServers", "routing", "server", "health_check")
 _BACKEND_KEYS: Final = (
-    "name", "url", "command", "args", "env", "cwd", "transport", "headers", "namespace", "priority", "routes",
-    "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude",
+    "name", "url", "command", "args", "env", "cwd", "transport", "headers", "forward_headers", "namespace", "priority",
+    "routes", "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude",
 )  # fmt: skip
+HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""An HTTP field name (RFC 9110's token)."""
+UNFORWARDABLE_HEADERS: Final = {
+    **dict.fromkeys(("authorization", "proxy-authorization", "cookie"),
+                    "is the client's credential, which never reaches a backend (give the backend its own in headers)"),
+    **dict.fromkeys(("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+                     "host", "content-length", "content-type", "accept", "expect"),
+                    "belongs to one HTTP hop, which the router makes itself"),
+    **dict.fromkeys(("mcp-session-id", "mcp-protocol-version", "mcp-method", "mcp-name", "last-event-id"),
+                    "belongs to the router's own MCP session with the backend"),
+}  # fmt: skip
+"""Client headers a backend may not name in forward_headers, and why."""
 _MCP_SERVERS_EXTRA_KEYS: Final = ("type",)
 """Keys of the Claude Desktop / Claude Code / Cursor `mcpServers` format beside ours."""
 
@@ -806,6 +820,7 @@ def _parse_backend(
     args = _str_list(raw.get("args"), _join(path, "args"), problems)
     env = _str_map(raw.get("env"), _join(path, "env"), problems)
     headers = _str_map(raw.get("headers"), _join(path, "headers"), problems)
+    forward_headers = _forwarded_names(raw.get("forward_headers"), transport, headers, path, problems)
     include = _str_list(raw.get("include"), _join(path, "include"), problems)
     exclude = _str_list(raw.get("exclude"), _join(path, "exclude"), problems)
     cwd = raw.get("cwd")
@@ -823,6 +838,7 @@ def _parse_backend(
         env=env,
         cwd=cwd,
         headers=headers,
+        forward_headers=forward_headers,
         priority=priority,
         routes=tuple(routes),
         health_check=health,
@@ -834,6 +850,30 @@ def _parse_backend(
         expanded=problems.expanded_under(path),
         fallback_to_sse=url is not None and declared is None,
     )
+
+
+def _forwarded_names(
+    value: Any, transport: Transport, headers: Mapping[str, str], path: str, problems: _Problems
+) -> tuple[str, ...]:
+    """A backend's forward_headers, lower case: HTTP field names, none of them a credential, hop or session header."""
+    where = _join(path, "forward_headers")
+    names = _str_list(value, where, problems)
+    if names and transport != "http":
+        problems.add(where, f"only streamable HTTP backends (url) take client headers; {transport} has no place for "
+                            "them: remove forward_headers")  # fmt: skip
+        return ()
+    own = {k.lower() for k in headers}
+    for i, name in enumerate(names):
+        lower = name.lower()
+        if not HEADER_NAME.match(name):
+            problems.add(_join(where, i), f"expected an HTTP header name, got {_describe(name)}")
+        elif lower in UNFORWARDABLE_HEADERS:
+            problems.add(_join(where, i), f"{name} {UNFORWARDABLE_HEADERS[lower]}: remove it")
+        elif lower in own:
+            problems.add(
+                _join(where, i), f"{name} is also set in headers: keep the backend's own value or the client's"
+            )
+    return tuple(dict.fromkeys(n.lower() for n in names))
 
 
 def _check_namespaces(backends: Sequence[BackendConfig], entries: Mapping[str, Any], problems: _Problems) -> None:
@@ -2049,9 +2089,22 @@ class RedactSecrets(logging.Filter):
         super().__init__()
         self.secrets: Sequence[str] = ()
         """Longest first; replaced whole when the configuration changes."""
+        self.passing: collections.Counter[str] = collections.Counter()
+        """Values of client headers forwarded by the calls in flight (see `hide`)."""
+
+    def hide(self, values: Iterable[str]) -> None:
+        """Redact `values` too, until `unhide`: a client's forwarded headers, for as long as its call lasts."""
+        self.passing.update(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+
+    def unhide(self, values: Iterable[str]) -> None:
+        self.passing.subtract(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+        self.passing += collections.Counter()  # drops the values no call forwards any more
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (secrets := self.secrets):
+        secrets = self.secrets
+        if self.passing:
+            secrets = sorted({*secrets, *self.passing}, key=len, reverse=True)
+        if not secrets:
             return True
         message = record.getMessage()
         if (clean := redact(message, secrets)) != message:
@@ -2257,7 +2310,8 @@ def start(argv: Sequence[str] | None) -> Started | int:
     log_redaction.secrets = config.secrets()
     for handler in logging.getLogger().handlers:
         handler.addFilter(log_redaction)
-    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
+    # sse_starlette's debug lines hold every answer's bytes, which may quote a client's forwarded headers
+    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client", "sse_starlette"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command != "serve":
         return Started(args, config, None, {})
@@ -2908,6 +2962,9 @@ def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
             legacy = await _serves_legacy_sse(config)
             if legacy:
                 log.info("backend %s: the URL is a legacy SSE endpoint; using the SSE transport", config.name)
+                if config.forward_headers:
+                    log.warning("backend %s: the SSE transport cannot carry a call's own headers; forward_headers "
+                                "is ignored for it", config.name)  # fmt: skip
                 connector = chosen = lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
             else:
                 connector = http
@@ -3463,10 +3520,12 @@ class Backend:
         *,
         on_progress: Any = None,
         guarded: bool = True,
+        forwarded: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Send one request. Transport failures feed the breaker (answered errors, router bugs and `guarded=False`
         housekeeping do not); a lost connection is fed once, by the supervisor, not once per call it cut.
-        Raises NotSent when the request provably never reached the backend."""
+        Raises NotSent when the request provably never reached the backend. `forwarded`: the client's headers
+        that go with it (see forwarded_headers)."""
         feed = self._feed_breaker if guarded else lambda failure: None
         dispatcher = self.dispatcher
         if dispatcher is None:
@@ -3474,6 +3533,8 @@ class Backend:
         opts: dict[str, Any] = {"timeout": timeout}
         if self._headers:
             opts["headers"] = self._headers
+        if forwarded:
+            opts["headers"] = {**forwarded, **self._headers}
         if on_progress is not None:
             opts["on_progress"] = on_progress
         if self._stamp is not None:
@@ -3517,6 +3578,15 @@ class Backend:
             raise
         feed(None)
         return result
+
+    def forwarded_headers(self, ctx: Any) -> dict[str, str] | None:
+        """The headers of the client's HTTP request (`ctx`'s) that this backend's forward_headers names."""
+        names = self.config.forward_headers
+        headers = getattr(getattr(ctx, "request", None), "headers", None) if names else None
+        if headers is None:  # none to forward, or a client over stdio
+            return None
+        found = {name: ", ".join(values) for name in names if (values := headers.getlist(name))}
+        return found or None
 
     # -- visibility
 
@@ -4126,10 +4196,16 @@ class Router:
             backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
             key = object()
             backend.inflight[key] = ctx
+            if forwarded := backend.forwarded_headers(ctx):
+                log_redaction.hide(forwarded.values())
             started = self.clock.now()
             try:
                 result = await backend.request(
-                    method, params, min(backend.timeout, max(0.001, deadline - started)), on_progress=on_progress
+                    method,
+                    params,
+                    min(backend.timeout, max(0.001, deadline - started)),
+                    on_progress=on_progress,
+                    forwarded=forwarded,
                 )
                 if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
                     result = await answer_input_rounds(backend, method, params, result, ctx, on_progress)
@@ -4152,6 +4228,8 @@ class Router:
                 return result
             finally:
                 backend.inflight.pop(key, None)
+                if forwarded:
+                    log_redaction.unhide(forwarded.values())
             if reached:
                 self._account(method, name, backend, started, error, fallback=False)
             if not may_send_elsewhere(reached_backend=reached, retry_safe=retry_safe) or (
@@ -4524,7 +4602,9 @@ async def answer_input_rounds(
         retry = {**params, "inputResponses": answers}
         if asked.request_state is not None:
             retry["requestState"] = asked.request_state
-        result = await backend.request(method, retry, backend.timeout, on_progress=on_progress)
+        result = await backend.request(
+            method, retry, backend.timeout, on_progress=on_progress, forwarded=backend.forwarded_headers(ctx)
+        )
     raise MCPError(INTERNAL_ERROR, f"backend {backend.name!r} still asks for input after {MAX_INPUT_ROUNDS} rounds")
 
 

@@ -185,6 +185,8 @@ class FakeBackend:
             if params.name == "stall":  # listed only where a test adds it: says it has started, then waits for release
                 await ctx.session.report_progress(0, None, "stalling")
                 await self.release.wait()
+            if params.name == "quote":  # listed only where a test adds it: an error quoting the client's request id
+                raise MCPError(-32042, f"refused request {ctx.request.headers.get('x-request-id')}")
             if params.name == "fail":
                 raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
@@ -949,6 +951,41 @@ def test_a_health_endpoint_on_another_server_is_refused_so_the_headers_stay_home
     ]
     same = mr.parse_config({"backends": [{**raw["backends"][0], "health_check": {"endpoint": "/healthz"}}]}, {})
     assert same.backends[0].health_check.endpoint == "/healthz"
+
+
+def test_forward_headers_refuse_credentials_hops_and_session_headers_and_backends_without_http() -> None:
+    url = "https://api.example.com/mcp"
+    names = ["X-Request-Id", "Authorization", "cookie", "Proxy-Authorization", "Mcp-Session-Id", "Connection",
+             "Transfer-Encoding", "X-Key", "bad header"]  # fmt: skip
+    raw = {
+        "backends": [
+            {"name": "web", "url": url, "headers": {"X-Key": "k"}, "forward_headers": names},
+            {"name": "cli", "command": "npx", "forward_headers": ["X-Request-Id"]},
+            {"name": "old", "url": url, "transport": "sse", "forward_headers": ["X-Request-Id"]},
+        ]
+    }
+    credential = "is the client's credential, which never reaches a backend (give the backend its own in headers)"
+    assert problems_of(raw) == [
+        f"backends.yaml: backends[0].forward_headers[1]: Authorization {credential}: remove it",
+        f"backends.yaml: backends[0].forward_headers[2]: cookie {credential}: remove it",
+        f"backends.yaml: backends[0].forward_headers[3]: Proxy-Authorization {credential}: remove it",
+        "backends.yaml: backends[0].forward_headers[4]: Mcp-Session-Id belongs to the router's own MCP session with "
+        "the backend: remove it",
+        "backends.yaml: backends[0].forward_headers[5]: Connection belongs to one HTTP hop, which the router makes "
+        "itself: remove it",
+        "backends.yaml: backends[0].forward_headers[6]: Transfer-Encoding belongs to one HTTP hop, which the router "
+        "makes itself: remove it",
+        "backends.yaml: backends[0].forward_headers[7]: X-Key is also set in headers: keep the backend's own value "
+        "or the client's",
+        "backends.yaml: backends[0].forward_headers[8]: expected an HTTP header name, got 'bad header'",
+        "backends.yaml: backends[1].forward_headers: only streamable HTTP backends (url) take client headers; stdio "
+        "has no place for them: remove forward_headers",
+        "backends.yaml: backends[2].forward_headers: only streamable HTTP backends (url) take client headers; sse "
+        "has no place for them: remove forward_headers",
+    ]
+    fine = mr.parse_config({"backends": [{"name": "web", "url": url, "forward_headers": ["X-Request-Id"]}]}, {})
+    assert fine.backends[0].forward_headers == ("x-request-id",)
+    assert mr.parse_config({"backends": [{"name": "web", "url": url}]}, {}).backends[0].forward_headers == ()
 
 
 def test_values_from_environment_variables_in_args_and_url_paths_are_secrets() -> None:
@@ -4038,19 +4075,39 @@ async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -
             proc.wait()
 
 
+@dataclass
+class Received:
+    """One HTTP request as a backend received it."""
+
+    headers: dict[str, str]
+    body: bytes = b""
+
+    def method(self) -> str | None:
+        """The JSON-RPC method of a POST's message."""
+        return json.loads(self.body).get("method") if self.body else None
+
+
 @asynccontextmanager
-async def http_backend(fake: FakeBackend) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
-    """`fake` as a real streamable HTTP server on 127.0.0.1 in this process; yields its URL, and the headers of
-    every request it receives as they arrive."""
+async def http_backend(fake: FakeBackend) -> AsyncIterator[tuple[str, list[Received]]]:
+    """`fake` as a real streamable HTTP server on 127.0.0.1 in this process; yields its URL, and every request it
+    receives (headers and body) as they arrive."""
     import uvicorn
 
     app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
-    received: list[dict[str, str]] = []
+    received: list[Received] = []
 
     async def recording(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            received.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
-        await app(scope, receive, send)
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        request = Received({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+        received.append(request)
+
+        async def reading() -> Any:
+            message = await receive()
+            request.body += message.get("body", b"")
+            return message
+
+        await app(scope, reading, send)
 
     listening = mr.bind("127.0.0.1", 0)
     web = uvicorn.Server(uvicorn.Config(recording, log_level="warning"))
@@ -4108,6 +4165,45 @@ async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: 
             finally:
                 if proc.returncode is None:
                     proc.kill()
+
+
+async def test_a_backend_gets_the_client_headers_it_names_and_never_the_clients_credentials(tmp_path: Path) -> None:
+    quoting = FakeBackend("svc", extra_tools=[types.Tool(name="quote", input_schema={"type": "object"})])
+    async with (
+        http_backend(quoting) as (svc_url, svc_got),
+        http_backend(FakeBackend("other")) as (other_url, other_got),
+    ):
+        backends: list[dict[str, Any]] = [
+            {"name": "svc", "url": svc_url, "forward_headers": ["X-Request-Id", "X-Tenant"]},
+            {"name": "other", "url": other_url},
+        ]
+        env = {"MCP_AUTH_TOKEN": "tok-31c8d2"}
+        async with http_router(tmp_path, "--log-level", "DEBUG", env=env, backends=backends) as (url, log_path):
+            client_headers = {
+                "authorization": "Bearer tok-31c8d2",
+                "cookie": "session=cookie-77e1",
+                "x-request-id": "req-5f3a9c",
+            }
+            with anyio.fail_after(20):
+                async with (
+                    httpx2.AsyncClient(headers=client_headers) as http,
+                    Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None) as c,
+                ):
+                    assert text_of(await call(c, "svc__echo", {"text": "a"})) == "svc:echo:a"
+                    assert text_of(await call(c, "other__echo", {"text": "b"})) == "other:echo:b"
+                    with pytest.raises(MCPError, match="refused request req-5f3a9c"):  # the client's own, to it
+                        await call(c, "svc__quote")
+            log_text = log_path.read_text()
+    assert "tools/call quote -> svc: refused request ***" in log_text  # the log shows it to nobody
+    calls = [r for r in svc_got if r.method() == "tools/call"]
+    assert len(calls) == 2 and all(r.headers["x-request-id"] == "req-5f3a9c" for r in calls)
+    assert all("x-tenant" not in r.headers for r in calls)  # the client sent none
+    assert all("x-request-id" not in r.headers for r in svc_got if r.method() != "tools/call")  # the router's own
+    for request in svc_got + other_got:
+        assert "x-request-id" not in request.headers or request in calls
+        assert "tok-31c8d2" not in str(request.headers) and "cookie-77e1" not in str(request.headers)
+    for value in ("req-5f3a9c", "tok-31c8d2", "cookie-77e1"):
+        assert value not in log_text, value
 
 
 async def test_older_clients_use_the_legacy_sse_transport() -> None:
