@@ -3747,6 +3747,8 @@ class ClientHub:
         outbox = self._outboxes.pop(connection, None)
         if outbox is not None:
             outbox.scope.cancel()
+            # the one sign of an HTTP session's end (DELETE, or idle past server.limits.session_idle_seconds)
+            log.debug("a client connection closed; %d remain", len(self._outboxes))
         for uri, followers in list(self._followers.items()):
             if followers.pop(connection, False) is None and not followers:
                 del self._followers[uri]

@@ -3992,6 +3992,82 @@ async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() ->
         assert hung[0].status_code == 200
 
 
+class LogWatch:
+    """A subprocess's stderr, read as it comes (so a chatty log never fills the pipe), counting lines with `marker`."""
+
+    def __init__(self, stream: Any, marker: str) -> None:
+        self.stream, self.marker = stream, marker
+        self.lines: list[str] = []
+        self.count = 0
+        self._changed = anyio.Event()
+
+    async def read(self) -> None:
+        buffer = b""
+        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
+            while True:
+                buffer += await self.stream.receive()
+                *complete, buffer = buffer.split(b"\n")
+                for line in (c.decode(errors="replace") for c in complete):
+                    self.lines.append(line)
+                    if self.marker in line:
+                        self.count += 1
+                        self._changed.set()
+                        self._changed = anyio.Event()
+
+    async def until(self, count: int) -> None:
+        """Wait until `count` lines with the marker have been read."""
+        while self.count < count:
+            await self._changed.wait()
+
+
+async def test_idle_sessions_expire_and_a_client_at_its_session_cap_locks_out_no_other(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-alpha-1\ntok-beta-22\n")
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    argv = http_router_argv(config, port, "--log-level", "DEBUG", "--auth-tokens-file", str(tokens))
+    env = {**os.environ, "MCP_SESSION_IDLE_SECONDS": "1", "MCP_MAX_SESSIONS_PER_CLIENT": "1"}
+    alpha, beta = {"authorization": "Bearer tok-alpha-1"}, {"authorization": "Bearer tok-beta-22"}
+    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
+        closed = LogWatch(proc.stderr, "a client connection closed")
+        tg.start_soon(closed.read)
+        try:
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
+                with anyio.fail_after(30):
+                    while True:  # the port is the subprocess's own: ask until it answers
+                        with contextlib.suppress(httpx2.TransportError):
+                            if (await http.get("/readyz")).status_code == 200:
+                                break
+                        await anyio.sleep(0.05)
+
+                async def sessions() -> float:
+                    return parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"]
+
+                with anyio.fail_after(30):
+                    first = await open_session(http, **alpha)
+                    stream_headers = {**first, "accept": "text/event-stream"}
+                    async with http.stream("GET", "/mcp", headers=stream_headers) as get_stream:
+                        assert get_stream.status_code == 200  # an open GET stream keeps the session alive
+                        assert await sessions() == 1
+                        refused = await http.post("/mcp", json=HELLO, headers=alpha)
+                        assert refused.status_code == 429
+                        assert "too many open sessions for this client" in refused.json()["error"]["message"]
+                        other = await open_session(http, **beta)  # another client still gets in
+                        assert (await http.delete("/mcp", headers=other)).status_code == 200
+                        await closed.until(1)
+                        assert await sessions() == 1
+                    await closed.until(2)  # the abandoned session, idle for a second, expired
+                    gone = await http.post("/mcp", json=rpc(5, "ping"), headers=first)
+                    assert gone.status_code == 404
+                    assert await sessions() == 0
+                    await open_session(http, **alpha)  # the expired session no longer counts against its client
+        finally:
+            proc.terminate()
+            await proc.wait()
+            tg.cancel_scope.cancel()
+    assert "tok-alpha-1" not in "\n".join(closed.lines)
+
+
 async def backend_attempts_until(router: mr.Router, done: Callable[[], bool]) -> None:
     """Wait, move by move of the backends' lifecycles (each wakes it), until `done()`."""
     with anyio.fail_after(10):
