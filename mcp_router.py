@@ -75,6 +75,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import difflib
 import errno
@@ -3820,6 +3821,11 @@ class ClientHub:
         return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}
 
 
+served_by: contextvars.ContextVar[str | None] = contextvars.ContextVar("served_by", default=None)
+"""The backend that the request being served went to last (Router.forward sets it): the metrics' backend label.
+Set in the request's own task, so the server middleware around it reads it once the request is answered."""
+
+
 class Router:
     """Owns the backends, the catalogue, and the request path between them."""
 
@@ -4195,6 +4201,7 @@ class Router:
                 raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
             target = next((n for n in decision.order if n not in failed), decision.order[0])
             backend = self.backends[target]
+            served_by.set(target)
             backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
             key = object()
             backend.inflight[key] = ctx
@@ -5049,19 +5056,22 @@ class _RouterMiddleware:
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.request_id is None or ctx.method == "subscriptions/listen":  # notifications; a listen lasts the session
             return await self._serve(ctx, call_next)
-        metrics, began, outcome = self.metrics, time.perf_counter(), "error"
+        metrics, began, outcome, error_type = self.metrics, time.perf_counter(), "error", "_OTHER"
         metrics.started()
+        served_by.set(None)
         try:
             result = await self._serve(ctx, call_next)
             outcome = "tool_error" if isinstance(result, dict) and result.get("isError") else "ok"
             return result
+        except MCPError as err:
+            error_type = str(err.error.code)
+            raise
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
             raise
         finally:
-            metrics.observe(
-                ctx.method, _metrics_target(self.router, ctx.method, ctx.params), outcome, time.perf_counter() - began
-            )
+            backend = served_by.get() or _metrics_target(self.router, ctx.method, ctx.params)
+            metrics.observe(ctx.method, backend, outcome, time.perf_counter() - began, error_type)
 
     async def _serve(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -5526,8 +5536,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[tuple[str, str], list[float]] = {}
-        """(method, backend): a count per bucket (the last for +Inf), then the sum."""
+        self.latency: dict[tuple[str, str, str], list[float]] = {}
+        """(method, backend, error type or ""): a count per bucket (the last for +Inf), then the sum."""
         self.in_flight = 0
         self._idle: anyio.Event | None = None
         """Made only while a drain waits: an event per request would cost more than the rest of the bookkeeping."""
@@ -5542,17 +5552,19 @@ class Metrics:
                 self._idle = anyio.Event()
             await self._idle.wait()
 
-    def observe(self, method: str, backend: str, outcome: str, seconds: float) -> None:
-        """One finished request: outcome is ok, tool_error (an isError result), error (a JSON-RPC error) or cancelled."""
+    def observe(self, method: str, backend: str, outcome: str, seconds: float, error_type: str = "_OTHER") -> None:
+        """One finished request: outcome is ok, tool_error (an isError result), error (a JSON-RPC error, whose code
+        is `error_type`) or cancelled. `backend`: the one that served it, else the pool or `router`."""
         self.in_flight -= 1
         if not self.in_flight and self._idle is not None:
             self._idle.set()
             self._idle = None
         key = (method, backend, outcome)
         self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.latency.get((method, backend))
+        series = (method, backend, "" if outcome == "ok" else error_type if outcome == "error" else outcome)
+        histogram = self.latency.get(series)
         if histogram is None:
-            histogram = self.latency[(method, backend)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+            histogram = self.latency[series] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         histogram[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         histogram[-1] += seconds
 
@@ -5574,19 +5586,15 @@ class Metrics:
         ]
         out += ["# HELP mcp_server_operation_duration_seconds Time to answer an MCP request.",
                 "# TYPE mcp_server_operation_duration_seconds histogram"]  # fmt: skip
-        for (m, b), histogram in self.latency.items():
+        for (m, b, error), histogram in self.latency.items():
+            # the OpenTelemetry MCP conventions' attributes: mcp.method.name, and error.type on failures only
+            series = {"mcp_method_name": m, "backend": b, **({"error_type": error} if error else {})}
             total = 0.0
             for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram[:-1], strict=True):
                 total += count
-                out.append(
-                    f"mcp_server_operation_duration_seconds_bucket{labels(mcp_method_name=m, backend=b, le=bound)} {int(total)}"
-                )
-            out.append(
-                f"mcp_server_operation_duration_seconds_sum{labels(mcp_method_name=m, backend=b)} {histogram[-1]:.6f}"
-            )
-            out.append(
-                f"mcp_server_operation_duration_seconds_count{labels(mcp_method_name=m, backend=b)} {int(total)}"
-            )
+                out.append(f"mcp_server_operation_duration_seconds_bucket{labels(**series, le=bound)} {int(total)}")
+            out.append(f"mcp_server_operation_duration_seconds_sum{labels(**series)} {histogram[-1]:.6f}")
+            out.append(f"mcp_server_operation_duration_seconds_count{labels(**series)} {int(total)}")
         out += ["# HELP mcp_router_backend_up Whether the backend is connected and listed (1) or not (0).",
                 "# TYPE mcp_router_backend_up gauge"]  # fmt: skip
         out += [f"mcp_router_backend_up{labels(backend=r['name'])} {int(r['state'] == 'ready')}" for r in rows]
@@ -5609,7 +5617,8 @@ class Metrics:
 
 
 def _metrics_target(router: Router, method: str, params: Any) -> str:
-    """The backend label of a request: the backend (or replicas, joined by +) its name routes to; else the router."""
+    """The backend label of a request no backend was tried for: the backend (or replicas, joined by +) its name
+    routes to; else the router."""
     try:
         return _routed_to(router, method, params)
     except (

@@ -3798,7 +3798,7 @@ def rpc(request_id: int, method: str, params: dict[str, Any] | None = None) -> d
 
 @asynccontextmanager
 async def served(
-    *fakes: FakeBackend, server: dict[str, Any] | None = None
+    *fakes: FakeBackend, server: dict[str, Any] | None = None, **backend_keys: Any
 ) -> AsyncIterator[tuple[httpx2.AsyncClient, mr.Router, dict[str, InProcess]]]:
     """The router's HTTP app over in-process fakes, served by uvicorn on 127.0.0.1, and an HTTP client for it.
 
@@ -3807,7 +3807,9 @@ async def served(
     import uvicorn
 
     connectors = {f.name: InProcess(f) for f in fakes}
-    router = mr.Router(config_for(*connectors, settings={"server": server or {}}), connectors=connectors)
+    router = mr.Router(
+        config_for(*connectors, settings={"server": server or {}}, **backend_keys), connectors=connectors
+    )
     listening = mr.bind("127.0.0.1", 0)
     port = listening.getsockname()[1]
     web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), log_level="warning"))
@@ -4378,8 +4380,11 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
             samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="beta",outcome="tool_error"}'] == 1
         )
         inf = 'mcp_server_operation_duration_seconds_bucket{mcp_method_name="tools/call",backend="alpha",le="+Inf"}'
-        assert samples[inf] == 4
-        assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 4
+        assert samples[inf] == 3
+        assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 3
+        failed = 'mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha",error_type='
+        assert samples[failed + '"-32042"}'] == 1  # error.type: the JSON-RPC error code, on failures only
+        assert samples[failed.replace("alpha", "beta") + '"tool_error"}'] == 1
         assert (
             samples['mcp_router_backend_up{backend="alpha"}'] == 1
             and samples['mcp_router_backend_up{backend="beta"}'] == 0
@@ -4394,6 +4399,34 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         router.restart_backend("beta")
         await backend_attempts_until(router, lambda: router.backends["beta"].state == "ready")
         assert (await http.get("/readyz")).json()["up"] == ["alpha", "beta"]
+
+
+async def test_metrics_name_the_replica_of_a_pool_that_served_each_call() -> None:
+    async with served(FakeBackend("a"), FakeBackend("b"), namespace="pool") as (http, _, _):
+        session = await open_session(http)
+        for i in range(4):  # the capability strategy takes turns
+            answer = await http.post("/mcp", json=rpc(10 + i, "tools/call", {"name": "pool__echo"}), headers=session)
+            assert answer.status_code == 200 and "error" not in answer.json()
+        unknown = await http.post("/mcp", json=rpc(20, "tools/call", {"name": "pool__nope"}), headers=session)
+        assert unknown.json()["error"]["code"] == types.INVALID_PARAMS
+        samples = parse_metrics((await http.get("/metrics")).text)
+    calls = {
+        labels: n
+        for name, n in samples.items()
+        if name.startswith("mcp_router_requests_total{") and (labels := name.partition("{")[2])
+    }
+    assert calls == {
+        'mcp_method_name="tools/call",backend="a",outcome="ok"}': 2,
+        'mcp_method_name="tools/call",backend="b",outcome="ok"}': 2,
+        'mcp_method_name="tools/call",backend="router",outcome="error"}': 1,
+        'mcp_method_name="initialize",backend="router",outcome="ok"}': 1,
+    }
+    for replica in ("a", "b"):
+        assert (
+            samples[f'mcp_server_operation_duration_seconds_count{{mcp_method_name="tools/call",backend="{replica}"}}']
+            == 2
+        )
+    assert not any('backend="a+b"' in name for name in samples)
 
 
 class Issuer:
