@@ -4561,17 +4561,23 @@ NGINX = shutil.which("nginx") or next(
 )
 
 
-def readme_nginx_config(listen: int, upstreams: list[int]) -> str:
-    """The README's nginx block, pointed at the test's replicas and port."""
-    block = re.search(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+def readme_nginx_config(listen: int, upstreams: list[int], *, stateful: bool = False) -> str:
+    """The README's nginx block, pointed at the test's replicas and port; `stateful`: with the balancing the README
+    gives for stateful sessions."""
+    readme = (HERE / "README.md").read_text()
+    block = re.search(r"```nginx\n(.*?)```", readme, re.S)
     assert block is not None, "README lacks its nginx configuration"
     servers = "".join(f"    server 127.0.0.1:{port};\n" for port in upstreams)
+    if stateful:
+        pinning = re.search(r"For stateful\s+sessions instead, .*?`(hash [^`]+;)`", readme, re.S)
+        assert pinning is not None, "README lacks the balancing for stateful sessions"
+        servers = f"    {pinning[1]}\n{servers}"
     text = re.sub(r"(    server \d+\.\d+\.\d+\.\d+:\d+;\n)+", servers, block[1], count=1)
     return text.replace("listen 80;", f"listen 127.0.0.1:{listen};")
 
 
 @asynccontextmanager
-async def nginx_in_front(tmp_path: Path, upstreams: list[int]) -> AsyncIterator[int]:
+async def nginx_in_front(tmp_path: Path, upstreams: list[int], *, stateful: bool = False) -> AsyncIterator[int]:
     """nginx on a free 127.0.0.1 port with the README's config, in the foreground, everything of its own in tmp_path."""
     assert NGINX is not None
     port = free_port()
@@ -4583,7 +4589,7 @@ async def nginx_in_front(tmp_path: Path, upstreams: list[int]) -> AsyncIterator[
     (prefix / "nginx.conf").write_text(
         f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
         f"events {{ worker_connections 256; }}\nhttp {{\n    access_log off;\n{temp_paths}"
-        f"{readme_nginx_config(port, upstreams)}}}\n"
+        f"{readme_nginx_config(port, upstreams, stateful=stateful)}}}\n"
     )
     proc = await anyio.open_process(
         [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
@@ -4642,6 +4648,38 @@ async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losin
             if replica.poll() is None:
                 replica.terminate()
                 replica.wait(10)
+
+
+@pytest.mark.skipif(NGINX is None and not os.environ.get("CI"), reason="nginx is not installed (.ci/run installs it)")
+async def test_stateful_sessions_behind_nginx_stay_on_the_replica_that_opened_them(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    ports = [free_port(), free_port()]
+    replicas = [subprocess.Popen(http_router_argv(config, port)) for port in ports]
+    try:
+        for port in ports:
+            await wait_for_http_router(port)
+        async with (
+            nginx_in_front(tmp_path, ports, stateful=True) as front,
+            httpx2.AsyncClient(base_url=f"http://127.0.0.1:{front}", headers=MCP_ACCEPT) as http,
+        ):
+            with anyio.fail_after(60):
+                while True:  # nginx starts in the background: ask until it answers
+                    try:
+                        await http.get("/healthz")
+                        break
+                    except httpx2.TransportError:
+                        await anyio.sleep(0.05)
+                for i in range(8):  # a random session id would hash to the other replica about every other time
+                    session = await open_session(http)
+                    answer = await http.post("/mcp", json=rpc(2, "tools/call", {"name": "one__echo"}), headers=session)
+                    assert answer.status_code == 200, (i, answer.text)
+                    async with http.stream("GET", "/mcp", headers={**session, "accept": "text/event-stream"}) as get:
+                        assert get.status_code == 200
+                    assert (await http.delete("/mcp", headers=session)).status_code == 200
+    finally:
+        for replica in replicas:
+            replica.terminate()
+            replica.wait(10)
 
 
 async def lines_until(stream: Any, wanted: str, seen: list[str] | None = None) -> list[str]:
