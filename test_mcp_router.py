@@ -3995,12 +3995,13 @@ async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() ->
 
 
 class LogWatch:
-    """A subprocess's stderr, read as it comes (so a chatty log never fills the pipe), counting lines with `marker`."""
+    """A subprocess's stderr, read as it comes (so a chatty log never fills the pipe), counting the lines that
+    hold each of `markers`."""
 
-    def __init__(self, stream: Any, marker: str) -> None:
-        self.stream, self.marker = stream, marker
+    def __init__(self, stream: Any, *markers: str) -> None:
+        self.stream = stream
         self.lines: list[str] = []
-        self.count = 0
+        self.counts = dict.fromkeys(markers, 0)
         self._changed = anyio.Event()
 
     async def read(self) -> None:
@@ -4011,14 +4012,15 @@ class LogWatch:
                 *complete, buffer = buffer.split(b"\n")
                 for line in (c.decode(errors="replace") for c in complete):
                     self.lines.append(line)
-                    if self.marker in line:
-                        self.count += 1
-                        self._changed.set()
-                        self._changed = anyio.Event()
+                    for marker in self.counts:
+                        if marker in line:
+                            self.counts[marker] += 1
+                            self._changed.set()
+                            self._changed = anyio.Event()
 
-    async def until(self, count: int) -> None:
-        """Wait until `count` lines with the marker have been read."""
-        while self.count < count:
+    async def until(self, marker: str, count: int = 1) -> None:
+        """Wait until `count` lines with `marker` have been read."""
+        while self.counts[marker] < count:
             await self._changed.wait()
 
 
@@ -4031,8 +4033,8 @@ async def test_idle_sessions_expire_and_a_client_at_its_session_cap_locks_out_no
     env = {**os.environ, "MCP_SESSION_IDLE_SECONDS": "1", "MCP_MAX_SESSIONS_PER_CLIENT": "1"}
     alpha, beta = {"authorization": "Bearer tok-alpha-1"}, {"authorization": "Bearer tok-beta-22"}
     async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
-        closed = LogWatch(proc.stderr, "a client connection closed")
-        tg.start_soon(closed.read)
+        log = LogWatch(proc.stderr, "a client connection closed")
+        tg.start_soon(log.read)
         try:
             async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
                 with anyio.fail_after(30):
@@ -4056,9 +4058,9 @@ async def test_idle_sessions_expire_and_a_client_at_its_session_cap_locks_out_no
                         assert "too many open sessions for this client" in refused.json()["error"]["message"]
                         other = await open_session(http, **beta)  # another client still gets in
                         assert (await http.delete("/mcp", headers=other)).status_code == 200
-                        await closed.until(1)
+                        await log.until("a client connection closed", 1)
                         assert await sessions() == 1
-                    await closed.until(2)  # the abandoned session, idle for a second, expired
+                    await log.until("a client connection closed", 2)  # the abandoned one, idle for a second, expired
                     gone = await http.post("/mcp", json=rpc(5, "ping"), headers=first)
                     assert gone.status_code == 404
                     assert await sessions() == 0
@@ -4067,7 +4069,7 @@ async def test_idle_sessions_expire_and_a_client_at_its_session_cap_locks_out_no
             proc.terminate()
             await proc.wait()
             tg.cancel_scope.cancel()
-    assert "tok-alpha-1" not in "\n".join(closed.lines)
+    assert "tok-alpha-1" not in "\n".join(log.lines)
 
 
 async def backend_attempts_until(router: mr.Router, done: Callable[[], bool]) -> None:
@@ -4081,14 +4083,16 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
     secrets = {
         "ENV_SECRET": "env-6a1f",
         "HEADER_SECRET": "hdr-93c2",
+        "URL_USER": "usr-0b8e",
         "URL_PASSWORD": "pw-55d0",
+        "QUERY_SECRET": "qry-d41f",
         "MCP_AUTH_TOKEN": "tok-7e4b",
     }
     backends = [
         {"name": "one", "env": {"API_KEY": "${ENV_SECRET}"}, **fake_backend_command()},
         {
             "name": "remote",
-            "url": "http://user:${URL_PASSWORD}@127.0.0.1:1/mcp",
+            "url": "http://${URL_USER}:${URL_PASSWORD}@127.0.0.1:1/mcp?key=${QUERY_SECRET}",
             "headers": {"X-Key": "${HEADER_SECRET}"},
         },
     ]
@@ -4334,6 +4338,38 @@ async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_an
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_a_backend_restarts_while_the_router_holds_as_many_connections_as_its_file_limit_allows(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    low_file_limit = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160)); "
+    low_file_limit += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    argv = [sys.executable, "-c", low_file_limit, *http_router_argv(config, port, "--log-level", "INFO")[1:]]
+    env = {**os.environ, "MCP_HEADER_TIMEOUT_SECONDS": "120"}  # the idle connections stay until the test ends them
+    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
+        log = LogWatch(proc.stderr, "backend one: ready", "refusing more", "Traceback")
+        tg.start_soon(log.read)
+        try:
+            with anyio.fail_after(60):
+                await log.until("backend one: ready")
+                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                    first_pid = pids_from(await call(client, "one__pid"))
+                idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)]  # more than 160 files allow
+                await log.until("refusing more")
+                os.kill(first_pid, signal.SIGKILL)
+                await log.until("backend one: ready", 2)  # restarted while every connection it may take is held
+                for stream in idle:
+                    await stream.aclose()
+                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                    assert pids_from(await call(client, "one__pid")) != first_pid
+        finally:
+            proc.terminate()
+            await proc.wait()
+            tg.cancel_scope.cancel()
+    assert log.counts["refusing more"] == 1 and log.counts["Traceback"] == 0, "\n".join(log.lines)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
