@@ -413,9 +413,10 @@ SETTINGS: Final = (
     Setting("max_body_bytes", "server.limits.max_body_bytes", "MCP_MAX_BODY_BYTES", None, int, "largest request body (413 above)"),
     Setting("max_connections", "server.limits.max_connections", "MCP_MAX_CONNECTIONS", None, int,
             "open HTTP connections (503 above; kept below the file limit)"),
-    Setting("max_sessions", "server.limits.max_sessions", "MCP_MAX_SESSIONS", None, int, "open sessions (503 above)"),
+    Setting("max_sessions", "server.limits.max_sessions", "MCP_MAX_SESSIONS", None, int,
+            "open sessions (at the cap the longest idle is ended; 503 if none is idle)"),
     Setting("max_sessions_per_client", "server.limits.max_sessions_per_client", "MCP_MAX_SESSIONS_PER_CLIENT", None, int,
-            "open sessions of one client, by token or else address (429 above)"),
+            "open sessions of one client, by token or else address (at the cap its longest idle is ended; 429 if none is)"),
     Setting("max_requests_per_session", "server.limits.max_requests_per_session", "MCP_MAX_REQUESTS_PER_SESSION", None, int,
             "requests one session may have in flight (429 above)"),
     Setting("session_idle_seconds", "server.limits.session_idle_seconds", "MCP_SESSION_IDLE_SECONDS", None, float,
@@ -2405,7 +2406,7 @@ from mcp_types import (
     PARSE_ERROR,
     REQUEST_TIMEOUT,
 )
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 # ---------------------------------------------------------------------------- I/O shell: backends
 
@@ -5643,15 +5644,20 @@ def _routed_to(router: Router, method: str, params: Any) -> str:
 
 
 class SessionLimits:
-    """ASGI wrapper for the MCP endpoint: body size, sessions per client, and requests in flight per session.
+    """ASGI wrapper for the MCP endpoint: body size, sessions (in all and per client), and requests in flight per
+    session.
 
-    The SDK caps all sessions together and expires idle ones; this adds the caps
-    that keep one client from locking out the others. A client is its token's
-    principal when authenticated, else its address.
+    The SDK expires idle sessions; this caps them so that no client can lock out the
+    others by opening sessions and abandoning them: at a cap, the session idle longest
+    (no request in flight, no GET stream open) is ended to make room, the client's own
+    at its cap, anyone's at the total one, through the SDK's idle expiry (its id then
+    answers 404, and its client opens another). Only when none is idle is the new one
+    refused. A client is its token's principal when authenticated, else its address.
     """
 
-    def __init__(self, app: Any, settings: Settings, live_sessions: Container[str]) -> None:
+    def __init__(self, app: Any, settings: Settings, live_sessions: Mapping[str, Any]) -> None:
         self.app, self.settings, self.live = app, settings, live_sessions
+        """The SDK's open sessions: their transports by session id."""
         self.busy: dict[str, int] = {}
         """Requests in flight by session id."""
         self.opened: dict[str, set[str]] = {}
@@ -5695,19 +5701,45 @@ class SessionLimits:
             if (left := self.busy.pop(key) - 1) > 0:
                 self.busy[key] = left
 
+    def is_open(self, session: str) -> bool:
+        """Whether the session is open and not being ended."""
+        transport = self.live.get(session)
+        if transport is None or transport.is_terminated:
+            return False
+        return not (transport.idle_scope is not None and transport.idle_scope.cancel_called)
+
+    def _end_longest_idle(self, sessions: Iterable[str]) -> bool:
+        """End the one of `sessions` idle longest; False if each is busy. The SDK's idle countdown says which: its
+        deadline is infinite while a request is in flight or a GET stream open (or the session still starting)."""
+        countdowns = [self.live[s].idle_scope for s in sessions if self.is_open(s)]
+        idle = [c for c in countdowns if c is not None and c.deadline < math.inf]
+        if not idle:
+            return False
+        min(idle, key=lambda countdown: countdown.deadline).cancel()  # as if its time had run out: the SDK ends it
+        return True
+
     async def _opening(self, scope: Any, receive: Any, send: Any) -> None:
-        """A request without a session id, which may open one: counted against its client's sessions."""
+        """A request without a session id, which may open one: counted against its client's sessions and all."""
         client = self._client(scope)
         sessions = self.opened.setdefault(client, set())
-        sessions.intersection_update([s for s in sessions if s in self.live])
-        if len(sessions) >= self.settings.max_sessions_per_client:
-            _warn_once(
-                "per-client",
-                "a client reached max_sessions_per_client (%d); refusing more",
-                self.settings.max_sessions_per_client,
-            )
-            message = f"too many open sessions for this client (at most {self.settings.max_sessions_per_client}); end some with DELETE"
-            return await _json_rpc_refusal(429, message)(scope, receive, send)
+        sessions.intersection_update([s for s in sessions if self.is_open(s)])
+        settings = self.settings
+        era = dict(scope["headers"]).get(b"mcp-protocol-version")
+        if era is None or era.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS:  # the SDK's rule: else no session
+            if len(sessions) >= settings.max_sessions_per_client and not self._end_longest_idle(sessions):
+                _warn_once("per-client", "a client reached max_sessions_per_client (%d), each of them busy; "
+                           "refusing more", settings.max_sessions_per_client)  # fmt: skip
+                message = f"too many open sessions for this client (at most {settings.max_sessions_per_client}, all busy); end some with DELETE"
+                return await _json_rpc_refusal(429, message)(scope, receive, send)
+            if sum(map(self.is_open, list(self.live))) >= settings.max_sessions and not self._end_longest_idle(
+                list(self.live)
+            ):
+                _warn_once("sessions", "max_sessions (%d) sessions are open, each of them busy; refusing more",
+                           settings.max_sessions)  # fmt: skip
+                return await _json_rpc_refusal(503, f"too many open sessions (at most {settings.max_sessions})")(
+                    scope, receive, send
+                )
+            sessions.intersection_update([s for s in sessions if self.is_open(s)])  # less the one just ended
 
         async def record(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -5806,7 +5838,7 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         security_settings=security,
         max_request_body_size=settings.max_body_bytes,
         session_idle_timeout=settings.session_idle_seconds,
-        max_sessions=settings.max_sessions,
+        max_sessions=None,  # SessionLimits caps them, making room by ending the session idle longest
     )
     server._session_manager = manager  # as Server.streamable_http_app would
     live = manager._server_instances  # the SDK's table of open sessions; it offers no public view
@@ -5845,8 +5877,10 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
             expose_headers=["Mcp-Session-Id", "WWW-Authenticate"],
         ))  # fmt: skip
 
+    limits = SessionLimits(mcp_endpoint, settings, live)
+
     def sessions() -> int:
-        return len(live) + len(sse._read_stream_writers)  # the SDK's table of SSE sessions
+        return sum(map(limits.is_open, list(live))) + len(sse._read_stream_writers)  # the SDK's table of SSE ones
 
     async def healthz(request: Any) -> Any:
         return PlainTextResponse("ok\n")
@@ -5866,7 +5900,7 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     routes: list[Any] = [
-        Route("/mcp", endpoint=protect(Tracked(SessionLimits(mcp_endpoint, settings, live), streams))),
+        Route("/mcp", endpoint=protect(Tracked(limits, streams))),
         *metadata_routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -3963,13 +3963,62 @@ async def test_a_body_over_the_limit_gets_413_and_the_next_request_is_served() -
         assert fine.status_code == 200 and fine.json()["result"]["content"][0]["text"] == "svc:echo:" + "x" * 50_000
 
 
-async def test_one_client_cannot_open_more_than_its_share_of_sessions() -> None:
+@asynccontextmanager
+async def busy(http: httpx2.AsyncClient, session: dict[str, str]) -> AsyncIterator[None]:
+    """The session with its GET stream open: never idle while the block runs."""
+    async with http.stream("GET", "/mcp", headers={**session, "accept": "text/event-stream"}) as stream:
+        assert stream.status_code == 200
+        yield
+
+
+async def still_open(http: httpx2.AsyncClient, session: dict[str, str]) -> bool:
+    answer = await http.post("/mcp", json=rpc(99, "ping"), headers=session)
+    assert answer.status_code in (200, 404), answer.text
+    return answer.status_code == 200
+
+
+MODERN_DISCOVER: Final = {
+    "jsonrpc": "2.0",
+    "id": 7,
+    "method": "server/discover",
+    "params": {
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+    },
+}
+MODERN_HEADERS: Final = {"mcp-protocol-version": "2026-07-28", "mcp-method": "server/discover"}
+
+
+async def test_a_client_at_its_session_cap_ends_its_longest_idle_session_and_is_refused_only_when_all_are_busy() -> (
+    None
+):
     async with served(FakeBackend("svc"), server={"limits": {"max_sessions_per_client": 2}}) as (http, _, _):
-        first, _second = await open_session(http), await open_session(http)
-        refused = await http.post("/mcp", json=HELLO)
-        assert refused.status_code == 429 and refused.json()["error"]["code"] == mr.LIMIT_EXCEEDED
-        assert (await http.delete("/mcp", headers=first)).status_code == 200
+        first, second = await open_session(http), await open_session(http)
+        third = await open_session(http)  # the first, idle longest, made room: abandoned sessions lock nobody out
+        assert not await still_open(http, first)
+        assert await still_open(http, second)
+        async with busy(http, second), busy(http, third):
+            refused = await http.post("/mcp", json=HELLO)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == mr.LIMIT_EXCEEDED
+            assert "all busy" in refused.json()["error"]["message"]
+            # a 2026-era request opens no session, so the cap does not apply to it
+            assert (await http.post("/mcp", json=MODERN_DISCOVER, headers=MODERN_HEADERS)).status_code == 200
+        assert (await http.delete("/mcp", headers=second)).status_code == 200
         await open_session(http)  # an ended session frees its place
+
+
+async def test_at_the_total_session_cap_the_longest_idle_session_makes_room_and_only_busy_ones_refuse_more() -> None:
+    async with served(FakeBackend("svc"), server={"limits": {"max_sessions": 2}}) as (http, _, _):
+        first, second = await open_session(http), await open_session(http)
+        third = await open_session(http)
+        assert not await still_open(http, first)
+        assert await still_open(http, second) and await still_open(http, third)
+        async with busy(http, second), busy(http, third):
+            refused = await http.post("/mcp", json=HELLO)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == mr.LIMIT_EXCEEDED
+        assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 2
 
 
 async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() -> None:
