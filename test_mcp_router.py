@@ -760,7 +760,8 @@ async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: p
     listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
     port = listening.getsockname()[1]
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    config = mr.parse_config({"backends": [{"name": "legacy", "url": f"http://127.0.0.1:{port}/sse"}]}, {})
+    legacy = {"name": "legacy", "url": f"http://127.0.0.1:{port}/sse", "forward_headers": ["X-Request-Id"]}
+    config = mr.parse_config({"backends": [legacy]}, {})
     with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: web.serve(sockets=[listening]))
@@ -771,6 +772,7 @@ async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: p
                     assert text_of(await call(client, "legacy__echo", {"text": "old"})) == "legacy:echo:old"
             web.should_exit = True
     assert "backend legacy: the URL is a legacy SSE endpoint; using the SSE transport" in caplog.text
+    assert "the SSE transport cannot carry a call's own headers; forward_headers is ignored for it" in caplog.text
 
 
 def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
