@@ -76,6 +76,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import difflib
 import errno
@@ -264,6 +265,8 @@ class BackendConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    forward_headers: tuple[str, ...] = ()
+    """Client request headers (lower case) passed on to this HTTP backend with each call made for that client."""
     priority: int = 10
     routes: tuple[RouteConfig, ...] = ()
     health_check: HealthCheckConfig = HealthCheckConfig()
@@ -421,9 +424,10 @@ SETTINGS: Final = (
     Setting("max_body_bytes", "server.limits.max_body_bytes", "MCP_MAX_BODY_BYTES", None, int, "largest request body (413 above)"),
     Setting("max_connections", "server.limits.max_connections", "MCP_MAX_CONNECTIONS", None, int,
             "open HTTP connections (503 above; kept below the file limit)"),
-    Setting("max_sessions", "server.limits.max_sessions", "MCP_MAX_SESSIONS", None, int, "open sessions (503 above)"),
+    Setting("max_sessions", "server.limits.max_sessions", "MCP_MAX_SESSIONS", None, int,
+            "open sessions (at the cap the longest idle is ended; 503 if none is idle)"),
     Setting("max_sessions_per_client", "server.limits.max_sessions_per_client", "MCP_MAX_SESSIONS_PER_CLIENT", None, int,
-            "open sessions of one client, by token or else address (429 above)"),
+            "open sessions of one client, by token or else address (at the cap its longest idle is ended; 429 if none is)"),
     Setting("max_requests_per_session", "server.limits.max_requests_per_session", "MCP_MAX_REQUESTS_PER_SESSION", None, int,
             "requests one session may have in flight (429 above)"),
     Setting("session_idle_seconds", "server.limits.session_idle_seconds", "MCP_SESSION_IDLE_SECONDS", None, float,
@@ -649,9 +653,21 @@ def _parse_settings(
 
 _TOP_KEYS: Final = ("backends", "mcpServers", "routing", "server", "health_check")
 _BACKEND_KEYS: Final = (
-    "name", "url", "command", "args", "env", "cwd", "transport", "headers", "namespace", "priority", "routes",
-    "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude", "era",
+    "name", "url", "command", "args", "env", "cwd", "transport", "headers", "forward_headers", "namespace", "priority",
+    "routes", "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude", "era",
 )  # fmt: skip
+HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""An HTTP field name (RFC 9110's token)."""
+UNFORWARDABLE_HEADERS: Final = {
+    **dict.fromkeys(("authorization", "proxy-authorization", "cookie"),
+                    "is the client's credential, which never reaches a backend (give the backend its own in headers)"),
+    **dict.fromkeys(("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+                     "host", "content-length", "content-type", "accept", "expect"),
+                    "belongs to one HTTP hop, which the router makes itself"),
+    **dict.fromkeys(("mcp-session-id", "mcp-protocol-version", "mcp-method", "mcp-name", "last-event-id"),
+                    "belongs to the router's own MCP session with the backend"),
+}  # fmt: skip
+"""Client headers a backend may not name in forward_headers, and why."""
 _MCP_SERVERS_EXTRA_KEYS: Final = ("type",)
 """Keys of the Claude Desktop / Claude Code / Cursor `mcpServers` format beside ours."""
 
@@ -817,6 +833,7 @@ def _parse_backend(
     args = _str_list(raw.get("args"), _join(path, "args"), problems)
     env = _str_map(raw.get("env"), _join(path, "env"), problems)
     headers = _str_map(raw.get("headers"), _join(path, "headers"), problems)
+    forward_headers = _forwarded_names(raw.get("forward_headers"), transport, headers, path, problems)
     include = _str_list(raw.get("include"), _join(path, "include"), problems)
     exclude = _str_list(raw.get("exclude"), _join(path, "exclude"), problems)
     cwd = raw.get("cwd")
@@ -837,6 +854,7 @@ def _parse_backend(
         env=env,
         cwd=cwd,
         headers=headers,
+        forward_headers=forward_headers,
         priority=priority,
         routes=tuple(routes),
         health_check=health,
@@ -849,6 +867,30 @@ def _parse_backend(
         fallback_to_sse=url is not None and declared is None,
         era=era,
     )
+
+
+def _forwarded_names(
+    value: Any, transport: Transport, headers: Mapping[str, str], path: str, problems: _Problems
+) -> tuple[str, ...]:
+    """A backend's forward_headers, lower case: HTTP field names, none of them a credential, hop or session header."""
+    where = _join(path, "forward_headers")
+    names = _str_list(value, where, problems)
+    if names and transport != "http":
+        problems.add(where, f"only streamable HTTP backends (url) take client headers; {transport} has no place for "
+                            "them: remove forward_headers")  # fmt: skip
+        return ()
+    own = {k.lower() for k in headers}
+    for i, name in enumerate(names):
+        lower = name.lower()
+        if not HEADER_NAME.match(name):
+            problems.add(_join(where, i), f"expected an HTTP header name, got {_describe(name)}")
+        elif lower in UNFORWARDABLE_HEADERS:
+            problems.add(_join(where, i), f"{name} {UNFORWARDABLE_HEADERS[lower]}: remove it")
+        elif lower in own:
+            problems.add(
+                _join(where, i), f"{name} is also set in headers: keep the backend's own value or the client's"
+            )
+    return tuple(dict.fromkeys(n.lower() for n in names))
 
 
 def _check_namespaces(backends: Sequence[BackendConfig], entries: Mapping[str, Any], problems: _Problems) -> None:
@@ -2076,9 +2118,22 @@ class RedactSecrets(logging.Filter):
         super().__init__()
         self.secrets: Sequence[str] = ()
         """Longest first; replaced whole when the configuration changes."""
+        self.passing: collections.Counter[str] = collections.Counter()
+        """Values of client headers forwarded by the calls in flight (see `hide`)."""
+
+    def hide(self, values: Iterable[str]) -> None:
+        """Redact `values` too, until `unhide`: a client's forwarded headers, for as long as its call lasts."""
+        self.passing.update(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+
+    def unhide(self, values: Iterable[str]) -> None:
+        self.passing.subtract(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+        self.passing += collections.Counter()  # drops the values no call forwards any more
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (secrets := self.secrets):
+        secrets = self.secrets
+        if self.passing:
+            secrets = sorted({*secrets, *self.passing}, key=len, reverse=True)
+        if not secrets:
             return True
         message = record.getMessage()
         if (clean := redact(message, secrets)) != message:
@@ -2289,7 +2344,8 @@ def start(argv: Sequence[str] | None) -> Started | int:
     log_redaction.secrets = config.secrets()
     for handler in logging.getLogger().handlers:
         handler.addFilter(log_redaction)
-    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client"):
+    # sse_starlette's debug lines hold every answer's bytes, which may quote a client's forwarded headers
+    for noisy in ("httpx", "httpx2", "mcp", "uvicorn.error", "client", "sse_starlette"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command != "serve":
         return Started(args, config, None, {})
@@ -2398,7 +2454,7 @@ from mcp_types import (
     PARSE_ERROR,
     REQUEST_TIMEOUT,
 )
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 # ---------------------------------------------------------------------------- I/O shell: backends
 
@@ -2956,6 +3012,9 @@ def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
             legacy = await _serves_legacy_sse(config)
             if legacy:
                 log.info("backend %s: the URL is a legacy SSE endpoint; using the SSE transport", config.name)
+                if config.forward_headers:
+                    log.warning("backend %s: the SSE transport cannot carry a call's own headers; forward_headers "
+                                "is ignored for it", config.name)  # fmt: skip
                 connector = chosen = lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
             else:
                 connector = http
@@ -3653,12 +3712,14 @@ class Backend:
         guarded: bool = True,
         log_level: str | None = None,
         caller: Any = None,
+        forwarded: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Send one request. Transport failures feed the breaker (answered errors, router bugs and `guarded=False`
         housekeeping do not); a lost connection is fed once, by the supervisor, not once per call it cut.
         `log_level`: what the request's client asked for, and `caller`: the client's request context behind it
         (None: the router's own request), whose capabilities a 2026-era backend is told of, go with the request to a
-        2026-era backend. Raises NotSent when the request provably never reached the backend."""
+        2026-era backend. `forwarded`: the client's headers that go with it (see forwarded_headers).
+        Raises NotSent when the request provably never reached the backend."""
         feed = self._feed_breaker if guarded else lambda failure: None
         dispatcher = self.dispatcher
         if dispatcher is None:
@@ -3666,6 +3727,8 @@ class Backend:
         opts: dict[str, Any] = {"timeout": timeout}
         if self._headers:
             opts["headers"] = self._headers
+        if forwarded:
+            opts["headers"] = {**forwarded, **self._headers}
         if on_progress is not None:
             opts["on_progress"] = on_progress
         if self._stamp is not None:
@@ -3731,6 +3794,15 @@ class Backend:
             relayed = declared.model_dump(by_alias=True, mode="json", exclude_none=True, include=RELAYED_CAPABILITIES)
             self._relayed_for = (declared, relayed)
         return self._relayed_for[1]
+
+    def forwarded_headers(self, ctx: Any) -> dict[str, str] | None:
+        """The headers of the client's HTTP request (`ctx`'s) that this backend's forward_headers names."""
+        names = self.config.forward_headers
+        headers = getattr(getattr(ctx, "request", None), "headers", None) if names else None
+        if headers is None:  # none to forward, or a client over stdio
+            return None
+        found = {name: ", ".join(values) for name in names if (values := headers.getlist(name))}
+        return found or None
 
     # -- visibility
 
@@ -3893,6 +3965,8 @@ class ClientHub:
         outbox = self._outboxes.pop(connection, None)
         if outbox is not None:
             outbox.scope.cancel()
+            # the one sign of an HTTP session's end (DELETE, or idle past server.limits.session_idle_seconds)
+            log.debug("a client connection closed; %d remain", len(self._outboxes))
         for uri, followers in list(self._followers.items()):
             if followers.pop(connection, False) is None and not followers:
                 del self._followers[uri]
@@ -3958,6 +4032,11 @@ class ClientHub:
 
     def status(self) -> dict[str, Any]:
         return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}
+
+
+served_by: contextvars.ContextVar[str | None] = contextvars.ContextVar("served_by", default=None)
+"""The backend that the request being served went to last (Router.forward sets it): the metrics' backend label.
+Set in the request's own task, so the server middleware around it reads it once the request is answered."""
 
 
 class Router:
@@ -4357,16 +4436,25 @@ class Router:
                 raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
             target = next((n for n in decision.order if n not in failed), decision.order[0])
             backend = self.backends[target]
+            served_by.set(target)
             backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
             key = request_log or object()  # the key tells backend.log_request where its log messages go
             backend.inflight[key] = ctx
+            if forwarded := backend.forwarded_headers(ctx):
+                log_redaction.hide(forwarded.values())
             started = self.clock.now()
             try:
                 if request_log is not None and request_log.level is not None:
                     await self.ask_for_logs(backend, request_log.level)
                 timeout = min(backend.timeout, max(0.001, deadline - started))
                 result = await backend.request(
-                    method, params, timeout, on_progress=on_progress, log_level=log_level, caller=ctx
+                    method,
+                    params,
+                    timeout,
+                    on_progress=on_progress,
+                    log_level=log_level,
+                    caller=ctx,
+                    forwarded=forwarded,
                 )
                 if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
                     result = await answer_input_rounds(backend, method, params, result, ctx, on_progress, log_level)
@@ -4391,6 +4479,8 @@ class Router:
                 return result
             finally:
                 backend.inflight.pop(key, None)
+                if forwarded:
+                    log_redaction.unhide(forwarded.values())
             if reached:
                 self._account(method, name, backend, started, error, fallback=False)
             if not may_send_elsewhere(reached_backend=reached, retry_safe=retry_safe) or (
@@ -4770,7 +4860,13 @@ async def answer_input_rounds(
         if asked.request_state is not None:
             retry["requestState"] = asked.request_state
         result = await backend.request(
-            method, retry, backend.timeout, on_progress=on_progress, log_level=log_level, caller=ctx
+            method,
+            retry,
+            backend.timeout,
+            on_progress=on_progress,
+            log_level=log_level,
+            caller=ctx,
+            forwarded=backend.forwarded_headers(ctx),
         )
     raise MCPError(INTERNAL_ERROR, f"backend {backend.name!r} still asks for input after {MAX_INPUT_ROUNDS} rounds")
 
@@ -5291,19 +5387,22 @@ class _RouterMiddleware:
     async def __call__(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.request_id is None or ctx.method == "subscriptions/listen":  # notifications; a listen lasts the session
             return await self._serve(ctx, call_next)
-        metrics, began, outcome = self.metrics, time.perf_counter(), "error"
+        metrics, began, outcome, error_type = self.metrics, time.perf_counter(), "error", "_OTHER"
         metrics.started()
+        served_by.set(None)
         try:
             result = await self._serve(ctx, call_next)
             outcome = "tool_error" if isinstance(result, dict) and result.get("isError") else "ok"
             return result
+        except MCPError as err:
+            error_type = str(err.error.code)
+            raise
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
             raise
         finally:
-            metrics.observe(
-                ctx.method, _metrics_target(self.router, ctx.method, ctx.params), outcome, time.perf_counter() - began
-            )
+            backend = served_by.get() or _metrics_target(self.router, ctx.method, ctx.params)
+            metrics.observe(ctx.method, backend, outcome, time.perf_counter() - began, error_type)
 
     async def _serve(self, ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -5767,8 +5866,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[tuple[str, str], list[float]] = {}
-        """(method, backend): a count per bucket (the last for +Inf), then the sum."""
+        self.latency: dict[tuple[str, str, str], list[float]] = {}
+        """(method, backend, error type or ""): a count per bucket (the last for +Inf), then the sum."""
         self.in_flight = 0
         self._idle: anyio.Event | None = None
         """Made only while a drain waits: an event per request would cost more than the rest of the bookkeeping."""
@@ -5783,17 +5882,19 @@ class Metrics:
                 self._idle = anyio.Event()
             await self._idle.wait()
 
-    def observe(self, method: str, backend: str, outcome: str, seconds: float) -> None:
-        """One finished request: outcome is ok, tool_error (an isError result), error (a JSON-RPC error) or cancelled."""
+    def observe(self, method: str, backend: str, outcome: str, seconds: float, error_type: str = "_OTHER") -> None:
+        """One finished request: outcome is ok, tool_error (an isError result), error (a JSON-RPC error, whose code
+        is `error_type`) or cancelled. `backend`: the one that served it, else the pool or `router`."""
         self.in_flight -= 1
         if not self.in_flight and self._idle is not None:
             self._idle.set()
             self._idle = None
         key = (method, backend, outcome)
         self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.latency.get((method, backend))
+        series = (method, backend, "" if outcome == "ok" else error_type if outcome == "error" else outcome)
+        histogram = self.latency.get(series)
         if histogram is None:
-            histogram = self.latency[(method, backend)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+            histogram = self.latency[series] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         histogram[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         histogram[-1] += seconds
 
@@ -5815,19 +5916,15 @@ class Metrics:
         ]
         out += ["# HELP mcp_server_operation_duration_seconds Time to answer an MCP request.",
                 "# TYPE mcp_server_operation_duration_seconds histogram"]  # fmt: skip
-        for (m, b), histogram in self.latency.items():
+        for (m, b, error), histogram in self.latency.items():
+            # the OpenTelemetry MCP conventions' attributes: mcp.method.name, and error.type on failures only
+            series = {"mcp_method_name": m, "backend": b, **({"error_type": error} if error else {})}
             total = 0.0
             for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram[:-1], strict=True):
                 total += count
-                out.append(
-                    f"mcp_server_operation_duration_seconds_bucket{labels(mcp_method_name=m, backend=b, le=bound)} {int(total)}"
-                )
-            out.append(
-                f"mcp_server_operation_duration_seconds_sum{labels(mcp_method_name=m, backend=b)} {histogram[-1]:.6f}"
-            )
-            out.append(
-                f"mcp_server_operation_duration_seconds_count{labels(mcp_method_name=m, backend=b)} {int(total)}"
-            )
+                out.append(f"mcp_server_operation_duration_seconds_bucket{labels(**series, le=bound)} {int(total)}")
+            out.append(f"mcp_server_operation_duration_seconds_sum{labels(**series)} {histogram[-1]:.6f}")
+            out.append(f"mcp_server_operation_duration_seconds_count{labels(**series)} {int(total)}")
         out += ["# HELP mcp_router_backend_up Whether the backend is connected and listed (1) or not (0).",
                 "# TYPE mcp_router_backend_up gauge"]  # fmt: skip
         out += [f"mcp_router_backend_up{labels(backend=r['name'])} {int(r['state'] == 'ready')}" for r in rows]
@@ -5850,7 +5947,8 @@ class Metrics:
 
 
 def _metrics_target(router: Router, method: str, params: Any) -> str:
-    """The backend label of a request: the backend (or replicas, joined by +) its name routes to; else the router."""
+    """The backend label of a request no backend was tried for: the backend (or replicas, joined by +) its name
+    routes to; else the router."""
     try:
         return _routed_to(router, method, params)
     except (
@@ -5875,15 +5973,20 @@ def _routed_to(router: Router, method: str, params: Any) -> str:
 
 
 class SessionLimits:
-    """ASGI wrapper for the MCP endpoint: body size, sessions per client, and requests in flight per session.
+    """ASGI wrapper for the MCP endpoint: body size, sessions (in all and per client), and requests in flight per
+    session.
 
-    The SDK caps all sessions together and expires idle ones; this adds the caps
-    that keep one client from locking out the others. A client is its token's
-    principal when authenticated, else its address.
+    The SDK expires idle sessions; this caps them so that no client can lock out the
+    others by opening sessions and abandoning them: at a cap, the session idle longest
+    (no request in flight, no GET stream open) is ended to make room, the client's own
+    at its cap, anyone's at the total one, through the SDK's idle expiry (its id then
+    answers 404, and its client opens another). Only when none is idle is the new one
+    refused. A client is its token's principal when authenticated, else its address.
     """
 
-    def __init__(self, app: Any, settings: Settings, live_sessions: Container[str]) -> None:
+    def __init__(self, app: Any, settings: Settings, live_sessions: Mapping[str, Any]) -> None:
         self.app, self.settings, self.live = app, settings, live_sessions
+        """The SDK's open sessions: their transports by session id."""
         self.busy: dict[str, int] = {}
         """Requests in flight by session id."""
         self.opened: dict[str, set[str]] = {}
@@ -5927,19 +6030,45 @@ class SessionLimits:
             if (left := self.busy.pop(key) - 1) > 0:
                 self.busy[key] = left
 
+    def is_open(self, session: str) -> bool:
+        """Whether the session is open and not being ended."""
+        transport = self.live.get(session)
+        if transport is None or transport.is_terminated:
+            return False
+        return not (transport.idle_scope is not None and transport.idle_scope.cancel_called)
+
+    def _end_longest_idle(self, sessions: Iterable[str]) -> bool:
+        """End the one of `sessions` idle longest; False if each is busy. The SDK's idle countdown says which: its
+        deadline is infinite while a request is in flight or a GET stream open (or the session still starting)."""
+        countdowns = [self.live[s].idle_scope for s in sessions if self.is_open(s)]
+        idle = [c for c in countdowns if c is not None and c.deadline < math.inf]
+        if not idle:
+            return False
+        min(idle, key=lambda countdown: countdown.deadline).cancel()  # as if its time had run out: the SDK ends it
+        return True
+
     async def _opening(self, scope: Any, receive: Any, send: Any) -> None:
-        """A request without a session id, which may open one: counted against its client's sessions."""
+        """A request without a session id, which may open one: counted against its client's sessions and all."""
         client = self._client(scope)
         sessions = self.opened.setdefault(client, set())
-        sessions.intersection_update([s for s in sessions if s in self.live])
-        if len(sessions) >= self.settings.max_sessions_per_client:
-            _warn_once(
-                "per-client",
-                "a client reached max_sessions_per_client (%d); refusing more",
-                self.settings.max_sessions_per_client,
-            )
-            message = f"too many open sessions for this client (at most {self.settings.max_sessions_per_client}); end some with DELETE"
-            return await _json_rpc_refusal(429, message)(scope, receive, send)
+        sessions.intersection_update([s for s in sessions if self.is_open(s)])
+        settings = self.settings
+        era = dict(scope["headers"]).get(b"mcp-protocol-version")
+        if era is None or era.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS:  # the SDK's rule: else no session
+            if len(sessions) >= settings.max_sessions_per_client and not self._end_longest_idle(sessions):
+                _warn_once("per-client", "a client reached max_sessions_per_client (%d), each of them busy; "
+                           "refusing more", settings.max_sessions_per_client)  # fmt: skip
+                message = f"too many open sessions for this client (at most {settings.max_sessions_per_client}, all busy); end some with DELETE"
+                return await _json_rpc_refusal(429, message)(scope, receive, send)
+            if sum(map(self.is_open, list(self.live))) >= settings.max_sessions and not self._end_longest_idle(
+                list(self.live)
+            ):
+                _warn_once("sessions", "max_sessions (%d) sessions are open, each of them busy; refusing more",
+                           settings.max_sessions)  # fmt: skip
+                return await _json_rpc_refusal(503, f"too many open sessions (at most {settings.max_sessions})")(
+                    scope, receive, send
+                )
+            sessions.intersection_update([s for s in sessions if self.is_open(s)])  # less the one just ended
 
         async def record(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -5967,7 +6096,11 @@ class LongStreams:
 
 
 class Tracked:
-    """ASGI wrapper whose GET requests join `streams` (an object, not a function, so Starlette takes it as ASGI)."""
+    """ASGI wrapper whose GET requests join `streams` (an object, not a function, so Starlette takes it as ASGI).
+
+    A stream ended by the drain is closed as a finished response (its last chunk sent), so the client reads an
+    ordinary end of stream, not a broken connection.
+    """
 
     def __init__(self, app: Any, streams: LongStreams) -> None:
         self.app, self.streams = app, streams
@@ -5975,12 +6108,25 @@ class Tracked:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "GET":
             return await self.app(scope, receive, send)
+        unfinished = False
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal unfinished
+            if message["type"] == "http.response.start":
+                unfinished = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                unfinished = False
+            await send(message)
+
         with anyio.CancelScope() as stream:
             self.streams.open.add(stream)
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, watched)
             finally:
                 self.streams.open.discard(stream)
+        if stream.cancelled_caught and unfinished:
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @dataclass(slots=True)
@@ -6021,7 +6167,7 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         security_settings=security,
         max_request_body_size=settings.max_body_bytes,
         session_idle_timeout=settings.session_idle_seconds,
-        max_sessions=settings.max_sessions,
+        max_sessions=None,  # SessionLimits caps them, making room by ending the session idle longest
     )
     server._session_manager = manager  # as Server.streamable_http_app would
     live = manager._server_instances  # the SDK's table of open sessions; it offers no public view
@@ -6060,8 +6206,10 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
             expose_headers=["Mcp-Session-Id", "WWW-Authenticate"],
         ))  # fmt: skip
 
+    limits = SessionLimits(mcp_endpoint, settings, live)
+
     def sessions() -> int:
-        return len(live) + len(sse._read_stream_writers)  # the SDK's table of SSE sessions
+        return sum(map(limits.is_open, list(live))) + len(sse._read_stream_writers)  # the SDK's table of SSE ones
 
     async def healthz(request: Any) -> Any:
         return PlainTextResponse("ok\n")
@@ -6081,7 +6229,7 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     routes: list[Any] = [
-        Route("/mcp", endpoint=protect(Tracked(SessionLimits(mcp_endpoint, settings, live), streams))),
+        Route("/mcp", endpoint=protect(Tracked(limits, streams))),
         *metadata_routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -6192,7 +6340,11 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
 
         async def drain_on_stop() -> None:
             await stop.wait()
-            web.should_exit = True  # uvicorn stops accepting and closes idle connections
+            for listener in web.servers:  # at once: uvicorn would close them on its next tick
+                listener.close()
+            web.should_exit = True  # uvicorn closes idle connections, and waits for the others to finish
+            log.info("stopped accepting connections; %d call(s) in flight get up to %gs to finish (server.drain_seconds)",
+                     server.metrics.in_flight, settings.drain_seconds)  # fmt: skip
             with anyio.move_on_after(settings.drain_seconds):
                 await server.metrics.idle()
             if server.metrics.in_flight:

@@ -195,6 +195,11 @@ class FakeBackend:
             if params.name == "nap":  # listed only by the fake as a program: says it has started, then sleeps
                 await ctx.session.report_progress(0, None, "napping")
                 await anyio.sleep(float(args.get("text", "1")))
+            if params.name == "stall":  # listed only where a test adds it: says it has started, then waits for release
+                await ctx.session.report_progress(0, None, "stalling")
+                await self.release.wait()
+            if params.name == "quote":  # listed only where a test adds it: an error quoting the client's request id
+                raise MCPError(-32042, f"refused request {ctx.request.headers.get('x-request-id')}")
             if params.name == "fail":
                 raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
@@ -771,7 +776,8 @@ async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: p
     listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
     port = listening.getsockname()[1]
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    config = mr.parse_config({"backends": [{"name": "legacy", "url": f"http://127.0.0.1:{port}/sse"}]}, {})
+    legacy = {"name": "legacy", "url": f"http://127.0.0.1:{port}/sse", "forward_headers": ["X-Request-Id"]}
+    config = mr.parse_config({"backends": [legacy]}, {})
     with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: web.serve(sockets=[listening]))
@@ -782,6 +788,7 @@ async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: p
                     assert text_of(await call(client, "legacy__echo", {"text": "old"})) == "legacy:echo:old"
             web.should_exit = True
     assert "backend legacy: the URL is a legacy SSE endpoint; using the SSE transport" in caplog.text
+    assert "the SSE transport cannot carry a call's own headers; forward_headers is ignored for it" in caplog.text
 
 
 def test_config_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
@@ -962,6 +969,41 @@ def test_a_health_endpoint_on_another_server_is_refused_so_the_headers_stay_home
     ]
     same = mr.parse_config({"backends": [{**raw["backends"][0], "health_check": {"endpoint": "/healthz"}}]}, {})
     assert same.backends[0].health_check.endpoint == "/healthz"
+
+
+def test_forward_headers_refuse_credentials_hops_and_session_headers_and_backends_without_http() -> None:
+    url = "https://api.example.com/mcp"
+    names = ["X-Request-Id", "Authorization", "cookie", "Proxy-Authorization", "Mcp-Session-Id", "Connection",
+             "Transfer-Encoding", "X-Key", "bad header"]  # fmt: skip
+    raw = {
+        "backends": [
+            {"name": "web", "url": url, "headers": {"X-Key": "k"}, "forward_headers": names},
+            {"name": "cli", "command": "npx", "forward_headers": ["X-Request-Id"]},
+            {"name": "old", "url": url, "transport": "sse", "forward_headers": ["X-Request-Id"]},
+        ]
+    }
+    credential = "is the client's credential, which never reaches a backend (give the backend its own in headers)"
+    assert problems_of(raw) == [
+        f"backends.yaml: backends[0].forward_headers[1]: Authorization {credential}: remove it",
+        f"backends.yaml: backends[0].forward_headers[2]: cookie {credential}: remove it",
+        f"backends.yaml: backends[0].forward_headers[3]: Proxy-Authorization {credential}: remove it",
+        "backends.yaml: backends[0].forward_headers[4]: Mcp-Session-Id belongs to the router's own MCP session with "
+        "the backend: remove it",
+        "backends.yaml: backends[0].forward_headers[5]: Connection belongs to one HTTP hop, which the router makes "
+        "itself: remove it",
+        "backends.yaml: backends[0].forward_headers[6]: Transfer-Encoding belongs to one HTTP hop, which the router "
+        "makes itself: remove it",
+        "backends.yaml: backends[0].forward_headers[7]: X-Key is also set in headers: keep the backend's own value "
+        "or the client's",
+        "backends.yaml: backends[0].forward_headers[8]: expected an HTTP header name, got 'bad header'",
+        "backends.yaml: backends[1].forward_headers: only streamable HTTP backends (url) take client headers; stdio "
+        "has no place for them: remove forward_headers",
+        "backends.yaml: backends[2].forward_headers: only streamable HTTP backends (url) take client headers; sse "
+        "has no place for them: remove forward_headers",
+    ]
+    fine = mr.parse_config({"backends": [{"name": "web", "url": url, "forward_headers": ["X-Request-Id"]}]}, {})
+    assert fine.backends[0].forward_headers == ("x-request-id",)
+    assert mr.parse_config({"backends": [{"name": "web", "url": url}]}, {}).backends[0].forward_headers == ()
 
 
 def test_values_from_environment_variables_in_args_and_url_paths_are_secrets() -> None:
@@ -4072,7 +4114,7 @@ def rpc(request_id: int, method: str, params: dict[str, Any] | None = None) -> d
 
 @asynccontextmanager
 async def served(
-    *fakes: FakeBackend, server: dict[str, Any] | None = None
+    *fakes: FakeBackend, server: dict[str, Any] | None = None, **backend_keys: Any
 ) -> AsyncIterator[tuple[httpx2.AsyncClient, mr.Router, dict[str, InProcess]]]:
     """The router's HTTP app over in-process fakes, served by uvicorn on 127.0.0.1, and an HTTP client for it.
 
@@ -4081,7 +4123,9 @@ async def served(
     import uvicorn
 
     connectors = {f.name: InProcess(f) for f in fakes}
-    router = mr.Router(config_for(*connectors, settings={"server": server or {}}), connectors=connectors)
+    router = mr.Router(
+        config_for(*connectors, settings={"server": server or {}}, **backend_keys), connectors=connectors
+    )
     listening = mr.bind("127.0.0.1", 0)
     port = listening.getsockname()[1]
     web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), log_level="warning"))
@@ -4268,13 +4312,62 @@ async def test_a_body_over_the_limit_gets_413_and_the_next_request_is_served() -
         assert fine.status_code == 200 and fine.json()["result"]["content"][0]["text"] == "svc:echo:" + "x" * 50_000
 
 
-async def test_one_client_cannot_open_more_than_its_share_of_sessions() -> None:
+@asynccontextmanager
+async def busy(http: httpx2.AsyncClient, session: dict[str, str]) -> AsyncIterator[None]:
+    """The session with its GET stream open: never idle while the block runs."""
+    async with http.stream("GET", "/mcp", headers={**session, "accept": "text/event-stream"}) as stream:
+        assert stream.status_code == 200
+        yield
+
+
+async def still_open(http: httpx2.AsyncClient, session: dict[str, str]) -> bool:
+    answer = await http.post("/mcp", json=rpc(99, "ping"), headers=session)
+    assert answer.status_code in (200, 404), answer.text
+    return answer.status_code == 200
+
+
+MODERN_DISCOVER: Final = {
+    "jsonrpc": "2.0",
+    "id": 7,
+    "method": "server/discover",
+    "params": {
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+    },
+}
+MODERN_HEADERS: Final = {"mcp-protocol-version": "2026-07-28", "mcp-method": "server/discover"}
+
+
+async def test_a_client_at_its_session_cap_ends_its_longest_idle_session_and_is_refused_only_when_all_are_busy() -> (
+    None
+):
     async with served(FakeBackend("svc"), server={"limits": {"max_sessions_per_client": 2}}) as (http, _, _):
-        first, _second = await open_session(http), await open_session(http)
-        refused = await http.post("/mcp", json=HELLO)
-        assert refused.status_code == 429 and refused.json()["error"]["code"] == mr.LIMIT_EXCEEDED
-        assert (await http.delete("/mcp", headers=first)).status_code == 200
+        first, second = await open_session(http), await open_session(http)
+        third = await open_session(http)  # the first, idle longest, made room: abandoned sessions lock nobody out
+        assert not await still_open(http, first)
+        assert await still_open(http, second)
+        async with busy(http, second), busy(http, third):
+            refused = await http.post("/mcp", json=HELLO)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == mr.LIMIT_EXCEEDED
+            assert "all busy" in refused.json()["error"]["message"]
+            # a 2026-era request opens no session, so the cap does not apply to it
+            assert (await http.post("/mcp", json=MODERN_DISCOVER, headers=MODERN_HEADERS)).status_code == 200
+        assert (await http.delete("/mcp", headers=second)).status_code == 200
         await open_session(http)  # an ended session frees its place
+
+
+async def test_at_the_total_session_cap_the_longest_idle_session_makes_room_and_only_busy_ones_refuse_more() -> None:
+    async with served(FakeBackend("svc"), server={"limits": {"max_sessions": 2}}) as (http, _, _):
+        first, second = await open_session(http), await open_session(http)
+        third = await open_session(http)
+        assert not await still_open(http, first)
+        assert await still_open(http, second) and await still_open(http, third)
+        async with busy(http, second), busy(http, third):
+            refused = await http.post("/mcp", json=HELLO)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == mr.LIMIT_EXCEEDED
+        assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 2
 
 
 async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() -> None:
@@ -4299,6 +4392,83 @@ async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() ->
         assert hung[0].status_code == 200
 
 
+class LogWatch:
+    """A subprocess's stderr, read as it comes (so a chatty log never fills the pipe), counting the lines that
+    hold each of `markers`."""
+
+    def __init__(self, stream: Any, *markers: str) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+        self.counts = dict.fromkeys(markers, 0)
+        self._changed = anyio.Event()
+
+    async def read(self) -> None:
+        buffer = b""
+        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
+            while True:
+                buffer += await self.stream.receive()
+                *complete, buffer = buffer.split(b"\n")
+                for line in (c.decode(errors="replace") for c in complete):
+                    self.lines.append(line)
+                    for marker in self.counts:
+                        if marker in line:
+                            self.counts[marker] += 1
+                            self._changed.set()
+                            self._changed = anyio.Event()
+
+    async def until(self, marker: str, count: int = 1) -> None:
+        """Wait until `count` lines with `marker` have been read."""
+        while self.counts[marker] < count:
+            await self._changed.wait()
+
+
+async def test_idle_sessions_expire_and_a_client_at_its_session_cap_locks_out_no_other(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-alpha-1\ntok-beta-22\n")
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    argv = http_router_argv(config, port, "--log-level", "DEBUG", "--auth-tokens-file", str(tokens))
+    env = {**os.environ, "MCP_SESSION_IDLE_SECONDS": "1", "MCP_MAX_SESSIONS_PER_CLIENT": "1"}
+    alpha, beta = {"authorization": "Bearer tok-alpha-1"}, {"authorization": "Bearer tok-beta-22"}
+    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
+        log = LogWatch(proc.stderr, "a client connection closed")
+        tg.start_soon(log.read)
+        try:
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
+                with anyio.fail_after(30):
+                    while True:  # the port is the subprocess's own: ask until it answers
+                        with contextlib.suppress(httpx2.TransportError):
+                            if (await http.get("/readyz")).status_code == 200:
+                                break
+                        await anyio.sleep(0.05)
+
+                async def sessions() -> float:
+                    return parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"]
+
+                with anyio.fail_after(30):
+                    first = await open_session(http, **alpha)
+                    stream_headers = {**first, "accept": "text/event-stream"}
+                    async with http.stream("GET", "/mcp", headers=stream_headers) as get_stream:
+                        assert get_stream.status_code == 200  # an open GET stream keeps the session alive
+                        assert await sessions() == 1
+                        refused = await http.post("/mcp", json=HELLO, headers=alpha)
+                        assert refused.status_code == 429
+                        assert "too many open sessions for this client" in refused.json()["error"]["message"]
+                        other = await open_session(http, **beta)  # another client still gets in
+                        assert (await http.delete("/mcp", headers=other)).status_code == 200
+                        await log.until("a client connection closed", 1)
+                        assert await sessions() == 1
+                    await log.until("a client connection closed", 2)  # the abandoned one, idle for a second, expired
+                    gone = await http.post("/mcp", json=rpc(5, "ping"), headers=first)
+                    assert gone.status_code == 404
+                    assert await sessions() == 0
+                    await open_session(http, **alpha)  # the expired session no longer counts against its client
+        finally:
+            proc.terminate()
+            await proc.wait()  # the log is read to its end
+    assert "tok-alpha-1" not in "\n".join(log.lines)
+
+
 async def backend_attempts_until(router: mr.Router, done: Callable[[], bool]) -> None:
     """Wait, move by move of the backends' lifecycles (each wakes it), until `done()`."""
     with anyio.fail_after(10):
@@ -4310,14 +4480,16 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
     secrets = {
         "ENV_SECRET": "env-6a1f",
         "HEADER_SECRET": "hdr-93c2",
+        "URL_USER": "usr-0b8e",
         "URL_PASSWORD": "pw-55d0",
+        "QUERY_SECRET": "qry-d41f",
         "MCP_AUTH_TOKEN": "tok-7e4b",
     }
     backends = [
         {"name": "one", "env": {"API_KEY": "${ENV_SECRET}"}, **fake_backend_command()},
         {
             "name": "remote",
-            "url": "http://user:${URL_PASSWORD}@127.0.0.1:1/mcp",
+            "url": "http://${URL_USER}:${URL_PASSWORD}@127.0.0.1:1/mcp?key=${QUERY_SECRET}",
             "headers": {"X-Key": "${HEADER_SECRET}"},
         },
     ]
@@ -4382,6 +4554,138 @@ async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -
             proc.wait()
 
 
+@dataclass
+class Received:
+    """One HTTP request as a backend received it."""
+
+    headers: dict[str, str]
+    body: bytes = b""
+
+    def method(self) -> str | None:
+        """The JSON-RPC method of a POST's message."""
+        return json.loads(self.body).get("method") if self.body else None
+
+
+@asynccontextmanager
+async def http_backend(fake: FakeBackend) -> AsyncIterator[tuple[str, list[Received]]]:
+    """`fake` as a real streamable HTTP server on 127.0.0.1 in this process; yields its URL, and every request it
+    receives (headers and body) as they arrive."""
+    import uvicorn
+
+    app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
+    received: list[Received] = []
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        request = Received({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+        received.append(request)
+
+        async def reading() -> Any:
+            message = await receive()
+            request.body += message.get("body", b"")
+            return message
+
+        await app(scope, reading, send)
+
+    listening = mr.bind("127.0.0.1", 0)
+    web = uvicorn.Server(uvicorn.Config(recording, log_level="warning"))
+    with listening:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[listening]))
+            try:
+                yield f"http://127.0.0.1:{listening.getsockname()[1]}/mcp", received
+            finally:
+                web.should_exit = True
+
+
+async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: Path) -> None:
+    fake = FakeBackend("svc", extra_tools=[types.Tool(name="stall", input_schema={"type": "object"})])
+    async with http_backend(fake) as (backend_url, _):
+        config = write_config(tmp_path, [{"name": "svc", "url": backend_url}])
+        port = free_port()
+        argv = http_router_argv(config, port, "--log-level", "INFO")
+        async with await anyio.open_process(argv, stderr=subprocess.PIPE) as proc, anyio.create_task_group() as tg:
+            log = LogWatch(proc.stderr, "stopped accepting", "ASGI callable returned without completing", "Traceback")
+            tg.start_soon(log.read)
+            try:
+                await wait_for_http_router(port)
+                progressed = anyio.Event()
+
+                async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                    progressed.set()
+
+                with anyio.fail_after(30):
+                    async with (
+                        Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client,
+                        anyio.create_task_group() as calls,
+                    ):
+                        answers: list[types.CallToolResult] = []
+
+                        async def stall() -> None:
+                            request = types.CallToolRequest(params=types.CallToolRequestParams(name="svc__stall"))
+                            answers.append(
+                                await client.session.send_request(
+                                    request, types.CallToolResult, progress_callback=on_progress
+                                )
+                            )
+
+                        calls.start_soon(stall)
+                        await progressed.wait()  # the answer is an SSE stream now, its progress sent
+                        proc.send_signal(signal.SIGTERM)
+                        await log.until("stopped accepting")
+                        with pytest.raises(httpx2.ConnectError):
+                            async with httpx2.AsyncClient() as http:
+                                await http.get(f"http://127.0.0.1:{port}/healthz")
+                        fake.release.set()
+                    assert text_of(answers[0]) == "svc:stall:"
+                    assert await proc.wait() == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    assert log.counts["ASGI callable returned without completing"] == 0, "\n".join(log.lines)
+    assert log.counts["Traceback"] == 0, "\n".join(log.lines)
+
+
+async def test_a_backend_gets_the_client_headers_it_names_and_never_the_clients_credentials(tmp_path: Path) -> None:
+    quoting = FakeBackend("svc", extra_tools=[types.Tool(name="quote", input_schema={"type": "object"})])
+    async with (
+        http_backend(quoting) as (svc_url, svc_got),
+        http_backend(FakeBackend("other")) as (other_url, other_got),
+    ):
+        backends: list[dict[str, Any]] = [
+            {"name": "svc", "url": svc_url, "forward_headers": ["X-Request-Id", "X-Tenant"]},
+            {"name": "other", "url": other_url},
+        ]
+        env = {"MCP_AUTH_TOKEN": "tok-31c8d2"}
+        async with http_router(tmp_path, "--log-level", "DEBUG", env=env, backends=backends) as (url, log_path):
+            client_headers = {
+                "authorization": "Bearer tok-31c8d2",
+                "cookie": "session=cookie-77e1",
+                "x-request-id": "req-5f3a9c",
+            }
+            with anyio.fail_after(20):
+                async with (
+                    httpx2.AsyncClient(headers=client_headers) as http,
+                    Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None) as c,
+                ):
+                    assert text_of(await call(c, "svc__echo", {"text": "a"})) == "svc:echo:a"
+                    assert text_of(await call(c, "other__echo", {"text": "b"})) == "other:echo:b"
+                    with pytest.raises(MCPError, match="refused request req-5f3a9c"):  # the client's own, to it
+                        await call(c, "svc__quote")
+            log_text = log_path.read_text()
+    assert "tools/call quote -> svc: refused request ***" in log_text  # the log shows it to nobody
+    calls = [r for r in svc_got if r.method() == "tools/call"]
+    assert len(calls) == 2 and all(r.headers["x-request-id"] == "req-5f3a9c" for r in calls)
+    assert all("x-tenant" not in r.headers for r in calls)  # the client sent none
+    assert all("x-request-id" not in r.headers for r in svc_got if r.method() != "tools/call")  # the router's own
+    for request in svc_got + other_got:
+        assert "x-request-id" not in request.headers or request in calls
+        assert "tok-31c8d2" not in str(request.headers) and "cookie-77e1" not in str(request.headers)
+    for value in ("req-5f3a9c", "tok-31c8d2", "cookie-77e1"):
+        assert value not in log_text, value
+
+
 async def test_older_clients_use_the_legacy_sse_transport() -> None:
     async with served(FakeBackend("svc"), server={"transport": "sse"}) as (http, _, _):
         assert (await http.get("/sse", headers={"host": "evil.example"})).status_code == 421
@@ -4434,6 +4738,37 @@ async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_an
         proc.wait(10)
 
 
+async def test_a_backend_restarts_while_the_router_holds_as_many_connections_as_its_file_limit_allows(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    low_file_limit = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160)); "
+    low_file_limit += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    argv = [sys.executable, "-c", low_file_limit, *http_router_argv(config, port, "--log-level", "INFO")[1:]]
+    env = {**os.environ, "MCP_HEADER_TIMEOUT_SECONDS": "120"}  # the idle connections stay until the test ends them
+    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
+        log = LogWatch(proc.stderr, "backend one: ready", "refusing more", "Traceback")
+        tg.start_soon(log.read)
+        try:
+            with anyio.fail_after(60):
+                await log.until("backend one: ready")
+                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                    first_pid = pids_from(await call(client, "one__pid"))
+                idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)]  # more than 160 files allow
+                await log.until("refusing more")
+                os.kill(first_pid, signal.SIGKILL)
+                await log.until("backend one: ready", 2)  # restarted while every connection it may take is held
+                for stream in idle:
+                    await stream.aclose()
+                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                    assert pids_from(await call(client, "one__pid")) != first_pid
+        finally:
+            proc.terminate()
+            await proc.wait()  # the log is read to its end
+    assert log.counts["refusing more"] == 1 and log.counts["Traceback"] == 0, "\n".join(log.lines)
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text: `name{labels}` -> value, HELP and TYPE lines checked for every metric family."""
     samples = {}
@@ -4478,8 +4813,11 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
             samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="beta",outcome="tool_error"}'] == 1
         )
         inf = 'mcp_server_operation_duration_seconds_bucket{mcp_method_name="tools/call",backend="alpha",le="+Inf"}'
-        assert samples[inf] == 4
-        assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 4
+        assert samples[inf] == 3
+        assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 3
+        failed = 'mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha",error_type='
+        assert samples[failed + '"-32042"}'] == 1  # error.type: the JSON-RPC error code, on failures only
+        assert samples[failed.replace("alpha", "beta") + '"tool_error"}'] == 1
         assert (
             samples['mcp_router_backend_up{backend="alpha"}'] == 1
             and samples['mcp_router_backend_up{backend="beta"}'] == 0
@@ -4494,6 +4832,34 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         router.restart_backend("beta")
         await backend_attempts_until(router, lambda: router.backends["beta"].state == "ready")
         assert (await http.get("/readyz")).json()["up"] == ["alpha", "beta"]
+
+
+async def test_metrics_name_the_replica_of_a_pool_that_served_each_call() -> None:
+    async with served(FakeBackend("a"), FakeBackend("b"), namespace="pool") as (http, _, _):
+        session = await open_session(http)
+        for i in range(4):  # the capability strategy takes turns
+            answer = await http.post("/mcp", json=rpc(10 + i, "tools/call", {"name": "pool__echo"}), headers=session)
+            assert answer.status_code == 200 and "error" not in answer.json()
+        unknown = await http.post("/mcp", json=rpc(20, "tools/call", {"name": "pool__nope"}), headers=session)
+        assert unknown.json()["error"]["code"] == types.INVALID_PARAMS
+        samples = parse_metrics((await http.get("/metrics")).text)
+    calls = {
+        labels: n
+        for name, n in samples.items()
+        if name.startswith("mcp_router_requests_total{") and (labels := name.partition("{")[2])
+    }
+    assert calls == {
+        'mcp_method_name="tools/call",backend="a",outcome="ok"}': 2,
+        'mcp_method_name="tools/call",backend="b",outcome="ok"}': 2,
+        'mcp_method_name="tools/call",backend="router",outcome="error"}': 1,
+        'mcp_method_name="initialize",backend="router",outcome="ok"}': 1,
+    }
+    for replica in ("a", "b"):
+        assert (
+            samples[f'mcp_server_operation_duration_seconds_count{{mcp_method_name="tools/call",backend="{replica}"}}']
+            == 2
+        )
+    assert not any('backend="a+b"' in name for name in samples)
 
 
 class Issuer:
@@ -4628,17 +4994,23 @@ NGINX = shutil.which("nginx") or next(
 )
 
 
-def readme_nginx_config(listen: int, upstreams: list[int]) -> str:
-    """The README's nginx block, pointed at the test's replicas and port."""
-    block = re.search(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+def readme_nginx_config(listen: int, upstreams: list[int], *, stateful: bool = False) -> str:
+    """The README's nginx block, pointed at the test's replicas and port; `stateful`: with the balancing the README
+    gives for stateful sessions."""
+    readme = (HERE / "README.md").read_text()
+    block = re.search(r"```nginx\n(.*?)```", readme, re.S)
     assert block is not None, "README lacks its nginx configuration"
     servers = "".join(f"    server 127.0.0.1:{port};\n" for port in upstreams)
+    if stateful:
+        pinning = re.search(r"For stateful\s+sessions instead, .*?`(hash [^`]+;)`", readme, re.S)
+        assert pinning is not None, "README lacks the balancing for stateful sessions"
+        servers = f"    {pinning[1]}\n{servers}"
     text = re.sub(r"(    server \d+\.\d+\.\d+\.\d+:\d+;\n)+", servers, block[1], count=1)
     return text.replace("listen 80;", f"listen 127.0.0.1:{listen};")
 
 
 @asynccontextmanager
-async def nginx_in_front(tmp_path: Path, upstreams: list[int]) -> AsyncIterator[int]:
+async def nginx_in_front(tmp_path: Path, upstreams: list[int], *, stateful: bool = False) -> AsyncIterator[int]:
     """nginx on a free 127.0.0.1 port with the README's config, in the foreground, everything of its own in tmp_path."""
     assert NGINX is not None
     port = free_port()
@@ -4650,7 +5022,7 @@ async def nginx_in_front(tmp_path: Path, upstreams: list[int]) -> AsyncIterator[
     (prefix / "nginx.conf").write_text(
         f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
         f"events {{ worker_connections 256; }}\nhttp {{\n    access_log off;\n{temp_paths}"
-        f"{readme_nginx_config(port, upstreams)}}}\n"
+        f"{readme_nginx_config(port, upstreams, stateful=stateful)}}}\n"
     )
     proc = await anyio.open_process(
         [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
@@ -4709,6 +5081,38 @@ async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losin
             if replica.poll() is None:
                 replica.terminate()
                 replica.wait(10)
+
+
+@pytest.mark.skipif(NGINX is None and not os.environ.get("CI"), reason="nginx is not installed (.ci/run installs it)")
+async def test_stateful_sessions_behind_nginx_stay_on_the_replica_that_opened_them(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    ports = [free_port(), free_port()]
+    replicas = [subprocess.Popen(http_router_argv(config, port)) for port in ports]
+    try:
+        for port in ports:
+            await wait_for_http_router(port)
+        async with (
+            nginx_in_front(tmp_path, ports, stateful=True) as front,
+            httpx2.AsyncClient(base_url=f"http://127.0.0.1:{front}", headers=MCP_ACCEPT) as http,
+        ):
+            with anyio.fail_after(60):
+                while True:  # nginx starts in the background: ask until it answers
+                    try:
+                        await http.get("/healthz")
+                        break
+                    except httpx2.TransportError:
+                        await anyio.sleep(0.05)
+                for i in range(8):  # a random session id would hash to the other replica about every other time
+                    session = await open_session(http)
+                    answer = await http.post("/mcp", json=rpc(2, "tools/call", {"name": "one__echo"}), headers=session)
+                    assert answer.status_code == 200, (i, answer.text)
+                    async with http.stream("GET", "/mcp", headers={**session, "accept": "text/event-stream"}) as get:
+                        assert get.status_code == 200
+                    assert (await http.delete("/mcp", headers=session)).status_code == 200
+    finally:
+        for replica in replicas:
+            replica.terminate()
+            replica.wait(10)
 
 
 async def lines_until(stream: Any, wanted: str, seen: list[str] | None = None) -> list[str]:
