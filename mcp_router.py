@@ -2865,6 +2865,95 @@ async def _name_error_statuses(response: httpx2.Response) -> None:
     response.stream = httpx2.ByteStream(body)
 
 
+class _SseMessages(httpx2.AsyncClient):
+    """The HTTP client under a legacy SSE connection: a POST of a message that fails is answered in the SDK's stead.
+
+    The SDK's sse_client raises on a failed POST, which ends its writer and leaves
+    the call waiting out its whole timeout. Here the call fails at once: an error
+    status is named (`HTTP 500`), as streamable HTTP backends' are, and the
+    connection serves on (404, a lost session, reconnects, as over streamable
+    HTTP); a reset connection fails the call with CONNECTION_CLOSED and ends the
+    connection, so the backend reconnects. The SDK sees a 202 and writes on.
+    """
+
+    def __init__(self, failed: Callable[[SessionMessage | None], None], **kwargs: Any) -> None:
+        super().__init__(verify=_tls_context(), **kwargs)
+        self._failed = failed
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        if request.method != "POST":
+            return await super().send(request, **kwargs)
+        try:
+            response = await super().send(request, **kwargs)
+        except httpx2.TransportError as err:
+            reset = isinstance(err, httpx2.ReadError | httpx2.WriteError | httpx2.RemoteProtocolError)
+            text = "connection reset while sending to the backend" if reset else describe_error(err)
+            self._failed(self._answer(request, CONNECTION_CLOSED, text))
+            self._failed(None)
+        else:
+            if response.is_success:
+                return response
+            await response.aclose()
+            if response.status_code == 404:  # the server forgot our session (request() reconnects on these words)
+                answer = self._answer(request, INVALID_REQUEST, "Session not found")
+            else:
+                text = f"the backend answered HTTP {response.status_code} {response.reason_phrase}".strip()
+                answer = self._answer(request, INTERNAL_ERROR, text)
+            self._failed(answer)
+            if answer is None:  # a notification or an answer was lost, and nobody waits to hear it: start afresh
+                self._failed(None)
+        return httpx2.Response(202, request=request)
+
+    @staticmethod
+    def _answer(request: httpx2.Request, code: int, text: str) -> SessionMessage | None:
+        """The error answer to the request `request` carried; None if it carried none (a notification, an answer)."""
+        with contextlib.suppress(ValueError, RecursionError):
+            message = json.loads(request.content)
+            if isinstance(message, dict) and "method" in message and isinstance(message.get("id"), str | int):
+                error = types.ErrorData(code=code, message=text)
+                return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=message["id"], error=error))
+        return None
+
+
+@asynccontextmanager
+async def sse_connection(config: BackendConfig) -> AsyncIterator[Streams]:
+    """A legacy SSE backend's connection: the SDK's sse_client, whose failed POSTs fail their calls at once."""
+    inbox, read = anyio.create_memory_object_stream[SessionMessage | Exception](math.inf)
+
+    def failed(answer: SessionMessage | None) -> None:
+        """Give the dispatcher an error answer; None ends the connection (after what it has been given)."""
+        if answer is None:
+            inbox.close()
+        else:
+            with contextlib.suppress(anyio.ClosedResourceError):
+                inbox.send_nowait(answer)
+
+    def client(
+        headers: dict[str, str] | None = None, timeout: httpx2.Timeout | None = None, auth: httpx2.Auth | None = None
+    ) -> httpx2.AsyncClient:
+        return _SseMessages(failed, headers=headers, timeout=timeout, auth=auth)
+
+    async def relay(messages: Any) -> None:
+        with inbox:
+            async for message in messages:
+                try:
+                    await inbox.send(message)
+                except anyio.ClosedResourceError:
+                    return
+
+    with inbox, read:  # closed here too if connecting fails
+        async with (
+            sse_client(config.url or "", headers=dict(config.headers) or None, httpx_client_factory=client) as (
+                messages,
+                write,
+            ),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(relay, messages)
+            yield read, write
+            tg.cancel_scope.cancel()
+
+
 def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | None = None) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend (the first to a stdio
     backend takes the process `launched` at start-up, if any)."""
@@ -2877,7 +2966,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
 
         return connect
     if config.transport == "sse":
-        return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
+        return lambda: sse_connection(config)
 
     @asynccontextmanager
     async def http() -> AsyncIterator[Streams]:
@@ -2908,7 +2997,7 @@ def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
             legacy = await _serves_legacy_sse(config)
             if legacy:
                 log.info("backend %s: the URL is a legacy SSE endpoint; using the SSE transport", config.name)
-                connector = chosen = lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
+                connector = chosen = lambda: sse_connection(config)
             else:
                 connector = http
                 if legacy is not None:

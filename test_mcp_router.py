@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tomllib
@@ -483,6 +484,95 @@ def text_of(result: types.CallToolResult) -> str:
     return block.text
 
 
+def sse_app(server: Server[Any]) -> Any:
+    """A legacy SSE backend: the SDK's SseServerTransport serving `server` in a Starlette app (GET /sse, POST /messages/)."""
+    from mcp.server.sse import SseServerTransport
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    transport = SseServerTransport("/messages/")
+
+    async def handle_sse(request: Any) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        return Response()
+
+    return Starlette(
+        routes=[
+            Route("/sse", endpoint=handle_sse, methods=["GET"]),
+            Mount("/messages/", app=transport.handle_post_message),
+        ]
+    )
+
+
+@asynccontextmanager
+async def serving_sse(server: Server[Any]) -> AsyncIterator[int]:
+    """`server` as a legacy SSE backend on a free port of 127.0.0.1, for the duration; yields the port."""
+    import uvicorn
+
+    listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
+    web = uvicorn.Server(uvicorn.Config(sse_app(server), log_level="warning", lifespan="off"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: web.serve(sockets=[listening]))
+        try:
+            yield listening.getsockname()[1]
+        finally:
+            web.should_exit = True
+
+
+@asynccontextmanager
+async def failing_posts(upstream: int) -> AsyncIterator[int]:
+    """A TCP proxy to 127.0.0.1:`upstream` that fails the first HTTP POST whose body holds a marker: `fail-500` gets a
+    bare HTTP 500, `reset-me` a reset connection (RST), `forget-me` the 404 of a server that lost the session; the
+    rest passes through. Yields the proxy's port."""
+    used: set[bytes] = set()
+
+    def marked(body: bytes, marker: bytes) -> bool:
+        if marker in body and marker not in used:
+            used.add(marker)
+            return True
+        return False
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream)
+
+        async def answers() -> None:
+            with contextlib.suppress(ConnectionError):
+                while chunk := await up_reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answers)
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = re.search(rb"(?i)content-length: *(\d+)", head)
+                    body = await reader.readexactly(int(length[1])) if length else b""
+                    if marked(body, b"reset-me"):
+                        linger = struct.pack("ii", 1, 0)  # on, 0 s: closing sends RST
+                        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                        writer.transport.abort()
+                        break
+                    if marked(body, b"fail-500"):
+                        writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\noops")
+                        await writer.drain()
+                        continue
+                    if marked(body, b"forget-me"):
+                        writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 22\r\n\r\nCould not find session")
+                        await writer.drain()
+                        continue
+                    up_writer.write(head + body)
+                    await up_writer.drain()
+            tg.cancel_scope.cancel()
+        up_writer.close()
+        writer.close()
+
+    async with await asyncio.start_server(serve, "127.0.0.1", 0) as proxy:
+        yield proxy.sockets[0].getsockname()[1]
+
+
 # ---------------------------------------------------------------------------- config
 
 
@@ -732,39 +822,14 @@ def test_config_of_codex_is_read_from_its_toml(tmp_path: Path, caplog: pytest.Lo
 
 
 async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: pytest.LogCaptureFixture) -> None:
-    import uvicorn
-    from mcp.server.sse import SseServerTransport
-    from starlette.applications import Starlette
-    from starlette.responses import Response
-    from starlette.routing import Mount, Route
-
-    server = FakeBackend("legacy").server()
-    transport = SseServerTransport("/messages/")
-
-    async def handle_sse(request: Any) -> Response:
-        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
-            await server.run(read, write, server.create_initialization_options())
-        return Response()
-
-    app = Starlette(
-        routes=[
-            Route("/sse", endpoint=handle_sse, methods=["GET"]),
-            Mount("/messages/", app=transport.handle_post_message),
-        ]
-    )
-    listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
-    port = listening.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    config = mr.parse_config({"backends": [{"name": "legacy", "url": f"http://127.0.0.1:{port}/sse"}]}, {})
     with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: web.serve(sockets=[listening]))
+        async with serving_sse(FakeBackend("legacy").server()) as port:
+            config = mr.parse_config({"backends": [{"name": "legacy", "url": f"http://127.0.0.1:{port}/sse"}]}, {})
             router = mr.Router(config)
             async with router.running():
                 await router.wait_ready()
                 async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
                     assert text_of(await call(client, "legacy__echo", {"text": "old"})) == "legacy:echo:old"
-            web.should_exit = True
     assert "backend legacy: the URL is a legacy SSE endpoint; using the SSE transport" in caplog.text
 
 
@@ -2484,6 +2549,56 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
                 with pytest.raises(MCPError) as info:
                     await call(client, "web__echo")
     assert info.value.message == "the backend answered HTTP 500 Internal Server Error"
+
+
+@pytest.mark.parametrize(
+    ("marker", "code", "message", "reconnects"),
+    [
+        ("fail-500", types.INTERNAL_ERROR, "the backend answered HTTP 500 Internal Server Error", 0),
+        (
+            "reset-me",
+            mr.BACKEND_UNAVAILABLE,
+            "backend 'legacy' failed: connection reset while sending to the backend",
+            1,
+        ),
+    ],
+    ids=["http-500", "connection-reset"],
+)
+async def test_an_sse_backends_failed_post_fails_its_call_at_once_and_the_next_calls_succeed(
+    marker: str, code: int, message: str, reconnects: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeBackend("legacy")
+    async with serving_sse(fake.server()) as port, failing_posts(port) as proxy:
+        # a timeout far beyond the test's bound: the call must fail because its POST did, not because time ran out
+        config = config_for("legacy", url=f"http://127.0.0.1:{proxy}/sse", transport="sse", timeout=600)
+        router = mr.Router(config)
+        async with router.running():
+            with anyio.fail_after(20):
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                    with pytest.raises(MCPError) as info:
+                        await call(client, "legacy__echo", {"text": marker})
+                    assert (info.value.code, info.value.message) == (code, message)
+                    # a reset connection is replaced meanwhile; calls wait for it
+                    assert text_of(await call(client, "legacy__echo", {"text": "after"})) == "legacy:echo:after"
+            assert router.backends["legacy"].restarts == reconnects
+    assert fake.calls == ["echo"]
+    assert not [r for r in caplog.records if r.name.startswith("mcp.client")]  # no SDK traceback in the log
+
+
+async def test_an_sse_backend_that_lost_the_session_is_reconnected_and_the_call_sent_again() -> None:
+    fake = FakeBackend("legacy")
+    async with serving_sse(fake.server()) as port, failing_posts(port) as proxy:
+        config = config_for("legacy", url=f"http://127.0.0.1:{proxy}/sse", transport="sse", timeout=600)
+        router = mr.Router(config)
+        async with router.running():
+            with anyio.fail_after(20):
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                    # the 404 says the message was not taken: nothing ran, so it goes again on the new connection
+                    assert text_of(await call(client, "legacy__echo", {"text": "forget-me"})) == "legacy:echo:forget-me"
+            assert router.backends["legacy"].restarts == 1
+    assert fake.calls == ["echo"]
 
 
 async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_refused() -> None:
