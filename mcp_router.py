@@ -83,6 +83,7 @@ import gc
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1876,6 +1877,12 @@ def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict
     return inherited | dict(own)  # "()": an exported shell function
 
 
+BACKEND_MARK: Final = "MCP_ROUTER_BACKEND"
+"""Set in each stdio backend's environment to `<router's token>.<launch number>`: its descendants inherit it, so they
+are found by it wherever they have gone (a daemon's double fork leaves no parent to trace them through)."""
+ROUTER_TOKEN: Final = os.urandom(8).hex()
+"""This router's part of the marks, so the warden stops this router's descendants, not another's."""
+
 ESCAPED: Final = '''
 def _start_time(pid):
     try:
@@ -1886,9 +1893,18 @@ def _start_time(pid):
         return None
 
 
-def escaped_descendants(groups):
-    """Descendants of the members of process `groups` that left them (setsid, setpgid), with their start times.
-    Read from /proc (Linux; elsewhere none): only while their parent lives is it known whose they are."""
+def _marked(pid, mark):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return mark in b"\\0" + environ.read()
+    except OSError:  # gone, or not ours to read
+        return False
+
+
+def escaped_descendants(groups, mark=None):
+    """Descendants of the members of process `groups` that left them (setsid, setpgid), with their start times; and,
+    given a `mark` (bytes, from a NUL), every process outside `groups` whose environment holds it, wherever it went.
+    Read from /proc (Linux; elsewhere none)."""
     import os
     try:
         pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
@@ -1899,6 +1915,8 @@ def escaped_descendants(groups):
         try:
             with open(f"/proc/{pid}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
+            if fields[0] in "ZX":
+                continue
             children.setdefault(int(fields[1]), []).append(pid)
             group[pid], started[pid] = int(fields[2]), fields[19]
         except (OSError, IndexError, ValueError):
@@ -1912,6 +1930,11 @@ def escaped_descendants(groups):
                 todo.append(child)
                 if group.get(child) not in groups:
                     found[child] = started[child]
+    if mark is not None:
+        mine = os.getpid()
+        for pid in group:
+            if pid not in found and pid != mine and group[pid] not in groups and _marked(pid, mark):
+                found[pid] = started[pid]
     return found
 
 
@@ -1930,8 +1953,14 @@ def signal_escaped(escaped, signum):
 One text, run by the warden and (below) by the router, so a killed router and a graceful stop stop the same."""
 _tree: dict[str, Any] = {}
 exec(ESCAPED, _tree)  # our own text: the one the warden runs
-escaped_descendants: Callable[[Container[int]], dict[int, str]] = _tree["escaped_descendants"]
+escaped_descendants: Callable[[Container[int], bytes | None], dict[int, str]] = _tree["escaped_descendants"]
 signal_escaped: Callable[[Mapping[int, str], int], dict[int, str]] = _tree["signal_escaped"]
+
+
+def backend_mark(n: int) -> bytes:
+    """What the environment of the `n`th launched stdio backend and its descendants holds (an environ entry)."""
+    return f"\0{BACKEND_MARK}={ROUTER_TOKEN}.{n}\0".encode()
+
 
 WARDEN: Final = (
     "# mcp-router warden: stops the router's stdio backends if the router is killed\n"
@@ -1944,7 +1973,8 @@ for line in sys.stdin:  # the router's pipe: it ends when the router does, howev
     group = int(line[1:])
     listed[group] = listed.get(group, 0) + (1 if line[0] == "+" else -1)  # counted: a reused pid may come before its -
 groups = {group for group, count in listed.items() if count > 0}
-escaped = escaped_descendants(groups)  # before any signal: once a backend is gone, whose they were is not known
+# before any signal: once a backend is gone, whose they were is known only by their mark
+escaped = escaped_descendants(groups, b"\\0" + sys.argv[1].encode())  # any of this router's marks
 def alive(group):
     try:
         os.killpg(group, 0)
@@ -1962,7 +1992,7 @@ for signum in (signal.SIGTERM, signal.SIGKILL):
 """
 )
 """Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too), and the
-descendants of theirs that left their group (a daemon's setsid): SIGTERM, 2 s, SIGKILL."""
+descendants of theirs that left their group (a daemon's setsid, a double fork): SIGTERM, 2 s, SIGKILL."""
 
 
 class Warden:
@@ -1989,7 +2019,7 @@ class Warden:
             actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
             os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-I", "-S", "-c", WARDEN],
+                [sys.executable, "-I", "-S", "-c", WARDEN, f"{BACKEND_MARK}={ROUTER_TOKEN}."],
                 os.environ,
                 file_actions=actions,
                 setsid=True,
@@ -2019,8 +2049,14 @@ class Warden:
 warden = Warden()
 
 
+launches = itertools.count(1)
+marks: dict[int, bytes] = {}
+"""The mark of each launched stdio backend (`backend_mark`), by pid, until it has stopped."""
+
+
 def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
-    """Start a stdio backend in a process group of its own, for the warden to watch."""
+    """Start a stdio backend in a process group of its own, marked, for the warden to watch."""
+    n = next(launches)
     try:
         process = subprocess.Popen(
             [config.command or "", *config.args],
@@ -2028,13 +2064,14 @@ def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,  # read by the event loop, each line prefixed with the backend's name: BackendStderr
-            env=child_environment(os.environ, config.env),
+            env=child_environment(os.environ, config.env) | {BACKEND_MARK: f"{ROUTER_TOKEN}.{n}"},
             cwd=config.cwd,
             start_new_session=True,
         )
     except OSError as err:
         where = f" in {config.cwd!r}" if config.cwd and err.filename == config.cwd else ""
         raise RouterError(f"cannot run {config.command!r}{where}: {err.strerror or err}") from None
+    marks[process.pid] = backend_mark(n)
     warden.watch(process.pid)
     return process
 
@@ -2768,8 +2805,10 @@ async def stdio_connection(
         try:
             yield reader, writer
         finally:
-            with anyio.CancelScope(shield=True):  # found while the backend lives: after, they are nobody's
-                escaped = await anyio.to_thread.run_sync(escaped_descendants, {process.pid})
+            with anyio.CancelScope(shield=True):  # found while the backend lives (its tree), and by its mark
+                escaped = await anyio.to_thread.run_sync(
+                    escaped_descendants, {process.pid}, marks.pop(process.pid, None)
+                )
             await writer.aclose()  # stdin EOF asks the server to exit; its stdout is read until it has,
             with anyio.CancelScope(shield=True):  # so what it writes meanwhile meets no broken pipe
                 await _stop(process, escaped)

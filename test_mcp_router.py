@@ -42,6 +42,7 @@ import httpx2
 import mcp_types as types
 import pytest
 import yaml
+from anyio.streams.text import TextReceiveStream
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
@@ -3328,10 +3329,11 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
     try:
         await wait_for_http_router(port)
         async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-            names = ("escaper__pid", "escaper__escapee", "stubborn__pid")
+            names = ("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid")
             pids = [pids_from(await call(client, name)) for name in names]
         pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
         assert os.getsid(pids[1]) == pids[1] != os.getpgid(pids[0])  # it did leave its backend's group
+        assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # and this one its backend's tree
         proc.send_signal(stop)
         with anyio.fail_after(20):
             await anyio.to_thread.run_sync(proc.wait)
@@ -3344,6 +3346,64 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="escaped descendants are found through /proc")
+@pytest.mark.parametrize("stop", ["stdin-eof", "sigterm", "sigint", "sigkill"])
+async def test_a_stdio_router_stops_escaped_and_orphaned_grandchildren_however_it_stops(
+    tmp_path: Path, stop: str
+) -> None:
+    escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
+    config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "WARNING"]
+    pidfds: list[int] = []
+    async with await anyio.open_process(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        lines = TextReceiveStream(proc.stdout)
+        buffer = ""
+
+        async def ask(request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
+            nonlocal buffer
+            message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+            await proc.stdin.send(json.dumps(message).encode() + b"\n")  # type: ignore[union-attr]
+            while True:
+                while "\n" not in buffer:
+                    buffer += await lines.receive()
+                line, buffer = buffer.split("\n", 1)
+                if (answer := json.loads(line)).get("id") == request_id:
+                    return answer["result"]
+
+        try:
+            with anyio.fail_after(30):
+                info = {"name": "t", "version": "1"}
+                await ask(0, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info})
+                await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+                names = ("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid")
+                pids = [
+                    int(result["content"][0]["text"].rsplit(":", 1)[1])
+                    for i, name in enumerate(names, 1)
+                    if (result := await ask(i, "tools/call", {"name": name, "arguments": {}}))
+                ]
+            pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
+            assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # it left its backend's tree
+            if stop == "stdin-eof":
+                await proc.stdin.aclose()
+            else:
+                proc.send_signal({"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}[stop])
+            with anyio.fail_after(20):
+                await proc.wait()
+                for pidfd in pidfds:
+                    await process_exit(pidfd)
+            assert proc.returncode == (-signal.SIGKILL if stop == "sigkill" else 0)
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+            if proc.returncode is None:
+                proc.kill()
 
 
 async def test_a_sigkilled_stdio_backend_comes_back_while_the_others_keep_answering(tmp_path: Path) -> None:
@@ -4657,7 +4717,8 @@ def run_fake_backend(argv: list[str]) -> None:
         args.pid_file.write_text(str(os.getpid()))
 
     own_tools = [
-        types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "ppid", "environ", "escapee", "nap")
+        types.Tool(name=name, input_schema={"type": "object"})
+        for name in ("pid", "ppid", "environ", "escapee", "orphan", "nap")
     ]
     if args.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -4665,12 +4726,20 @@ def run_fake_backend(argv: list[str]) -> None:
         code = "import os, time; os.setsid(); print(flush=True); time.sleep(120)"
         escapee = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         assert escapee.stdout is not None and escapee.stdout.readline() == b"\n"
+        # a daemon's double fork: the middle process says its child's pid once that has left, and exits
+        code = "import os, time; os.setsid(); print(os.getpid(), flush=True); time.sleep(120)"
+        middle = f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {code!r}], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); print(p.stdout.readline().decode(), end='', flush=True)"  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", middle], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=True
+        )
+        orphan = int(run.stdout)
     fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
     fake.result_for["ppid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getppid()}")])
     fake.result_for["environ"] = types.CallToolResult(content=[types.TextContent(text=" ".join(sorted(os.environ)))])
     if args.escape:
         fake.result_for["escapee"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{escapee.pid}")])
+        fake.result_for["orphan"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{orphan}")])
     server = fake.server()
 
     async def serve() -> None:
