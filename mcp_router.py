@@ -2520,14 +2520,27 @@ class _WatchedDispatcher(JSONRPCDispatcher[Any]):
         problem = _answer_problem(message)
         raw_id = message.get("id") if isinstance(message, dict) else None
         key = coerce_request_id(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
-        pending = [key] if key in self._pending else list(self._pending)
+        self._fail([key] if key in self._pending else list(self._pending), problem)
+
+    def _resolve_pending(self, request_id: Any, outcome: dict[str, Any] | types.ErrorData) -> None:
+        """An answer to a call: to its call; a late one (a call given up) is dropped; one with an id that was never
+        sent, or none (an error for a request the backend could not read), fails every call now pending."""
+        key = coerce_request_id(request_id) if request_id is not None else None
+        if key in self._pending or (isinstance(key, int) and 0 < key <= self._next_id):
+            super()._resolve_pending(request_id, outcome)
+        elif isinstance(outcome, types.ErrorData):
+            self._fail(list(self._pending), f"an error for no request it was sent ({outcome.code}: {outcome.message})")
+        else:
+            self._fail(list(self._pending), f"an answer to a request it was never sent (id {repr(request_id)[:40]})")
+
+    def _fail(self, pending: list[Any], problem: str) -> None:
         if not pending:
-            log.warning("backend %s: ignoring a line that is not JSON-RPC (%s)", self.name, problem)
+            log.warning("backend %s: ignoring a line that is not an answer to any call (%s)", self.name, problem)
             return
         log.warning("backend %s: invalid answer (%s); failing %d pending call(s)", self.name, problem, len(pending))
         error = types.ErrorData(code=INTERNAL_ERROR, message=f"backend {self.name!r} sent an invalid answer: {problem}")
         for request_id in pending:
-            self._resolve_pending(request_id, error)
+            super()._resolve_pending(request_id, error)
 
 
 @dataclass(slots=True)

@@ -3631,8 +3631,13 @@ for line in sys.stdin:
               "list": {"jsonrpc": "2.0", "id": rid, "result": [1]},
               "no-code": {"jsonrpc": "2.0", "id": rid, "error": {"message": "x"}},
               "no-id": {"jsonrpc": "2.0", "result": {"content": []}},
+              "wrong-id": {"jsonrpc": "2.0", "id": 10**6, "result": {"content": []}},
+              "null-id-error": {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}},
               "no-content": {"jsonrpc": "2.0", "id": rid, "result": {"content": "text"}},
-              "fine": {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "fine"}]}}}[shape])
+              "fine": {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "fine"}]}},
+              "twice": {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "once"}]}}}[shape])
+        if shape == "twice":  # the same answer again: a late one, for a call that has had its answer
+            send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "twice"}]}})
     elif rid is not None:
         send({"jsonrpc": "2.0", "id": rid, "result": {}})
 """
@@ -3654,7 +3659,7 @@ async def test_invalid_list_items_and_invalid_answers_cost_nothing_but_themselve
             assert [t.name for t in (await client.list_tools()).tools if t.name not in mr.MANAGEMENT_TOOLS] == [
                 "raw__shape"
             ]
-            for shape in ("null", "list", "no-code", "no-id"):
+            for shape in ("null", "list", "no-code", "no-id", "wrong-id", "null-id-error"):
                 with pytest.raises(MCPError) as info:
                     await call(client, "raw__shape", {"shape": shape})
                 assert (
@@ -3664,7 +3669,10 @@ async def test_invalid_list_items_and_invalid_answers_cost_nothing_but_themselve
             with pytest.raises(MCPError) as info:
                 await call(client, "raw__shape", {"shape": "no-content"})
             assert "invalid tools/call result: content is not a list" in info.value.message
-            assert text_of(await call(client, "raw__shape", {"shape": "fine"})) == "fine"
+            assert text_of(await call(client, "raw__shape", {"shape": "twice"})) == "once"
+            assert (
+                text_of(await call(client, "raw__shape", {"shape": "fine"})) == "fine"
+            )  # the late answer cost nothing
             assert router.backends["raw"].breaker.failures == 0  # answered, however badly: no transport failure
     warnings = [r.getMessage() for r in caplog.records if "invalid Tool items" in r.getMessage()]
     assert len(warnings) == 1 and "#0" in warnings[0] and "#1" in warnings[0] and "backend raw" in warnings[0]
