@@ -716,6 +716,9 @@ def _parse_backend(
         problems.unknown_keys(raw, _BACKEND_KEYS, path)
     before = len(problems.items)
     name = _check(raw.get("name"), str, _join(path, "name"), problems)
+    for key in ("name", "namespace"):  # what came from ${VAR} is a secret, and these two every client sees
+        if problems.expanded_under(_join(path, key)):
+            problems.add(_join(path, key), "cannot come from ${VAR}: it prefixes the backend's tools for every client")
     url, command = raw.get("url"), raw.get("command")
     declared = raw.get("transport", raw.get("type"))
     transport: Transport = "stdio" if command is not None else "http"
