@@ -2698,7 +2698,9 @@ def malformed_line_answer(line: bytes, error: ValueError) -> dict[str, Any] | No
 def bad_id_answer(line: bytes) -> dict[str, Any] | None:
     """-32600 (id null) for a request whose id is not a string or an integer; None for a true notification."""
     message = json.loads(line)  # it parsed once, within the depth limit: it parses again
-    if not isinstance(message, dict) or "id" not in message:
+    if not isinstance(message, dict) or "id" not in message or "method" not in message:
+        return None  # a notification, or an answer to the router's own request
+    if isinstance(message["id"], str | int) and not isinstance(message["id"], bool):
         return None
     return _error_answer(None, INVALID_REQUEST, "Invalid request: the id must be a string or an integer")
 
@@ -5286,7 +5288,9 @@ async def serve_stdio(server: Server[Any], router: Router) -> None:
 
 
 class PlainRefusals:
-    """ASGI wrapper: the SDK's 400 for a body that is no valid message says what stdio says, without pydantic's text.
+    """ASGI wrapper: the SDK's 400 for a body that is no valid message says what stdio says, without pydantic's text;
+    a request whose id is no id (null, a float, a bool, an object), which the SDK takes for a notification (202), is
+    refused as stdio refuses it.
 
     The SDK puts the parser's or validator's whole report (field paths, input values,
     links to pydantic's docs) in the message. This answers as the stdio LineReader
@@ -5313,16 +5317,27 @@ class PlainRefusals:
 
         async def relay(message: dict[str, Any]) -> None:
             nonlocal refusal
-            if message["type"] == "http.response.start" and message["status"] == 400:
+            if message["type"] == "http.response.start" and message["status"] in (400, 202):
                 refusal = message  # held until its body shows whose refusal it is
                 return
             if refusal is not None and message["type"] == "http.response.body":
                 start, refusal = refusal, None
                 text = message.get("body", b"")
-                if any(prefix in text for prefix in self._SDK_PREFIXES):
-                    text = json.dumps(_refusal_of(b"".join(body))).encode()
-                    headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
-                    start = {**start, "headers": [*headers, (b"content-length", b"%d" % len(text))]}
+                answer = None
+                if start["status"] == 202:  # taken for a notification: a request whose id is null, a float, ...
+                    whole = b"".join(body)
+                    answer = bad_id_answer(whole) if b'"id"' in whole else None
+                elif any(prefix in text for prefix in self._SDK_PREFIXES):
+                    answer = _refusal_of(b"".join(body))
+                if answer is not None:
+                    text = json.dumps(answer).encode()
+                    headers = [(k, v) for k, v in start["headers"] if k not in (b"content-length", b"content-type")]
+                    length = (b"content-length", b"%d" % len(text))
+                    start = {
+                        **start,
+                        "status": 400,
+                        "headers": [*headers, (b"content-type", b"application/json"), length],
+                    }
                     message = {**message, "body": text, "more_body": False}
                 await send(start)
             await send(message)

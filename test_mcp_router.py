@@ -2477,6 +2477,40 @@ async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
         web.should_exit = True
 
 
+async def test_http_requests_whose_id_is_no_id_are_refused_not_taken_for_notifications() -> None:
+    import uvicorn
+
+    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
+    port = free_port()
+    web = uvicorn.Server(
+        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
+    )
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    initialize = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    async with router.running(), anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
+                opened = await http.post(
+                    "/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": initialize}
+                )
+                http.headers["mcp-session-id"] = opened.headers["mcp-session-id"]
+                http.headers["mcp-protocol-version"] = "2025-06-18"
+                assert (
+                    await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+                ).status_code == 202
+                refusals = []
+                for bad_id in (None, 1.5, True, {"a": 1}):
+                    response = await http.post("/mcp", json={"jsonrpc": "2.0", "id": bad_id, "method": "ping"})
+                    refusals.append((response.status_code, response.json()))
+                assert (await http.post("/mcp", json={"jsonrpc": "2.0", "id": 2, "method": "ping"})).status_code == 200
+        web.should_exit = True
+    error = {"code": types.INVALID_REQUEST, "message": "Invalid request: the id must be a string or an integer"}
+    assert refusals == [(400, {"jsonrpc": "2.0", "id": None, "error": error})] * 4
+
+
 async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_text() -> None:
     import uvicorn
 
