@@ -2835,25 +2835,22 @@ async def stdio_connection(
 
 async def _stop(process: subprocess.Popen[bytes], escaped: Mapping[int, str]) -> None:
     """The MCP shutdown sequence for a stdio server whose stdin is closed, within STOP_GRACE whatever it does: half of it
-    to exit, half after SIGTERM to its whole group, then SIGKILL; then the same for its `escaped` descendants."""
-    for signum in (None, signal.SIGTERM, signal.SIGKILL):
-        if signum is not None:
+    to exit; then SIGTERM to its whole group and to its `escaped` descendants, the other half, and SIGKILL."""
+    with anyio.move_on_after(STOP_GRACE / 2):
+        while process.poll() is None:  # not wait(): that blocks the event loop
+            await anyio.sleep(0.02)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if process.returncode is not None and not escaped:
+            break
+        if process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signum)
+        escaped = signal_escaped(escaped, signum)
         with anyio.move_on_after(STOP_GRACE / 2):
-            while process.poll() is None:  # not wait(): that blocks the event loop
+            while process.poll() is None or (escaped := signal_escaped(escaped, 0)):
                 await anyio.sleep(0.02)
-        if process.returncode is not None:
-            break
-    if process.returncode is not None:  # the backend is gone; so must be what it left in its group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        if not (escaped := signal_escaped(escaped, signum)):
-            break
-        with anyio.move_on_after(STOP_GRACE / 2):
-            while escaped := signal_escaped(escaped, 0):
-                await anyio.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # the backend is gone; so must be what it left in its group
 
 
 @functools.cache

@@ -3443,6 +3443,43 @@ async def test_a_stdio_router_stops_escaped_and_orphaned_grandchildren_however_i
                 proc.kill()
 
 
+STUBBORN_WITH_ESCAPEE = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited: its escapee ignores SIGTERM too
+code = "import os, time; os.setsid(); print(os.getpid(), flush=True); time.sleep(120)"
+escapee = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+print(escapee.stdout.readline().decode().strip(), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="escaped descendants are found through /proc")
+async def test_a_stubborn_backend_and_its_stubborn_escapee_are_stopped_within_one_stop_grace() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN_WITH_ESCAPEE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None and process.stdin is not None
+    escapee = int(process.stdout.readline())
+    pidfd = os.pidfd_open(escapee)
+    try:
+        escaped = mr.escaped_descendants({process.pid}, None)
+        assert set(escaped) == {escapee}
+        process.stdin.close()
+        # both ignore stdin EOF and SIGTERM: SIGKILL reaches them one stop grace in, not one for each
+        with anyio.fail_after(mr.STOP_GRACE * 1.5):
+            await mr._stop(process, escaped)
+            await process_exit(pidfd)
+    finally:
+        os.close(pidfd)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
 async def test_a_sigkilled_stdio_backend_comes_back_while_the_others_keep_answering(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
