@@ -2052,14 +2052,14 @@ class Warden:
 warden = Warden()
 
 
-launches = itertools.count(1)
-marks: dict[int, bytes] = {}
+_launches = itertools.count(1)
+_marks: dict[int, bytes] = {}
 """The mark of each launched stdio backend (`backend_mark`), by pid, until it has stopped."""
 
 
 def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
     """Start a stdio backend in a process group of its own, marked, for the warden to watch."""
-    n = next(launches)
+    n = next(_launches)
     try:
         process = subprocess.Popen(
             [config.command or "", *config.args],
@@ -2074,7 +2074,7 @@ def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
     except OSError as err:
         where = f" in {config.cwd!r}" if config.cwd and err.filename == config.cwd else ""
         raise RouterError(f"cannot run {config.command!r}{where}: {err.strerror or err}") from None
-    marks[process.pid] = backend_mark(n)
+    _marks[process.pid] = backend_mark(n)
     warden.watch(process.pid)
     return process
 
@@ -2825,7 +2825,7 @@ async def stdio_connection(
         finally:
             with anyio.CancelScope(shield=True):  # found while the backend lives (its tree), and by its mark
                 escaped = await anyio.to_thread.run_sync(
-                    escaped_descendants, {process.pid}, marks.pop(process.pid, None)
+                    escaped_descendants, {process.pid}, _marks.pop(process.pid, None)
                 )
             await writer.aclose()  # stdin EOF asks the server to exit; its stdout is read until it has,
             with anyio.CancelScope(shield=True):  # so what it writes meanwhile meets no broken pipe
@@ -2923,11 +2923,12 @@ class _SseMessages(httpx2.AsyncClient):
     """The HTTP client under a legacy SSE connection: a POST of a message that fails is answered in the SDK's stead.
 
     The SDK's sse_client raises on a failed POST, which ends its writer and leaves
-    the call waiting out its whole timeout. Here the call fails at once: an error
-    status is named (`HTTP 500`), as streamable HTTP backends' are, and the
-    connection serves on (404, a lost session, reconnects, as over streamable
-    HTTP); a reset connection fails the call with CONNECTION_CLOSED and ends the
-    connection, so the backend reconnects. The SDK sees a 202 and writes on.
+    the call waiting out its whole timeout. Here the call fails at once, and the
+    SDK sees a 202 and writes on: an error status is named (`HTTP 500`), as
+    streamable HTTP backends' are, and the connection serves on; a 404 is a lost
+    session, which Backend.request reconnects (nothing ran, so the call goes
+    again); a reset connection fails the call with CONNECTION_CLOSED (it may have
+    run) and ends the connection, so the backend reconnects.
     """
 
     def __init__(self, failed: Callable[[SessionMessage | None], None], **kwargs: Any) -> None:
