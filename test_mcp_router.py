@@ -3394,6 +3394,8 @@ def parent_of(pid: int) -> int:
 async def test_a_stdio_router_stops_escaped_and_orphaned_grandchildren_however_it_stops(
     tmp_path: Path, stop: str
 ) -> None:
+    """The escaper leaves a child in a session of its own, and an orphan of a double fork (no parent to trace it by);
+    the stubborn backend ignores stdin EOF and SIGTERM. All of them end with the router, whichever way it ends."""
     escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
     config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
     args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "WARNING"]
@@ -3419,12 +3421,10 @@ async def test_a_stdio_router_stops_escaped_and_orphaned_grandchildren_however_i
                 info = {"name": "t", "version": "1"}
                 await ask(0, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info})
                 await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
-                names = ("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid")
-                pids = [
-                    int(result["content"][0]["text"].rsplit(":", 1)[1])
-                    for i, name in enumerate(names, 1)
-                    if (result := await ask(i, "tools/call", {"name": name, "arguments": {}}))
-                ]
+                pids = []
+                for i, name in enumerate(("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid"), 1):
+                    result = await ask(i, "tools/call", {"name": name, "arguments": {}})
+                    pids.append(int(result["content"][0]["text"].rsplit(":", 1)[1]))
             pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
             assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # it left its backend's tree
             if stop == "stdin-eof":
