@@ -85,6 +85,7 @@ import gc
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -742,6 +743,9 @@ def _parse_backend(
         problems.unknown_keys(raw, _BACKEND_KEYS, path)
     before = len(problems.items)
     name = _check(raw.get("name"), str, _join(path, "name"), problems)
+    for key in ("name", "namespace"):  # what came from ${VAR} is a secret, and these two every client sees
+        if problems.expanded_under(_join(path, key)):
+            problems.add(_join(path, key), "cannot come from ${VAR}: it prefixes the backend's tools for every client")
     url, command = raw.get("url"), raw.get("command")
     declared = raw.get("transport", raw.get("type"))
     transport: Transport = "stdio" if command is not None else "http"
@@ -1945,6 +1949,12 @@ def child_environment(parent: Mapping[str, str], own: Mapping[str, str]) -> dict
     return inherited | dict(own)  # "()": an exported shell function
 
 
+BACKEND_MARK: Final = "MCP_ROUTER_BACKEND"
+"""Set in each stdio backend's environment to `<router's token>.<launch number>`: its descendants inherit it, so they
+are found by it wherever they have gone (a daemon's double fork leaves no parent to trace them through)."""
+ROUTER_TOKEN: Final = os.urandom(8).hex()
+"""This router's part of the marks, so the warden stops this router's descendants, not another's."""
+
 ESCAPED: Final = '''
 def _start_time(pid):
     try:
@@ -1955,9 +1965,18 @@ def _start_time(pid):
         return None
 
 
-def escaped_descendants(groups):
-    """Descendants of the members of process `groups` that left them (setsid, setpgid), with their start times.
-    Read from /proc (Linux; elsewhere none): only while their parent lives is it known whose they are."""
+def _marked(pid, mark):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return mark in b"\\0" + environ.read()
+    except OSError:  # gone, or not ours to read
+        return False
+
+
+def escaped_descendants(groups, mark=None):
+    """Descendants of the members of process `groups` that left them (setsid, setpgid), with their start times; and,
+    given a `mark` (bytes, from a NUL), every process outside `groups` whose environment holds it, wherever it went.
+    Read from /proc (Linux; elsewhere none)."""
     import os
     try:
         pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
@@ -1968,6 +1987,8 @@ def escaped_descendants(groups):
         try:
             with open(f"/proc/{pid}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
+            if fields[0] in "ZX":
+                continue
             children.setdefault(int(fields[1]), []).append(pid)
             group[pid], started[pid] = int(fields[2]), fields[19]
         except (OSError, IndexError, ValueError):
@@ -1981,6 +2002,11 @@ def escaped_descendants(groups):
                 todo.append(child)
                 if group.get(child) not in groups:
                     found[child] = started[child]
+    if mark is not None:
+        mine = os.getpid()
+        for pid in group:
+            if pid not in found and pid != mine and group[pid] not in groups and _marked(pid, mark):
+                found[pid] = started[pid]
     return found
 
 
@@ -1999,8 +2025,14 @@ def signal_escaped(escaped, signum):
 One text, run by the warden and (below) by the router, so a killed router and a graceful stop stop the same."""
 _tree: dict[str, Any] = {}
 exec(ESCAPED, _tree)  # our own text: the one the warden runs
-escaped_descendants: Callable[[Container[int]], dict[int, str]] = _tree["escaped_descendants"]
+escaped_descendants: Callable[[Container[int], bytes | None], dict[int, str]] = _tree["escaped_descendants"]
 signal_escaped: Callable[[Mapping[int, str], int], dict[int, str]] = _tree["signal_escaped"]
+
+
+def backend_mark(n: int) -> bytes:
+    """What the environment of the `n`th launched stdio backend and its descendants holds (an environ entry)."""
+    return f"\0{BACKEND_MARK}={ROUTER_TOKEN}.{n}\0".encode()
+
 
 WARDEN: Final = (
     "# mcp-router warden: stops the router's stdio backends if the router is killed\n"
@@ -2013,7 +2045,8 @@ for line in sys.stdin:  # the router's pipe: it ends when the router does, howev
     group = int(line[1:])
     listed[group] = listed.get(group, 0) + (1 if line[0] == "+" else -1)  # counted: a reused pid may come before its -
 groups = {group for group, count in listed.items() if count > 0}
-escaped = escaped_descendants(groups)  # before any signal: once a backend is gone, whose they were is not known
+# before any signal: once a backend is gone, whose they were is known only by their mark
+escaped = escaped_descendants(groups, b"\\0" + sys.argv[1].encode())  # any of this router's marks
 def alive(group):
     try:
         os.killpg(group, 0)
@@ -2031,7 +2064,7 @@ for signum in (signal.SIGTERM, signal.SIGKILL):
 """
 )
 """Outlives the router to stop the process groups of its stdio backends (npx/uvx grandchildren too), and the
-descendants of theirs that left their group (a daemon's setsid): SIGTERM, 2 s, SIGKILL."""
+descendants of theirs that left their group (a daemon's setsid, a double fork): SIGTERM, 2 s, SIGKILL."""
 
 
 class Warden:
@@ -2058,7 +2091,7 @@ class Warden:
             actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
             os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-I", "-S", "-c", WARDEN],
+                [sys.executable, "-I", "-S", "-c", WARDEN, f"{BACKEND_MARK}={ROUTER_TOKEN}."],
                 os.environ,
                 file_actions=actions,
                 setsid=True,
@@ -2088,8 +2121,14 @@ class Warden:
 warden = Warden()
 
 
+_launches = itertools.count(1)
+_marks: dict[int, bytes] = {}
+"""The mark of each launched stdio backend (`backend_mark`), by pid, until it has stopped."""
+
+
 def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
-    """Start a stdio backend in a process group of its own, for the warden to watch."""
+    """Start a stdio backend in a process group of its own, marked, for the warden to watch."""
+    n = next(_launches)
     try:
         process = subprocess.Popen(
             [config.command or "", *config.args],
@@ -2097,13 +2136,14 @@ def launch(config: BackendConfig) -> subprocess.Popen[bytes]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,  # read by the event loop, each line prefixed with the backend's name: BackendStderr
-            env=child_environment(os.environ, config.env),
+            env=child_environment(os.environ, config.env) | {BACKEND_MARK: f"{ROUTER_TOKEN}.{n}"},
             cwd=config.cwd,
             start_new_session=True,
         )
     except OSError as err:
         where = f" in {config.cwd!r}" if config.cwd and err.filename == config.cwd else ""
         raise RouterError(f"cannot run {config.command!r}{where}: {err.strerror or err}") from None
+    _marks[process.pid] = backend_mark(n)
     warden.watch(process.pid)
     return process
 
@@ -2587,14 +2627,27 @@ class _WatchedDispatcher(JSONRPCDispatcher[Any]):
         problem = _answer_problem(message)
         raw_id = message.get("id") if isinstance(message, dict) else None
         key = coerce_request_id(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
-        pending = [key] if key in self._pending else list(self._pending)
+        self._fail([key] if key in self._pending else list(self._pending), problem)
+
+    def _resolve_pending(self, request_id: Any, outcome: dict[str, Any] | types.ErrorData) -> None:
+        """An answer to a call: to its call; a late one (a call given up) is dropped; one with an id that was never
+        sent, or none (an error for a request the backend could not read), fails every call now pending."""
+        key = coerce_request_id(request_id) if request_id is not None else None
+        if key in self._pending or (isinstance(key, int) and 0 < key <= self._next_id):
+            super()._resolve_pending(request_id, outcome)
+        elif isinstance(outcome, types.ErrorData):
+            self._fail(list(self._pending), f"an error for no request it was sent ({outcome.code}: {outcome.message})")
+        else:
+            self._fail(list(self._pending), f"an answer to a request it was never sent (id {repr(request_id)[:40]})")
+
+    def _fail(self, pending: list[Any], problem: str) -> None:
         if not pending:
-            log.warning("backend %s: ignoring a line that is not JSON-RPC (%s)", self.name, problem)
+            log.warning("backend %s: ignoring a line that is not an answer to any call (%s)", self.name, problem)
             return
         log.warning("backend %s: invalid answer (%s); failing %d pending call(s)", self.name, problem, len(pending))
         error = types.ErrorData(code=INTERNAL_ERROR, message=f"backend {self.name!r} sent an invalid answer: {problem}")
         for request_id in pending:
-            self._resolve_pending(request_id, error)
+            super()._resolve_pending(request_id, error)
 
 
 @dataclass(slots=True)
@@ -2749,7 +2802,9 @@ def malformed_line_answer(line: bytes, error: ValueError) -> dict[str, Any] | No
 def bad_id_answer(line: bytes) -> dict[str, Any] | None:
     """-32600 (id null) for a request whose id is not a string or an integer; None for a true notification."""
     message = json.loads(line)  # it parsed once, within the depth limit: it parses again
-    if not isinstance(message, dict) or "id" not in message:
+    if not isinstance(message, dict) or "id" not in message or "method" not in message:
+        return None  # a notification, or an answer to the router's own request
+    if isinstance(message["id"], str | int) and not isinstance(message["id"], bool):
         return None
     return _error_answer(None, INVALID_REQUEST, "Invalid request: the id must be a string or an integer")
 
@@ -2872,8 +2927,10 @@ async def stdio_connection(
         try:
             yield reader, writer
         finally:
-            with anyio.CancelScope(shield=True):  # found while the backend lives: after, they are nobody's
-                escaped = await anyio.to_thread.run_sync(escaped_descendants, {process.pid})
+            with anyio.CancelScope(shield=True):  # found while the backend lives (its tree), and by its mark
+                escaped = await anyio.to_thread.run_sync(
+                    escaped_descendants, {process.pid}, _marks.pop(process.pid, None)
+                )
             await writer.aclose()  # stdin EOF asks the server to exit; its stdout is read until it has,
             with anyio.CancelScope(shield=True):  # so what it writes meanwhile meets no broken pipe
                 await _stop(process, escaped)
@@ -2882,25 +2939,22 @@ async def stdio_connection(
 
 async def _stop(process: subprocess.Popen[bytes], escaped: Mapping[int, str]) -> None:
     """The MCP shutdown sequence for a stdio server whose stdin is closed, within STOP_GRACE whatever it does: half of it
-    to exit, half after SIGTERM to its whole group, then SIGKILL; then the same for its `escaped` descendants."""
-    for signum in (None, signal.SIGTERM, signal.SIGKILL):
-        if signum is not None:
+    to exit; then SIGTERM to its whole group and to its `escaped` descendants, the other half, and SIGKILL."""
+    with anyio.move_on_after(STOP_GRACE / 2):
+        while process.poll() is None:  # not wait(): that blocks the event loop
+            await anyio.sleep(0.02)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if process.returncode is not None and not escaped:
+            break
+        if process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signum)
+        escaped = signal_escaped(escaped, signum)
         with anyio.move_on_after(STOP_GRACE / 2):
-            while process.poll() is None:  # not wait(): that blocks the event loop
+            while process.poll() is None or (escaped := signal_escaped(escaped, 0)):
                 await anyio.sleep(0.02)
-        if process.returncode is not None:
-            break
-    if process.returncode is not None:  # the backend is gone; so must be what it left in its group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        if not (escaped := signal_escaped(escaped, signum)):
-            break
-        with anyio.move_on_after(STOP_GRACE / 2):
-            while escaped := signal_escaped(escaped, 0):
-                await anyio.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # the backend is gone; so must be what it left in its group
 
 
 @functools.cache
@@ -2969,6 +3023,96 @@ async def _name_error_statuses(response: httpx2.Response) -> None:
     response.stream = httpx2.ByteStream(body)
 
 
+class _SseMessages(httpx2.AsyncClient):
+    """The HTTP client under a legacy SSE connection: a POST of a message that fails is answered in the SDK's stead.
+
+    The SDK's sse_client raises on a failed POST, which ends its writer and leaves
+    the call waiting out its whole timeout. Here the call fails at once, and the
+    SDK sees a 202 and writes on: an error status is named (`HTTP 500`), as
+    streamable HTTP backends' are, and the connection serves on; a 404 is a lost
+    session, which Backend.request reconnects (nothing ran, so the call goes
+    again); a reset connection fails the call with CONNECTION_CLOSED (it may have
+    run) and ends the connection, so the backend reconnects.
+    """
+
+    def __init__(self, failed: Callable[[SessionMessage | None], None], **kwargs: Any) -> None:
+        super().__init__(verify=_tls_context(), **kwargs)
+        self._failed = failed
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        if request.method != "POST":
+            return await super().send(request, **kwargs)
+        try:
+            response = await super().send(request, **kwargs)
+        except httpx2.TransportError as err:
+            reset = isinstance(err, httpx2.ReadError | httpx2.WriteError | httpx2.RemoteProtocolError)
+            text = "connection reset while sending to the backend" if reset else describe_error(err)
+            self._failed(self._answer(request, CONNECTION_CLOSED, text))
+            self._failed(None)
+        else:
+            if response.is_success:
+                return response
+            await response.aclose()
+            if response.status_code == 404:  # the server forgot our session (request() reconnects on these words)
+                answer = self._answer(request, INVALID_REQUEST, "Session not found")
+            else:
+                text = f"the backend answered HTTP {response.status_code} {response.reason_phrase}".strip()
+                answer = self._answer(request, INTERNAL_ERROR, text)
+            self._failed(answer)
+            if answer is None:  # a notification or an answer was lost, and nobody waits to hear it: start afresh
+                self._failed(None)
+        return httpx2.Response(202, request=request)
+
+    @staticmethod
+    def _answer(request: httpx2.Request, code: int, text: str) -> SessionMessage | None:
+        """The error answer to the request `request` carried; None if it carried none (a notification, an answer)."""
+        with contextlib.suppress(ValueError, RecursionError):
+            message = json.loads(request.content)
+            if isinstance(message, dict) and "method" in message and isinstance(message.get("id"), str | int):
+                error = types.ErrorData(code=code, message=text)
+                return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=message["id"], error=error))
+        return None
+
+
+@asynccontextmanager
+async def sse_connection(config: BackendConfig) -> AsyncIterator[Streams]:
+    """A legacy SSE backend's connection: the SDK's sse_client, whose failed POSTs fail their calls at once."""
+    inbox, read = anyio.create_memory_object_stream[SessionMessage | Exception](math.inf)
+
+    def failed(answer: SessionMessage | None) -> None:
+        """Give the dispatcher an error answer; None ends the connection (after what it has been given)."""
+        if answer is None:
+            inbox.close()
+        else:
+            with contextlib.suppress(anyio.ClosedResourceError):
+                inbox.send_nowait(answer)
+
+    def client(
+        headers: dict[str, str] | None = None, timeout: httpx2.Timeout | None = None, auth: httpx2.Auth | None = None
+    ) -> httpx2.AsyncClient:
+        return _SseMessages(failed, headers=headers, timeout=timeout, auth=auth)
+
+    async def relay(messages: Any) -> None:
+        with inbox:
+            async for message in messages:
+                try:
+                    await inbox.send(message)
+                except anyio.ClosedResourceError:
+                    return
+
+    with inbox, read:  # closed here too if connecting fails
+        async with (
+            sse_client(config.url or "", headers=dict(config.headers) or None, httpx_client_factory=client) as (
+                messages,
+                write,
+            ),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(relay, messages)
+            yield read, write
+            tg.cancel_scope.cancel()
+
+
 def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | None = None) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend (the first to a stdio
     backend takes the process `launched` at start-up, if any)."""
@@ -2981,7 +3125,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
 
         return connect
     if config.transport == "sse":
-        return lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
+        return lambda: sse_connection(config)
 
     @asynccontextmanager
     async def http() -> AsyncIterator[Streams]:
@@ -3015,7 +3159,7 @@ def _http_or_sse(config: BackendConfig, http: Connector) -> Connector:
                 if config.forward_headers:
                     log.warning("backend %s: the SSE transport cannot carry a call's own headers; forward_headers "
                                 "is ignored for it", config.name)  # fmt: skip
-                connector = chosen = lambda: sse_client(config.url or "", headers=dict(config.headers) or None)
+                connector = chosen = lambda: sse_connection(config)
             else:
                 connector = http
                 if legacy is not None:
@@ -5564,7 +5708,9 @@ async def serve_stdio(server: Server[Any], router: Router) -> None:
 
 
 class PlainRefusals:
-    """ASGI wrapper: the SDK's 400 for a body that is no valid message says what stdio says, without pydantic's text.
+    """ASGI wrapper: the SDK's 400 for a body that is no valid message says what stdio says, without pydantic's text;
+    a request whose id is no id (null, a float, a bool, an object), which the SDK takes for a notification (202), is
+    refused as stdio refuses it.
 
     The SDK puts the parser's or validator's whole report (field paths, input values,
     links to pydantic's docs) in the message. This answers as the stdio LineReader
@@ -5591,16 +5737,27 @@ class PlainRefusals:
 
         async def relay(message: dict[str, Any]) -> None:
             nonlocal refusal
-            if message["type"] == "http.response.start" and message["status"] == 400:
+            if message["type"] == "http.response.start" and message["status"] in (400, 202):
                 refusal = message  # held until its body shows whose refusal it is
                 return
             if refusal is not None and message["type"] == "http.response.body":
                 start, refusal = refusal, None
                 text = message.get("body", b"")
-                if any(prefix in text for prefix in self._SDK_PREFIXES):
-                    text = json.dumps(_refusal_of(b"".join(body))).encode()
-                    headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
-                    start = {**start, "headers": [*headers, (b"content-length", b"%d" % len(text))]}
+                answer = None
+                if start["status"] == 202:  # taken for a notification: a request whose id is null, a float, ...
+                    whole = b"".join(body)
+                    answer = bad_id_answer(whole) if b'"id"' in whole else None
+                elif any(prefix in text for prefix in self._SDK_PREFIXES):
+                    answer = _refusal_of(b"".join(body))
+                if answer is not None:
+                    text = json.dumps(answer).encode()
+                    headers = [(k, v) for k, v in start["headers"] if k not in (b"content-length", b"content-type")]
+                    length = (b"content-length", b"%d" % len(text))
+                    start = {
+                        **start,
+                        "status": 400,
+                        "headers": [*headers, (b"content-type", b"application/json"), length],
+                    }
                     message = {**message, "body": text, "more_body": False}
                 await send(start)
             await send(message)

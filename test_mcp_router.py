@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tomllib
@@ -39,12 +40,12 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 import anyio
-import anyio.streams.text
 import httpx2
 import mcp_types as types
 import pytest
 import yaml
 from anyio.abc import Process
+from anyio.streams.text import TextReceiveStream
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.server import Server
@@ -504,6 +505,95 @@ def text_of(result: types.CallToolResult) -> str:
     return block.text
 
 
+def sse_app(server: Server[Any]) -> Any:
+    """A legacy SSE backend: the SDK's SseServerTransport serving `server` in a Starlette app (GET /sse, POST /messages/)."""
+    from mcp.server.sse import SseServerTransport
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    transport = SseServerTransport("/messages/")
+
+    async def handle_sse(request: Any) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        return Response()
+
+    return Starlette(
+        routes=[
+            Route("/sse", endpoint=handle_sse, methods=["GET"]),
+            Mount("/messages/", app=transport.handle_post_message),
+        ]
+    )
+
+
+@asynccontextmanager
+async def serving_sse(server: Server[Any]) -> AsyncIterator[int]:
+    """`server` as a legacy SSE backend on a free port of 127.0.0.1, for the duration; yields the port."""
+    import uvicorn
+
+    listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
+    web = uvicorn.Server(uvicorn.Config(sse_app(server), log_level="warning", lifespan="off"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: web.serve(sockets=[listening]))
+        try:
+            yield listening.getsockname()[1]
+        finally:
+            web.should_exit = True
+
+
+@asynccontextmanager
+async def failing_posts(upstream: int) -> AsyncIterator[int]:
+    """A TCP proxy to 127.0.0.1:`upstream` that fails the first HTTP POST whose body holds a marker: `fail-500` gets a
+    bare HTTP 500, `reset-me` a reset connection (RST), `forget-me` the 404 of a server that lost the session; the
+    rest passes through. Yields the proxy's port."""
+    used: set[bytes] = set()
+
+    def marked(body: bytes, marker: bytes) -> bool:
+        if marker in body and marker not in used:
+            used.add(marker)
+            return True
+        return False
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream)
+
+        async def answers() -> None:
+            with contextlib.suppress(ConnectionError):
+                while chunk := await up_reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answers)
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = re.search(rb"(?i)content-length: *(\d+)", head)
+                    body = await reader.readexactly(int(length[1])) if length else b""
+                    if marked(body, b"reset-me"):
+                        linger = struct.pack("ii", 1, 0)  # on, 0 s: closing sends RST
+                        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                        writer.transport.abort()
+                        break
+                    if marked(body, b"fail-500"):
+                        writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\noops")
+                        await writer.drain()
+                        continue
+                    if marked(body, b"forget-me"):
+                        writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 22\r\n\r\nCould not find session")
+                        await writer.drain()
+                        continue
+                    up_writer.write(head + body)
+                    await up_writer.drain()
+            tg.cancel_scope.cancel()
+        up_writer.close()
+        writer.close()
+
+    async with await asyncio.start_server(serve, "127.0.0.1", 0) as proxy:
+        yield proxy.sockets[0].getsockname()[1]
+
+
 # ---------------------------------------------------------------------------- config
 
 
@@ -753,40 +843,14 @@ def test_config_of_codex_is_read_from_its_toml(tmp_path: Path, caplog: pytest.Lo
 
 
 async def test_an_untyped_url_of_a_legacy_sse_server_connects_over_sse(caplog: pytest.LogCaptureFixture) -> None:
-    import uvicorn
-    from mcp.server.sse import SseServerTransport
-    from starlette.applications import Starlette
-    from starlette.responses import Response
-    from starlette.routing import Mount, Route
-
-    server = FakeBackend("legacy").server()
-    transport = SseServerTransport("/messages/")
-
-    async def handle_sse(request: Any) -> Response:
-        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
-            await server.run(read, write, server.create_initialization_options())
-        return Response()
-
-    app = Starlette(
-        routes=[
-            Route("/sse", endpoint=handle_sse, methods=["GET"]),
-            Mount("/messages/", app=transport.handle_post_message),
-        ]
-    )
-    listening = mr.bind("127.0.0.1", 0)  # bound and listening: connections wait in its backlog until uvicorn serves
-    port = listening.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    legacy = {"name": "legacy", "url": f"http://127.0.0.1:{port}/sse", "forward_headers": ["X-Request-Id"]}
-    config = mr.parse_config({"backends": [legacy]}, {})
     with anyio.fail_after(20), caplog.at_level("INFO", logger="mcp_router"):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: web.serve(sockets=[listening]))
-            router = mr.Router(config)
+        async with serving_sse(FakeBackend("legacy").server()) as port:
+            legacy = {"name": "legacy", "url": f"http://127.0.0.1:{port}/sse", "forward_headers": ["X-Request-Id"]}
+            router = mr.Router(mr.parse_config({"backends": [legacy]}, {}))
             async with router.running():
                 await router.wait_ready()
                 async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
                     assert text_of(await call(client, "legacy__echo", {"text": "old"})) == "legacy:echo:old"
-            web.should_exit = True
     assert "backend legacy: the URL is a legacy SSE endpoint; using the SSE transport" in caplog.text
     assert "the SSE transport cannot carry a call's own headers; forward_headers is ignored for it" in caplog.text
 
@@ -931,7 +995,6 @@ SECRET = "s3cr3t-VALUE-4217"
         ({"backends": [{"name": "a", "url": "http://x/", "transport": "${S}"}]}, "backends[0].transport"),
         ({"backends": [{"name": "a", "url": "http://x/", "enabled": "${S}"}]}, "backends[0].enabled"),
         ({"backends": [{"name": "a", "url": "http://x/", "timeout": "${S}"}]}, "backends[0].timeout"),
-        ({"backends": [{"name": "a", "url": "http://x/", "namespace": "${S}!"}]}, "backends[0].namespace"),
         ({"backends": [{"name": "a", "command": "x", "args": "${S}"}]}, "backends[0].args"),
         (
             {"backends": [{"name": "a", "url": "http://x/", "circuit_breaker": {"failure_threshold": "${S}"}}]},
@@ -945,10 +1008,6 @@ SECRET = "s3cr3t-VALUE-4217"
             {"backends": [{"name": "a", "url": "http://x/", "routes": [{"pattern": "*", "fallback_to": "${S}"}]}]},
             "routes",
         ),
-        (
-            {"backends": [{"name": "${S}", "url": "http://x/"}, {"name": "${S}", "url": "http://y/"}]},
-            "backends[1].name",
-        ),
     ],
 )
 def test_config_errors_never_echo_values_from_environment_variables(raw: dict[str, Any], path: str) -> None:
@@ -956,6 +1015,14 @@ def test_config_errors_never_echo_values_from_environment_variables(raw: dict[st
     problems = problems_of(raw, env)
     assert len(problems) == 1 and path in problems[0] and "***" in problems[0]
     assert SECRET not in problems[0] and "99999" not in problems[0]
+
+
+@pytest.mark.parametrize("key", ["name", "namespace"])
+def test_a_backend_name_or_namespace_from_an_environment_variable_is_refused(key: str) -> None:
+    """Every client sees them (they prefix the backend's tools); a value from ${VAR} is a secret, never shown."""
+    assert problems_of({"backends": [{"name": "a", "url": "http://x/", key: "${S}"}]}, {"S": SECRET}) == [
+        f"backends.yaml: backends[0].{key}: cannot come from ${{VAR}}: it prefixes the backend's tools for every client"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -2757,6 +2824,40 @@ async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
         web.should_exit = True
 
 
+async def test_http_requests_whose_id_is_no_id_are_refused_not_taken_for_notifications() -> None:
+    import uvicorn
+
+    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
+    port = free_port()
+    web = uvicorn.Server(
+        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
+    )
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    initialize = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    async with router.running(), anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
+                opened = await http.post(
+                    "/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": initialize}
+                )
+                http.headers["mcp-session-id"] = opened.headers["mcp-session-id"]
+                http.headers["mcp-protocol-version"] = "2025-06-18"
+                assert (
+                    await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+                ).status_code == 202
+                refusals = []
+                for bad_id in (None, 1.5, True, {"a": 1}):
+                    response = await http.post("/mcp", json={"jsonrpc": "2.0", "id": bad_id, "method": "ping"})
+                    refusals.append((response.status_code, response.json()))
+                assert (await http.post("/mcp", json={"jsonrpc": "2.0", "id": 2, "method": "ping"})).status_code == 200
+        web.should_exit = True
+    error = {"code": types.INVALID_REQUEST, "message": "Invalid request: the id must be a string or an integer"}
+    assert refusals == [(400, {"jsonrpc": "2.0", "id": None, "error": error})] * 4
+
+
 async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_text() -> None:
     import uvicorn
 
@@ -2833,6 +2934,56 @@ async def test_an_http_backends_error_status_is_named_in_the_error() -> None:
                 with pytest.raises(MCPError) as info:
                     await call(client, "web__echo")
     assert info.value.message == "the backend answered HTTP 500 Internal Server Error"
+
+
+@pytest.mark.parametrize(
+    ("marker", "code", "message", "reconnects"),
+    [
+        ("fail-500", types.INTERNAL_ERROR, "the backend answered HTTP 500 Internal Server Error", 0),
+        (
+            "reset-me",
+            mr.BACKEND_UNAVAILABLE,
+            "backend 'legacy' failed: connection reset while sending to the backend",
+            1,
+        ),
+    ],
+    ids=["http-500", "connection-reset"],
+)
+async def test_an_sse_backends_failed_post_fails_its_call_at_once_and_the_next_calls_succeed(
+    marker: str, code: int, message: str, reconnects: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeBackend("legacy")
+    async with serving_sse(fake.server()) as port, failing_posts(port) as proxy:
+        # a timeout far beyond the test's bound: the call must fail because its POST did, not because time ran out
+        config = config_for("legacy", url=f"http://127.0.0.1:{proxy}/sse", transport="sse", timeout=600)
+        router = mr.Router(config)
+        async with router.running():
+            with anyio.fail_after(20):
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                    with pytest.raises(MCPError) as info:
+                        await call(client, "legacy__echo", {"text": marker})
+                    assert (info.value.code, info.value.message) == (code, message)
+                    # a reset connection is replaced meanwhile; calls wait for it
+                    assert text_of(await call(client, "legacy__echo", {"text": "after"})) == "legacy:echo:after"
+            assert router.backends["legacy"].restarts == reconnects
+    assert fake.calls == ["echo"]
+    assert not [r for r in caplog.records if r.name.startswith("mcp.client")]  # no SDK traceback in the log
+
+
+async def test_an_sse_backend_that_lost_the_session_is_reconnected_and_the_call_sent_again() -> None:
+    fake = FakeBackend("legacy")
+    async with serving_sse(fake.server()) as port, failing_posts(port) as proxy:
+        config = config_for("legacy", url=f"http://127.0.0.1:{proxy}/sse", transport="sse", timeout=600)
+        router = mr.Router(config)
+        async with router.running():
+            with anyio.fail_after(20):
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                    # the 404 says the message was not taken: nothing ran, so it goes again on the new connection
+                    assert text_of(await call(client, "legacy__echo", {"text": "forget-me"})) == "legacy:echo:forget-me"
+            assert router.backends["legacy"].restarts == 1
+    assert fake.calls == ["echo"]
 
 
 async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_refused() -> None:
@@ -3413,7 +3564,7 @@ async def serving_router(argv: Sequence[str], env: Mapping[str, str]) -> AsyncIt
 
         async def read_log() -> None:
             assert proc.stderr is not None
-            async for line in anyio.streams.text.TextReceiveStream(proc.stderr):
+            async for line in TextReceiveStream(proc.stderr):
                 lines.extend(line.splitlines())
                 if " serving " in line:
                     serving.set()
@@ -3567,10 +3718,11 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
     try:
         await wait_for_http_router(port)
         async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-            names = ("escaper__pid", "escaper__escapee", "stubborn__pid")
+            names = ("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid")
             pids = [pids_from(await call(client, name)) for name in names]
         pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
         assert os.getsid(pids[1]) == pids[1] != os.getpgid(pids[0])  # it did leave its backend's group
+        assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # and this one its backend's tree
         proc.send_signal(stop)
         with anyio.fail_after(20):
             await anyio.to_thread.run_sync(proc.wait)
@@ -3583,6 +3735,101 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="escaped descendants are found through /proc")
+@pytest.mark.parametrize("stop", ["stdin-eof", "sigterm", "sigint", "sigkill"])
+async def test_a_stdio_router_stops_escaped_and_orphaned_grandchildren_however_it_stops(
+    tmp_path: Path, stop: str
+) -> None:
+    """The escaper leaves a child in a session of its own, and an orphan of a double fork (no parent to trace it by);
+    the stubborn backend ignores stdin EOF and SIGTERM. All of them end with the router, whichever way it ends."""
+    escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
+    config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
+    args = [sys.executable, str(ROUTER), "--config", str(config), "--log-level", "WARNING"]
+    pidfds: list[int] = []
+    async with await anyio.open_process(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        lines = TextReceiveStream(proc.stdout)
+        buffer = ""
+
+        async def ask(request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
+            nonlocal buffer
+            message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+            await proc.stdin.send(json.dumps(message).encode() + b"\n")  # type: ignore[union-attr]
+            while True:
+                while "\n" not in buffer:
+                    buffer += await lines.receive()
+                line, buffer = buffer.split("\n", 1)
+                if (answer := json.loads(line)).get("id") == request_id:
+                    return answer["result"]
+
+        try:
+            with anyio.fail_after(30):
+                info = {"name": "t", "version": "1"}
+                await ask(0, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info})
+                await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+                pids = []
+                for i, name in enumerate(("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid"), 1):
+                    result = await ask(i, "tools/call", {"name": name, "arguments": {}})
+                    pids.append(int(result["content"][0]["text"].rsplit(":", 1)[1]))
+            pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
+            assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # it left its backend's tree
+            if stop == "stdin-eof":
+                await proc.stdin.aclose()
+            else:
+                proc.send_signal({"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}[stop])
+            with anyio.fail_after(20):
+                await proc.wait()
+                for pidfd in pidfds:
+                    await process_exit(pidfd)
+            assert proc.returncode == (-signal.SIGKILL if stop == "sigkill" else 0)
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+            if proc.returncode is None:
+                proc.kill()
+
+
+STUBBORN_WITH_ESCAPEE = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited: its escapee ignores SIGTERM too
+code = "import os, time; os.setsid(); print(os.getpid(), flush=True); time.sleep(120)"
+escapee = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+print(escapee.stdout.readline().decode().strip(), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="escaped descendants are found through /proc")
+async def test_a_stubborn_backend_and_its_stubborn_escapee_are_stopped_within_one_stop_grace() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN_WITH_ESCAPEE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None and process.stdin is not None
+    escapee = int(process.stdout.readline())
+    pidfd = os.pidfd_open(escapee)
+    try:
+        escaped = mr.escaped_descendants({process.pid}, None)
+        assert set(escaped) == {escapee}
+        process.stdin.close()
+        # both ignore stdin EOF and SIGTERM: SIGKILL reaches them one stop grace in, not one for each
+        with anyio.fail_after(mr.STOP_GRACE * 1.5):
+            await mr._stop(process, escaped)
+            await process_exit(pidfd)
+    finally:
+        os.close(pidfd)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 async def test_a_sigkilled_stdio_backend_comes_back_while_the_others_keep_answering(tmp_path: Path) -> None:
@@ -3812,8 +4059,13 @@ for line in sys.stdin:
               "list": {"jsonrpc": "2.0", "id": rid, "result": [1]},
               "no-code": {"jsonrpc": "2.0", "id": rid, "error": {"message": "x"}},
               "no-id": {"jsonrpc": "2.0", "result": {"content": []}},
+              "wrong-id": {"jsonrpc": "2.0", "id": 10**6, "result": {"content": []}},
+              "null-id-error": {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}},
               "no-content": {"jsonrpc": "2.0", "id": rid, "result": {"content": "text"}},
-              "fine": {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "fine"}]}}}[shape])
+              "fine": {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "fine"}]}},
+              "twice": {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "once"}]}}}[shape])
+        if shape == "twice":  # the same answer again: a late one, for a call that has had its answer
+            send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "twice"}]}})
     elif rid is not None:
         send({"jsonrpc": "2.0", "id": rid, "result": {}})
 """
@@ -3835,7 +4087,7 @@ async def test_invalid_list_items_and_invalid_answers_cost_nothing_but_themselve
             assert [t.name for t in (await client.list_tools()).tools if t.name not in mr.MANAGEMENT_TOOLS] == [
                 "raw__shape"
             ]
-            for shape in ("null", "list", "no-code", "no-id"):
+            for shape in ("null", "list", "no-code", "no-id", "wrong-id", "null-id-error"):
                 with pytest.raises(MCPError) as info:
                     await call(client, "raw__shape", {"shape": shape})
                 assert (
@@ -3845,7 +4097,10 @@ async def test_invalid_list_items_and_invalid_answers_cost_nothing_but_themselve
             with pytest.raises(MCPError) as info:
                 await call(client, "raw__shape", {"shape": "no-content"})
             assert "invalid tools/call result: content is not a list" in info.value.message
-            assert text_of(await call(client, "raw__shape", {"shape": "fine"})) == "fine"
+            assert text_of(await call(client, "raw__shape", {"shape": "twice"})) == "once"
+            assert (
+                text_of(await call(client, "raw__shape", {"shape": "fine"})) == "fine"
+            )  # the late answer cost nothing
             assert router.backends["raw"].breaker.failures == 0  # answered, however badly: no transport failure
     warnings = [r.getMessage() for r in caplog.records if "invalid Tool items" in r.getMessage()]
     assert len(warnings) == 1 and "#0" in warnings[0] and "#1" in warnings[0] and "backend raw" in warnings[0]
@@ -5293,7 +5548,8 @@ def run_fake_backend(argv: list[str]) -> None:
         args.pid_file.write_text(str(os.getpid()))
 
     own_tools = [
-        types.Tool(name=name, input_schema={"type": "object"}) for name in ("pid", "ppid", "environ", "escapee", "nap")
+        types.Tool(name=name, input_schema={"type": "object"})
+        for name in ("pid", "ppid", "environ", "escapee", "orphan", "nap")
     ]
     if args.stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -5301,12 +5557,20 @@ def run_fake_backend(argv: list[str]) -> None:
         code = "import os, time; os.setsid(); print(flush=True); time.sleep(120)"
         escapee = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         assert escapee.stdout is not None and escapee.stdout.readline() == b"\n"
+        # a daemon's double fork: the middle process says its child's pid once that has left, and exits
+        code = "import os, time; os.setsid(); print(os.getpid(), flush=True); time.sleep(120)"
+        middle = f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {code!r}], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); print(p.stdout.readline().decode(), end='', flush=True)"  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", middle], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=True
+        )
+        orphan = int(run.stdout)
     fake = FakeBackend("fake", fillers=args.fillers, extra_tools=own_tools, instructions="Ask the fake nicely.")
     fake.result_for["pid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getpid()}")])
     fake.result_for["ppid"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{os.getppid()}")])
     fake.result_for["environ"] = types.CallToolResult(content=[types.TextContent(text=" ".join(sorted(os.environ)))])
     if args.escape:
         fake.result_for["escapee"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{escapee.pid}")])
+        fake.result_for["orphan"] = types.CallToolResult(content=[types.TextContent(text=f"pid:{orphan}")])
     server = fake.server()
 
     async def serve() -> None:
