@@ -3598,6 +3598,9 @@ class Backend:
                 )
                 raise RouterError(f"connection closed during the MCP handshake{hint}") from None
             handshake.deadline = math.inf
+            if self.era == "auto" and session.discover_result is None and not self.restarts:
+                log.info("backend %s: the handshake era: it refused server/discover (1.x servers log a validation "
+                         "error for it, which is harmless; `era: handshake` asks no more)", self.name)  # fmt: skip
             # 2026 era: the stamp sets the version header with the others, and each request's log level
             self._stamp = modern_stamp(session)
             if self.config.transport != "stdio" and self._stamp is None:
