@@ -2482,6 +2482,7 @@ from mcp.server.subscriptions import (
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.exceptions import MCPError, NoBackChannelError
+from mcp.shared.inbound import find_invalid_x_mcp_header, x_mcp_header_map
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.uri_template import UriTemplate
@@ -3663,8 +3664,9 @@ class Backend:
             seen.add(cursor)
 
     async def _fetch_listing(self, instructions: str | None = None) -> Listing:
-        assert self.session is not None
-        caps = self.session.server_capabilities or types.ServerCapabilities()
+        session = self.session
+        assert session is not None
+        caps = session.server_capabilities or types.ServerCapabilities()
         hints: list[tuple[str, int, str]] = []
         tools = await self._fetch_all("tools/list", "tools", hints) if caps.tools else []
         resources = await self._fetch_all("resources/list", "resources", hints) if caps.resources else []
@@ -3672,9 +3674,10 @@ class Backend:
             await self._fetch_all("resources/templates/list", "resourceTemplates", hints) if caps.resources else []
         )
         prompts = await self._fetch_all("prompts/list", "prompts", hints) if caps.prompts else []
+        kept = filter_tools(self._valid(tools, types.Tool), self.config.include, self.config.exclude)
         return Listing(
             cache_hints=tuple(hints),
-            tools=filter_tools(self._valid(tools, types.Tool), self.config.include, self.config.exclude),
+            tools=self._mirrored_arguments(session, kept) if session.discover_result is not None else kept,
             resources=self._valid(resources, types.Resource),
             templates=self._valid(templates, types.ResourceTemplate),
             prompts=self._valid(prompts, types.Prompt),
@@ -3703,6 +3706,25 @@ class Backend:
                 model.__name__,
                 "; ".join(problems),
             )
+        return tuple(kept)
+
+    def _mirrored_arguments(self, session: ClientSession, tools: tuple[dict[str, Any], ...]) -> tuple[Any, ...]:
+        """2026 era: note which arguments of each tool a call mirrors into `Mcp-Param-*` headers (x-mcp-header), which
+        the backend requires. The SDK's stamp adds them to each tools/call from the session's map, which its own
+        list_tools fills; the router lists with raw requests, so it fills the map here. A tool whose annotations are
+        invalid is skipped, with a warning, as the spec tells clients to."""
+        maps: dict[str, dict[tuple[str, ...], str]] = {}
+        kept, problems = [], []
+        for tool in tools:
+            if (reason := find_invalid_x_mcp_header(tool.get("inputSchema"))) is not None:
+                problems.append(f"{tool['name']!r} ({reason})")
+                continue
+            if header_map := x_mcp_header_map(tool.get("inputSchema")):
+                maps[tool["name"]] = header_map
+            kept.append(tool)
+        if problems:
+            log.warning("backend %s: ignoring tools with an invalid x-mcp-header: %s", self.name, "; ".join(problems))
+        session._x_mcp_header_maps = maps  # the SDK keeps it private (see modern_stamp)
         return tuple(kept)
 
     async def refresh(self) -> None:

@@ -3054,6 +3054,30 @@ async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> No
     assert not any("mcp-session-id" in h for h in seen)  # no handshake, no session
 
 
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_2026_http_backends_tool_with_a_header_parameter_gets_its_header_from_the_router(mode: str) -> None:
+    """A tool whose argument is mirrored into an `Mcp-Param-*` header (x-mcp-header) is callable through the router:
+    the 2026-era backend refuses a call without that header (-32020). A tool whose annotation is invalid is not
+    offered, as the spec tells clients."""
+    schema = {"type": "object", "properties": {"region": {"type": "string", "x-mcp-header": "Region"}}}
+    invalid = {"type": "object", "properties": {"where": {"type": "string", "x-mcp-header": "Bad Name"}}}
+    tools = [types.Tool(name="regional", input_schema=schema), types.Tool(name="misnamed", input_schema=invalid)]
+    fake = FakeBackend("svc", extra_tools=tools)
+    async with http_backend(fake) as (url, received):
+        router = mr.Router(config_for("svc", url=url, health_check={"enabled": False}))
+        with anyio.fail_after(20):
+            async with router.running():
+                await router.wait_ready()
+                async with Client(mr.build_server(router), mode=mode, cache=None) as client:
+                    listed = {t.name: t for t in (await client.list_tools()).tools}
+                    assert listed["svc__regional"].input_schema == schema  # re-exposed with its annotation
+                    assert "svc__misnamed" not in listed and "svc__echo" in listed
+                    result = await client.call_tool("svc__regional", {"region": "eu-west"})
+                    assert not result.is_error and text_of(result) == "svc:regional:"
+    call = next(r for r in received if r.method() == "tools/call")
+    assert call.headers["mcp-param-region"] == "eu-west"
+
+
 ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
 
 
