@@ -3272,7 +3272,6 @@ def modern_stamp(session: ClientSession) -> Stamp | None:
     return stamp
 
 
-FOLLOW_METHODS: Final = ("resources/subscribe", "resources/unsubscribe")
 NO_BACK_CHANNEL: Final = "no back-channel for server-initiated requests"
 """The SDK's words (NoBackChannelError) when a 2.x server's tool asks the client through its session in 2026-07-28."""
 
@@ -3282,7 +3281,8 @@ class ChangeStream:
     changes re-list it, and updates of the resources clients follow on it go to them.
 
     The era has no resources/subscribe: following a resource re-opens the stream with the new set of URIs, the new
-    stream acknowledged before the old one closes, so no change falls between them. The set outlives connections.
+    stream acknowledged before the old one closes, so no change falls between them; a backend that refuses the new
+    one keeps the old, and the follow that asked for it fails. The set outlives connections.
     """
 
     def __init__(self, backend: Backend) -> None:
@@ -3293,11 +3293,16 @@ class ChangeStream:
         self._opened = math.inf
         """The count of the set the open stream carries (math.inf: none is opening, as none runs: the next `run`
         opens one with the whole set)."""
+        self._tried = math.inf
+        """The count of the set last asked for: the open stream's, or one the backend refused (`_refusal` says why)."""
+        self._refusal = ""
         self._asked = anyio.Event()
         self._heard = anyio.Event()
 
     async def follow(self, uri: str, *, on: bool, timeout: float) -> None:
-        """Add (or drop) a resource; returns once a stream carries the new set, or after `timeout`."""
+        """Add (or drop) a resource; returns once a stream carries the new set, or after `timeout`, or at once while
+        no stream runs. Raises MCPError when the backend refused a stream with an added resource: the old one goes on
+        (a dropped one it may still carry, harmlessly, until the next change)."""
         if on == (uri in self.uris):
             return
         if on:
@@ -3308,42 +3313,55 @@ class ChangeStream:
         wanted = self._wanted
         self._asked.set()
         with anyio.move_on_after(timeout):
-            while self._opened < wanted:
+            while self._tried < wanted:
                 await self._heard.wait()
+        if on and self._opened < wanted <= self._tried:  # refused: the old stream goes on, without it
+            self.uris.pop(uri, None)
+            raise MCPError(INTERNAL_ERROR, f"backend {self.backend.name!r} could not follow {uri!r}: {self._refusal}")
 
     async def run(self, session: ClientSession, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Hold the stream open while the connection lasts, re-opened whenever the set of resources changes; started
         once the first stream is acknowledged (or refused)."""
-        self._opened = -1.0
+        self._opened = self._tried = -1.0
         try:
             async with anyio.create_task_group() as tg:
                 old: anyio.CancelScope | None = None
                 while True:
                     self._asked = anyio.Event()
                     wanted, uris = self._wanted, tuple(self.uris)
-                    scope = await tg.start(self._listen, session, uris)
+                    opened = await tg.start(self._listen, session, uris, old is None)
                     if old is None:
                         task_status.started()  # the first stream: the connection goes on to list the backend
+                        if not isinstance(opened, anyio.CancelScope):  # calls and re-listing go on without it
+                            return
+                    if isinstance(opened, anyio.CancelScope):
+                        if old is not None:
+                            old.cancel()
+                        old = opened
+                        self._settle(wanted, opened=True)
                     else:
-                        old.cancel()
-                    if scope is None:  # refused: said in the log; calls and re-listing go on without it
-                        return
-                    old = scope
-                    self._open(wanted)
+                        self._refusal = opened
+                        self._settle(wanted, opened=False)
                     await self._asked.wait()
         finally:
-            self._open(math.inf)  # nobody waits for a stream that will not come
+            self._opened = self._tried = math.inf  # nobody waits for a stream that will not come
+            self._wake()
 
-    def _open(self, wanted: float) -> None:
-        self._opened = wanted
+    def _settle(self, wanted: float, *, opened: bool) -> None:
+        self._tried = wanted
+        if opened:
+            self._opened = wanted
+        self._wake()
+
+    def _wake(self) -> None:
         self._heard.set()
         self._heard = anyio.Event()
 
     async def _listen(
-        self, session: ClientSession, uris: Sequence[str], *, task_status: anyio.abc.TaskStatus[Any]
+        self, session: ClientSession, uris: Sequence[str], first: bool, *, task_status: anyio.abc.TaskStatus[Any]
     ) -> None:
-        """One stream: started (with its cancel scope) once acknowledged, or (with None) when refused."""
-        started = False
+        """One stream: started (with its cancel scope) once acknowledged, or (with the reason) when refused."""
+        started, reason = False, ""
         with anyio.CancelScope() as scope:
             try:
                 async with listen(
@@ -3359,14 +3377,22 @@ class ChangeStream:
                             await self.backend.refresh()
             except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
                 reason = describe_error(err)
-                log.info(
-                    "backend %s: no change stream (%s); re-listed on its interval (one that announces changes "
-                    "through its session needs `era: handshake`)",
-                    self.backend.name,
-                    reason,
-                )
+                if first or started:
+                    log.info(
+                        "backend %s: no change stream (%s); re-listed on its interval (one that announces changes "
+                        "through its session needs `era: handshake`)",
+                        self.backend.name,
+                        reason,
+                    )
+                else:
+                    log.warning(
+                        "backend %s: refused to re-open its change stream for %d resources (%s); the old one goes on",
+                        self.backend.name,
+                        len(uris),
+                        reason,
+                    )
         if not started:
-            task_status.started(None)
+            task_status.started(reason)
 
 
 class Backend:
@@ -3524,6 +3550,12 @@ class Backend:
             return False
         self.router.clients.dropped += 1
         return True
+
+    @property
+    def follows_on_stream(self) -> bool:
+        """Whether this backend (its last connection) is in the 2026 era, which follows resources on its change
+        stream (ChangeStream) instead of resources/subscribe."""
+        return self._stamp is not None
 
     def unavailable_reason(self) -> str:
         state = "failing to connect" if self.state == "failing" else self.state
@@ -3901,9 +3933,6 @@ class Backend:
         if on_progress is not None:
             opts["on_progress"] = on_progress
         if self._stamp is not None:
-            if method in FOLLOW_METHODS:  # not in the 2026 era: its listen stream carries the resources followed
-                await self.changes.follow(str((params or {})["uri"]), on=method == FOLLOW_METHODS[0], timeout=timeout)
-                return {}
             params = self._stamp(method, params, opts, log_level, self._relayed(caller))
         try:
             # The SDK's own timeout starts once the request is written; this one also bounds a backend that stopped reading.
@@ -4244,6 +4273,8 @@ class Router:
         self.clients.unfollowed = self._unfollowed
         self._templates: tuple[tuple[UriTemplate | None, tuple[str, ...]], ...] = ()
         self._resource_plans: dict[str, Plan] = {}
+        self._followed_at: dict[str, str] = {}
+        """The backend that took each followed resource's subscription, where it is let go again."""
         self._priorities: dict[str, int] = {}
         self._pages: dict[tuple[str, str | None], dict[str, Any]] = {}
         """List pages by method and cursor, built once per catalogue."""
@@ -4382,30 +4413,48 @@ class Router:
         await self.clients.resource_updated(uri)
 
     async def subscribe(self, connection: Any, uri: str) -> None:
-        pool = self.resource_plan(uri)
-        if pool is None:
+        plan = self.resource_plan(uri)
+        if plan is None:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri!r}")
         if not self.clients.followed(uri):
-            await self.forward("resources/subscribe", pool, {"uri": uri}, retry_safe=True)
+            self._followed_at[uri] = await self._follow(plan, uri)
         self.clients.follow(connection, uri)
+
+    async def _follow(self, plan: Plan, uri: str) -> str:
+        """Follow `uri` at one backend of its plan; returns the one that took it. The first ready one, if it is in
+        the 2026 era, follows it on its change stream: no request, so no breaker trial. Otherwise resources/subscribe
+        is routed among the plan's handshake-era backends."""
+        members = [b for name in plan.candidates if (b := self.backends.get(name)) is not None]
+        first = next((b for b in members if b.state == "ready"), members[0] if members else None)
+        if first is not None and first.follows_on_stream:
+            await first.changes.follow(uri, on=True, timeout=first.timeout)
+            return first.name
+        handshake = Plan(plan.strategy, plan.route, tuple(b.name for b in members if not b.follows_on_stream))
+        await self.forward("resources/subscribe", handshake, {"uri": uri}, retry_safe=True)
+        return served_by.get() or handshake.candidates[0]  # forward names the backend that served
 
     async def unsubscribe(self, connection: Any, uri: str) -> None:
         if self.clients.unfollow(connection, uri):
             await self._unsubscribe_backend(uri)
 
     async def resubscribe(self, backend: Backend) -> None:
-        """After a reconnect, subscribe again to what clients still follow on this backend."""
-        for uri in self.clients.followed_uris():
-            pool = self.resource_plan(uri)
-            if pool and backend.name in pool.candidates:
+        """After a reconnect, subscribe again to what clients still follow on this backend (a 2026-era backend's
+        stream asks for them already)."""
+        for uri, name in list(self._followed_at.items()):
+            if name == backend.name and not backend.follows_on_stream:
                 with contextlib.suppress(Exception):
                     await backend.request("resources/subscribe", {"uri": uri}, backend.timeout, guarded=False)
 
     async def _unsubscribe_backend(self, uri: str) -> None:
-        if self.clients.followed(uri) or (pool := self.resource_plan(uri)) is None:
+        """Nobody follows `uri` any more: the backend that took its subscription (and only that one) lets it go."""
+        if self.clients.followed(uri) or (backend := self.backends.get(self._followed_at.pop(uri, ""))) is None:
             return
+        if backend.follows_on_stream:
+            await backend.changes.follow(uri, on=False, timeout=backend.timeout)
+            return
+        plan = Plan("fallback", None, (backend.name,))
         with contextlib.suppress(MCPError):
-            await self.forward("resources/unsubscribe", pool, {"uri": uri}, retry_safe=True)
+            await self.forward("resources/unsubscribe", plan, {"uri": uri}, retry_safe=True)
 
     def backend_log_level(self) -> str | None:
         """What handshake-era backends that log are set to: the most verbose level any client asked for, of the

@@ -1929,6 +1929,86 @@ async def test_updates_of_a_2026_backends_resources_reach_the_clients_following_
             assert list(router.backends["native"].changes.uris) == []  # the stream no longer asks for it
 
 
+def resource_server(name: str, bus: InMemorySubscriptionBus, listen: ListenHandler) -> Server[Any]:
+    """A 2026-era backend with one resource, a tool that adds a tool (announced on `bus`), and `listen` streams."""
+    tools = [types.Tool(name="grow", input_schema={"type": "object"})]
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=tools)
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        tools.append(types.Tool(name=f"grown{len(tools)}", input_schema={"type": "object"}))
+        await bus.publish(ToolsListChanged())
+        return types.CallToolResult(content=[types.TextContent(text="grew")])
+
+    async def list_resources(ctx: Any, params: Any) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=[types.Resource(uri="file:///a.txt", name="a")])
+
+    return Server(
+        name,
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_resources=list_resources,
+        on_subscriptions_listen=listen,
+    )
+
+
+async def test_a_2026_backend_refusing_to_re_open_its_stream_keeps_the_old_one_and_the_subscriber_hears_why() -> None:
+    """Following a resource re-opens a 2026-era backend's change stream; one that allows a single stream refuses the
+    new one: the old one goes on (its list changes still arrive) and the subscribe fails with the backend's reason."""
+    bus = InMemorySubscriptionBus()
+    connector = InProcess(FakeBackend("native"))
+    connector.server = resource_server("native", bus, ListenHandler(bus, max_subscriptions=1))
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    router = mr.Router(config_for("native", **QUIET), connectors={"native": connector})
+    async with (
+        router.running(),
+        Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client,
+    ):
+        await router.wait_ready()
+        await client.list_tools()
+        with pytest.raises(MCPError, match="could not follow 'file:///a.txt': Subscription limit reached"):
+            await client.subscribe_resource("file:///a.txt")
+        assert list(router.backends["native"].changes.uris) == []
+        assert text_of(await client.call_tool("native__grow")) == "grew"
+        with anyio.fail_after(5):
+            await changed.wait()  # heard on the old stream
+        assert "native__grown1" in {t.name for t in (await client.list_tools()).tools}
+
+
+async def test_following_a_2026_backends_resource_is_no_trial_of_its_half_open_breaker() -> None:
+    clock = FakeClock()
+    async with routed(rich_backend("res"), clock=clock, circuit_breaker={"failure_threshold": 1}, **QUIET) as (
+        client,
+        router,
+        _,
+    ):
+        breaker = router.backends["res"].breaker
+        breaker.record_failure("the connection broke")
+        clock.advance(breaker.reset_timeout)
+        assert breaker.state == "half_open"
+        await client.subscribe_resource("file:///a.txt")
+        assert text_of(await call(client, "res__echo", {"text": "trial"})) == "res:echo:trial"  # the trial, admitted
+        assert breaker.state == "closed"
+
+
+@pytest.mark.parametrize("era", ["handshake", "auto"])
+async def test_an_unsubscribe_goes_to_the_replica_that_took_the_subscribe(era: str) -> None:
+    first, second = rich_backend("first"), rich_backend("second")
+    async with routed(first, second, namespace="svc", era=era, **QUIET) as (client, router, _):
+        await client.subscribe_resource("file:///a.txt")
+        await client.unsubscribe_resource("file:///a.txt")
+        await client.subscribe_resource("file:///a.txt")
+        await client.unsubscribe_resource("file:///a.txt")
+        assert (first.subscribed, second.subscribed) == ([], [])
+        assert all(not b.changes.uris for b in router.backends.values())
+
+
 async def test_a_backends_roots_request_before_any_client_with_roots_gets_an_empty_list() -> None:
     async def roots(context: Any) -> types.ListRootsResult:
         return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///work"})])
