@@ -3287,7 +3287,8 @@ class ChangeStream:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.uris: dict[str, None] = {}
+        self.uris: dict[str, int] = {}
+        """The resources followed, each with the change (of `_wanted`) that added it."""
         self._wanted = 0
         """Counts changes of `uris`; a stream opened at count n carries the set as it was then."""
         self._opened = math.inf
@@ -3300,23 +3301,25 @@ class ChangeStream:
         self._heard = anyio.Event()
 
     async def follow(self, uri: str, *, on: bool, timeout: float) -> None:
-        """Add (or drop) a resource; returns once a stream carries the new set, or after `timeout`, or at once while
-        no stream runs. Raises MCPError when the backend refused a stream with an added resource: the old one goes on
+        """Add (or drop) a resource; returns once a stream carries it (or no longer needs to), or after `timeout`, or
+        at once while no stream runs. Raises MCPError when the backend refused a stream with an added resource: the old one goes on
         (a dropped one it may still carry, harmlessly, until the next change)."""
-        if on == (uri in self.uris):
+        if not on and uri not in self.uris:
             return
-        if on:
-            self.uris[uri] = None
-        else:
-            del self.uris[uri]
-        self._wanted += 1
-        wanted = self._wanted
-        self._asked.set()
+        if on != (uri in self.uris):
+            self._wanted += 1
+            self._asked.set()
+            if on:
+                self.uris[uri] = self._wanted
+            else:
+                del self.uris[uri]
+        wanted = self.uris.get(uri, self._wanted)  # a resource followed already: the change that added it
         with anyio.move_on_after(timeout):
             while self._tried < wanted:
                 await self._heard.wait()
         if on and self._opened < wanted <= self._tried:  # refused: the old stream goes on, without it
-            self.uris.pop(uri, None)
+            if self.uris.get(uri) == wanted:
+                del self.uris[uri]
             raise MCPError(INTERNAL_ERROR, f"backend {self.backend.name!r} could not follow {uri!r}: {self._refusal}")
 
     async def run(self, session: ClientSession, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -5568,7 +5571,8 @@ def _connection_of(ctx: Any) -> Any:
 class _FollowingListen:
     """Serves a 2026-era client's `subscriptions/listen` (the SDK's ListenHandler, on the router's events), and while
     it lasts follows the resources it names at their backends, as a handshake-era client's resources/subscribe does.
-    URIs no backend serves are passed over: the stream still tells of the rest."""
+    The stream is acknowledged at once and the resources followed meanwhile, all at once (a backend may take a
+    round trip, or its timeout, for each). URIs no backend serves are passed over: the stream tells of the rest."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -5577,12 +5581,18 @@ class _FollowingListen:
     async def __call__(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
         listener = object()  # this stream, among each resource's followers
         try:
-            for uri in dict.fromkeys(params.notifications.resource_subscriptions or ()):
-                with contextlib.suppress(MCPError):
-                    await self.router.subscribe(listener, uri)
-            return await self.serve(ctx, params)
+            async with anyio.create_task_group() as tg:
+                for uri in dict.fromkeys(params.notifications.resource_subscriptions or ()):
+                    tg.start_soon(self._follow, listener, uri)
+                result = await self.serve(ctx, params)
+                tg.cancel_scope.cancel()
+            return result
         finally:
             self.router.clients.forget(listener)  # backends are unsubscribed in the background
+
+    async def _follow(self, listener: object, uri: str) -> None:
+        with contextlib.suppress(MCPError):
+            await self.router.subscribe(listener, uri)
 
 
 class _RouterMiddleware:

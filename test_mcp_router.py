@@ -1981,6 +1981,32 @@ async def test_a_2026_backend_refusing_to_re_open_its_stream_keeps_the_old_one_a
         assert "native__grown1" in {t.name for t in (await client.list_tools()).tools}
 
 
+async def test_a_2026_clients_listen_is_acknowledged_before_the_backend_follows_its_resources() -> None:
+    """The router acknowledges a listen naming resources at once; the backend's stream takes them meanwhile (here it
+    withholds its acknowledgement until the test lets it), and a subscribe of the same resource waits for it."""
+    bus = InMemorySubscriptionBus()
+    inner, gate = ListenHandler(bus), anyio.Event()
+
+    async def withheld(ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
+        if params.notifications.resource_subscriptions:
+            await gate.wait()
+        return await inner(ctx, params)
+
+    connector = InProcess(FakeBackend("native"))
+    connector.server = resource_server("native", bus, withheld)
+    router = mr.Router(config_for("native", timeout=120, **QUIET), connectors={"native": connector})
+    async with router.running():
+        await router.wait_ready()
+        server = mr.build_server(router)
+        async with Client(server, cache=None) as new, Client(server, mode="legacy", cache=None) as old:
+            with anyio.fail_after(10):
+                async with new.listen(resource_subscriptions=["file:///a.txt"]) as events:
+                    gate.set()
+                    await old.subscribe_resource("file:///a.txt")  # answered once the backend's stream carries it
+                    await bus.publish(ResourceUpdated(uri="file:///a.txt"))
+                    assert await anext(events) == ResourceUpdated(uri="file:///a.txt")
+
+
 async def test_following_a_2026_backends_resource_is_no_trial_of_its_half_open_breaker() -> None:
     clock = FakeClock()
     async with routed(rich_backend("res"), clock=clock, circuit_breaker={"failure_threshold": 1}, **QUIET) as (
