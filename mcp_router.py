@@ -3454,6 +3454,9 @@ class Backend:
         self.logs_at: str | None = None
         """The level this connection was set to (logging/setLevel, handshake era), None if it was not."""
         self._refreshing = anyio.Lock()
+        self._health_probe = "ping"
+        """The request of this connection's health checks: ping; server/discover in the 2026 era, which has no ping;
+        a one-page tools/list where ping is not served."""
 
     # -- supervision
 
@@ -3639,6 +3642,7 @@ class Backend:
                          "error for it, which is harmless; `era: handshake` asks no more)", self.name)  # fmt: skip
             # 2026 era: the stamp sets the version header with the others, and each request's log level
             self._stamp = modern_stamp(session)
+            self._health_probe = "server/discover" if self._stamp is not None else "ping"
             if self.config.transport != "stdio" and self._stamp is None:
                 self._headers = {"mcp-protocol-version": init.protocol_version}  # type: ignore[union-attr]
             self.session, self.dispatcher = session, dispatcher
@@ -3839,16 +3843,17 @@ class Backend:
     # -- health
 
     async def check_health(self) -> bool:
-        """One health check: MCP ping (a cheap list where ping is not served), plus the optional HTTP endpoint."""
+        """One health check: one request (see _health_probe), plus the optional HTTP endpoint."""
         check = self.config.health_check
         started = self.clock.now()
         try:
             with anyio.fail_after(check.timeout_seconds):
                 try:
-                    await self.request("ping", None, check.timeout_seconds, guarded=False)
+                    await self.request(self._health_probe, None, check.timeout_seconds, guarded=False)
                 except MCPError as err:
-                    if err.code != METHOD_NOT_FOUND:
+                    if err.code != METHOD_NOT_FOUND or self._health_probe != "ping":
                         raise
+                    self._health_probe = "tools/list"  # and no more pings on this connection
                     await self.request("tools/list", None, check.timeout_seconds, guarded=False)
                 if check.endpoint and self.config.url:
                     await self._check_endpoint(check.endpoint, check.timeout_seconds)

@@ -150,6 +150,8 @@ class FakeBackend:
     crash: Callable[[], None] | None = None
     serves_templates: bool = True
     answers_ping: bool = True
+    pings: int = 0
+    """Pings refused (when it does not answer ping)."""
     log_levels: list[str] = field(default_factory=list)
     log_session: Any = None
     """The session of the last `log` call: it logs outside any request when the test calls it."""
@@ -318,6 +320,7 @@ class FakeBackend:
             self.roots_changes += 1
 
         async def no_ping(ctx: Any, params: Any) -> types.EmptyResult:
+            self.pings += 1
             raise MCPError(types.METHOD_NOT_FOUND, "Method not found")
 
         server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
@@ -3180,6 +3183,7 @@ async def test_a_2026_http_backends_tool_with_a_header_parameter_gets_its_header
                     assert "svc__misnamed" not in listed and "svc__echo" in listed
                     result = await client.call_tool("svc__regional", {"region": "eu-west"})
                     assert not result.is_error and text_of(result) == "svc:regional:"
+                assert await router.backends["svc"].check_health()  # server/discover, over HTTP too
     call = next(r for r in received if r.method() == "tools/call")
     assert call.headers["mcp-param-region"] == "eu-west"
 
@@ -3341,10 +3345,21 @@ async def test_health_checks_record_success_and_feed_the_breaker() -> None:
         assert (health["total"], health["failed"]) == (2, 1) and "health check failed" in health["last_error"]
 
 
-async def test_a_backend_that_does_not_answer_ping_is_checked_with_a_list() -> None:
-    fake = FakeBackend("modern", answers_ping=False)
+async def test_a_backend_that_does_not_answer_ping_is_checked_with_a_list_and_asked_no_more_pings() -> None:
+    fake = FakeBackend("old", answers_ping=False)
+    async with routed(fake, era="handshake") as (_, router, _):
+        listed = fake.tool_lists
+        assert await router.backends["old"].check_health() and await router.backends["old"].check_health()
+        assert (fake.pings, fake.tool_lists - listed) == (1, 2)
+
+
+async def test_a_2026_backend_is_health_checked_with_server_discover_and_no_list() -> None:
+    """The 2026 era has no ping: a check is one server/discover, not a refused ping and a whole tools/list."""
+    fake = FakeBackend("svc")
     async with routed(fake) as (_, router, _):
-        assert await router.backends["modern"].check_health()
+        listed, backend = fake.tool_lists, router.backends["svc"]
+        assert await backend.check_health() and await backend.check_health()
+        assert fake.tool_lists == listed and backend.health.checks == 2
 
 
 async def test_backends_are_added_restarted_and_removed_while_serving() -> None:
