@@ -3824,9 +3824,12 @@ class Backend:
         caps = session.server_capabilities
         if caps is None or caps.logging is None:
             return
-        self.logs_at = level
-        with contextlib.suppress(Exception):
+        asked, self.logs_at = self.logs_at, level  # at once: concurrent followers do not ask twice
+        try:
             await self.request("logging/setLevel", {"level": level}, min(self.timeout, 5.0), guarded=False)
+        except Exception:  # noqa: BLE001 - a backend that could not set it is asked again the next time
+            if self.logs_at == level and self.session is session:
+                self.logs_at = asked
 
     # -- requests from the backend to the client behind the call that caused them
 

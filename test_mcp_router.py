@@ -153,6 +153,8 @@ class FakeBackend:
     pings: int = 0
     """Pings refused (when it does not answer ping)."""
     log_levels: list[str] = field(default_factory=list)
+    refused_levels: int = 0
+    """logging/setLevel requests to refuse, the next ones first."""
     log_session: Any = None
     """The session of the last `log` call: it logs outside any request when the test calls it."""
     release: anyio.Event = field(default_factory=anyio.Event)
@@ -298,6 +300,9 @@ class FakeBackend:
             return types.EmptyResult()
 
         async def set_level(ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
+            if self.refused_levels:
+                self.refused_levels -= 1
+                raise MCPError(types.INTERNAL_ERROR, "the fake cannot set its level now")
             self.log_levels.append(params.level)
             return types.EmptyResult()
 
@@ -1932,7 +1937,7 @@ async def test_updates_of_a_2026_backends_resources_reach_the_clients_following_
             assert list(router.backends["native"].changes.uris) == []  # the stream no longer asks for it
 
 
-def resource_server(name: str, bus: InMemorySubscriptionBus, listen: ListenHandler) -> Server[Any]:
+def resource_server(name: str, bus: InMemorySubscriptionBus, listen: Callable[..., Any]) -> Server[Any]:
     """A 2026-era backend with one resource, a tool that adds a tool (announced on `bus`), and `listen` streams."""
     tools = [types.Tool(name="grow", input_schema={"type": "object"})]
 
@@ -1975,7 +1980,7 @@ async def test_a_2026_backend_refusing_to_re_open_its_stream_keeps_the_old_one_a
     ):
         await router.wait_ready()
         await client.list_tools()
-        with pytest.raises(MCPError, match="could not follow 'file:///a.txt': Subscription limit reached"):
+        with pytest.raises(MCPError, match=re.escape("could not follow 'file:///a.txt': Subscription limit reached")):
             await client.subscribe_resource("file:///a.txt")
         assert list(router.backends["native"].changes.uris) == []
         assert text_of(await client.call_tool("native__grow")) == "grew"
@@ -2119,6 +2124,15 @@ async def test_log_level_reaches_backends_and_their_logs_reach_the_client_tagged
         await call(client, "svc__log")
         await recorder.wait_for("warning from svc")
     assert recorder.logs == SVC_LOGS[1:]
+
+
+async def test_a_log_level_the_backend_failed_to_set_is_asked_again() -> None:
+    fake = FakeBackend("svc", refused_levels=1)
+    async with routed(fake, era="handshake") as (client, _, _):
+        await client.set_logging_level("info")
+        assert fake.log_levels == []
+        await client.set_logging_level("info")
+        assert fake.log_levels == ["info"]
 
 
 @pytest.mark.parametrize("backend_eras", ["handshake", "auto"])
