@@ -3302,8 +3302,8 @@ class ChangeStream:
 
     async def follow(self, uri: str, *, on: bool, timeout: float) -> None:
         """Add (or drop) a resource; returns once a stream carries it (or no longer needs to), or after `timeout`, or
-        at once while no stream runs. Raises MCPError when the backend refused a stream with an added resource: the old one goes on
-        (a dropped one it may still carry, harmlessly, until the next change)."""
+        at once while no stream runs. Raises MCPError when the backend refused a stream with an added resource: the
+        old one goes on (a dropped one it may still carry, harmlessly, until the next change)."""
         if not on and uri not in self.uris:
             return
         if on != (uri in self.uris):
