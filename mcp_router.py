@@ -213,6 +213,11 @@ class InvalidCursor(RouterError):
     """A list cursor the router never handed out."""
 
 
+class EraUnknown(RouterError):
+    """An HTTP backend answered the era probe (`server/discover`) with an auth failure or a server error: no verdict
+    on its era, so this connection attempt fails and the next one asks again."""
+
+
 # ---------------------------------------------------------------------------- config
 
 Transport: TypeAlias = Literal["stdio", "http", "sse"]
@@ -2998,6 +3003,38 @@ async def _reuse_after_sse_answers(response: httpx2.Response) -> None:
         response.stream = _DrainedOnClose(response.stream)
 
 
+INCONCLUSIVE_STATUSES: Final = frozenset({401, 403, 408, 429})
+"""HTTP answers to the era probe that say nothing of the era (with every 5xx): the SDK would take them as a refusal,
+so as the handshake era."""
+
+
+def _is_discover(request: httpx2.Request) -> bool:
+    with contextlib.suppress(httpx2.RequestNotRead, ValueError, AttributeError):
+        return json.loads(request.content).get("method") == "server/discover"
+    return False
+
+
+def _era_probe_verdicts() -> Callable[[httpx2.Response], Awaitable[None]]:
+    """Response hook of one connection: an auth failure or a server error answering its first server/discover (the
+    era probe) fails the connection attempt (EraUnknown), where the SDK would take it for the handshake era. Later
+    ones (2026-era health checks) fail as any request does."""
+    probing = True
+
+    async def verdict(response: httpx2.Response) -> None:
+        nonlocal probing
+        if not probing or response.request.method != "POST" or not _is_discover(response.request):
+            return
+        probing = False
+        status = response.status_code
+        if status >= 500 or status in INCONCLUSIVE_STATUSES:
+            await response.aclose()
+            raise EraUnknown(
+                f"the backend answered server/discover with HTTP {status} {response.reason_phrase}".strip()
+            )
+
+    return verdict
+
+
 async def _name_error_statuses(response: httpx2.Response) -> None:
     """Response hook: an HTTP error answer that carries no JSON-RPC error gets one naming its status.
 
@@ -3131,7 +3168,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
     @asynccontextmanager
     async def http() -> AsyncIterator[Streams]:
         timeout = httpx2.Timeout(30.0, read=300.0)
-        hooks = {"response": [_reuse_after_sse_answers, _name_error_statuses]}
+        hooks = {"response": [_era_probe_verdicts(), _reuse_after_sse_answers, _name_error_statuses]}
         async with (
             httpx2.AsyncClient(
                 headers=dict(config.headers), timeout=timeout, verify=_tls_context(), event_hooks=hooks

@@ -3202,6 +3202,57 @@ async def test_a_2026_http_backends_tool_with_a_header_parameter_gets_its_header
     assert call.headers["mcp-param-region"] == "eu-west"
 
 
+@pytest.mark.parametrize("status", [503, 401])
+async def test_an_http_backend_failing_its_era_probe_is_asked_again_not_taken_for_the_handshake_era(
+    status: int,
+) -> None:
+    """A 5xx or an auth failure to `server/discover` says nothing of the backend's era: that connection attempt
+    fails, and the next one probes again, so a 2026-era backend that was briefly down is still spoken to in 2026."""
+    import uvicorn
+
+    app = FakeBackend("new").server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
+    refused: list[int] = []
+
+    async def first_probe_fails(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        if b'"server/discover"' in body and not refused:
+            refused.append(status)
+            await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"try later"})
+            return
+        replayed = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay() -> Any:
+            return replayed.pop() if replayed else await receive()
+
+        await app(scope, replay, send)
+
+    port = free_port()
+    web = uvicorn.Server(
+        uvicorn.Config(first_probe_fails, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    raw = {"backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp", "transport": "http", **QUIET}]}
+    router = mr.Router(mr.parse_config({**raw, **no_refresh()}, {}), clock=FakeClock(autojump=True).clock())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        with anyio.fail_after(20):
+            while not web.started:
+                await anyio.sleep(0.01)
+            async with router.running():
+                backend = router.backends["new"]
+                while backend.state != "ready":
+                    await router.changed.wait()
+                status_now = backend.status()
+        web.should_exit = True
+    assert refused == [status]
+    assert (status_now["era"], status_now["protocol_version"]) == ("2026", "2026-07-28")
+
+
 ANSWER_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":"a\\"b","result":{}}\r\n\r\n'
 
 
