@@ -5258,7 +5258,9 @@ def _management_call(router: Router, name: str, arguments: Mapping[str, Any]) ->
     if name == "list_backends":
         rows = [b.status() for b in router.backends.values()]
         lines = [
-            f"{r['name']}: {r['state']}, circuit {r['circuit_state']}, {r['tools']} tools, {r['resources']} resources, {r['prompts']} prompts"
+            f"{r['name']}: {r['state']}"
+            + (f" ({r['era']} era)" if r["era"] else "")
+            + f", circuit {r['circuit_state']}, {r['tools']} tools, {r['resources']} resources, {r['prompts']} prompts"
             + (f", last error: {r['last_error']}" if r["last_error"] else "")
             for r in rows
         ] or [no_backends_hint(router.config_source)]

@@ -5694,7 +5694,10 @@ def test_call_prints_the_result_and_fails_on_errors(tmp_path: Path) -> None:
     listed = run_router("call", "--config", str(config), "list_backends", "{}")
     assert listed.returncode == 0, listed.stderr
     text, structured = listed.stdout.split("\n", 1)
-    assert text.startswith("svc: ready, circuit closed, ") and json.loads(structured)["backends"][0]["name"] == "svc"
+    assert (
+        text.startswith("svc: ready (2026 era), circuit closed, ")
+        and json.loads(structured)["backends"][0]["name"] == "svc"
+    )
     tool_error = run_router("call", "--config", str(config), "svc__broken", '{"text": "x"}')
     assert (tool_error.returncode, tool_error.stdout) == (1, "tool-level failure\n")
     mcp_error = run_router("call", "--config", str(config), "svc__fail")
