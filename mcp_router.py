@@ -4673,7 +4673,8 @@ class Router:
         as a handshake-era one set its level.
         """
         kind, name = _subject(method, params)
-        members = [self.backends[n] for n in plan.candidates if n in self.backends]
+        owner, params = round_owner(params)  # a retry answering a backend's input round goes back to that backend
+        members = [self.backends[n] for n in plan.candidates if n in self.backends and owner in (None, n)]
         if not members:
             raise MCPError(BACKEND_UNAVAILABLE, f"no backend serves {name!r} any more")
         deadline = self.clock.now() + max(self.settings.request_timeout, *(b.timeout for b in members))
@@ -4855,6 +4856,9 @@ INVALID_REQUEST_STATE: Final = "Invalid or expired requestState"
 STATE_KEY_ENV: Final = "MCP_STATE_KEY"
 """Environment variable with the key that seals requestState (at least 32 bytes); without it a key is generated."""
 _PARKED_STATE: Final = "parked:"
+_BACKEND_STATE: Final = "backend:"
+"""Prefixes a 2026-era backend's own requestState (inside the router's seal) with the backend's name: the retry goes
+back to it, as a replica's state means nothing to the others."""
 
 
 def state_security(env: Mapping[str, str]) -> RequestStateSecurity:
@@ -5067,13 +5071,35 @@ def missing_capability(capabilities: types.ClientCapabilities | None, capability
 
 
 def _resumed(ctx: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """A 2026-era client's retry of a 2026-era backend's input_required round carries its answers and state on."""
+    """A 2026-era client's retry of a 2026-era backend's input_required round carries its answers and state on
+    (the state still names its backend: see round_owner)."""
     raw = ctx.params if ctx is not None else None
     if raw and (state := raw.get("requestState")) is not None and not str(state).startswith(_PARKED_STATE):
         params = {**params, "requestState": state}
         if raw.get("inputResponses") is not None:
             params["inputResponses"] = raw["inputResponses"]
     return params
+
+
+def _owned_round(result: dict[str, Any], backend: str) -> dict[str, Any]:
+    """A 2026-era backend's input_required round for a 2026-era client, its requestState naming the backend."""
+    state = result.get("requestState")
+    return (
+        {**result, "requestState": _BACKEND_STATE + json.dumps([backend, state])} if isinstance(state, str) else result
+    )
+
+
+def round_owner(params: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
+    """The backend whose input_required round a retry answers (None if it answers none), and the params to send it,
+    with that backend's own requestState."""
+    state = params.get("requestState")
+    if not isinstance(state, str) or not state.startswith(_BACKEND_STATE):
+        return None, params
+    try:
+        owner, own = json.loads(state.removeprefix(_BACKEND_STATE))
+    except (ValueError, TypeError):  # sealed by the router, so only a router of another version could send this
+        raise _stale_state() from None
+    return str(owner), {**params, "requestState": own}
 
 
 INPUT_METHODS: Final[dict[str, tuple[str, type[Any]]]] = {
@@ -5098,10 +5124,11 @@ async def answer_input_rounds(
     """A 2026-era backend's input_required, for a handshake-era client: each input request goes to that client as
     an ordinary server request, and the call is retried with the answers until the backend completes it.
 
-    A 2026-era client gets the backend's rounds as they are (its retry carries them back, see `_resumed`).
+    A 2026-era client gets the backend's rounds as they are, their state naming the backend (its retry carries
+    them back to it, see `_resumed` and `round_owner`).
     """
     if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-        return result
+        return _owned_round(result, backend.name)
     for _ in range(MAX_INPUT_ROUNDS):
         if result.get("resultType") != "input_required":
             return result

@@ -1805,6 +1805,19 @@ async def test_a_2026_backend_using_the_sdks_input_rounds_serves_a_client_of_eit
         assert text_of(await direct.call_tool("interview")) == "Ada:GREET ADA:file:///work"
 
 
+async def test_each_input_round_of_a_2026_client_goes_back_to_the_replica_that_asked() -> None:
+    """Replicas keep their rounds' requestState to themselves (each SDK server seals it with its own key): a 2026-07-28
+    client's retry is routed to the replica whose round it answers, not wherever the strategy's turn points."""
+    connectors = {name: InProcess(FakeBackend(name)) for name in ("one", "two")}
+    for connector in connectors.values():
+        connector.server = interviewing_server()
+    router = mr.Router(config_for("one", "two", namespace="mrtr"), connectors=connectors)
+    async with router.running(), Client(mr.build_server(router), cache=None, **ASKING_CLIENT) as client:
+        await router.wait_ready()
+        for _ in range(3):  # the turns go round: one, two, one
+            assert text_of(await client.call_tool("mrtr__interview")) == "Ada:GREET ADA:file:///work"
+
+
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_a_2026_backend_hears_only_the_capabilities_the_calling_client_declared(mode: str) -> None:
     """The request `_meta` carries the client's capabilities (those the router relays), not the router's own: a
