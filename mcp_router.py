@@ -4326,6 +4326,7 @@ class Router:
         self._priorities: dict[str, int] = {}
         self._pages: dict[tuple[str, str | None], dict[str, Any]] = {}
         """List pages by method and cursor, built once per catalogue."""
+        self._input_schemas: dict[str, Any] = {}
         self.catalogue = Catalogue()
         self._rebuild()
         self.bridge = EraBridge(self)
@@ -4393,6 +4394,11 @@ class Router:
 
     # -- catalogue
 
+    def tool_input_schema(self, name: str) -> Any:
+        """The input schema of a tool the client sees, None if there is none: the SDK checks a 2026-era call's
+        `Mcp-Param-*` headers against it, and would otherwise run the whole tools/list on every call to find it."""
+        return self._input_schemas.get(name)
+
     def set_listing(self, backend: Backend, listing: Listing) -> None:
         if listing == backend.listing:
             return
@@ -4424,6 +4430,7 @@ class Router:
         self._templates = tuple((_compiled_template(text), owners) for text, owners in new.templates)
         self._resource_plans = {}
         self._pages = {}
+        self._input_schemas = {t["name"]: t.get("inputSchema") for t in new.tool_items}
         changed = [
             signal
             for signal, a, b in (
@@ -5625,6 +5632,7 @@ def build_server(router: Router) -> RouterServer:
         on_subscribe_resource=_guard(subscribe),
         on_unsubscribe_resource=_guard(unsubscribe),
         on_subscriptions_listen=_FollowingListen(router),
+        get_tool_input_schema=router.tool_input_schema,
     )
     server.router, server.bridge = router, router.bridge
     # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.

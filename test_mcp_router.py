@@ -3151,6 +3151,30 @@ async def test_2026_requests_whose_mirrored_headers_disagree_with_the_body_are_r
                 assert refused.json()["error"]["code"] == types.HEADER_MISMATCH
 
 
+async def test_a_2026_call_over_http_is_checked_against_its_tool_without_listing_every_tool() -> None:
+    """The SDK checks a 2026 tools/call's `Mcp-Param-*` headers against the tool's input schema, by running the
+    server's whole tools/list unless it is told the schema: the router tells it, so a call costs no listing."""
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "svc__echo", "arguments": {"text": "hi"}, "_meta": envelope},
+    }
+    headers = {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": "svc__echo"}
+    with anyio.fail_after(20):
+        async with served(FakeBackend("svc")) as (http, _, _):
+            for _ in range(2):
+                answered = await http.post("/mcp", json=body, headers=headers)
+                assert answered.status_code == 200 and "svc:echo:hi" in answered.text, answered.text
+            samples = parse_metrics((await http.get("/metrics")).text)
+    assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="svc",outcome="ok"}'] == 2
+    assert not [sample for sample in samples if "tools/list" in sample]
+
+
 async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> None:
     """By default a backend serving 2026-07-28 over HTTP gets that era's envelope and mirrored headers, with its own
     un-prefixed tool name; a 1.x-style backend (no server/discover) keeps the handshake; list_backends shows both."""
