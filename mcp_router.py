@@ -3336,6 +3336,8 @@ class ChangeStream:
         self._refusal = ""
         self._asked = anyio.Event()
         self._heard = anyio.Event()
+        self._lost = False
+        """The open stream ended by itself (the backend closed it, or a proxy cut it) while the connection lasts."""
 
     async def follow(self, uri: str, *, on: bool, timeout: float) -> None:
         """Add (or drop) a resource; returns once a stream carries it (or no longer needs to), or after `timeout`, or
@@ -3369,7 +3371,7 @@ class ChangeStream:
                 while True:
                     self._asked = anyio.Event()
                     wanted, uris = self._wanted, tuple(self.uris)
-                    opened = await tg.start(self._listen, session, uris, old is None)
+                    opened = await tg.start(self._listen, session, uris, old is None or self._lost)
                     if old is None:
                         task_status.started()  # the first stream: the connection goes on to list the backend
                         if not isinstance(opened, anyio.CancelScope):  # calls and re-listing go on without it
@@ -3379,6 +3381,9 @@ class ChangeStream:
                             old.cancel()
                         old = opened
                         self._settle(wanted, opened=True)
+                        if self._lost:  # what changed between the streams went unheard
+                            self._lost = False
+                            tg.start_soon(self.backend.refresh)
                     else:
                         self._refusal = opened
                         self._settle(wanted, opened=False)
@@ -3400,8 +3405,10 @@ class ChangeStream:
     async def _listen(
         self, session: ClientSession, uris: Sequence[str], first: bool, *, task_status: anyio.abc.TaskStatus[Any]
     ) -> None:
-        """One stream: started (with its cancel scope) once acknowledged, or (with the reason) when refused."""
+        """One stream: started (with its cancel scope) once acknowledged, or (with the reason) when refused; one that
+        ends by itself while the connection lasts (the backend closed it, a proxy cut it) asks for another."""
         started, reason = False, ""
+        ended: str | None = None
         with anyio.CancelScope() as scope:
             try:
                 async with listen(
@@ -3415,9 +3422,12 @@ class ChangeStream:
                             await self.backend.router.resource_updated(event.uri)
                         else:
                             await self.backend.refresh()
+                ended = "closed by the backend"
             except (MCPError, SubscriptionLost, ListenNotSupportedError, TimeoutError) as err:
                 reason = describe_error(err)
-                if first or started:
+                if started:
+                    ended = reason
+                elif first:
                     log.info(
                         "backend %s: no change stream (%s); re-listed on its interval (one that announces changes "
                         "through its session needs `era: handshake`)",
@@ -3433,6 +3443,11 @@ class ChangeStream:
                     )
         if not started:
             task_status.started(reason)
+        elif ended is not None:  # not ended by the router: open another, unhurried if the backend keeps ending them
+            log.info("backend %s: its change stream ended (%s); opening another", self.backend.name, ended)
+            await self.backend.clock.sleep(RESTART_INITIAL_DELAY)
+            self._lost = True
+            self._asked.set()
 
 
 class Backend:

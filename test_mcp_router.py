@@ -1890,6 +1890,48 @@ async def test_a_2026_backends_list_changes_reach_a_client_through_its_listen_st
         assert "native__grown" in {t.name for t in (await client.list_tools()).tools}
 
 
+async def test_a_2026_backends_change_stream_that_ends_while_connected_is_opened_again() -> None:
+    """A listen stream may end while the connection lasts (the backend closes it gracefully, a proxy cuts it): the
+    router opens another and re-lists, so later changes, and one made in between, are still heard."""
+    bus = InMemorySubscriptionBus()
+    listens = ListenHandler(bus)
+    tools = [types.Tool(name="grow", input_schema={"type": "object"})]
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=tools)
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        listens.close()  # every open stream ends, gracefully; the connection stays
+        tools.append(types.Tool(name=f"grown{len(tools)}", input_schema={"type": "object"}))
+        await bus.publish(ToolsListChanged())
+        return types.CallToolResult(content=[types.TextContent(text="grew")])
+
+    connector = InProcess(FakeBackend("native"))
+    connector.server = Server(
+        "native", on_list_tools=list_tools, on_call_tool=call_tool, on_subscriptions_listen=listens
+    )
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    config = config_for("native", settings=no_refresh(), **QUIET)
+    router = mr.Router(config, connectors={"native": connector}, clock=FakeClock(autojump=True).clock())
+    async with (
+        router.running(),
+        Client(mr.build_server(router), mode="legacy", cache=None, message_handler=on_message) as client,
+    ):
+        await router.wait_ready()
+        for grown in ("native__grown1", "native__grown2"):  # the second change comes on the stream opened again
+            changed = anyio.Event()
+            assert text_of(await client.call_tool("native__grow")) == "grew"
+            with anyio.fail_after(5):
+                await changed.wait()
+            assert grown in {t.name for t in (await client.list_tools()).tools}
+    assert connector.connects == 1
+
+
 async def test_updates_of_a_2026_backends_resources_reach_the_clients_following_them_in_either_era() -> None:
     """A 2026-era backend has no resources/subscribe: what clients follow (a handshake-era client's subscribe, a
     2026 client's listen with resource URIs) goes on the router's listen stream to it, and its updates come back."""
