@@ -6132,6 +6132,49 @@ def _routed_to(router: Router, method: str, params: Any) -> str:
     return "+".join(entry.pool) if entry is not None else "router"
 
 
+ROUTING_HEADERS: Final = (b"mcp-session-id", b"mcp-protocol-version")
+"""Headers that decide which session and era a request is for: a request may send each once."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _whole_body(receive: Any, limit: int) -> bytes | None:
+    """A request's body, read to its end (None if the client went away first); _BodyTooLarge past `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives `body` whole, then what `receive` gives (the client's disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Any:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def _is_initialize(body: bytes) -> bool:
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("method") == "initialize"
+
+
 class SessionLimits:
     """ASGI wrapper for the MCP endpoint: body size, sessions (in all and per client), and requests in flight per
     session.
@@ -6163,15 +6206,23 @@ class SessionLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings = self.settings
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > settings.max_body_bytes:
-            limit = f"{settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
-            return await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(
-                scope, receive, send
-            )
-        session = dict(scope["headers"]).get(b"mcp-session-id")
+        length = session = era = None
+        for name, value in scope["headers"]:
+            if name in ROUTING_HEADERS:
+                if (session if name == b"mcp-session-id" else era) is not None:  # which copy counts is ambiguous
+                    message = f"the {name.decode()} header is repeated: send it once"
+                    return await _json_rpc_refusal(400, message, INVALID_REQUEST)(scope, receive, send)
+                if name == b"mcp-session-id":
+                    session = value
+                else:
+                    era = value
+            elif name == b"content-length":
+                length = value
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return await self._too_large(scope, receive, send)
         if session is None:
-            if scope["method"] == "POST" and not settings.stateless:
+            handshake_era = era is None or era.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS  # else no session
+            if scope["method"] == "POST" and handshake_era and not settings.stateless:
                 return await self._opening(scope, receive, send)
             return await self.app(scope, receive, send)
         key = session.decode("latin-1")
@@ -6207,28 +6258,41 @@ class SessionLimits:
         min(idle, key=lambda countdown: countdown.deadline).cancel()  # as if its time had run out: the SDK ends it
         return True
 
+    async def _too_large(self, scope: Any, receive: Any, send: Any) -> None:
+        limit = f"{self.settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
+        await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(scope, receive, send)
+
     async def _opening(self, scope: Any, receive: Any, send: Any) -> None:
-        """A request without a session id, which may open one: counted against its client's sessions and all."""
+        """A request without a session id, which may open one: if it is an initialize request, counted against its
+        client's sessions and all; only for one does a full cap end another's idle session (any other is refused by
+        the SDK, which opens no session for it)."""
+        try:
+            body = await _whole_body(receive, self.settings.max_body_bytes)
+        except _BodyTooLarge:
+            return await self._too_large(scope, receive, send)
+        if body is None:  # the client went away
+            return
+        receive = _replaying(body, receive)
+        if not _is_initialize(body):
+            return await self.app(scope, receive, send)
         client = self._client(scope)
         sessions = self.opened.setdefault(client, set())
         sessions.intersection_update([s for s in sessions if self.is_open(s)])
         settings = self.settings
-        era = dict(scope["headers"]).get(b"mcp-protocol-version")
-        if era is None or era.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS:  # the SDK's rule: else no session
-            if len(sessions) >= settings.max_sessions_per_client and not self._end_longest_idle(sessions):
-                _warn_once("per-client", "a client reached max_sessions_per_client (%d), each of them busy; "
-                           "refusing more", settings.max_sessions_per_client)  # fmt: skip
-                message = f"too many open sessions for this client (at most {settings.max_sessions_per_client}, all busy); end some with DELETE"
-                return await _json_rpc_refusal(429, message)(scope, receive, send)
-            if sum(map(self.is_open, list(self.live))) >= settings.max_sessions and not self._end_longest_idle(
-                list(self.live)
-            ):
-                _warn_once("sessions", "max_sessions (%d) sessions are open, each of them busy; refusing more",
-                           settings.max_sessions)  # fmt: skip
-                return await _json_rpc_refusal(503, f"too many open sessions (at most {settings.max_sessions})")(
-                    scope, receive, send
-                )
-            sessions.intersection_update([s for s in sessions if self.is_open(s)])  # less the one just ended
+        if len(sessions) >= settings.max_sessions_per_client and not self._end_longest_idle(sessions):
+            _warn_once("per-client", "a client reached max_sessions_per_client (%d), each of them busy; "
+                       "refusing more", settings.max_sessions_per_client)  # fmt: skip
+            message = f"too many open sessions for this client (at most {settings.max_sessions_per_client}, all busy); end some with DELETE"
+            return await _json_rpc_refusal(429, message)(scope, receive, send)
+        if sum(map(self.is_open, list(self.live))) >= settings.max_sessions and not self._end_longest_idle(
+            list(self.live)
+        ):
+            _warn_once("sessions", "max_sessions (%d) sessions are open, each of them busy; refusing more",
+                       settings.max_sessions)  # fmt: skip
+            return await _json_rpc_refusal(503, f"too many open sessions (at most {settings.max_sessions})")(
+                scope, receive, send
+            )
+        sessions.intersection_update([s for s in sessions if self.is_open(s)])  # less the one just ended
 
         async def record(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -6327,7 +6391,8 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         security_settings=security,
         max_request_body_size=settings.max_body_bytes,
         session_idle_timeout=settings.session_idle_seconds,
-        max_sessions=None,  # SessionLimits caps them, making room by ending the session idle longest
+        # SessionLimits caps them, making room by ending the session idle longest; the SDK's cap is a backstop
+        max_sessions=2 * settings.max_sessions,
     )
     server._session_manager = manager  # as Server.streamable_http_app would
     live = manager._server_instances  # the SDK's table of open sessions; it offers no public view

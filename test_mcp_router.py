@@ -4625,6 +4625,35 @@ async def test_at_the_total_session_cap_the_longest_idle_session_makes_room_and_
         assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 2
 
 
+@pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_client"])
+async def test_a_request_naming_its_session_or_era_twice_is_refused_and_opens_no_session_past_the_caps(
+    cap: str,
+) -> None:
+    async with served(FakeBackend("svc"), server={"limits": {cap: 1}}) as (http, _, _):
+        first = await open_session(http)
+        async with busy(http, first):  # no idle session to end: a counted new one would be refused
+            twice = [("mcp-protocol-version", "2025-11-25"), ("mcp-protocol-version", "2026-07-28")]
+            refused = await http.post("/mcp", json=HELLO, headers=twice)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == types.INVALID_REQUEST
+            assert "mcp-protocol-version header is repeated" in refused.json()["error"]["message"]
+            assert "mcp-session-id" not in refused.headers
+            both = [("mcp-session-id", first["mcp-session-id"]), ("mcp-session-id", "another")]
+            refused = await http.post("/mcp", json=rpc(2, "ping"), headers=both)
+            assert refused.status_code == 400 and "mcp-session-id header is repeated" in refused.text
+            assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 1
+        assert await still_open(http, first)
+
+
+@pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_client"])
+async def test_at_a_session_cap_only_an_initialize_request_ends_an_idle_session(cap: str) -> None:
+    async with served(FakeBackend("svc"), server={"limits": {cap: 1}}) as (http, _, _):
+        first = await open_session(http)
+        for body in (b"{not json", json.dumps(rpc(2, "ping")).encode(), b"[]"):
+            answer = await http.post("/mcp", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 400, answer.text  # the SDK's refusal: no session without initialize
+        assert await still_open(http, first)  # an initialize request would have ended it (the tests above)
+
+
 async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() -> None:
     fake = FakeBackend("svc")
     async with served(fake, server={"limits": {"max_requests_per_session": 1}}) as (http, _, _):
