@@ -2161,12 +2161,16 @@ class RedactSecrets(logging.Filter):
         self.passing: collections.Counter[str] = collections.Counter()
         """Values of client headers forwarded by the calls in flight (see `hide`)."""
 
-    def hide(self, values: Iterable[str]) -> None:
-        """Redact `values` too, until `unhide`: a client's forwarded headers, for as long as its call lasts."""
-        self.passing.update(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+    def hide(self, values: Iterable[str]) -> list[str]:
+        """Redact `values` too, each of its comma-separated parts, however short, until `unhide` is given what this
+        returns: a client's forwarded headers, for as long as its call lasts (they are the client's, not ours to
+        judge harmless)."""
+        hidden = [part for value in values for part in {value, *value.split(", ")} if part]
+        self.passing.update(hidden)
+        return hidden
 
     def unhide(self, values: Iterable[str]) -> None:
-        self.passing.subtract(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+        self.passing.subtract(values)
         self.passing += collections.Counter()  # drops the values no call forwards any more
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -4570,86 +4574,99 @@ class Router:
         failed: set[str] = set()
         attempts = 0  # attempts that may have run
         error: Exception | None = None
-        while True:
-            remaining = deadline - self.clock.now()
-            if error is not None and remaining < MIN_ATTEMPT_SECONDS:  # no time left to try again
-                raise _as_mcp_error(error, backend) from None
-            decision = strategy([b.snapshot(kind, name) for b in members], turn)
-            if decision.action != "send":
-                if decision.action == "wait" and remaining > 0:
-                    with anyio.move_on_after(remaining):
-                        await self.changed.wait()
-                    continue
-                raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
-            target = next((n for n in decision.order if n not in failed), decision.order[0])
-            backend = self.backends[target]
-            served_by.set(target)
-            backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
-            key = request_log or object()  # the key tells backend.log_request where its log messages go
-            backend.inflight[key] = ctx
-            if forwarded := backend.forwarded_headers(ctx):
-                log_redaction.hide(forwarded.values())
-            started = self.clock.now()
-            try:
-                if request_log is not None and request_log.level is not None:
-                    await self.ask_for_logs(backend, request_log.level)
-                timeout = min(backend.timeout, max(0.001, deadline - started))
-                result = await backend.request(
-                    method,
-                    params,
-                    timeout,
-                    on_progress=on_progress,
-                    log_level=log_level,
-                    caller=ctx,
-                    forwarded=forwarded,
-                )
-                if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
-                    result = await answer_input_rounds(backend, method, params, result, ctx, on_progress, log_level)
-                if on_progress is not None:
-                    await on_progress.drained()  # the client hears every update before the result
-                if request_log is not None:
-                    await request_log.drained()  # and every log message
-                if method == "tools/call" and result.get("resultType") != "input_required":  # a round is no result yet
-                    result = _checked_call_result(result, target)
-            except NotSent as exc:
-                reached, error = False, cast(Exception, exc)
-            except Exception as exc:
-                if not is_transport_failure(exc):
-                    self._account(method, name, backend, started, exc, fallback=False)
-                    raise
-                reached, error = True, exc
-            else:
-                fell_back = bool(failed) or (plan.strategy != "capability" and target != plan.candidates[0])
-                self._account(
-                    method, name, backend, started, None, fallback=fell_back, tool_error=result.get("isError") is True
-                )
-                return result
-            finally:
-                backend.inflight.pop(key, None)
-                if forwarded:
-                    log_redaction.unhide(forwarded.values())
-            if reached:
-                self._account(method, name, backend, started, error, fallback=False)
-            if not may_send_elsewhere(reached_backend=reached, retry_safe=retry_safe) or (
-                reached and attempts + 1 >= self.settings.max_retries
-            ):
-                raise _as_mcp_error(error, backend) from None
-            attempts += reached
-            failed.add(target)
-            if all(n in failed for n in decision.order):  # no other candidate: the same one again, once it can take it
-                failed.clear()
+        hidden: list[str] = []  # the client's forwarded header values, kept out of the log until the call ends
+        try:
+            while True:
+                remaining = deadline - self.clock.now()
+                if error is not None and remaining < MIN_ATTEMPT_SECONDS:  # no time left to try again
+                    raise _as_mcp_error(error, backend) from None
+                decision = strategy([b.snapshot(kind, name) for b in members], turn)
+                if decision.action != "send":
+                    if decision.action == "wait" and remaining > 0:
+                        with anyio.move_on_after(remaining):
+                            await self.changed.wait()
+                        continue
+                    raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
+                target = next((n for n in decision.order if n not in failed), decision.order[0])
+                backend = self.backends[target]
+                served_by.set(target)
+                backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
+                key = request_log or object()  # the key tells backend.log_request where its log messages go
+                backend.inflight[key] = ctx
+                if forwarded := backend.forwarded_headers(ctx):
+                    hidden += log_redaction.hide(forwarded.values())
+                started = self.clock.now()
+                try:
+                    if request_log is not None and request_log.level is not None:
+                        await self.ask_for_logs(backend, request_log.level)
+                    timeout = min(backend.timeout, max(0.001, deadline - started))
+                    result = await backend.request(
+                        method,
+                        params,
+                        timeout,
+                        on_progress=on_progress,
+                        log_level=log_level,
+                        caller=ctx,
+                        forwarded=forwarded,
+                    )
+                    if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
+                        result = await answer_input_rounds(backend, method, params, result, ctx, on_progress, log_level)
+                    if on_progress is not None:
+                        await on_progress.drained()  # the client hears every update before the result
+                    if request_log is not None:
+                        await request_log.drained()  # and every log message
+                    if (
+                        method == "tools/call" and result.get("resultType") != "input_required"
+                    ):  # a round is no result yet
+                        result = _checked_call_result(result, target)
+                except NotSent as exc:
+                    reached, error = False, cast(Exception, exc)
+                except Exception as exc:
+                    if not is_transport_failure(exc):
+                        self._account(method, name, backend, started, exc, fallback=False)
+                        raise
+                    reached, error = True, exc
+                else:
+                    fell_back = bool(failed) or (plan.strategy != "capability" and target != plan.candidates[0])
+                    self._account(
+                        method,
+                        name,
+                        backend,
+                        started,
+                        None,
+                        fallback=fell_back,
+                        tool_error=result.get("isError") is True,
+                    )
+                    return result
+                finally:
+                    backend.inflight.pop(key, None)
                 if reached:
-                    delay = backoff_delay(
-                        attempts, initial=RETRY_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
-                        rng=self.clock.random,
-                    )  # fmt: skip
-                    if self.clock.now() + delay >= deadline:
-                        raise _as_mcp_error(error, backend) from None
-                    log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
-                    await self.clock.sleep(delay)
-                else:  # its connection is going (Backend.request restarts it): wait until its lifecycle has moved
-                    with anyio.move_on_after(max(0.0, deadline - self.clock.now())):
-                        await self.changed.wait()
+                    self._account(method, name, backend, started, error, fallback=False)
+                if not may_send_elsewhere(reached_backend=reached, retry_safe=retry_safe) or (
+                    reached and attempts + 1 >= self.settings.max_retries
+                ):
+                    raise _as_mcp_error(error, backend) from None
+                attempts += reached
+                failed.add(target)
+                if all(
+                    n in failed for n in decision.order
+                ):  # no other candidate: the same one again, once it can take it
+                    failed.clear()
+                    if reached:
+                        delay = backoff_delay(
+                            attempts, initial=RETRY_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
+                            rng=self.clock.random,
+                        )  # fmt: skip
+                        if self.clock.now() + delay >= deadline:
+                            raise _as_mcp_error(error, backend) from None
+                        log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
+                        await self.clock.sleep(delay)
+                    else:  # its connection is going (Backend.request restarts it): wait until its lifecycle has moved
+                        with anyio.move_on_after(max(0.0, deadline - self.clock.now())):
+                            await self.changed.wait()
+        finally:
+            if hidden:
+                log_redaction.unhide(hidden)
 
     def _account(
         self,
@@ -4835,6 +4852,7 @@ class _ParkedContext:
         self.meta = ctx.meta
         self.params = ctx.params
         self.protocol_version = ctx.protocol_version
+        self.request = getattr(ctx, "request", None)  # the first round's HTTP request: the headers forwarded
         self.client_capabilities = ctx.session.client_capabilities
         self.session = self  # ask_client and the progress relay look here
         self._connection = parked  # one caller per call, as each 2026-era request is its own connection

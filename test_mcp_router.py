@@ -199,8 +199,11 @@ class FakeBackend:
             if params.name == "stall":  # listed only where a test adds it: says it has started, then waits for release
                 await ctx.session.report_progress(0, None, "stalling")
                 await self.release.wait()
-            if params.name == "quote":  # listed only where a test adds it: an error quoting the client's request id
-                raise MCPError(-32042, f"refused request {ctx.request.headers.get('x-request-id')}")
+            if params.name == "quote":  # listed only where a test adds it: an error quoting the client's headers
+                headers = ctx.request.headers
+                tenant = headers.get("x-tenant", "").split(", ")[-1]  # the last of the values, alone
+                message = f"refused request {headers.get('x-request-id')} of {headers.get('x-user')} for {tenant}"
+                raise MCPError(int(args.get("code", -32042)), message)
             if params.name == "fail":
                 raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
@@ -4931,42 +4934,55 @@ async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: 
     assert log.counts["Traceback"] == 0, "\n".join(log.lines)
 
 
-async def test_a_backend_gets_the_client_headers_it_names_and_never_the_clients_credentials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_backend_gets_the_client_headers_it_names_and_never_the_clients_credentials(
+    tmp_path: Path, mode: str
+) -> None:
     quoting = FakeBackend("svc", extra_tools=[types.Tool(name="quote", input_schema={"type": "object"})])
     async with (
         http_backend(quoting) as (svc_url, svc_got),
         http_backend(FakeBackend("other")) as (other_url, other_got),
     ):
         backends: list[dict[str, Any]] = [
-            {"name": "svc", "url": svc_url, "forward_headers": ["X-Request-Id", "X-Tenant"]},
+            {"name": "svc", "url": svc_url, "forward_headers": ["X-Request-Id", "X-Tenant", "X-User", "X-Absent"]},
             {"name": "other", "url": other_url},
         ]
         env = {"MCP_AUTH_TOKEN": "tok-31c8d2"}
         async with http_router(tmp_path, "--log-level", "DEBUG", env=env, backends=backends) as (url, log_path):
-            client_headers = {
-                "authorization": "Bearer tok-31c8d2",
-                "cookie": "session=cookie-77e1",
-                "x-request-id": "req-5f3a9c",
-            }
+            client_headers = [
+                ("authorization", "Bearer tok-31c8d2"),
+                ("cookie", "session=cookie-77e1"),
+                ("x-request-id", "req-5f3a9c"),
+                ("x-user", "ada"),  # shorter than a configured secret must be, and hidden all the same
+                ("x-tenant", "acme-north-1"),
+                ("x-tenant", "acme-south-2"),  # sent twice: forwarded joined, each value hidden
+            ]
             with anyio.fail_after(20):
                 async with (
                     httpx2.AsyncClient(headers=client_headers) as http,
-                    Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None) as c,
+                    Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, cache=None) as c,
                 ):
+                    assert (c.protocol_version in mr.MODERN_PROTOCOL_VERSIONS) == (mode == "auto")
                     assert text_of(await call(c, "svc__echo", {"text": "a"})) == "svc:echo:a"
                     assert text_of(await call(c, "other__echo", {"text": "b"})) == "other:echo:b"
-                    with pytest.raises(MCPError, match="refused request req-5f3a9c"):  # the client's own, to it
+                    refused = "refused request req-5f3a9c of ada for acme-south-2"
+                    with pytest.raises(MCPError, match=refused):  # the client's own, to it
                         await call(c, "svc__quote")
+                    with pytest.raises(MCPError, match=refused):  # logged as a failed attempt, after the request
+                        await call(c, "svc__quote", {"code": types.CONNECTION_CLOSED})
             log_text = log_path.read_text()
-    assert "tools/call quote -> svc: refused request ***" in log_text  # the log shows it to nobody
+    assert log_text.count("tools/call quote -> svc: refused request *** of *** for *** in ") == 2  # shown to nobody
     calls = [r for r in svc_got if r.method() == "tools/call"]
-    assert len(calls) == 2 and all(r.headers["x-request-id"] == "req-5f3a9c" for r in calls)
-    assert all("x-tenant" not in r.headers for r in calls)  # the client sent none
+    assert len(calls) == 3
+    for request in calls:
+        assert request.headers["x-request-id"] == "req-5f3a9c" and request.headers["x-user"] == "ada"
+        assert request.headers["x-tenant"] == "acme-north-1, acme-south-2"
+        assert "x-absent" not in request.headers  # the client sent none
     assert all("x-request-id" not in r.headers for r in svc_got if r.method() != "tools/call")  # the router's own
     for request in svc_got + other_got:
         assert "x-request-id" not in request.headers or request in calls
         assert "tok-31c8d2" not in str(request.headers) and "cookie-77e1" not in str(request.headers)
-    for value in ("req-5f3a9c", "tok-31c8d2", "cookie-77e1"):
+    for value in ("req-5f3a9c", "acme-north-1", "acme-south-2", "tok-31c8d2", "cookie-77e1", " ada "):
         assert value not in log_text, value
 
 
