@@ -2497,6 +2497,7 @@ from mcp_types import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     REQUEST_TIMEOUT,
+    URL_ELICITATION_REQUIRED,
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
@@ -4795,6 +4796,8 @@ class ParkedCall:
         self.asks: dict[str, _InputAsk] = {}
         self.changed = anyio.Event()
         self.outcome: dict[str, Any] | MCPError | None = None
+        self.served_by: str | None = None
+        """The backend that served the call (the `served_by` of its task), for the metrics of the round that answers."""
         self.scope = anyio.CancelScope()
         """Around the backend call: cancelled when the client gives up or never comes back."""
         self.timer: anyio.CancelScope | None = None
@@ -4909,6 +4912,8 @@ class EraBridge:
             except Exception:
                 log.exception("internal error")
                 parked.outcome = MCPError(INTERNAL_ERROR, "internal router error; see the router's log")
+            finally:
+                parked.served_by = served_by.get()
         parked.changed.set()
 
     async def _round(self, parked: ParkedCall, ctx: Any) -> dict[str, Any]:
@@ -4916,6 +4921,7 @@ class EraBridge:
             while True:
                 if parked.outcome is not None:
                     self.parked.pop(parked.id, None)
+                    served_by.set(parked.served_by)  # this task's: the metrics middleware reads it
                     if isinstance(parked.outcome, MCPError):
                         raise parked.outcome
                     return parked.outcome
@@ -5532,6 +5538,14 @@ class _FollowingListen:
             self.router.clients.forget(listener)  # backends are unsubscribed in the background
 
 
+KNOWN_ERROR_CODES: Final = frozenset(
+    (PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR, CONNECTION_CLOSED, REQUEST_TIMEOUT,
+     URL_ELICITATION_REQUIRED, RESOURCE_NOT_FOUND, BACKEND_UNAVAILABLE)
+)  # fmt: skip
+"""The error codes /metrics names in its error_type label (JSON-RPC's, MCP's, the router's); any other, which a
+backend may make up, is `_OTHER`, so no backend can grow the number of series without bound."""
+
+
 class _RouterMiddleware:
     """Server middleware: tracks client connections, lets initialize wait briefly for backends, and takes the fast path.
 
@@ -5560,7 +5574,7 @@ class _RouterMiddleware:
             outcome = "tool_error" if isinstance(result, dict) and result.get("isError") else "ok"
             return result
         except MCPError as err:
-            error_type = str(err.error.code)
+            error_type = str(err.error.code) if err.error.code in KNOWN_ERROR_CODES else "_OTHER"  # a bounded label
             raise
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"

@@ -205,7 +205,7 @@ class FakeBackend:
                 message = f"refused request {headers.get('x-request-id')} of {headers.get('x-user')} for {tenant}"
                 raise MCPError(int(args.get("code", -32042)), message)
             if params.name == "fail":
-                raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
+                raise MCPError(int(args.get("code", -32042)), "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
                 return types.CallToolResult(content=[types.TextContent(text="tool-level failure")], is_error=True)
             if params.name == "expired":
@@ -5096,6 +5096,9 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
             await http.post("/mcp", json=rpc(10 + i, "tools/call", {"name": "alpha__echo"}), headers=session)
         await http.post("/mcp", json=rpc(20, "tools/call", {"name": "alpha__fail"}), headers=session)
         await http.post("/mcp", json=rpc(21, "tools/call", {"name": "beta__broken"}), headers=session)
+        for code in (4711, -1):  # codes a backend makes up
+            fail = {"name": "alpha__fail", "arguments": {"code": code}}
+            assert "error" in (await http.post("/mcp", json=rpc(30, "tools/call", fail), headers=session)).json()
 
         connectors["beta"].refuse = True
         connectors["beta"].cut()
@@ -5108,7 +5111,7 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         samples = parse_metrics(metrics.text)
         call_ok = 'mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="ok"}'
         assert samples[call_ok] == 3
-        assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="error"}'] == 1
+        assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="error"}'] == 3
         assert (
             samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="beta",outcome="tool_error"}'] == 1
         )
@@ -5117,6 +5120,7 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 3
         failed = 'mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha",error_type='
         assert samples[failed + '"-32042"}'] == 1  # error.type: the JSON-RPC error code, on failures only
+        assert samples[failed + '"_OTHER"}'] == 2  # one series for codes no standard names, however many there are
         assert samples[failed.replace("alpha", "beta") + '"tool_error"}'] == 1
         assert (
             samples['mcp_router_backend_up{backend="alpha"}'] == 1
@@ -5159,6 +5163,21 @@ async def test_metrics_name_the_replica_of_a_pool_that_served_each_call() -> Non
             samples[f'mcp_server_operation_duration_seconds_count{{mcp_method_name="tools/call",backend="{replica}"}}']
             == 2
         )
+    assert not any('backend="a+b"' in name for name in samples)
+
+
+async def test_metrics_name_the_replica_of_a_pool_that_served_a_2026_era_clients_calls() -> None:
+    async with served(FakeBackend("a"), FakeBackend("b"), namespace="pool") as (http, _, _):
+        async with Client(mcp_url(http), cache=None) as client:
+            assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+            for _ in range(4):  # through the era bridge, whose parked call runs in a task of its own
+                assert text_of(await call(client, "pool__echo", {"text": "x"})) in ("a:echo:x", "b:echo:x")
+        samples = parse_metrics((await http.get("/metrics")).text)
+    calls = {name: n for name, n in samples.items() if 'mcp_method_name="tools/call"' in name and "_total{" in name}
+    assert calls == {
+        'mcp_router_requests_total{mcp_method_name="tools/call",backend="a",outcome="ok"}': 2,
+        'mcp_router_requests_total{mcp_method_name="tools/call",backend="b",outcome="ok"}': 2,
+    }
     assert not any('backend="a+b"' in name for name in samples)
 
 
