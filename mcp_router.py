@@ -657,7 +657,7 @@ _BACKEND_KEYS: Final = (
     "name", "url", "command", "args", "env", "cwd", "transport", "headers", "forward_headers", "namespace", "priority",
     "routes", "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude", "era",
 )  # fmt: skip
-HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name (RFC 9110's token)."""
 UNFORWARDABLE_HEADERS: Final = {
     **dict.fromkeys(("authorization", "proxy-authorization", "cookie"),
@@ -886,7 +886,7 @@ def _forwarded_names(
     own = {k.lower() for k in headers}
     for i, name in enumerate(names):
         lower = name.lower()
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             problems.add(_join(where, i), f"expected an HTTP header name, got {_describe(name)}")
         elif lower in UNFORWARDABLE_HEADERS:
             problems.add(_join(where, i), f"{name} {UNFORWARDABLE_HEADERS[lower]}: remove it")

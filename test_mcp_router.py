@@ -1044,7 +1044,7 @@ def test_a_health_endpoint_on_another_server_is_refused_so_the_headers_stay_home
 def test_forward_headers_refuse_credentials_hops_and_session_headers_and_backends_without_http() -> None:
     url = "https://api.example.com/mcp"
     names = ["X-Request-Id", "Authorization", "cookie", "Proxy-Authorization", "Mcp-Session-Id", "Connection",
-             "Transfer-Encoding", "X-Key", "bad header"]  # fmt: skip
+             "Transfer-Encoding", "X-Key", "bad header", "X-Trace\n"]  # fmt: skip
     raw = {
         "backends": [
             {"name": "web", "url": url, "headers": {"X-Key": "k"}, "forward_headers": names},
@@ -1066,6 +1066,7 @@ def test_forward_headers_refuse_credentials_hops_and_session_headers_and_backend
         "backends.yaml: backends[0].forward_headers[7]: X-Key is also set in headers: keep the backend's own value "
         "or the client's",
         "backends.yaml: backends[0].forward_headers[8]: expected an HTTP header name, got 'bad header'",
+        "backends.yaml: backends[0].forward_headers[9]: expected an HTTP header name, got 'X-Trace\\n'",
         "backends.yaml: backends[1].forward_headers: only streamable HTTP backends (url) take client headers; stdio "
         "has no place for them: remove forward_headers",
         "backends.yaml: backends[2].forward_headers: only streamable HTTP backends (url) take client headers; sse "
