@@ -5395,6 +5395,7 @@ class RouterServer(Server[Any]):
 
     router: Router | None = None
     bridge: EraBridge | None = None
+    listens: _FollowingListen
     metrics: Metrics
 
     @property
@@ -5484,6 +5485,7 @@ def build_server(router: Router) -> RouterServer:
     async def roots_changed(ctx: Any, params: Any) -> None:
         await router.roots_changed()
 
+    listens = _FollowingListen(router)
     server = RouterServer(
         router.settings.server_name,
         version=__version__,
@@ -5500,9 +5502,9 @@ def build_server(router: Router) -> RouterServer:
         on_completion=_guard(complete),
         on_subscribe_resource=_guard(subscribe),
         on_unsubscribe_resource=_guard(unsubscribe),
-        on_subscriptions_listen=_FollowingListen(router),
+        on_subscriptions_listen=listens,
     )
-    server.router, server.bridge = router, router.bridge
+    server.router, server.bridge, server.listens = router, router.bridge, listens
     # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, _guard(set_level))
     server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
@@ -5526,6 +5528,10 @@ class _FollowingListen:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.serve = ListenHandler(router.events)
+
+    def end_all(self) -> None:
+        """End every open listen gracefully: each sends its result as its last message (the router is stopping)."""
+        self.serve.close()
 
     async def __call__(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
         listener = object()  # this stream, among each resource's followers
@@ -6608,6 +6614,7 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
                 log.warning("%d call(s) still running after %gs (server.drain_seconds); ending them", server.metrics.in_flight,
                             settings.drain_seconds)  # fmt: skip
             service.streams.end_all()
+            server.listens.end_all()
 
         tg.start_soon(drain_on_stop)
         await web.serve(sockets=[listening])

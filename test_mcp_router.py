@@ -4935,6 +4935,23 @@ async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: 
     assert log.counts["Traceback"] == 0, "\n".join(log.lines)
 
 
+async def test_sigterm_ends_a_2026_era_clients_listen_stream_gracefully(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    argv = http_router_argv(config, port, "--log-level", "INFO")
+    env = {**os.environ, "MCP_DRAIN_SECONDS": "1"}  # were the stream cut instead, the wait would be short
+    with anyio.fail_after(30):
+        async with serving_router(argv, env) as (proc, log):
+            async with Client(f"http://127.0.0.1:{port}/mcp", cache=None) as client:
+                assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+                async with client.listen(tools_list_changed=True) as events:
+                    proc.send_signal(signal.SIGTERM)
+                    async for event in events:  # the server's close ends the loop; a cut stream would raise
+                        assert isinstance(event, mr.ToolsListChanged)  # the router may announce its first listing
+            assert await proc.wait() == 0
+    assert not [line for line in log if "graceful shutdown" in line or "Traceback" in line], "\n".join(log)
+
+
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_a_backend_gets_the_client_headers_it_names_and_never_the_clients_credentials(
     tmp_path: Path, mode: str
