@@ -258,6 +258,8 @@ class FakeBackend:
                 for level in ("debug", "info", "warning"):
                     await ctx.session.send_log_message(level, f"{level} from {self.name}", logger="fake")
             if params.name == "was_cancelled":
+                if args.get("text") == "wait":  # until a call of hang has been cancelled
+                    await self.cancelled.wait()
                 return types.CallToolResult(content=[types.TextContent(text=f"cancelled:{self.cancelled.is_set()}")])
             if params.name == "touch":
                 await ctx.session.send_resource_updated(args.get("text", "file:///a.txt"))
@@ -3624,11 +3626,11 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
 async def test_progress_cancel_server_requests_and_list_changed_end_to_end(
     tmp_path: Path, transport: str, mode: str
 ) -> None:
-    changes: list[types.ToolListChangedNotification] = []
+    announced = [anyio.Event()]  # replaced by the test when it expects the next list_changed
 
     async def on_message(message: Any) -> None:
         if isinstance(message, types.ToolListChangedNotification):
-            changes.append(message)
+            announced[0].set()
 
     seen: list[float] = []
 
@@ -3651,15 +3653,13 @@ async def test_progress_cancel_server_requests_and_list_changed_end_to_end(
 
             with anyio.move_on_after(0.5):
                 await call(client, "svc__hang")
-            while text_of(await call(client, "svc__was_cancelled")) != "cancelled:True":
-                await anyio.sleep(0.02)
+            assert text_of(await call(client, "svc__was_cancelled", {"text": "wait"})) == "cancelled:True"
 
             if mode == "legacy":
                 await client.list_tools()
-                changes.clear()  # the router may announce its first listing too
+                changed = announced[0] = anyio.Event()  # the router may have announced its first listing too
                 await call(client, "svc__add_tool", {"text": "late_tool"})
-                while not changes:
-                    await anyio.sleep(0.01)
+                await changed.wait()
             else:
                 async with client.listen(tools_list_changed=True) as events:
                     await call(client, "svc__add_tool", {"text": "late_tool"})
