@@ -6218,11 +6218,13 @@ class SessionLimits:
     session.
 
     The SDK expires idle sessions; this caps them so that no client can lock out the
-    others by opening sessions and abandoning them: at a cap, the session idle longest
-    (no request in flight, no GET stream open) is ended to make room, the client's own
-    at its cap, anyone's at the total one, through the SDK's idle expiry (its id then
-    answers 404, and its client opens another). Only when none is idle is the new one
-    refused. A client is its token's principal when authenticated, else its address.
+    others by opening sessions and abandoning them: at a cap, an initialize request (no
+    other: only it opens a session) ends the session idle longest (no request in flight,
+    no GET stream open), the client's own at its cap, anyone's at the total one, through
+    the SDK's idle expiry (its id then answers 404, and its client opens another). Only
+    when none is idle is the new one refused. A client is its token's principal when
+    authenticated, else its address. A request naming its session or era twice is
+    refused: the SDK reads the first copy, and no copy may pass the caps uncounted.
     """
 
     def __init__(self, app: Any, settings: Settings, live_sessions: Mapping[str, Any]) -> None:

@@ -202,8 +202,8 @@ class FakeBackend:
             if params.name == "quote":  # listed only where a test adds it: an error quoting the client's headers
                 headers = ctx.request.headers
                 tenant = headers.get("x-tenant", "").split(", ")[-1]  # the last of the values, alone
-                message = f"refused request {headers.get('x-request-id')} of {headers.get('x-user')} for {tenant}"
-                raise MCPError(int(args.get("code", -32042)), message)
+                refusal = f"refused request {headers.get('x-request-id')} of {headers.get('x-user')} for {tenant}"
+                raise MCPError(int(args.get("code", -32042)), refusal)
             if params.name == "fail":
                 raise MCPError(int(args.get("code", -32042)), "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
@@ -3711,7 +3711,7 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
             pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
             assert os.getsid(pids[1]) == pids[1] != os.getpgid(pids[0])  # it did leave its backend's group
             assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # and this one its backend's tree
-            proc.send_signal(stop)
+            proc.send_signal(signal.Signals(stop))
             with anyio.fail_after(20):
                 await proc.wait()
                 for pidfd in pidfds:
