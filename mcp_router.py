@@ -2162,8 +2162,8 @@ class RedactSecrets(logging.Filter):
         """Values of client headers forwarded by the calls in flight (see `hide`)."""
 
     def hide(self, values: Iterable[str]) -> list[str]:
-        """Redact `values` too, each of its comma-separated parts, however short, until `unhide` is given what this
-        returns: a client's forwarded headers, for as long as its call lasts (they are the client's, not ours to
+        """Redact `values` too, each whole and each comma-separated part of it, however short, until `unhide` is given
+        what this returns: a client's forwarded headers, for as long as its call lasts (the client's, not ours to
         judge harmless)."""
         hidden = [part for value in values for part in {value, *value.split(", ")} if part]
         self.passing.update(hidden)
@@ -6208,7 +6208,7 @@ def _replaying(body: bytes, receive: Any) -> Any:
 def _is_initialize(body: bytes) -> bool:
     try:
         message = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # the SDK answers what it cannot parse (PlainRefusals words it)
         return False
     return isinstance(message, dict) and message.get("method") == "initialize"
 

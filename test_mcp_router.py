@@ -4630,7 +4630,7 @@ async def test_a_request_naming_its_session_or_era_twice_is_refused_and_opens_no
 async def test_at_a_session_cap_only_an_initialize_request_ends_an_idle_session(cap: str) -> None:
     async with served(FakeBackend("svc"), server={"limits": {cap: 1}}) as (http, _, _):
         first = await open_session(http)
-        for body in (b"{not json", json.dumps(rpc(2, "ping")).encode(), b"[]"):
+        for body in (b"{not json", json.dumps(rpc(2, "ping")).encode(), b"[]", nested_request(3, 975)):
             answer = await http.post("/mcp", content=body, headers={"content-type": "application/json"})
             assert answer.status_code == 400, answer.text  # the SDK's refusal: no session without initialize
         assert await still_open(http, first)  # an initialize request would have ended it (the tests above)
