@@ -662,7 +662,7 @@ _BACKEND_KEYS: Final = (
     "name", "url", "command", "args", "env", "cwd", "transport", "headers", "forward_headers", "namespace", "priority",
     "routes", "health_check", "circuit_breaker", "timeout", "enabled", "disabled", "include", "exclude", "era",
 )  # fmt: skip
-HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name (RFC 9110's token)."""
 UNFORWARDABLE_HEADERS: Final = {
     **dict.fromkeys(("authorization", "proxy-authorization", "cookie"),
@@ -891,7 +891,7 @@ def _forwarded_names(
     own = {k.lower() for k in headers}
     for i, name in enumerate(names):
         lower = name.lower()
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             problems.add(_join(where, i), f"expected an HTTP header name, got {_describe(name)}")
         elif lower in UNFORWARDABLE_HEADERS:
             problems.add(_join(where, i), f"{name} {UNFORWARDABLE_HEADERS[lower]}: remove it")
@@ -2166,12 +2166,16 @@ class RedactSecrets(logging.Filter):
         self.passing: collections.Counter[str] = collections.Counter()
         """Values of client headers forwarded by the calls in flight (see `hide`)."""
 
-    def hide(self, values: Iterable[str]) -> None:
-        """Redact `values` too, until `unhide`: a client's forwarded headers, for as long as its call lasts."""
-        self.passing.update(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+    def hide(self, values: Iterable[str]) -> list[str]:
+        """Redact `values` too, each whole and each comma-separated part of it, however short, until `unhide` is given
+        what this returns: a client's forwarded headers, for as long as its call lasts (the client's, not ours to
+        judge harmless)."""
+        hidden = [part for value in values for part in {value, *value.split(", ")} if part]
+        self.passing.update(hidden)
+        return hidden
 
     def unhide(self, values: Iterable[str]) -> None:
-        self.passing.subtract(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+        self.passing.subtract(values)
         self.passing += collections.Counter()  # drops the values no call forwards any more
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -2499,6 +2503,7 @@ from mcp_types import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     REQUEST_TIMEOUT,
+    URL_ELICITATION_REQUIRED,
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
@@ -4712,86 +4717,99 @@ class Router:
         failed: set[str] = set()
         attempts = 0  # attempts that may have run
         error: Exception | None = None
-        while True:
-            remaining = deadline - self.clock.now()
-            if error is not None and remaining < MIN_ATTEMPT_SECONDS:  # no time left to try again
-                raise _as_mcp_error(error, backend) from None
-            decision = strategy([b.snapshot(kind, name) for b in members], turn)
-            if decision.action != "send":
-                if decision.action == "wait" and remaining > 0:
-                    with anyio.move_on_after(remaining):
-                        await self.changed.wait()
-                    continue
-                raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
-            target = next((n for n in decision.order if n not in failed), decision.order[0])
-            backend = self.backends[target]
-            served_by.set(target)
-            backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
-            key = request_log or object()  # the key tells backend.log_request where its log messages go
-            backend.inflight[key] = ctx
-            if forwarded := backend.forwarded_headers(ctx):
-                log_redaction.hide(forwarded.values())
-            started = self.clock.now()
-            try:
-                if request_log is not None and request_log.level is not None:
-                    await self.ask_for_logs(backend, request_log.level)
-                timeout = min(backend.timeout, max(0.001, deadline - started))
-                result = await backend.request(
-                    method,
-                    params,
-                    timeout,
-                    on_progress=on_progress,
-                    log_level=log_level,
-                    caller=ctx,
-                    forwarded=forwarded,
-                )
-                if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
-                    result = await answer_input_rounds(backend, method, params, result, ctx, on_progress, log_level)
-                if on_progress is not None:
-                    await on_progress.drained()  # the client hears every update before the result
-                if request_log is not None:
-                    await request_log.drained()  # and every log message
-                if method == "tools/call" and result.get("resultType") != "input_required":  # a round is no result yet
-                    result = _checked_call_result(result, target)
-            except NotSent as exc:
-                reached, error = False, cast(Exception, exc)
-            except Exception as exc:
-                if not is_transport_failure(exc):
-                    self._account(method, name, backend, started, exc, fallback=False)
-                    raise
-                reached, error = True, exc
-            else:
-                fell_back = bool(failed) or (plan.strategy != "capability" and target != plan.candidates[0])
-                self._account(
-                    method, name, backend, started, None, fallback=fell_back, tool_error=result.get("isError") is True
-                )
-                return result
-            finally:
-                backend.inflight.pop(key, None)
-                if forwarded:
-                    log_redaction.unhide(forwarded.values())
-            if reached:
-                self._account(method, name, backend, started, error, fallback=False)
-            if not may_send_elsewhere(reached_backend=reached, retry_safe=retry_safe) or (
-                reached and attempts + 1 >= self.settings.max_retries
-            ):
-                raise _as_mcp_error(error, backend) from None
-            attempts += reached
-            failed.add(target)
-            if all(n in failed for n in decision.order):  # no other candidate: the same one again, once it can take it
-                failed.clear()
+        hidden: list[str] = []  # the client's forwarded header values, kept out of the log until the call ends
+        try:
+            while True:
+                remaining = deadline - self.clock.now()
+                if error is not None and remaining < MIN_ATTEMPT_SECONDS:  # no time left to try again
+                    raise _as_mcp_error(error, backend) from None
+                decision = strategy([b.snapshot(kind, name) for b in members], turn)
+                if decision.action != "send":
+                    if decision.action == "wait" and remaining > 0:
+                        with anyio.move_on_after(remaining):
+                            await self.changed.wait()
+                        continue
+                    raise MCPError(BACKEND_UNAVAILABLE, decision.reason)
+                target = next((n for n in decision.order if n not in failed), decision.order[0])
+                backend = self.backends[target]
+                served_by.set(target)
+                backend.breaker.allow()  # the snapshot said it admits; a half-open breaker now counts this as its trial
+                key = request_log or object()  # the key tells backend.log_request where its log messages go
+                backend.inflight[key] = ctx
+                if forwarded := backend.forwarded_headers(ctx):
+                    hidden += log_redaction.hide(forwarded.values())
+                started = self.clock.now()
+                try:
+                    if request_log is not None and request_log.level is not None:
+                        await self.ask_for_logs(backend, request_log.level)
+                    timeout = min(backend.timeout, max(0.001, deadline - started))
+                    result = await backend.request(
+                        method,
+                        params,
+                        timeout,
+                        on_progress=on_progress,
+                        log_level=log_level,
+                        caller=ctx,
+                        forwarded=forwarded,
+                    )
+                    if result.get("resultType") == "input_required" and ctx is not None:  # a 2026-era backend asks
+                        result = await answer_input_rounds(backend, method, params, result, ctx, on_progress, log_level)
+                    if on_progress is not None:
+                        await on_progress.drained()  # the client hears every update before the result
+                    if request_log is not None:
+                        await request_log.drained()  # and every log message
+                    if (
+                        method == "tools/call" and result.get("resultType") != "input_required"
+                    ):  # a round is no result yet
+                        result = _checked_call_result(result, target)
+                except NotSent as exc:
+                    reached, error = False, cast(Exception, exc)
+                except Exception as exc:
+                    if not is_transport_failure(exc):
+                        self._account(method, name, backend, started, exc, fallback=False)
+                        raise
+                    reached, error = True, exc
+                else:
+                    fell_back = bool(failed) or (plan.strategy != "capability" and target != plan.candidates[0])
+                    self._account(
+                        method,
+                        name,
+                        backend,
+                        started,
+                        None,
+                        fallback=fell_back,
+                        tool_error=result.get("isError") is True,
+                    )
+                    return result
+                finally:
+                    backend.inflight.pop(key, None)
                 if reached:
-                    delay = backoff_delay(
-                        attempts, initial=RETRY_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
-                        rng=self.clock.random,
-                    )  # fmt: skip
-                    if self.clock.now() + delay >= deadline:
-                        raise _as_mcp_error(error, backend) from None
-                    log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
-                    await self.clock.sleep(delay)
-                else:  # its connection is going (Backend.request restarts it): wait until its lifecycle has moved
-                    with anyio.move_on_after(max(0.0, deadline - self.clock.now())):
-                        await self.changed.wait()
+                    self._account(method, name, backend, started, error, fallback=False)
+                if not may_send_elsewhere(reached_backend=reached, retry_safe=retry_safe) or (
+                    reached and attempts + 1 >= self.settings.max_retries
+                ):
+                    raise _as_mcp_error(error, backend) from None
+                attempts += reached
+                failed.add(target)
+                if all(
+                    n in failed for n in decision.order
+                ):  # no other candidate: the same one again, once it can take it
+                    failed.clear()
+                    if reached:
+                        delay = backoff_delay(
+                            attempts, initial=RETRY_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
+                            rng=self.clock.random,
+                        )  # fmt: skip
+                        if self.clock.now() + delay >= deadline:
+                            raise _as_mcp_error(error, backend) from None
+                        log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
+                        await self.clock.sleep(delay)
+                    else:  # its connection is going (Backend.request restarts it): wait until its lifecycle has moved
+                        with anyio.move_on_after(max(0.0, deadline - self.clock.now())):
+                            await self.changed.wait()
+        finally:
+            if hidden:
+                log_redaction.unhide(hidden)
 
     def _account(
         self,
@@ -4923,6 +4941,8 @@ class ParkedCall:
         self.asks: dict[str, _InputAsk] = {}
         self.changed = anyio.Event()
         self.outcome: dict[str, Any] | MCPError | None = None
+        self.served_by: str | None = None
+        """The backend that served the call (the `served_by` of its task), for the metrics of the round that answers."""
         self.scope = anyio.CancelScope()
         """Around the backend call: cancelled when the client gives up or never comes back."""
         self.timer: anyio.CancelScope | None = None
@@ -4980,6 +5000,7 @@ class _ParkedContext:
         self.meta = ctx.meta
         self.params = ctx.params
         self.protocol_version = ctx.protocol_version
+        self.request = getattr(ctx, "request", None)  # the first round's HTTP request: the headers forwarded
         self.client_capabilities = ctx.session.client_capabilities
         self.session = self  # ask_client and the progress relay look here
         self._connection = parked  # one caller per call, as each 2026-era request is its own connection
@@ -5036,6 +5057,8 @@ class EraBridge:
             except Exception:
                 log.exception("internal error")
                 parked.outcome = MCPError(INTERNAL_ERROR, "internal router error; see the router's log")
+            finally:
+                parked.served_by = served_by.get()
         parked.changed.set()
 
     async def _round(self, parked: ParkedCall, ctx: Any) -> dict[str, Any]:
@@ -5043,6 +5066,7 @@ class EraBridge:
             while True:
                 if parked.outcome is not None:
                     self.parked.pop(parked.id, None)
+                    served_by.set(parked.served_by)  # this task's: the metrics middleware reads it
                     if isinstance(parked.outcome, MCPError):
                         raise parked.outcome
                     return parked.outcome
@@ -5541,6 +5565,7 @@ class RouterServer(Server[Any]):
 
     router: Router | None = None
     bridge: EraBridge | None = None
+    listens: _FollowingListen
     metrics: Metrics
 
     @property
@@ -5630,6 +5655,7 @@ def build_server(router: Router) -> RouterServer:
     async def roots_changed(ctx: Any, params: Any) -> None:
         await router.roots_changed()
 
+    listens = _FollowingListen(router)
     server = RouterServer(
         router.settings.server_name,
         version=__version__,
@@ -5646,10 +5672,10 @@ def build_server(router: Router) -> RouterServer:
         on_completion=_guard(complete),
         on_subscribe_resource=_guard(subscribe),
         on_unsubscribe_resource=_guard(unsubscribe),
-        on_subscriptions_listen=_FollowingListen(router),
+        on_subscriptions_listen=listens,
         get_tool_input_schema=router.tool_input_schema,
     )
-    server.router, server.bridge = router, router.bridge
+    server.router, server.bridge, server.listens = router, router.bridge, listens
     # Registered by method rather than by constructor keyword, which warns that these are deprecated in 2026-07-28.
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, _guard(set_level))
     server.add_notification_handler("notifications/roots/list_changed", types.NotificationParams, roots_changed)
@@ -5675,6 +5701,10 @@ class _FollowingListen:
         self.router = router
         self.serve = ListenHandler(router.events)
 
+    def end_all(self) -> None:
+        """End every open listen gracefully: each sends its result as its last message (the router is stopping)."""
+        self.serve.close()
+
     async def __call__(self, ctx: Any, params: types.SubscriptionsListenRequestParams) -> Any:
         listener = object()  # this stream, among each resource's followers
         try:
@@ -5690,6 +5720,14 @@ class _FollowingListen:
     async def _follow(self, listener: object, uri: str) -> None:
         with contextlib.suppress(MCPError):
             await self.router.subscribe(listener, uri)
+
+
+KNOWN_ERROR_CODES: Final = frozenset(
+    (PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR, CONNECTION_CLOSED, REQUEST_TIMEOUT,
+     URL_ELICITATION_REQUIRED, RESOURCE_NOT_FOUND, BACKEND_UNAVAILABLE)
+)  # fmt: skip
+"""The error codes /metrics names in its error_type label (JSON-RPC's, MCP's, the router's); any other, which a
+backend may make up, is `_OTHER`, so no backend can grow the number of series without bound."""
 
 
 class _RouterMiddleware:
@@ -5720,7 +5758,7 @@ class _RouterMiddleware:
             outcome = "tool_error" if isinstance(result, dict) and result.get("isError") else "ok"
             return result
         except MCPError as err:
-            error_type = str(err.error.code)
+            error_type = str(err.error.code) if err.error.code in KNOWN_ERROR_CODES else "_OTHER"  # a bounded label
             raise
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
@@ -6310,16 +6348,61 @@ def _routed_to(router: Router, method: str, params: Any) -> str:
     return "+".join(entry.pool) if entry is not None else "router"
 
 
+ROUTING_HEADERS: Final = (b"mcp-session-id", b"mcp-protocol-version")
+"""Headers that decide which session and era a request is for: a request may send each once."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _whole_body(receive: Any, limit: int) -> bytes | None:
+    """A request's body, read to its end (None if the client went away first); _BodyTooLarge past `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives `body` whole, then what `receive` gives (the client's disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Any:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def _is_initialize(body: bytes) -> bool:
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):  # the SDK answers what it cannot parse (PlainRefusals words it)
+        return False
+    return isinstance(message, dict) and message.get("method") == "initialize"
+
+
 class SessionLimits:
     """ASGI wrapper for the MCP endpoint: body size, sessions (in all and per client), and requests in flight per
     session.
 
     The SDK expires idle sessions; this caps them so that no client can lock out the
-    others by opening sessions and abandoning them: at a cap, the session idle longest
-    (no request in flight, no GET stream open) is ended to make room, the client's own
-    at its cap, anyone's at the total one, through the SDK's idle expiry (its id then
-    answers 404, and its client opens another). Only when none is idle is the new one
-    refused. A client is its token's principal when authenticated, else its address.
+    others by opening sessions and abandoning them: at a cap, an initialize request (no
+    other: only it opens a session) ends the session idle longest (no request in flight,
+    no GET stream open), the client's own at its cap, anyone's at the total one, through
+    the SDK's idle expiry (its id then answers 404, and its client opens another). Only
+    when none is idle is the new one refused. A client is its token's principal when
+    authenticated, else its address. A request naming its session or era twice is
+    refused: the SDK reads the first copy, and no copy may pass the caps uncounted.
     """
 
     def __init__(self, app: Any, settings: Settings, live_sessions: Mapping[str, Any]) -> None:
@@ -6341,15 +6424,23 @@ class SessionLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings = self.settings
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > settings.max_body_bytes:
-            limit = f"{settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
-            return await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(
-                scope, receive, send
-            )
-        session = dict(scope["headers"]).get(b"mcp-session-id")
+        length = session = era = None
+        for name, value in scope["headers"]:
+            if name in ROUTING_HEADERS:
+                if (session if name == b"mcp-session-id" else era) is not None:  # which copy counts is ambiguous
+                    message = f"the {name.decode()} header is repeated: send it once"
+                    return await _json_rpc_refusal(400, message, INVALID_REQUEST)(scope, receive, send)
+                if name == b"mcp-session-id":
+                    session = value
+                else:
+                    era = value
+            elif name == b"content-length":
+                length = value
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return await self._too_large(scope, receive, send)
         if session is None:
-            if scope["method"] == "POST" and not settings.stateless:
+            handshake_era = era is None or era.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS  # else no session
+            if scope["method"] == "POST" and handshake_era and not settings.stateless:
                 return await self._opening(scope, receive, send)
             return await self.app(scope, receive, send)
         key = session.decode("latin-1")
@@ -6385,28 +6476,41 @@ class SessionLimits:
         min(idle, key=lambda countdown: countdown.deadline).cancel()  # as if its time had run out: the SDK ends it
         return True
 
+    async def _too_large(self, scope: Any, receive: Any, send: Any) -> None:
+        limit = f"{self.settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
+        await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(scope, receive, send)
+
     async def _opening(self, scope: Any, receive: Any, send: Any) -> None:
-        """A request without a session id, which may open one: counted against its client's sessions and all."""
+        """A request without a session id, which may open one: if it is an initialize request, counted against its
+        client's sessions and all; only for one does a full cap end another's idle session (any other is refused by
+        the SDK, which opens no session for it)."""
+        try:
+            body = await _whole_body(receive, self.settings.max_body_bytes)
+        except _BodyTooLarge:
+            return await self._too_large(scope, receive, send)
+        if body is None:  # the client went away
+            return
+        receive = _replaying(body, receive)
+        if not _is_initialize(body):
+            return await self.app(scope, receive, send)
         client = self._client(scope)
         sessions = self.opened.setdefault(client, set())
         sessions.intersection_update([s for s in sessions if self.is_open(s)])
         settings = self.settings
-        era = dict(scope["headers"]).get(b"mcp-protocol-version")
-        if era is None or era.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS:  # the SDK's rule: else no session
-            if len(sessions) >= settings.max_sessions_per_client and not self._end_longest_idle(sessions):
-                _warn_once("per-client", "a client reached max_sessions_per_client (%d), each of them busy; "
-                           "refusing more", settings.max_sessions_per_client)  # fmt: skip
-                message = f"too many open sessions for this client (at most {settings.max_sessions_per_client}, all busy); end some with DELETE"
-                return await _json_rpc_refusal(429, message)(scope, receive, send)
-            if sum(map(self.is_open, list(self.live))) >= settings.max_sessions and not self._end_longest_idle(
-                list(self.live)
-            ):
-                _warn_once("sessions", "max_sessions (%d) sessions are open, each of them busy; refusing more",
-                           settings.max_sessions)  # fmt: skip
-                return await _json_rpc_refusal(503, f"too many open sessions (at most {settings.max_sessions})")(
-                    scope, receive, send
-                )
-            sessions.intersection_update([s for s in sessions if self.is_open(s)])  # less the one just ended
+        if len(sessions) >= settings.max_sessions_per_client and not self._end_longest_idle(sessions):
+            _warn_once("per-client", "a client reached max_sessions_per_client (%d), each of them busy; "
+                       "refusing more", settings.max_sessions_per_client)  # fmt: skip
+            message = f"too many open sessions for this client (at most {settings.max_sessions_per_client}, all busy); end some with DELETE"
+            return await _json_rpc_refusal(429, message)(scope, receive, send)
+        if sum(map(self.is_open, list(self.live))) >= settings.max_sessions and not self._end_longest_idle(
+            list(self.live)
+        ):
+            _warn_once("sessions", "max_sessions (%d) sessions are open, each of them busy; refusing more",
+                       settings.max_sessions)  # fmt: skip
+            return await _json_rpc_refusal(503, f"too many open sessions (at most {settings.max_sessions})")(
+                scope, receive, send
+            )
+        sessions.intersection_update([s for s in sessions if self.is_open(s)])  # less the one just ended
 
         async def record(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -6505,7 +6609,8 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
         security_settings=security,
         max_request_body_size=settings.max_body_bytes,
         session_idle_timeout=settings.session_idle_seconds,
-        max_sessions=None,  # SessionLimits caps them, making room by ending the session idle longest
+        # SessionLimits caps them, making room by ending the session idle longest; the SDK's cap is a backstop
+        max_sessions=2 * settings.max_sessions,
     )
     server._session_manager = manager  # as Server.streamable_http_app would
     live = manager._server_instances  # the SDK's table of open sessions; it offers no public view
@@ -6689,6 +6794,7 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
                 log.warning("%d call(s) still running after %gs (server.drain_seconds); ending them", server.metrics.in_flight,
                             settings.drain_seconds)  # fmt: skip
             service.streams.end_all()
+            server.listens.end_all()
 
         tg.start_soon(drain_on_stop)
         await web.serve(sockets=[listening])

@@ -203,10 +203,13 @@ class FakeBackend:
             if params.name == "stall":  # listed only where a test adds it: says it has started, then waits for release
                 await ctx.session.report_progress(0, None, "stalling")
                 await self.release.wait()
-            if params.name == "quote":  # listed only where a test adds it: an error quoting the client's request id
-                raise MCPError(-32042, f"refused request {ctx.request.headers.get('x-request-id')}")
+            if params.name == "quote":  # listed only where a test adds it: an error quoting the client's headers
+                headers = ctx.request.headers
+                tenant = headers.get("x-tenant", "").split(", ")[-1]  # the last of the values, alone
+                refusal = f"refused request {headers.get('x-request-id')} of {headers.get('x-user')} for {tenant}"
+                raise MCPError(int(args.get("code", -32042)), refusal)
             if params.name == "fail":
-                raise MCPError(-32042, "the fake refuses", {"why": "asked to"})
+                raise MCPError(int(args.get("code", -32042)), "the fake refuses", {"why": "asked to"})
             if params.name == "broken":
                 return types.CallToolResult(content=[types.TextContent(text="tool-level failure")], is_error=True)
             if params.name == "expired":
@@ -259,6 +262,8 @@ class FakeBackend:
                 for level in ("debug", "info", "warning"):
                     await ctx.session.send_log_message(level, f"{level} from {self.name}", logger="fake")
             if params.name == "was_cancelled":
+                if args.get("text") == "wait":  # until a call of hang has been cancelled
+                    await self.cancelled.wait()
                 return types.CallToolResult(content=[types.TextContent(text=f"cancelled:{self.cancelled.is_set()}")])
             if params.name == "touch":
                 await ctx.session.send_resource_updated(args.get("text", "file:///a.txt"))
@@ -1049,7 +1054,7 @@ def test_a_health_endpoint_on_another_server_is_refused_so_the_headers_stay_home
 def test_forward_headers_refuse_credentials_hops_and_session_headers_and_backends_without_http() -> None:
     url = "https://api.example.com/mcp"
     names = ["X-Request-Id", "Authorization", "cookie", "Proxy-Authorization", "Mcp-Session-Id", "Connection",
-             "Transfer-Encoding", "X-Key", "bad header"]  # fmt: skip
+             "Transfer-Encoding", "X-Key", "bad header", "X-Trace\n"]  # fmt: skip
     raw = {
         "backends": [
             {"name": "web", "url": url, "headers": {"X-Key": "k"}, "forward_headers": names},
@@ -1071,6 +1076,7 @@ def test_forward_headers_refuse_credentials_hops_and_session_headers_and_backend
         "backends.yaml: backends[0].forward_headers[7]: X-Key is also set in headers: keep the backend's own value "
         "or the client's",
         "backends.yaml: backends[0].forward_headers[8]: expected an HTTP header name, got 'bad header'",
+        "backends.yaml: backends[0].forward_headers[9]: expected an HTTP header name, got 'X-Trace\\n'",
         "backends.yaml: backends[1].forward_headers: only streamable HTTP backends (url) take client headers; stdio "
         "has no place for them: remove forward_headers",
         "backends.yaml: backends[2].forward_headers: only streamable HTTP backends (url) take client headers; sse "
@@ -3887,17 +3893,6 @@ async def test_end_to_end_over_http(tmp_path: Path, event_loop: str) -> None:
     assert any(line.endswith(f"/mcp ({event_loop})") for line in log)
 
 
-async def wait_for_http_router(port: int) -> None:
-    with anyio.fail_after(30):
-        while True:
-            try:
-                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-                    await client.list_tools()
-                    return
-            except Exception:  # noqa: BLE001 - not up yet
-                await anyio.sleep(0.1)
-
-
 @asynccontextmanager
 async def router_process(tmp_path: Path, transport: str, mode: str, **client_args: Any) -> AsyncIterator[Client]:
     """The router as a real subprocess over stdio or HTTP, one real stdio backend behind it, and a client."""
@@ -3908,14 +3903,11 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
             yield client
         return
     port = free_port()
-    proc = subprocess.Popen(http_router_argv(config, port))
-    try:
-        await wait_for_http_router(port)
+    async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
         async with Client(f"http://127.0.0.1:{port}/mcp", mode=mode, cache=None, **client_args) as client:
             yield client
-    finally:
         proc.terminate()
-        proc.wait(10)
+        await proc.wait()
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
@@ -3923,11 +3915,11 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
 async def test_progress_cancel_server_requests_and_list_changed_end_to_end(
     tmp_path: Path, transport: str, mode: str
 ) -> None:
-    changes: list[types.ToolListChangedNotification] = []
+    announced = [anyio.Event()]  # replaced by the test when it expects the next list_changed
 
     async def on_message(message: Any) -> None:
         if isinstance(message, types.ToolListChangedNotification):
-            changes.append(message)
+            announced[0].set()
 
     seen: list[float] = []
 
@@ -3950,15 +3942,13 @@ async def test_progress_cancel_server_requests_and_list_changed_end_to_end(
 
             with anyio.move_on_after(0.5):
                 await call(client, "svc__hang")
-            while text_of(await call(client, "svc__was_cancelled")) != "cancelled:True":
-                await anyio.sleep(0.02)
+            assert text_of(await call(client, "svc__was_cancelled", {"text": "wait"})) == "cancelled:True"
 
             if mode == "legacy":
                 await client.list_tools()
-                changes.clear()  # the router may announce its first listing too
+                changed = announced[0] = anyio.Event()  # the router may have announced its first listing too
                 await call(client, "svc__add_tool", {"text": "late_tool"})
-                while not changes:
-                    await anyio.sleep(0.01)
+                await changed.wait()
             else:
                 async with client.listen(tools_list_changed=True) as events:
                     await call(client, "svc__add_tool", {"text": "late_tool"})
@@ -3972,21 +3962,20 @@ async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path:
     port = free_port()
     nested = {"command": "sh", "args": ["-c", f"{sys.executable} {Path(__file__).resolve()} --fake-backend; exit 0"]}
     config = write_config(tmp_path, [{"name": "direct", **fake_backend_command()}, {"name": "nested", **nested}])
-    proc = subprocess.Popen(http_router_argv(config, port))
+    pidfds: list[int] = []
     try:
-        await wait_for_http_router(port)
-        async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-            pids = [pids_from(await call(client, "direct__pid")), pids_from(await call(client, "nested__pid"))]
-        assert all(alive(p) for p in pids)
-        proc.kill()
-        proc.wait()
-        with anyio.fail_after(10):
-            while any(alive(p) for p in pids):
-                await anyio.sleep(0.05)
-    finally:
-        if proc.poll() is None:
+        async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                pids = [pids_from(await call(client, "direct__pid")), pids_from(await call(client, "nested__pid"))]
+            pidfds = [os.pidfd_open(pid) for pid in pids]  # each alive now, or this raises
             proc.kill()
-            proc.wait()
+            with anyio.fail_after(10):
+                await proc.wait()
+                for pidfd in pidfds:
+                    await process_exit(pidfd)
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
 
 
 async def process_exit(pidfd: int) -> None:
@@ -4002,28 +3991,24 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
     port = free_port()
     escaper, stubborn = fake_backend_command("--escape"), fake_backend_command("--stubborn")
     config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
-    proc = subprocess.Popen(http_router_argv(config, port))
     pidfds: list[int] = []
     try:
-        await wait_for_http_router(port)
-        async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-            names = ("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid")
-            pids = [pids_from(await call(client, name)) for name in names]
-        pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
-        assert os.getsid(pids[1]) == pids[1] != os.getpgid(pids[0])  # it did leave its backend's group
-        assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # and this one its backend's tree
-        proc.send_signal(stop)
-        with anyio.fail_after(20):
-            await anyio.to_thread.run_sync(proc.wait)
-            for pidfd in pidfds:
-                await process_exit(pidfd)
-        assert proc.returncode == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+        async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                names = ("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid")
+                pids = [pids_from(await call(client, name)) for name in names]
+            pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop, so no reused pid is waited for
+            assert os.getsid(pids[1]) == pids[1] != os.getpgid(pids[0])  # it did leave its backend's group
+            assert os.getsid(pids[2]) == pids[2] and parent_of(pids[2]) != pids[0]  # and this one its backend's tree
+            proc.send_signal(signal.Signals(stop))
+            with anyio.fail_after(20):
+                await proc.wait()
+                for pidfd in pidfds:
+                    await process_exit(pidfd)
+            assert proc.returncode == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     finally:
         for pidfd in pidfds:
             os.close(pidfd)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def parent_of(pid: int) -> int:
@@ -4728,30 +4713,27 @@ async def test_over_http_a_2026_client_gets_its_calls_logs_on_the_calls_own_stre
 @asynccontextmanager
 async def http_router(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, backends: list[dict[str, Any]] | None = None
-) -> AsyncIterator[tuple[str, Path]]:
-    """The router as a real HTTP subprocess on 127.0.0.1 (by default one stdio fake behind it); yields its URL and log file."""
+) -> AsyncIterator[tuple[str, LogWatch]]:
+    """The router as a real HTTP subprocess on 127.0.0.1 (by default one stdio fake behind it), once it serves and a
+    backend is ready (as /readyz says by default); yields its URL and its log, read to its end when the block ends."""
     config = write_config(tmp_path, backends or [{"name": "one", **fake_backend_command()}])
     port = free_port()
-    log_path = tmp_path / "router.log"
-    command = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port), *args]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(command, stderr=log_file, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with anyio.fail_after(30):
-            async with httpx2.AsyncClient() as http:
-                while True:  # the port is the subprocess's own: ask until it answers
-                    try:
-                        if (await http.get(f"{url}/readyz")).status_code == 200:
-                            break
-                    except httpx2.TransportError:
-                        assert proc.poll() is None, log_path.read_text()
-                    await anyio.sleep(0.05)
-        yield url, log_path
-    finally:
-        if proc.poll() is None:
+    command = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port)]
+    command += ["--log-level", "INFO", *args]
+    async with (
+        await anyio.open_process(command, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}) as proc,
+        anyio.create_task_group() as tg,
+    ):
+        log = LogWatch(proc.stderr, "serving streamable HTTP", ": ready (")
+        tg.start_soon(log.read)
+        try:
+            with anyio.fail_after(30):
+                await log.until("serving streamable HTTP")
+                await log.until(": ready (")
+            yield f"http://127.0.0.1:{port}", log
+        finally:
             proc.terminate()
-            proc.wait(10)
+            await proc.wait()
 
 
 @asynccontextmanager
@@ -4765,7 +4747,7 @@ async def authorized_client(url: str, token: str) -> AsyncIterator[Client]:
 
 
 async def test_http_refuses_a_missing_or_wrong_token_and_serves_the_right_one(tmp_path: Path) -> None:
-    async with http_router(tmp_path, env={"MCP_AUTH_TOKEN": "s3cret-token"}) as (url, log_path):
+    async with http_router(tmp_path, env={"MCP_AUTH_TOKEN": "s3cret-token"}) as (url, log):
         async with httpx2.AsyncClient(base_url=url, headers=MCP_ACCEPT) as http:
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic czNjcmV0LXRva2Vu"}):
                 refused = await http.post("/mcp", json=HELLO, headers=headers)
@@ -4775,7 +4757,7 @@ async def test_http_refuses_a_missing_or_wrong_token_and_serves_the_right_one(tm
         with anyio.fail_after(20):
             async with authorized_client(url, "s3cret-token") as client:
                 assert text_of(await call(client, "one__echo", {"text": "in"})) == "fake:echo:in"
-    assert "s3cret-token" not in log_path.read_text()
+    assert "s3cret-token" not in "\n".join(log.lines)
 
 
 async def test_tokens_rotate_through_the_tokens_file_without_a_restart(tmp_path: Path) -> None:
@@ -4914,6 +4896,35 @@ async def test_at_the_total_session_cap_the_longest_idle_session_makes_room_and_
         assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 2
 
 
+@pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_client"])
+async def test_a_request_naming_its_session_or_era_twice_is_refused_and_opens_no_session_past_the_caps(
+    cap: str,
+) -> None:
+    async with served(FakeBackend("svc"), server={"limits": {cap: 1}}) as (http, _, _):
+        first = await open_session(http)
+        async with busy(http, first):  # no idle session to end: a counted new one would be refused
+            twice = [("mcp-protocol-version", "2025-11-25"), ("mcp-protocol-version", "2026-07-28")]
+            refused = await http.post("/mcp", json=HELLO, headers=twice)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == types.INVALID_REQUEST
+            assert "mcp-protocol-version header is repeated" in refused.json()["error"]["message"]
+            assert "mcp-session-id" not in refused.headers
+            both = [("mcp-session-id", first["mcp-session-id"]), ("mcp-session-id", "another")]
+            refused = await http.post("/mcp", json=rpc(2, "ping"), headers=both)
+            assert refused.status_code == 400 and "mcp-session-id header is repeated" in refused.text
+            assert parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"] == 1
+        assert await still_open(http, first)
+
+
+@pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_client"])
+async def test_at_a_session_cap_only_an_initialize_request_ends_an_idle_session(cap: str) -> None:
+    async with served(FakeBackend("svc"), server={"limits": {cap: 1}}) as (http, _, _):
+        first = await open_session(http)
+        for body in (b"{not json", json.dumps(rpc(2, "ping")).encode(), b"[]", nested_request(3, 975)):
+            answer = await http.post("/mcp", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 400, answer.text  # the SDK's refusal: no session without initialize
+        assert await still_open(http, first)  # an initialize request would have ended it (the tests above)
+
+
 async def test_a_session_cannot_have_more_requests_in_flight_than_its_limit() -> None:
     fake = FakeBackend("svc")
     async with served(fake, server={"limits": {"max_requests_per_session": 1}}) as (http, _, _):
@@ -4975,16 +4986,13 @@ async def test_idle_sessions_expire_and_a_client_at_its_session_cap_locks_out_no
     env = {**os.environ, "MCP_SESSION_IDLE_SECONDS": "1", "MCP_MAX_SESSIONS_PER_CLIENT": "1"}
     alpha, beta = {"authorization": "Bearer tok-alpha-1"}, {"authorization": "Bearer tok-beta-22"}
     async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
-        log = LogWatch(proc.stderr, "a client connection closed")
+        log = LogWatch(proc.stderr, "serving streamable HTTP", "backend one: ready", "a client connection closed")
         tg.start_soon(log.read)
         try:
             async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
                 with anyio.fail_after(30):
-                    while True:  # the port is the subprocess's own: ask until it answers
-                        with contextlib.suppress(httpx2.TransportError):
-                            if (await http.get("/readyz")).status_code == 200:
-                                break
-                        await anyio.sleep(0.05)
+                    await log.until("serving streamable HTTP")
+                    await log.until("backend one: ready")
 
                 async def sessions() -> float:
                     return parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"]
@@ -5038,7 +5046,7 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
         },
     ]
     seen: list[str] = []
-    async with http_router(tmp_path, "--log-level", "DEBUG", env=secrets, backends=backends) as (url, log_path):
+    async with http_router(tmp_path, "--log-level", "DEBUG", env=secrets, backends=backends) as (url, log):
         async with httpx2.AsyncClient(base_url=url, headers=MCP_ACCEPT) as http:
             seen += [(await http.get(path)).text for path in mr.OPERATIONS_PATHS]
             seen.append((await http.post("/mcp", json=HELLO, headers={"authorization": "Bearer tok-7e4"})).text)
@@ -5053,7 +5061,7 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
                         seen.append((await call(client, name, arguments)).model_dump_json())
                     except MCPError as err:
                         seen.append(str(err.error))
-        log_text = log_path.read_text()
+    log_text = "\n".join(log.lines)
     assert "remote" in seen[-2] and "Unknown tool" in seen[-1]
     for secret in secrets.values():
         assert all(secret not in text for text in seen), secret
@@ -5063,9 +5071,7 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
 async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     port = free_port()
-    proc = subprocess.Popen(http_router_argv(config, port))
-    try:
-        await wait_for_http_router(port)
+    async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
         started = anyio.Event()
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -5091,11 +5097,7 @@ async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -
                 await started.wait()
                 proc.send_signal(signal.SIGTERM)
             assert text_of(answers[0]) == "fake:nap:2.5"
-            assert await anyio.to_thread.run_sync(proc.wait) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            assert await proc.wait() == 0
 
 
 @dataclass
@@ -5150,10 +5152,17 @@ async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: 
         port = free_port()
         argv = http_router_argv(config, port, "--log-level", "INFO")
         async with await anyio.open_process(argv, stderr=subprocess.PIPE) as proc, anyio.create_task_group() as tg:
-            log = LogWatch(proc.stderr, "stopped accepting", "ASGI callable returned without completing", "Traceback")
+            log = LogWatch(
+                proc.stderr,
+                "serving streamable HTTP",
+                "stopped accepting",
+                "ASGI callable returned without completing",
+                "Traceback",
+            )
             tg.start_soon(log.read)
             try:
-                await wait_for_http_router(port)
+                with anyio.fail_after(30):
+                    await log.until("serving streamable HTTP")
                 progressed = anyio.Event()
 
                 async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -5191,42 +5200,72 @@ async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: 
     assert log.counts["Traceback"] == 0, "\n".join(log.lines)
 
 
-async def test_a_backend_gets_the_client_headers_it_names_and_never_the_clients_credentials(tmp_path: Path) -> None:
+async def test_sigterm_ends_a_2026_era_clients_listen_stream_gracefully(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
+    port = free_port()
+    argv = http_router_argv(config, port, "--log-level", "INFO")
+    env = {**os.environ, "MCP_DRAIN_SECONDS": "1"}  # were the stream cut instead, the wait would be short
+    with anyio.fail_after(30):
+        async with serving_router(argv, env) as (proc, log):
+            async with Client(f"http://127.0.0.1:{port}/mcp", cache=None) as client:
+                assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+                async with client.listen(tools_list_changed=True) as events:
+                    proc.send_signal(signal.SIGTERM)
+                    async for event in events:  # the server's close ends the loop; a cut stream would raise
+                        assert isinstance(event, mr.ToolsListChanged)  # the router may announce its first listing
+            assert await proc.wait() == 0
+    assert not [line for line in log if "graceful shutdown" in line or "Traceback" in line], "\n".join(log)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_backend_gets_the_client_headers_it_names_and_never_the_clients_credentials(
+    tmp_path: Path, mode: str
+) -> None:
     quoting = FakeBackend("svc", extra_tools=[types.Tool(name="quote", input_schema={"type": "object"})])
     async with (
         http_backend(quoting) as (svc_url, svc_got),
         http_backend(FakeBackend("other")) as (other_url, other_got),
     ):
         backends: list[dict[str, Any]] = [
-            {"name": "svc", "url": svc_url, "forward_headers": ["X-Request-Id", "X-Tenant"]},
+            {"name": "svc", "url": svc_url, "forward_headers": ["X-Request-Id", "X-Tenant", "X-User", "X-Absent"]},
             {"name": "other", "url": other_url},
         ]
         env = {"MCP_AUTH_TOKEN": "tok-31c8d2"}
-        async with http_router(tmp_path, "--log-level", "DEBUG", env=env, backends=backends) as (url, log_path):
-            client_headers = {
-                "authorization": "Bearer tok-31c8d2",
-                "cookie": "session=cookie-77e1",
-                "x-request-id": "req-5f3a9c",
-            }
+        async with http_router(tmp_path, "--log-level", "DEBUG", env=env, backends=backends) as (url, log):
+            client_headers = [
+                ("authorization", "Bearer tok-31c8d2"),
+                ("cookie", "session=cookie-77e1"),
+                ("x-request-id", "req-5f3a9c"),
+                ("x-user", "ada"),  # shorter than a configured secret must be, and hidden all the same
+                ("x-tenant", "acme-north-1"),
+                ("x-tenant", "acme-south-2"),  # sent twice: forwarded joined, each value hidden
+            ]
             with anyio.fail_after(20):
                 async with (
                     httpx2.AsyncClient(headers=client_headers) as http,
-                    Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy", cache=None) as c,
+                    Client(mr.streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, cache=None) as c,
                 ):
+                    assert (c.protocol_version in mr.MODERN_PROTOCOL_VERSIONS) == (mode == "auto")
                     assert text_of(await call(c, "svc__echo", {"text": "a"})) == "svc:echo:a"
                     assert text_of(await call(c, "other__echo", {"text": "b"})) == "other:echo:b"
-                    with pytest.raises(MCPError, match="refused request req-5f3a9c"):  # the client's own, to it
+                    refused = "refused request req-5f3a9c of ada for acme-south-2"
+                    with pytest.raises(MCPError, match=refused):  # the client's own, to it
                         await call(c, "svc__quote")
-            log_text = log_path.read_text()
-    assert "tools/call quote -> svc: refused request ***" in log_text  # the log shows it to nobody
+                    with pytest.raises(MCPError, match=refused):  # logged as a failed attempt, after the request
+                        await call(c, "svc__quote", {"code": types.CONNECTION_CLOSED})
+        log_text = "\n".join(log.lines)
+    assert log_text.count("tools/call quote -> svc: refused request *** of *** for *** in ") == 2  # shown to nobody
     calls = [r for r in svc_got if r.method() == "tools/call"]
-    assert len(calls) == 2 and all(r.headers["x-request-id"] == "req-5f3a9c" for r in calls)
-    assert all("x-tenant" not in r.headers for r in calls)  # the client sent none
+    assert len(calls) == 3
+    for request in calls:
+        assert request.headers["x-request-id"] == "req-5f3a9c" and request.headers["x-user"] == "ada"
+        assert request.headers["x-tenant"] == "acme-north-1, acme-south-2"
+        assert "x-absent" not in request.headers  # the client sent none
     assert all("x-request-id" not in r.headers for r in svc_got if r.method() != "tools/call")  # the router's own
     for request in svc_got + other_got:
         assert "x-request-id" not in request.headers or request in calls
         assert "tok-31c8d2" not in str(request.headers) and "cookie-77e1" not in str(request.headers)
-    for value in ("req-5f3a9c", "tok-31c8d2", "cookie-77e1"):
+    for value in ("req-5f3a9c", "acme-north-1", "acme-south-2", "tok-31c8d2", "cookie-77e1", " ada "):
         assert value not in log_text, value
 
 
@@ -5242,44 +5281,42 @@ async def test_older_clients_use_the_legacy_sse_transport() -> None:
 async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_and_the_router_recovers(
     tmp_path: Path,
 ) -> None:
-    import resource
-
-    def low_file_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
-
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     port = free_port()
-    args = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port)]
+    low_file_limit = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160)); "
+    low_file_limit += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    argv = [sys.executable, "-c", low_file_limit, *http_router_argv(config, port, "--log-level", "INFO")[1:]]
     env = {**os.environ, "MCP_HEADER_TIMEOUT_SECONDS": "1"}
-    log_path = tmp_path / "router.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(args, stderr=log_file, env=env, preexec_fn=low_file_limit)
-    try:
-        await wait_for_http_router(port)
-        with anyio.fail_after(30):
-            idle = [
-                await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)
-            ]  # more than the 160 descriptors allow
-            answers = []
-            for stream in idle:  # each is refused at once with a JSON-RPC 503, or closed when its headers are overdue
-                received = b""
-                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                    while True:
-                        received += await stream.receive()
-                answers.append(received)
-                await stream.aclose()
-            refused = [a for a in answers if a]
-            assert refused and all(
-                a.startswith(b"HTTP/1.1 503") and b'"too many open connections"' in a for a in refused
-            )
-            assert len(refused) < len(answers)  # the others were held open until the header timeout
-            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-                assert text_of(await call(client, "one__echo", {"text": "back"})) == "fake:echo:back"
-        log_text = log_path.read_text()
-        assert log_text.count("refusing more") == 1 and "Traceback" not in log_text
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
+        log = LogWatch(proc.stderr, "serving streamable HTTP", "refusing more", "Traceback")
+        tg.start_soon(log.read)
+        try:
+            with anyio.fail_after(30):
+                await log.until("serving streamable HTTP")
+                idle = [
+                    await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)
+                ]  # more than the 160 descriptors allow
+                answers = []
+                for (
+                    stream
+                ) in idle:  # each is refused at once with a JSON-RPC 503, or closed when its headers are overdue
+                    received = b""
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                        while True:
+                            received += await stream.receive()
+                    answers.append(received)
+                    await stream.aclose()
+                refused = [a for a in answers if a]
+                assert refused and all(
+                    a.startswith(b"HTTP/1.1 503") and b'"too many open connections"' in a for a in refused
+                )
+                assert len(refused) < len(answers)  # the others were held open until the header timeout
+                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                    assert text_of(await call(client, "one__echo", {"text": "back"})) == "fake:echo:back"
+        finally:
+            proc.terminate()
+            await proc.wait()
+    assert log.counts["refusing more"] == 1 and log.counts["Traceback"] == 0, "\n".join(log.lines)
 
 
 async def test_a_backend_restarts_while_the_router_holds_as_many_connections_as_its_file_limit_allows(
@@ -5340,6 +5377,9 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
             await http.post("/mcp", json=rpc(10 + i, "tools/call", {"name": "alpha__echo"}), headers=session)
         await http.post("/mcp", json=rpc(20, "tools/call", {"name": "alpha__fail"}), headers=session)
         await http.post("/mcp", json=rpc(21, "tools/call", {"name": "beta__broken"}), headers=session)
+        for code in (4711, -1):  # codes a backend makes up
+            fail = {"name": "alpha__fail", "arguments": {"code": code}}
+            assert "error" in (await http.post("/mcp", json=rpc(30, "tools/call", fail), headers=session)).json()
 
         connectors["beta"].refuse = True
         connectors["beta"].cut()
@@ -5352,7 +5392,7 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         samples = parse_metrics(metrics.text)
         call_ok = 'mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="ok"}'
         assert samples[call_ok] == 3
-        assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="error"}'] == 1
+        assert samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="alpha",outcome="error"}'] == 3
         assert (
             samples['mcp_router_requests_total{mcp_method_name="tools/call",backend="beta",outcome="tool_error"}'] == 1
         )
@@ -5361,6 +5401,7 @@ async def test_health_readiness_and_metrics_follow_the_backends() -> None:
         assert samples['mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha"}'] == 3
         failed = 'mcp_server_operation_duration_seconds_count{mcp_method_name="tools/call",backend="alpha",error_type='
         assert samples[failed + '"-32042"}'] == 1  # error.type: the JSON-RPC error code, on failures only
+        assert samples[failed + '"_OTHER"}'] == 2  # one series for codes no standard names, however many there are
         assert samples[failed.replace("alpha", "beta") + '"tool_error"}'] == 1
         assert (
             samples['mcp_router_backend_up{backend="alpha"}'] == 1
@@ -5403,6 +5444,21 @@ async def test_metrics_name_the_replica_of_a_pool_that_served_each_call() -> Non
             samples[f'mcp_server_operation_duration_seconds_count{{mcp_method_name="tools/call",backend="{replica}"}}']
             == 2
         )
+    assert not any('backend="a+b"' in name for name in samples)
+
+
+async def test_metrics_name_the_replica_of_a_pool_that_served_a_2026_era_clients_calls() -> None:
+    async with served(FakeBackend("a"), FakeBackend("b"), namespace="pool") as (http, _, _):
+        async with Client(mcp_url(http), cache=None) as client:
+            assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
+            for _ in range(4):  # through the era bridge, whose parked call runs in a task of its own
+                assert text_of(await call(client, "pool__echo", {"text": "x"})) in ("a:echo:x", "b:echo:x")
+        samples = parse_metrics((await http.get("/metrics")).text)
+    calls = {name: n for name, n in samples.items() if 'mcp_method_name="tools/call"' in name and "_total{" in name}
+    assert calls == {
+        'mcp_router_requests_total{mcp_method_name="tools/call",backend="a",outcome="ok"}': 2,
+        'mcp_router_requests_total{mcp_method_name="tools/call",backend="b",outcome="ok"}': 2,
+    }
     assert not any('backend="a+b"' in name for name in samples)
 
 
@@ -5555,7 +5611,8 @@ def readme_nginx_config(listen: int, upstreams: list[int], *, stateful: bool = F
 
 @asynccontextmanager
 async def nginx_in_front(tmp_path: Path, upstreams: list[int], *, stateful: bool = False) -> AsyncIterator[int]:
-    """nginx on a free 127.0.0.1 port with the README's config, in the foreground, everything of its own in tmp_path."""
+    """nginx on a free 127.0.0.1 port with the README's config, in the foreground, everything of its own in tmp_path;
+    once it has bound its port (it logs that it starts its workers after)."""
     assert NGINX is not None
     port = free_port()
     prefix = tmp_path / "nginx"
@@ -5564,18 +5621,21 @@ async def nginx_in_front(tmp_path: Path, upstreams: list[int], *, stateful: bool
         f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     (prefix / "nginx.conf").write_text(
-        f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+        f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log stderr notice;\n"
         f"events {{ worker_connections 256; }}\nhttp {{\n    access_log off;\n{temp_paths}"
         f"{readme_nginx_config(port, upstreams, stateful=stateful)}}}\n"
     )
-    proc = await anyio.open_process(
-        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
-    )
-    try:
-        yield port
-    finally:
-        proc.terminate()
-        await proc.wait()
+    command = [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+    async with await anyio.open_process(command, stderr=subprocess.PIPE) as proc, anyio.create_task_group() as tg:
+        log = LogWatch(proc.stderr, "start worker processes")
+        tg.start_soon(log.read)
+        try:
+            with anyio.fail_after(30):
+                await log.until("start worker processes")
+            yield port
+        finally:
+            proc.terminate()
+            await proc.wait()
 
 
 @pytest.mark.skipif(NGINX is None and not os.environ.get("CI"), reason="nginx is not installed (.ci/run installs it)")
@@ -5591,61 +5651,46 @@ async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losin
         "http",
         "--stateless",
         "--log-level",
-        "WARNING",
+        "INFO",
     ]
-    replicas = [subprocess.Popen([*base, "--port", str(port)]) for port in ports]
 
     async def tool_calls(http: httpx2.AsyncClient, port: int) -> float:
         samples = parse_metrics((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
         return samples.get('mcp_router_requests_total{mcp_method_name="tools/call",backend="one",outcome="ok"}', 0)
 
-    try:
-        for port in ports:
-            await wait_for_http_router(port)
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = [
+            (await stack.enter_async_context(serving_router([*base, "--port", str(port)], os.environ)))[0]
+            for port in ports
+        ]
         async with nginx_in_front(tmp_path, ports) as front, httpx2.AsyncClient() as http:
             with anyio.fail_after(60):
-                while True:  # nginx starts in the background: ask until it answers
-                    try:
-                        await http.get(f"http://127.0.0.1:{front}/healthz")
-                        break
-                    except httpx2.TransportError:
-                        await anyio.sleep(0.05)
                 async with Client(f"http://127.0.0.1:{front}/mcp", mode="legacy", cache=None) as client:
                     for i in range(50):
                         assert text_of(await call(client, "one__echo", {"text": str(i)})) == f"fake:echo:{i}"
                     before = [await tool_calls(http, port) for port in ports]
                     assert sum(before) == 50 and min(before) > 0  # both replicas served
                     replicas[0].kill()
-                    replicas[0].wait()
+                    await replicas[0].wait()
                     for i in range(50, 100):  # every call after the kill succeeds through the other replica
                         assert text_of(await call(client, "one__echo", {"text": str(i)})) == f"fake:echo:{i}"
                     assert await tool_calls(http, ports[1]) == before[1] + 50
-    finally:
-        for replica in replicas:
-            if replica.poll() is None:
-                replica.terminate()
-                replica.wait(10)
 
 
 @pytest.mark.skipif(NGINX is None and not os.environ.get("CI"), reason="nginx is not installed (.ci/run installs it)")
 async def test_stateful_sessions_behind_nginx_stay_on_the_replica_that_opened_them(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     ports = [free_port(), free_port()]
-    replicas = [subprocess.Popen(http_router_argv(config, port)) for port in ports]
-    try:
+    async with contextlib.AsyncExitStack() as stack:
         for port in ports:
-            await wait_for_http_router(port)
+            await stack.enter_async_context(
+                serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ)
+            )
         async with (
             nginx_in_front(tmp_path, ports, stateful=True) as front,
             httpx2.AsyncClient(base_url=f"http://127.0.0.1:{front}", headers=MCP_ACCEPT) as http,
         ):
             with anyio.fail_after(60):
-                while True:  # nginx starts in the background: ask until it answers
-                    try:
-                        await http.get("/healthz")
-                        break
-                    except httpx2.TransportError:
-                        await anyio.sleep(0.05)
                 for i in range(8):  # a random session id would hash to the other replica about every other time
                     session = await open_session(http)
                     answer = await http.post("/mcp", json=rpc(2, "tools/call", {"name": "one__echo"}), headers=session)
@@ -5653,10 +5698,6 @@ async def test_stateful_sessions_behind_nginx_stay_on_the_replica_that_opened_th
                     async with http.stream("GET", "/mcp", headers={**session, "accept": "text/event-stream"}) as get:
                         assert get.status_code == 200
                     assert (await http.delete("/mcp", headers=session)).status_code == 200
-    finally:
-        for replica in replicas:
-            replica.terminate()
-            replica.wait(10)
 
 
 async def lines_until(stream: Any, wanted: str, seen: list[str] | None = None) -> list[str]:
