@@ -172,6 +172,12 @@ LOG_SEVERITY: Final = {
 }
 LOG_MESSAGES_PER_SECOND: Final = 200
 """Log messages a second (and at once) a stdio backend may send through the router; more are dropped and counted."""
+DROPPED_LINES_PER_SECOND: Final = 2000
+"""Lines a second a stdio backend may send that are dropped unparsed (see Backend._sheds) before its pipe is read
+more slowly: a backend flooding logs then waits on its own pipe, instead of taking the router's loop from the calls
+of every other backend."""
+DROPPED_BATCH: Final = 64
+"""Dropped lines between two chances for the loop's other tasks to run."""
 HANDSHAKE_TIMEOUT: Final = 60.0
 """Seconds a backend without its own `timeout` may take to answer initialize."""
 STOP_GRACE: Final = 2.0
@@ -2679,15 +2685,30 @@ class LineReader:
     in place saves those hops on each message.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, answer_errors_to: asyncio.StreamWriter | None = None) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        answer_errors_to: asyncio.StreamWriter | None = None,
+        transport: asyncio.ReadTransport | None = None,
+    ) -> None:
         self._reader = reader
         self._errors_to = answer_errors_to
+        self._transport = transport
+        """The pipe's, paused while a flood of dropped lines is paced, so the flood waits in the pipe, not in memory."""
         self.skip: Callable[[bytes], bool] | None = None
         """Lines to drop before they are parsed (a backend's log messages nobody will take)."""
+        self._dropped = 0
+        self._drop_budget = TokenBucket(
+            DROPPED_LINES_PER_SECOND / DROPPED_BATCH, DROPPED_LINES_PER_SECOND / DROPPED_BATCH
+        )
 
     async def receive(self) -> SessionMessage | Exception:
         while line := await self._readline():
-            if line.strip() and not (self.skip is not None and self.skip(line)):
+            if self.skip is not None and self.skip(line):
+                self._dropped += 1
+                if not self._dropped % DROPPED_BATCH:  # readline does not yield while lines are buffered
+                    await self._pace()
+            elif line.strip():
                 try:
                     message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
                 except ValueError as exc:  # the dispatcher only logs it, so a client would wait forever
@@ -2702,6 +2723,19 @@ class LineReader:
                         continue
                 return SessionMessage(message)
         raise anyio.EndOfStream
+
+    async def _pace(self) -> None:
+        """Let the loop's other tasks run; past DROPPED_LINES_PER_SECOND, also stop reading the pipe for a while."""
+        if self._drop_budget.take(anyio.current_time()):
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._transport is not None:
+            self._transport.pause_reading()
+        try:
+            await anyio.sleep(DROPPED_BATCH / DROPPED_LINES_PER_SECOND)
+        finally:
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
 
     async def _answer(self, answer: dict[str, Any] | None) -> None:
         if answer is None:
@@ -2881,7 +2915,8 @@ async def _line_pipes(
         )
         try:
             writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
-            yield LineReader(reader, answer_errors_to=writer if answer_errors else None), LineWriter(writer)
+            answers_to = writer if answer_errors else None
+            yield LineReader(reader, answer_errors_to=answers_to, transport=read_transport), LineWriter(writer)
         finally:
             write_transport.close()
     finally:

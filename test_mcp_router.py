@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, cast
 
 import anyio
 import httpx2
@@ -2303,6 +2303,61 @@ async def test_a_backend_flooding_logs_gets_a_budget_and_the_rest_is_dropped_bef
                 str(i) for i in range(mr.LOG_MESSAGES_PER_SECOND)
             ]  # the first, in order
             assert (await call(client, "list_backends")).structured_content["clients"]["dropped_log_messages"] == 4800
+
+
+class PauseWatch:
+    """A read pipe's transport, with the number of lines dropped at each pause_reading."""
+
+    def __init__(self, transport: asyncio.ReadTransport, dropped: list[int]) -> None:
+        self.transport, self.dropped, self.paused_at = transport, dropped, list[int]()
+
+    def pause_reading(self) -> None:
+        self.paused_at.append(len(self.dropped))
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
+async def test_a_flood_of_dropped_lines_waits_in_the_backends_pipe_and_the_next_message_still_arrives() -> None:
+    """Past DROPPED_LINES_PER_SECOND the router stops reading the pipe for a while, so a backend flooding lines it
+    drops unparsed is held back at its own pipe (not in the router's memory, not on its loop)."""
+    read_fd, write_fd = os.pipe()
+    reader = asyncio.StreamReader(limit=1 << 30)
+    loop = asyncio.get_running_loop()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.connect_read_pipe(lambda: protocol, os.fdopen(read_fd, "rb", buffering=0))
+    dropped: list[int] = []
+    watch = PauseWatch(cast(asyncio.ReadTransport, transport), dropped)
+    lines = mr.LineReader(reader, transport=cast(Any, watch))
+
+    def drops(line: bytes) -> bool:
+        if line == b"drop\n":
+            dropped.append(1)
+            return True
+        return False
+
+    lines.skip = drops
+    flood = mr.DROPPED_LINES_PER_SECOND + 4 * mr.DROPPED_BATCH
+
+    def write() -> None:
+        with os.fdopen(write_fd, "wb", buffering=0) as pipe:
+            pipe.write(b"drop\n" * flood + b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, write)
+                message = await lines.receive()
+        assert isinstance(message, SessionMessage) and isinstance(message.message, types.JSONRPCNotification)
+        assert message.message.method == "notifications/initialized"
+        assert len(dropped) == flood
+        assert watch.paused_at and watch.paused_at[0] >= mr.DROPPED_LINES_PER_SECOND - mr.DROPPED_BATCH
+    finally:
+        transport.close()
 
 
 async def test_a_slow_client_gets_bounded_logs_and_coalesced_changes_and_the_drops_are_counted() -> None:
