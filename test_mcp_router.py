@@ -62,9 +62,7 @@ import mcp_router as mr
 HERE = Path(__file__).resolve().parent
 ROUTER = HERE / "mcp_router.py"
 pytestmark = pytest.mark.anyio
-# Routers run as subprocesses take asyncio's own loop, the one `uv run mcp_router.py` gets; the suite has uvloop
-# installed, so the tests that take it (parametrized by EVENT_LOOPS) pass MCP_EVENT_LOOP themselves.
-os.environ["MCP_EVENT_LOOP"] = "asyncio"
+# The suite has uvloop installed (asyncio stays the default): the end-to-end tests run on each loop.
 EVENT_LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 
 
