@@ -3902,30 +3902,35 @@ async def test_stdio_backends_get_their_own_env_and_the_routers_basics_but_not_i
     assert "ROUTER_SECRET_TOKEN" not in names
 
 
+SERVING: Final = "serving streamable HTTP"
+"""What an HTTP router's log says once it serves."""
+
+
 @asynccontextmanager
-async def serving_router(argv: Sequence[str], env: Mapping[str, str]) -> AsyncIterator[tuple[Process, list[str]]]:
-    """The router run by `argv`, once its log says it is serving (or it exited), and its log lines so far and to
-    come; killed on the way out if it is still running."""
-    lines: list[str] = []
-    serving = anyio.Event()
-    async with await anyio.open_process(argv, env=env, stderr=subprocess.PIPE) as proc, anyio.create_task_group() as tg:
-
-        async def read_log() -> None:
-            assert proc.stderr is not None
-            async for line in TextReceiveStream(proc.stderr):
-                lines.extend(line.splitlines())
-                if " serving " in line:
-                    serving.set()
-            serving.set()
-
-        tg.start_soon(read_log)
-        with anyio.fail_after(30):
-            await serving.wait()
+async def watched_server(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, *markers: str, ready: str = SERVING
+) -> AsyncIterator[tuple[Process, LogWatch]]:
+    """The server run by `argv` (`env` added to this process's environment), once its log has a line with `ready`
+    (by default an HTTP router's serving line); yields it and its log, which counts `markers`. On the way out a
+    server still running gets SIGTERM (SIGKILL if it has not ended within 20 s), so its log is read to its end."""
+    environment = {**os.environ, **(env or {})}
+    async with (
+        await anyio.open_process(argv, env=environment, stderr=subprocess.PIPE) as proc,
+        anyio.create_task_group() as tg,
+    ):
+        log = LogWatch(proc.stderr, ready, *markers)
+        tg.start_soon(log.read)
         try:
-            yield proc, lines
+            with anyio.fail_after(30):
+                await log.until(ready)
+            yield proc, log
         finally:
             if proc.returncode is None:
-                proc.kill()
+                proc.terminate()
+                with anyio.move_on_after(20, shield=True) as waited:
+                    await proc.wait()
+                if waited.cancelled_caught:
+                    proc.kill()
 
 
 @EVENT_LOOPS
@@ -3934,7 +3939,7 @@ async def test_end_to_end_over_http(tmp_path: Path, event_loop: str) -> None:
     config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
     argv = http_router_argv(config, port, "--log-level", "INFO")
     with anyio.fail_after(30):
-        async with serving_router(argv, {**os.environ, "MCP_EVENT_LOOP": event_loop}) as (proc, log):
+        async with watched_server(argv, {**os.environ, "MCP_EVENT_LOOP": event_loop}) as (proc, log):
             async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
                 assert "one__echo" in {t.name for t in (await client.list_tools()).tools}
                 assert text_of(await call(client, "one__echo", {"text": "web"})) == "fake:echo:web"
@@ -3943,7 +3948,7 @@ async def test_end_to_end_over_http(tmp_path: Path, event_loop: str) -> None:
                 assert await proc.wait() == 0
             await process_exit(death)
             os.close(death)
-    assert any(line.endswith(f"/mcp ({event_loop})") for line in log)
+    assert any(line.endswith(f"/mcp ({event_loop})") for line in log.lines)
 
 
 @asynccontextmanager
@@ -3956,7 +3961,7 @@ async def router_process(tmp_path: Path, transport: str, mode: str, **client_arg
             yield client
         return
     port = free_port()
-    async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
+    async with watched_server(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
         async with Client(f"http://127.0.0.1:{port}/mcp", mode=mode, cache=None, **client_args) as client:
             yield client
         proc.terminate()
@@ -4017,7 +4022,7 @@ async def test_backends_and_their_children_die_with_a_sigkilled_router(tmp_path:
     config = write_config(tmp_path, [{"name": "direct", **fake_backend_command()}, {"name": "nested", **nested}])
     pidfds: list[int] = []
     try:
-        async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
+        async with watched_server(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
             async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
                 pids = [pids_from(await call(client, "direct__pid")), pids_from(await call(client, "nested__pid"))]
             pidfds = [os.pidfd_open(pid) for pid in pids]  # each alive now, or this raises
@@ -4046,7 +4051,7 @@ async def test_escaped_grandchildren_and_stubborn_backends_are_stopped_with_the_
     config = write_config(tmp_path, [{"name": "escaper", **escaper}, {"name": "stubborn", **stubborn}])
     pidfds: list[int] = []
     try:
-        async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
+        async with watched_server(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
             async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
                 names = ("escaper__pid", "escaper__escapee", "escaper__orphan", "stubborn__pid")
                 pids = [pids_from(await call(client, name)) for name in names]
@@ -4773,20 +4778,10 @@ async def http_router(
     port = free_port()
     command = [sys.executable, str(ROUTER), "--config", str(config), "--transport", "http", "--port", str(port)]
     command += ["--log-level", "INFO", *args]
-    async with (
-        await anyio.open_process(command, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}) as proc,
-        anyio.create_task_group() as tg,
-    ):
-        log = LogWatch(proc.stderr, "serving streamable HTTP", ": ready (")
-        tg.start_soon(log.read)
-        try:
-            with anyio.fail_after(30):
-                await log.until("serving streamable HTTP")
-                await log.until(": ready (")
-            yield f"http://127.0.0.1:{port}", log
-        finally:
-            proc.terminate()
-            await proc.wait()
+    async with watched_server(command, env, ": ready (") as (_, log):
+        with anyio.fail_after(30):
+            await log.until(": ready (")
+        yield f"http://127.0.0.1:{port}", log
 
 
 @asynccontextmanager
@@ -5038,39 +5033,34 @@ async def test_idle_sessions_expire_and_a_client_at_its_session_cap_locks_out_no
     argv = http_router_argv(config, port, "--log-level", "DEBUG", "--auth-tokens-file", str(tokens))
     env = {**os.environ, "MCP_SESSION_IDLE_SECONDS": "1", "MCP_MAX_SESSIONS_PER_CLIENT": "1"}
     alpha, beta = {"authorization": "Bearer tok-alpha-1"}, {"authorization": "Bearer tok-beta-22"}
-    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
-        log = LogWatch(proc.stderr, "serving streamable HTTP", "backend one: ready", "a client connection closed")
-        tg.start_soon(log.read)
-        try:
-            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
-                with anyio.fail_after(30):
-                    await log.until("serving streamable HTTP")
-                    await log.until("backend one: ready")
+    async with (
+        watched_server(argv, env, "backend one: ready", "a client connection closed") as (_, log),
+        httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http,
+    ):
+        with anyio.fail_after(30):
+            await log.until("backend one: ready")
 
-                async def sessions() -> float:
-                    return parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"]
+        async def sessions() -> float:
+            return parse_metrics((await http.get("/metrics")).text)["mcp_router_sessions"]
 
-                with anyio.fail_after(30):
-                    first = await open_session(http, **alpha)
-                    stream_headers = {**first, "accept": "text/event-stream"}
-                    async with http.stream("GET", "/mcp", headers=stream_headers) as get_stream:
-                        assert get_stream.status_code == 200  # an open GET stream keeps the session alive
-                        assert await sessions() == 1
-                        refused = await http.post("/mcp", json=HELLO, headers=alpha)
-                        assert refused.status_code == 429
-                        assert "too many open sessions for this client" in refused.json()["error"]["message"]
-                        other = await open_session(http, **beta)  # another client still gets in
-                        assert (await http.delete("/mcp", headers=other)).status_code == 200
-                        await log.until("a client connection closed", 1)
-                        assert await sessions() == 1
-                    await log.until("a client connection closed", 2)  # the abandoned one, idle for a second, expired
-                    gone = await http.post("/mcp", json=rpc(5, "ping"), headers=first)
-                    assert gone.status_code == 404
-                    assert await sessions() == 0
-                    await open_session(http, **alpha)  # the expired session no longer counts against its client
-        finally:
-            proc.terminate()
-            await proc.wait()  # the log is read to its end
+        with anyio.fail_after(30):
+            first = await open_session(http, **alpha)
+            stream_headers = {**first, "accept": "text/event-stream"}
+            async with http.stream("GET", "/mcp", headers=stream_headers) as get_stream:
+                assert get_stream.status_code == 200  # an open GET stream keeps the session alive
+                assert await sessions() == 1
+                refused = await http.post("/mcp", json=HELLO, headers=alpha)
+                assert refused.status_code == 429
+                assert "too many open sessions for this client" in refused.json()["error"]["message"]
+                other = await open_session(http, **beta)  # another client still gets in
+                assert (await http.delete("/mcp", headers=other)).status_code == 200
+                await log.until("a client connection closed", 1)
+                assert await sessions() == 1
+            await log.until("a client connection closed", 2)  # the abandoned one, idle for a second, expired
+            gone = await http.post("/mcp", json=rpc(5, "ping"), headers=first)
+            assert gone.status_code == 404
+            assert await sessions() == 0
+            await open_session(http, **alpha)  # the expired session no longer counts against its client
     assert "tok-alpha-1" not in "\n".join(log.lines)
 
 
@@ -5121,38 +5111,6 @@ async def test_planted_secrets_appear_in_no_response_and_no_log_line(tmp_path: P
         assert secret not in log_text, secret
 
 
-async def test_sigterm_lets_a_call_in_flight_finish_then_exits(tmp_path: Path) -> None:
-    config = write_config(tmp_path, [{"name": "one", **fake_backend_command()}])
-    port = free_port()
-    async with serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ) as (proc, _):
-        started = anyio.Event()
-
-        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-            started.set()
-
-        with anyio.fail_after(30):
-            async with (
-                Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client,
-                anyio.create_task_group() as tg,
-            ):
-                answers: list[types.CallToolResult] = []
-
-                async def nap() -> None:
-                    # longer than the 2 s grace shutdown had before draining waited for calls
-                    request = types.CallToolRequest(
-                        params=types.CallToolRequestParams(name="one__nap", arguments={"text": "2.5"})
-                    )
-                    answers.append(
-                        await client.session.send_request(request, types.CallToolResult, progress_callback=on_progress)
-                    )
-
-                tg.start_soon(nap)
-                await started.wait()
-                proc.send_signal(signal.SIGTERM)
-            assert text_of(answers[0]) == "fake:nap:2.5"
-            assert await proc.wait() == 0
-
-
 @dataclass
 class Received:
     """One HTTP request as a backend received it."""
@@ -5199,56 +5157,44 @@ async def http_backend(fake: FakeBackend) -> AsyncIterator[tuple[str, list[Recei
 
 
 async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: Path) -> None:
+    """The call outlives the SIGTERM as long as the test holds it (the stop grace once cut calls at 2 s)."""
     fake = FakeBackend("svc", extra_tools=[types.Tool(name="stall", input_schema={"type": "object"})])
     async with http_backend(fake) as (backend_url, _):
         config = write_config(tmp_path, [{"name": "svc", "url": backend_url}])
         port = free_port()
         argv = http_router_argv(config, port, "--log-level", "INFO")
-        async with await anyio.open_process(argv, stderr=subprocess.PIPE) as proc, anyio.create_task_group() as tg:
-            log = LogWatch(
-                proc.stderr,
-                "serving streamable HTTP",
-                "stopped accepting",
-                "ASGI callable returned without completing",
-                "Traceback",
-            )
-            tg.start_soon(log.read)
-            try:
-                with anyio.fail_after(30):
-                    await log.until("serving streamable HTTP")
-                progressed = anyio.Event()
+        markers = ("stopped accepting", "ASGI callable returned without completing", "Traceback")
+        async with watched_server(argv, None, *markers) as (proc, log):
+            progressed = anyio.Event()
 
-                async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                    progressed.set()
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                progressed.set()
 
-                with anyio.fail_after(30):
-                    async with (
-                        Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client,
-                        anyio.create_task_group() as calls,
-                    ):
-                        answers: list[types.CallToolResult] = []
+            with anyio.fail_after(30):
+                async with (
+                    Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client,
+                    anyio.create_task_group() as calls,
+                ):
+                    answers: list[types.CallToolResult] = []
 
-                        async def stall() -> None:
-                            request = types.CallToolRequest(params=types.CallToolRequestParams(name="svc__stall"))
-                            answers.append(
-                                await client.session.send_request(
-                                    request, types.CallToolResult, progress_callback=on_progress
-                                )
+                    async def stall() -> None:
+                        request = types.CallToolRequest(params=types.CallToolRequestParams(name="svc__stall"))
+                        answers.append(
+                            await client.session.send_request(
+                                request, types.CallToolResult, progress_callback=on_progress
                             )
+                        )
 
-                        calls.start_soon(stall)
-                        await progressed.wait()  # the answer is an SSE stream now, its progress sent
-                        proc.send_signal(signal.SIGTERM)
-                        await log.until("stopped accepting")
-                        with pytest.raises(httpx2.ConnectError):
-                            async with httpx2.AsyncClient() as http:
-                                await http.get(f"http://127.0.0.1:{port}/healthz")
-                        fake.release.set()
-                    assert text_of(answers[0]) == "svc:stall:"
-                    assert await proc.wait() == 0
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
+                    calls.start_soon(stall)
+                    await progressed.wait()  # the answer is an SSE stream now, its progress sent
+                    proc.send_signal(signal.SIGTERM)
+                    await log.until("stopped accepting")
+                    with pytest.raises(httpx2.ConnectError):
+                        async with httpx2.AsyncClient() as http:
+                            await http.get(f"http://127.0.0.1:{port}/healthz")
+                    fake.release.set()
+                assert text_of(answers[0]) == "svc:stall:"
+                assert await proc.wait() == 0
     assert log.counts["ASGI callable returned without completing"] == 0, "\n".join(log.lines)
     assert log.counts["Traceback"] == 0, "\n".join(log.lines)
 
@@ -5259,7 +5205,7 @@ async def test_sigterm_ends_a_2026_era_clients_listen_stream_gracefully(tmp_path
     argv = http_router_argv(config, port, "--log-level", "INFO")
     env = {**os.environ, "MCP_DRAIN_SECONDS": "1"}  # were the stream cut instead, the wait would be short
     with anyio.fail_after(30):
-        async with serving_router(argv, env) as (proc, log):
+        async with watched_server(argv, env) as (proc, log):
             async with Client(f"http://127.0.0.1:{port}/mcp", cache=None) as client:
                 assert client.protocol_version in mr.MODERN_PROTOCOL_VERSIONS
                 async with client.listen(tools_list_changed=True) as events:
@@ -5267,7 +5213,7 @@ async def test_sigterm_ends_a_2026_era_clients_listen_stream_gracefully(tmp_path
                     async for event in events:  # the server's close ends the loop; a cut stream would raise
                         assert isinstance(event, mr.ToolsListChanged)  # the router may announce its first listing
             assert await proc.wait() == 0
-    assert not [line for line in log if "graceful shutdown" in line or "Traceback" in line], "\n".join(log)
+    assert not [line for line in log.lines if "graceful shutdown" in line or "Traceback" in line], "\n".join(log.lines)
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -5340,35 +5286,26 @@ async def test_idle_connections_beyond_the_file_limit_are_refused_then_reaped_an
     low_file_limit += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     argv = [sys.executable, "-c", low_file_limit, *http_router_argv(config, port, "--log-level", "INFO")[1:]]
     env = {**os.environ, "MCP_HEADER_TIMEOUT_SECONDS": "1"}
-    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
-        log = LogWatch(proc.stderr, "serving streamable HTTP", "refusing more", "Traceback")
-        tg.start_soon(log.read)
-        try:
-            with anyio.fail_after(30):
-                await log.until("serving streamable HTTP")
-                idle = [
-                    await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)
-                ]  # more than the 160 descriptors allow
-                answers = []
-                for (
-                    stream
-                ) in idle:  # each is refused at once with a JSON-RPC 503, or closed when its headers are overdue
-                    received = b""
-                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                        while True:
-                            received += await stream.receive()
-                    answers.append(received)
-                    await stream.aclose()
-                refused = [a for a in answers if a]
-                assert refused and all(
-                    a.startswith(b"HTTP/1.1 503") and b'"too many open connections"' in a for a in refused
-                )
-                assert len(refused) < len(answers)  # the others were held open until the header timeout
-                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-                    assert text_of(await call(client, "one__echo", {"text": "back"})) == "fake:echo:back"
-        finally:
-            proc.terminate()
-            await proc.wait()
+    async with watched_server(argv, env, "refusing more", "Traceback") as (_, log):
+        with anyio.fail_after(30):
+            idle = [
+                await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)
+            ]  # more than the 160 descriptors allow
+            answers = []
+            for stream in idle:  # each is refused at once with a JSON-RPC 503, or closed when its headers are overdue
+                received = b""
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        received += await stream.receive()
+                answers.append(received)
+                await stream.aclose()
+            refused = [a for a in answers if a]
+            assert refused and all(
+                a.startswith(b"HTTP/1.1 503") and b'"too many open connections"' in a for a in refused
+            )
+            assert len(refused) < len(answers)  # the others were held open until the header timeout
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                assert text_of(await call(client, "one__echo", {"text": "back"})) == "fake:echo:back"
     assert log.counts["refusing more"] == 1 and log.counts["Traceback"] == 0, "\n".join(log.lines)
 
 
@@ -5381,25 +5318,19 @@ async def test_a_backend_restarts_while_the_router_holds_as_many_connections_as_
     low_file_limit += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     argv = [sys.executable, "-c", low_file_limit, *http_router_argv(config, port, "--log-level", "INFO")[1:]]
     env = {**os.environ, "MCP_HEADER_TIMEOUT_SECONDS": "120"}  # the idle connections stay until the test ends them
-    async with await anyio.open_process(argv, stderr=subprocess.PIPE, env=env) as proc, anyio.create_task_group() as tg:
-        log = LogWatch(proc.stderr, "backend one: ready", "refusing more", "Traceback")
-        tg.start_soon(log.read)
-        try:
-            with anyio.fail_after(60):
-                await log.until("backend one: ready")
-                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-                    first_pid = pids_from(await call(client, "one__pid"))
-                idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)]  # more than 160 files allow
-                await log.until("refusing more")
-                os.kill(first_pid, signal.SIGKILL)
-                await log.until("backend one: ready", 2)  # restarted while every connection it may take is held
-                for stream in idle:
-                    await stream.aclose()
-                async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
-                    assert pids_from(await call(client, "one__pid")) != first_pid
-        finally:
-            proc.terminate()
-            await proc.wait()  # the log is read to its end
+    async with watched_server(argv, env, "backend one: ready", "refusing more", "Traceback") as (_, log):
+        with anyio.fail_after(60):
+            await log.until("backend one: ready")
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                first_pid = pids_from(await call(client, "one__pid"))
+            idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(150)]  # more than 160 files allow
+            await log.until("refusing more")
+            os.kill(first_pid, signal.SIGKILL)
+            await log.until("backend one: ready", 2)  # restarted while every connection it may take is held
+            for stream in idle:
+                await stream.aclose()
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None) as client:
+                assert pids_from(await call(client, "one__pid")) != first_pid
     assert log.counts["refusing more"] == 1 and log.counts["Traceback"] == 0, "\n".join(log.lines)
 
 
@@ -5679,16 +5610,8 @@ async def nginx_in_front(tmp_path: Path, upstreams: list[int], *, stateful: bool
         f"{readme_nginx_config(port, upstreams, stateful=stateful)}}}\n"
     )
     command = [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
-    async with await anyio.open_process(command, stderr=subprocess.PIPE) as proc, anyio.create_task_group() as tg:
-        log = LogWatch(proc.stderr, "start worker processes")
-        tg.start_soon(log.read)
-        try:
-            with anyio.fail_after(30):
-                await log.until("start worker processes")
-            yield port
-        finally:
-            proc.terminate()
-            await proc.wait()
+    async with watched_server(command, ready="start worker processes"):
+        yield port
 
 
 @pytest.mark.skipif(NGINX is None and not os.environ.get("CI"), reason="nginx is not installed (.ci/run installs it)")
@@ -5713,7 +5636,7 @@ async def test_stateless_replicas_behind_nginx_share_the_calls_and_survive_losin
 
     async with contextlib.AsyncExitStack() as stack:
         replicas = [
-            (await stack.enter_async_context(serving_router([*base, "--port", str(port)], os.environ)))[0]
+            (await stack.enter_async_context(watched_server([*base, "--port", str(port)], os.environ)))[0]
             for port in ports
         ]
         async with nginx_in_front(tmp_path, ports) as front, httpx2.AsyncClient() as http:
@@ -5737,7 +5660,7 @@ async def test_stateful_sessions_behind_nginx_stay_on_the_replica_that_opened_th
     async with contextlib.AsyncExitStack() as stack:
         for port in ports:
             await stack.enter_async_context(
-                serving_router(http_router_argv(config, port, "--log-level", "INFO"), os.environ)
+                watched_server(http_router_argv(config, port, "--log-level", "INFO"), os.environ)
             )
         async with (
             nginx_in_front(tmp_path, ports, stateful=True) as front,
