@@ -362,6 +362,10 @@ class Settings:
     def authenticated(self) -> bool:
         return bool(self.auth_token or self.auth_tokens_file or self.auth_jwks_url)
 
+    def backoff(self, attempt: int, initial: float, rng: Callable[[], float]) -> float:
+        """backoff_delay with these settings' growth and cap: between retries, and between restarts."""
+        return backoff_delay(attempt, initial=initial, multiplier=self.retry_backoff, cap=self.max_backoff, rng=rng)
+
 
 Kind: TypeAlias = type | tuple[str, ...] | Callable[[], tuple[str, ...]]
 """What a setting or key holds: a type, a choice of words, or a function naming the choices (read when checked)."""
@@ -3300,7 +3304,8 @@ async def open_in_newest_era(session: ClientSession) -> types.InitializeResult |
 Stamp: TypeAlias = Callable[
     [str, Mapping[str, Any] | None, dict[str, Any], str | None, Mapping[str, Any]], Mapping[str, Any]
 ]
-"""(method, params, call options, log level, client capabilities) -> the params to send, with the options' headers set."""
+"""(method, params, call options, log level, client capabilities) -> the params to send, with the options' headers
+set."""
 RELAYED_CAPABILITIES: Final = frozenset({"sampling", "elicitation", "roots"})
 """The client capabilities the router can carry for a backend: the requests it relays to the client behind a call
 (as server requests or input_required rounds). Extensions and experimental ones it cannot, so backends never hear
@@ -3598,10 +3603,7 @@ class Backend:
         ):  # 1, 2, 4, 8... or news
             log.warning("backend %s: cannot connect (attempt %d): %s; retrying", self.name, self.failed_attempts, error)
         self.last_error = error
-        self._booked_delay = backoff_delay(
-            attempt, initial=RESTART_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
-            rng=self.clock.random,
-        )  # fmt: skip
+        self._booked_delay = self.settings.backoff(attempt, RESTART_INITIAL_DELAY, self.clock.random)
         return self._booked_delay
 
     def stop(self) -> None:
@@ -4053,10 +4055,9 @@ class Backend:
                 and SESSION_LOST.fullmatch(err.message)
             ):
                 self.breaker.release()
-                if self.dispatcher is dispatcher:  # not a straggler from a connection already replaced
-                    self.restart(
-                        "its HTTP session was lost; reconnecting"
-                    )  # the server forgot our session: nothing ran
+                # the server forgot our session, so nothing ran; unless this is a straggler of a replaced connection
+                if self.dispatcher is dispatcher:
+                    self.restart("its HTTP session was lost; reconnecting")
                 raise NotSent(f"backend {self.name!r} lost its session; reconnecting") from None
             if err.code == CONNECTION_CLOSED or (err.code == REQUEST_TIMEOUT and timeout < self.timeout):
                 self.breaker.release()  # counted once for the lost connection; or the router cut its time short
@@ -4793,9 +4794,8 @@ class Router:
                         await on_progress.drained()  # the client hears every update before the result
                     if request_log is not None:
                         await request_log.drained()  # and every log message
-                    if (
-                        method == "tools/call" and result.get("resultType") != "input_required"
-                    ):  # a round is no result yet
+                    # an input round is no result yet
+                    if method == "tools/call" and result.get("resultType") != "input_required":
                         result = _checked_call_result(result, target)
                 except NotSent as exc:
                     reached, error = False, cast(Exception, exc)
@@ -4826,15 +4826,10 @@ class Router:
                     raise _as_mcp_error(error, backend) from None
                 attempts += reached
                 failed.add(target)
-                if all(
-                    n in failed for n in decision.order
-                ):  # no other candidate: the same one again, once it can take it
+                if all(n in failed for n in decision.order):  # none left: try the same one again when it admits
                     failed.clear()
                     if reached:
-                        delay = backoff_delay(
-                            attempts, initial=RETRY_INITIAL_DELAY, multiplier=self.settings.retry_backoff, cap=self.settings.max_backoff,
-                            rng=self.clock.random,
-                        )  # fmt: skip
+                        delay = self.settings.backoff(attempts, RETRY_INITIAL_DELAY, self.clock.random)
                         if self.clock.now() + delay >= deadline:
                             raise _as_mcp_error(error, backend) from None
                         log.debug("retrying %s in %.2fs after: %s", method, delay, describe_error(error))
@@ -6535,7 +6530,8 @@ class SessionLimits:
         if len(sessions) >= settings.max_sessions_per_client and not self._end_longest_idle(sessions):
             _warn_once("per-client", "a client reached max_sessions_per_client (%d), each of them busy; "
                        "refusing more", settings.max_sessions_per_client)  # fmt: skip
-            message = f"too many open sessions for this client (at most {settings.max_sessions_per_client}, all busy); end some with DELETE"
+            limit = settings.max_sessions_per_client
+            message = f"too many open sessions for this client (at most {limit}, all busy); end some with DELETE"
             return await _json_rpc_refusal(429, message)(scope, receive, send)
         if sum(map(self.is_open, list(self.live))) >= settings.max_sessions and not self._end_longest_idle(
             list(self.live)
@@ -6821,13 +6817,19 @@ async def serve_http(router: Router, server: RouterServer, stop: anyio.Event, li
             for listener in web.servers:  # at once: uvicorn would close them on its next tick
                 listener.close()
             web.should_exit = True  # uvicorn closes idle connections, and waits for the others to finish
-            log.info("stopped accepting connections; %d call(s) in flight get up to %gs to finish (server.drain_seconds)",
-                     server.metrics.in_flight, settings.drain_seconds)  # fmt: skip
+            log.info(
+                "stopped accepting connections; %d call(s) in flight get up to %gs to finish (server.drain_seconds)",
+                server.metrics.in_flight,
+                settings.drain_seconds,
+            )
             with anyio.move_on_after(settings.drain_seconds):
                 await server.metrics.idle()
             if server.metrics.in_flight:
-                log.warning("%d call(s) still running after %gs (server.drain_seconds); ending them", server.metrics.in_flight,
-                            settings.drain_seconds)  # fmt: skip
+                log.warning(
+                    "%d call(s) still running after %gs (server.drain_seconds); ending them",
+                    server.metrics.in_flight,
+                    settings.drain_seconds,
+                )
             service.streams.end_all()
             server.listens.end_all()
 
