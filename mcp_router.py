@@ -152,6 +152,8 @@ LISTS: Final = {
 }
 """Each list method: the catalogue attribute that holds its items, and the result key."""
 RESOURCE_NOT_FOUND: Final = -32002
+REQUEST_CANCELLED: Final = -32800
+"""The error a handshake-era HTTP request that its client cancelled ends with (as the SDK ends one)."""
 BACKEND_UNAVAILABLE: Final = -32050
 """JSON-RPC server-error code for 'the backend is down or its circuit is open'."""
 RESTART_INITIAL_DELAY: Final = 0.5
@@ -4246,12 +4248,16 @@ class ClientHub:
         """Called when the last subscriber of a resource is gone."""
         self._outboxes: dict[Any, _Outbox] = {}
         self._followers: dict[str, dict[Any, None]] = {}
+        self._by_session: dict[str, Any] = {}
+        """HTTP connections by their mcp-session-id (for DirectCalls)."""
 
     def add(self, connection: Any, task_group: anyio.abc.TaskGroup) -> bool:
         """Remember a handshake-era connection until it closes; False if it is known already."""
         if connection in self._outboxes:
             return False
         self._outboxes[connection] = outbox = _Outbox(connection, self.bound)
+        if connection.session_id is not None:
+            self._by_session[connection.session_id] = connection
         connection.exit_stack.callback(self.forget, connection)
         task_group.start_soon(self._serve, outbox, name="client outbox")
         return True
@@ -4267,12 +4273,19 @@ class ClientHub:
         outbox = self._outboxes.pop(connection, None)
         if outbox is not None:
             outbox.scope.cancel()
+            session = connection.session_id
+            if self._by_session.get(session) is connection:
+                del self._by_session[session]
             # the one sign of an HTTP session's end (DELETE, or idle past server.limits.session_idle_seconds)
             log.debug("a client connection closed; %d remain", len(self._outboxes))
         for uri, followers in list(self._followers.items()):
             if followers.pop(connection, False) is None and not followers:
                 del self._followers[uri]
                 self.unfollowed(uri)
+
+    def of_session(self, session_id: str) -> Any | None:
+        """The handshake-era connection of an HTTP session, once it is initialized; None if unknown or closed."""
+        return self._by_session.get(session_id)
 
     def newest(self, where: Callable[[Any], bool] = lambda connection: True) -> Any | None:
         """The connection that arrived last (of those `where` accepts), or None."""
@@ -5597,6 +5610,7 @@ class RouterServer(Server[Any]):
     bridge: EraBridge | None = None
     listens: _FollowingListen
     metrics: Metrics
+    fast_path: _RouterMiddleware
 
     @property
     def instructions(self) -> str | None:
@@ -5713,7 +5727,8 @@ def build_server(router: Router) -> RouterServer:
     # requestState is sealed on the way out and checked on the way in (2026-era requests only; see EraBridge).
     boundary = RequestStateBoundary(state_security(os.environ), default_audience=server.name)
     server.metrics = Metrics()
-    server.middleware = [_RouterMiddleware(router, server.get_request_handler, server.metrics), boundary]
+    server.fast_path = _RouterMiddleware(router, server.get_request_handler, server.metrics)
+    server.middleware = [server.fast_path, boundary]
     return server
 
 
@@ -6403,6 +6418,11 @@ async def _whole_body(receive: Any, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
+def _too_large(settings: Settings) -> Any:
+    limit = f"{settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
+    return _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)
+
+
 def _replaying(body: bytes, receive: Any) -> Any:
     """An ASGI receive that gives `body` whole, then what `receive` gives (the client's disconnect)."""
     pending = [{"type": "http.request", "body": body, "more_body": False}]
@@ -6467,7 +6487,7 @@ class SessionLimits:
             elif name == b"content-length":
                 length = value
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return await self._too_large(scope, receive, send)
+            return await _too_large(self.settings)(scope, receive, send)
         if session is None:
             handshake_era = era is None or era.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS  # else no session
             if scope["method"] == "POST" and handshake_era and not settings.stateless:
@@ -6506,10 +6526,6 @@ class SessionLimits:
         min(idle, key=lambda countdown: countdown.deadline).cancel()  # as if its time had run out: the SDK ends it
         return True
 
-    async def _too_large(self, scope: Any, receive: Any, send: Any) -> None:
-        limit = f"{self.settings.max_body_bytes} bytes (server.limits.max_body_bytes)"
-        await _json_rpc_refusal(413, f"request body too large: at most {limit}", INVALID_REQUEST)(scope, receive, send)
-
     async def _opening(self, scope: Any, receive: Any, send: Any) -> None:
         """A request without a session id, which may open one: if it is an initialize request, counted against its
         client's sessions and all; only for one does a full cap end another's idle session (any other is refused by
@@ -6517,7 +6533,7 @@ class SessionLimits:
         try:
             body = await _whole_body(receive, self.settings.max_body_bytes)
         except _BodyTooLarge:
-            return await self._too_large(scope, receive, send)
+            return await _too_large(self.settings)(scope, receive, send)
         if body is None:  # the client went away
             return
         receive = _replaying(body, receive)
@@ -6555,6 +6571,190 @@ class SessionLimits:
         finally:
             if not sessions:
                 self.opened.pop(client, None)
+
+
+class DirectCalls:
+    """ASGI wrapper for the MCP endpoint: a handshake-era tools/call on an open session is answered here, in plain
+    JSON, the router's own fast path (_RouterMiddleware) run on it directly; anything else goes on to the SDK.
+
+    The SDK serves each request through an SSE stream of its own, a message router,
+    memory streams and a task or two, which cost about as much as the call's whole
+    forwarding. A call answered here is checked as the SDK would check it (Host and
+    Origin, content type, Accept, the session's owner, an open session), holds the
+    session against idle expiry while it runs, and is cancelled by the client's
+    notifications/cancelled. Only calls that cannot need their own stream come here:
+    none that asks for progress, none of a client that takes sampling or elicitation
+    (which a backend may ask for during the call, on the call's stream); a backend's
+    roots/list during a call reaches its client on the client's GET stream, as outside
+    a call. Log messages of handshake-era clients never travel with a call.
+    """
+
+    def __init__(self, app: Any, server: RouterServer, manager: Any, security: TransportSecuritySettings) -> None:
+        from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+        from mcp.server.context import ServerRequestContext
+        from mcp.server.streamable_http import check_accept_headers
+        from mcp.server.transport_security import TransportSecurityMiddleware
+        from starlette.requests import Request
+
+        assert server.router is not None
+        self.app, self.router, self.manager, self.serve = app, server.router, manager, server.fast_path
+        self.guard = TransportSecurityMiddleware(security)
+        self._user_type, self._principal, self._accepts = AuthenticatedUser, authorization_context, check_accept_headers
+        self._request, self._context = Request, ServerRequestContext
+        self.running: dict[tuple[str, Any], anyio.CancelScope] = {}
+        """The calls answered here, by session id and request id, for notifications/cancelled."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        session = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            session = next((v for k, v in scope["headers"] if k == b"mcp-session-id"), None)
+        transport = self.manager._server_instances.get(session.decode("latin-1")) if session is not None else None
+        if session is None or transport is None:
+            return await self.app(scope, receive, send)
+        request = self._request(scope)
+        if not self._admits(scope, request, transport):
+            return await self.app(scope, receive, send)
+        try:
+            body = await _whole_body(receive, self.router.settings.max_body_bytes)
+        except _BodyTooLarge:
+            return await _too_large(self.router.settings)(scope, receive, send)
+        if body is None:  # the client went away
+            return
+        key = transport.mcp_session_id
+        message = self._direct_message(body)
+        if message is not None and message["method"] == "notifications/cancelled":
+            call = self.running.get((key, message["params"].get("requestId")))
+            if call is not None:
+                call.cancel()
+                return await _plain_answer(202, b"", session)(send)
+            message = None  # not one of ours: the SDK's
+        connection = self.router.clients.of_session(key) if message is not None else None
+        if (
+            message is None
+            or connection is None
+            or (key, message["id"]) in self.running
+            or (caps := connection.client_capabilities) is None
+            or caps.sampling is not None
+            or caps.elicitation is not None
+            or await self.guard.validate_request(request, is_post=True) is not None
+        ):
+            return await self.app(scope, _replaying(body, receive), send)
+        await self._call(request, send, transport, connection, message, session)
+
+    def _admits(self, scope: Any, request: Any, transport: Any) -> bool:
+        """Whether the request may be answered here as far as its headers and its session tell."""
+        user = scope.get("user")
+        owner = self._principal(user) if isinstance(user, self._user_type) else None
+        if transport.is_terminated or owner != self.manager._session_owners.get(transport.mcp_session_id):
+            return False  # the SDK says how it is refused
+        if transport.idle_scope is not None and transport.idle_scope.cancel_called:
+            return False
+        era = next((v for k, v in scope["headers"] if k == b"mcp-protocol-version"), None)
+        if era is not None and era.decode("latin-1") not in HANDSHAKE_PROTOCOL_VERSIONS:
+            return False
+        has_json, has_sse = self._accepts(request)
+        return has_json and (has_sse or transport.is_json_response_enabled)
+
+    @staticmethod
+    def _direct_message(body: bytes) -> dict[str, Any] | None:
+        """The body, if it is a tools/call request this class may answer or a notifications/cancelled; else None."""
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            return None
+        params = message.get("params")
+        if not isinstance(params, dict):
+            return None
+        method, request_id = message.get("method"), message.get("id")
+        if method == "notifications/cancelled" and "id" not in message:
+            return message
+        if method != "tools/call" or type(request_id) not in (int, str):
+            return None
+        meta = params.get("_meta")
+        if not isinstance(params.get("name"), str) or not isinstance(params.get("arguments"), dict | None):
+            return None
+        if meta is not None and (not isinstance(meta, dict) or "progressToken" in meta):
+            return None
+        return message
+
+    async def _call(self, request: Any, send: Any, transport: Any, connection: Any, message: dict[str, Any],
+                    session: bytes) -> None:  # fmt: skip
+        request_id = message["id"]
+        ctx = self._context(
+            session=cast(Any, _DirectSession(connection, self.router.settings.request_timeout)),
+            lifespan_context=None,
+            protocol_version=connection.protocol_version,
+            method="tools/call",
+            params=message["params"],
+            request_id=request_id,
+            request=request,
+        )
+        key = (transport.mcp_session_id, request_id)
+        answer: dict[str, Any]
+        with _holding_session(transport), anyio.CancelScope() as call:
+            self.running[key] = call
+            try:
+                answer = {"jsonrpc": "2.0", "id": request_id, "result": await self.serve(ctx, _no_sdk_path)}
+            except MCPError as err:
+                answer = {"jsonrpc": "2.0", "id": request_id, "error": _wire(err.error)}
+            finally:
+                del self.running[key]
+        if call.cancelled_caught:
+            answer = _error_answer(request_id, REQUEST_CANCELLED, "Request cancelled")
+        await _plain_answer(200, _to_json(answer), session)(send)
+
+
+async def _no_sdk_path(ctx: Any) -> Any:
+    raise AssertionError("the router's fast path answers every tools/call DirectCalls takes")
+
+
+def _plain_answer(status: int, body: bytes, session: bytes) -> Callable[[Any], Awaitable[None]]:
+    """An HTTP answer as the SDK gives it in JSON mode (an empty `body`: none, as for 202 Accepted)."""
+    headers = [(b"mcp-session-id", session), (b"content-length", b"%d" % len(body))]
+    if body:
+        headers.append((b"content-type", b"application/json"))
+
+    async def answer(send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return answer
+
+
+@contextlib.contextmanager
+def _holding_session(transport: Any) -> Iterator[None]:
+    """Hold an SDK session against its idle expiry while a request runs, as the SDK's handle_request does."""
+    idle, timeout = transport.idle_scope, transport._idle_timeout
+    if idle is None or timeout is None:
+        yield
+        return
+    transport._requests_in_flight += 1
+    idle.deadline = math.inf
+    try:
+        yield
+    finally:
+        transport._requests_in_flight -= 1
+        if not transport._requests_in_flight:
+            idle.deadline = anyio.current_time() + timeout
+
+
+class _DirectSession:
+    """A call's `ctx.session` on the direct path: its connection's capabilities, and requests sent outside the call
+    (on the client's GET stream), as the router sends roots/list outside any call."""
+
+    def __init__(self, connection: Any, timeout: float) -> None:
+        self._connection, self._timeout = connection, timeout
+
+    @property
+    def client_capabilities(self) -> Any:
+        return self._connection.client_capabilities
+
+    async def send_request(self, request: Any, result_type: type[Any], metadata: Any = None) -> Any:
+        params = request.params.model_dump(by_alias=True, mode="json", exclude_none=True) if request.params else None
+        answer = await self._connection.send_raw_request(request.method, params, {"timeout": self._timeout})
+        return result_type.model_validate(answer)
 
 
 class LongStreams:
@@ -6680,7 +6880,7 @@ def http_service(router: Router, server: RouterServer) -> HttpService:
             expose_headers=["Mcp-Session-Id", "WWW-Authenticate"],
         ))  # fmt: skip
 
-    limits = SessionLimits(mcp_endpoint, settings, live)
+    limits = SessionLimits(DirectCalls(mcp_endpoint, server, manager, security), settings, live)
 
     def sessions() -> int:
         return sum(map(limits.is_open, list(live))) + len(sse._read_stream_writers)  # the SDK's table of SSE ones

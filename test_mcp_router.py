@@ -2241,6 +2241,7 @@ class StalledClient:
 
     def __init__(self) -> None:
         self.exit_stack = contextlib.ExitStack()
+        self.session_id = None  # not an HTTP session
         self.reading = anyio.Event()
         self.received: list[tuple[str, Any]] = []
 
@@ -4857,6 +4858,28 @@ async def test_bad_host_and_origin_are_refused_whatever_the_bind_address(host: s
         assert (await http.options("/mcp", headers={"origin": "http://localhost:3000"})).headers.get(
             "access-control-allow-origin"
         ) is None
+        session = await open_session(http)  # a call on an open session is checked as every request is
+        echo = rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "hi"}})
+        assert (await http.post("/mcp", json=echo, headers={**session, "host": "evil.example"})).status_code == 421
+        assert (
+            await http.post("/mcp", json=echo, headers={**session, "origin": "http://evil.example"})
+        ).status_code == 403
+        assert (await http.post("/mcp", json=echo, headers=session)).json()["result"]["content"][0][
+            "text"
+        ] == "svc:echo:hi"
+
+
+async def test_a_session_serves_only_the_token_that_opened_it(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("token-of-ada\ntoken-of-bob\n")
+    async with served(FakeBackend("svc"), server={"auth": {"tokens_file": str(tokens)}}) as (http, _, _):
+        ada, bob = {"authorization": "Bearer token-of-ada"}, {"authorization": "Bearer token-of-bob"}
+        session = await open_session(http, **ada)
+        echo = rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "hi"}})
+        assert (await http.post("/mcp", json=echo, headers={**session, **bob})).status_code == 404  # as if none
+        assert (await http.post("/mcp", json=echo, headers=session)).json()["result"]["content"][0][
+            "text"
+        ] == "svc:echo:hi"
 
 
 async def test_cors_answers_only_the_configured_origins() -> None:
