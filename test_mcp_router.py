@@ -2965,6 +2965,84 @@ async def test_an_http_backends_streamed_answers_leave_its_connection_open_for_t
     assert fake.calls.count("echo") == 10 and len(connections) < 4
 
 
+ODD_ANSWERS: Final = {
+    "boom": (500, "text/plain", b"oops"),
+    "gone": (404, "text/plain", b"no"),
+    "refused": (
+        400,
+        "application/json",
+        b'{"jsonrpc": "2.0", "id": null, "error": {"code": -32602, "message": "bad"}}',
+    ),
+    "stranger": (200, "application/json", b'{"jsonrpc": "2.0", "id": 999999, "result": {}}'),
+    "garbage": (200, "application/json", b"{not json"),
+    "streamed": (
+        200,
+        "text/event-stream",
+        b'event: message\r\ndata: {"jsonrpc": "2.0", "method": "notifications/message", "params": {}}\r\n\r\n'
+        b'event: message\r\ndata: {"jsonrpc": "2.0", "id": %(id)s,\r\ndata: "result": {"content": []}}\r\n\r\n',
+    ),
+}
+
+
+async def test_a_2026_http_backends_answers_are_read_as_the_sdk_reads_them_and_a_timeout_cancels_the_call() -> None:
+    """Each way a streamable HTTP backend may answer a call in the 2026 era: a real SDK server, whose answers to
+    `echo` with an ODD_ANSWERS text are replaced by that answer."""
+    import uvicorn
+
+    fake = FakeBackend("web")
+    app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
+
+    async def odd(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await app(scope, receive, send)
+        body = b""
+        while (message := await receive())["type"] == "http.request":
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = json.loads(body)
+        text = (request.get("params", {}).get("arguments") or {}).get("text")
+        if request.get("method") == "tools/call" and text in ODD_ANSWERS:
+            status, content_type, answer = ODD_ANSWERS[text]
+            answer = answer % {b"id": str(request["id"]).encode()} if b"%(id)s" in answer else answer
+            headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(answer))]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            return await send({"type": "http.response.body", "body": answer})
+        await app(scope, mr._replaying(body, receive), send)
+
+    listening = mr.bind("127.0.0.1", 0)
+    port = listening.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(odd, log_level="warning"))
+    router = mr.Router(config_for("web", url=f"http://127.0.0.1:{port}/mcp", transport="http", timeout=0.5))
+    with listening, anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[listening]))
+            async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                await router.wait_ready()
+                assert router.backends["web"].status()["era"] == "2026"
+                assert text_of(await call(client, "web__echo", {"text": "plain"})) == "web:echo:plain"
+                assert (await call(client, "web__echo", {"text": "streamed"})).content == []
+                failures = {}
+                for text in ("boom", "gone", "refused", "stranger", "garbage"):
+                    with pytest.raises(MCPError) as info:
+                        await call(client, "web__echo", {"text": text})
+                    failures[text] = (info.value.code, info.value.message)
+                with pytest.raises(MCPError) as info:
+                    await call(client, "web__hang")
+                await fake.cancelled.wait()  # the router gave up on it: its stream closed
+                assert text_of(await call(client, "web__echo", {"text": "after"})) == "web:echo:after"
+            web.should_exit = True
+    assert info.value.code == types.REQUEST_TIMEOUT
+    invalid = "backend 'web' sent an invalid answer"
+    assert failures == {
+        "boom": (types.INTERNAL_ERROR, "the backend answered HTTP 500 Internal Server Error"),
+        "gone": (types.METHOD_NOT_FOUND, "Not Found"),
+        "refused": (types.INVALID_PARAMS, "bad"),
+        "stranger": (types.INTERNAL_ERROR, f"{invalid}: an answer to another request"),
+        "garbage": (types.INTERNAL_ERROR, f"{invalid}: not a JSON object"),
+    }
+
+
 async def test_an_answered_sse_stream_that_breaks_while_drained_is_just_closed() -> None:
     class Broken(httpx2.AsyncByteStream):
         closed = False
