@@ -2509,6 +2509,7 @@ from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.uri_template import UriTemplate
 from mcp_types import (
     CONNECTION_CLOSED,
+    DEFAULT_NEGOTIATED_VERSION,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -6690,23 +6691,26 @@ class SessionLimits:
 
 
 class DirectCalls:
-    """ASGI wrapper for the MCP endpoint: a handshake-era tools/call on an open session is answered here, in plain
-    JSON, the router's own fast path (_RouterMiddleware) run on it directly; anything else goes on to the SDK.
+    """ASGI wrapper for the MCP endpoint: a handshake-era tools/call, on an open session or served stateless, is
+    answered here in plain JSON, the router's own fast path (_RouterMiddleware) run on it directly; anything else
+    goes on to the SDK.
 
-    The SDK serves each request through an SSE stream of its own, a message router,
-    memory streams and a task or two, which cost about as much as the call's whole
-    forwarding. A call answered here is checked as the SDK would check it (Host and
-    Origin, content type, Accept, the session's owner, an open session), holds the
-    session against idle expiry while it runs, and is cancelled by the client's
-    notifications/cancelled. Only calls that cannot need their own stream come here:
-    none that asks for progress, none of a client that takes sampling or elicitation
-    (which a backend may ask for during the call, on the call's stream); a backend's
-    roots/list during a call reaches its client on the client's GET stream, as outside
-    a call. Log messages of handshake-era clients never travel with a call.
+    The SDK serves each request through an SSE stream of its own (stateless: a server
+    of its own), a message router, memory streams and a task or two, which cost about
+    as much as the call's whole forwarding. A call answered here is checked as the SDK
+    would check it (Host and Origin, content type, Accept, the protocol version; the
+    session's owner, an open session), holds its session against idle expiry while it
+    runs, and is cancelled by the client's notifications/cancelled. Only calls that
+    cannot need their own stream come here: none that asks for progress, none of a
+    client that takes sampling or elicitation (a backend may ask for them during the
+    call, on the call's stream); a backend's roots/list during a call reaches its
+    client on the client's GET stream, as outside a call. Log messages of handshake-era
+    clients never travel with a call.
     """
 
     def __init__(self, app: Any, server: RouterServer, manager: Any, security: TransportSecuritySettings) -> None:
         from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+        from mcp.server.connection import Connection
         from mcp.server.context import ServerRequestContext
         from mcp.server.streamable_http import check_accept_headers
         from mcp.server.transport_security import TransportSecurityMiddleware
@@ -6716,59 +6720,69 @@ class DirectCalls:
         self.app, self.router, self.manager, self.serve = app, server.router, manager, server.fast_path
         self.guard = TransportSecurityMiddleware(security)
         self._user_type, self._principal, self._accepts = AuthenticatedUser, authorization_context, check_accept_headers
-        self._request, self._context = Request, ServerRequestContext
+        self._request, self._context, self._connection = Request, ServerRequestContext, Connection.from_envelope
         self.running: dict[tuple[str, Any], anyio.CancelScope] = {}
-        """The calls answered here, by session id and request id, for notifications/cancelled."""
+        """The calls answered here on a session, by session id and request id, for notifications/cancelled."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        session = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            session = next((v for k, v in scope["headers"] if k == b"mcp-session-id"), None)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])  # SessionLimits refused a repeated session or era header
+        session, era = headers.get(b"mcp-session-id"), headers.get(b"mcp-protocol-version")
         transport = self.manager._server_instances.get(session.decode("latin-1")) if session is not None else None
-        if session is None or transport is None:
-            return await self.app(scope, receive, send)
         request = self._request(scope)
-        if not self._admits(scope, request, transport):
-            return await self.app(scope, receive, send)
+        if (transport is None and not (session is None and self.manager.stateless)) or not self._admits(
+            request, era, transport
+        ):
+            return await self.app(scope, receive, send)  # an opening request, or the SDK says how it is refused
         try:
             body = await _whole_body(receive, self.router.settings.max_body_bytes)
         except _BodyTooLarge:
             return await _too_large(self.router.settings)(scope, receive, send)
         if body is None:  # the client went away
             return
-        key = transport.mcp_session_id
         message = self._direct_message(body)
+        key = transport.mcp_session_id if transport is not None else None
         if message is not None and message["method"] == "notifications/cancelled":
-            call = self.running.get((key, message["params"].get("requestId")))
+            call = self.running.get((key, message["params"].get("requestId"))) if key is not None else None
             if call is not None:
                 call.cancel()
                 return await _plain_answer(202, b"", session)(send)
             message = None  # not one of ours: the SDK's
-        connection = self.router.clients.of_session(key) if message is not None else None
+        connection = self.router.clients.of_session(key) if key is not None else None
         if (
             message is None
-            or connection is None
-            or (key, message["id"]) in self.running
-            or (caps := connection.client_capabilities) is None
-            or caps.sampling is not None
-            or caps.elicitation is not None
+            or (key is not None and (connection is None or (key, message["id"]) in self.running))
+            or _may_ask_during_a_call(connection)
             or await self.guard.validate_request(request, is_post=True) is not None
         ):
             return await self.app(scope, _replaying(body, receive), send)
-        await self._call(request, send, transport, connection, message, session)
+        if connection is None:  # stateless: as the SDK's, born ready with no channel back and nothing declared
+            connection = self._connection(era.decode("latin-1") if era else DEFAULT_NEGOTIATED_VERSION, None, None)
+        ctx = self._context(
+            session=cast(Any, _DirectSession(connection, self.router.settings.request_timeout)),
+            lifespan_context=None,
+            protocol_version=connection.protocol_version,
+            method="tools/call",
+            params=message["params"],
+            request_id=message["id"],
+            request=request,
+        )
+        await _plain_answer(200, await self._answer(ctx, transport), session)(send)
 
-    def _admits(self, scope: Any, request: Any, transport: Any) -> bool:
+    def _admits(self, request: Any, era: bytes | None, transport: Any) -> bool:
         """Whether the request may be answered here as far as its headers and its session tell."""
-        user = scope.get("user")
-        owner = self._principal(user) if isinstance(user, self._user_type) else None
-        if transport.is_terminated or owner != self.manager._session_owners.get(transport.mcp_session_id):
-            return False  # the SDK says how it is refused
-        if transport.idle_scope is not None and transport.idle_scope.cancel_called:
-            return False
-        era = next((v for k, v in scope["headers"] if k == b"mcp-protocol-version"), None)
         if era is not None and era.decode("latin-1") not in HANDSHAKE_PROTOCOL_VERSIONS:
             return False
         has_json, has_sse = self._accepts(request)
+        if transport is None:  # stateless: JSON answers only
+            return has_json
+        user = request.scope.get("user")
+        owner = self._principal(user) if isinstance(user, self._user_type) else None
+        if transport.is_terminated or owner != self.manager._session_owners.get(transport.mcp_session_id):
+            return False
+        if transport.idle_scope is not None and transport.idle_scope.cancel_called:
+            return False
         return has_json and (has_sse or transport.is_json_response_enabled)
 
     @staticmethod
@@ -6795,40 +6809,42 @@ class DirectCalls:
             return None
         return message
 
-    async def _call(self, request: Any, send: Any, transport: Any, connection: Any, message: dict[str, Any],
-                    session: bytes) -> None:  # fmt: skip
-        request_id = message["id"]
-        ctx = self._context(
-            session=cast(Any, _DirectSession(connection, self.router.settings.request_timeout)),
-            lifespan_context=None,
-            protocol_version=connection.protocol_version,
-            method="tools/call",
-            params=message["params"],
-            request_id=request_id,
-            request=request,
-        )
-        key = (transport.mcp_session_id, request_id)
+    async def _answer(self, ctx: Any, transport: Any) -> bytes:
+        """The JSON-RPC answer to the call: its result, its error, or (cancelled by its client) REQUEST_CANCELLED."""
+        request_id = ctx.request_id
+        key = (transport.mcp_session_id, request_id) if transport is not None else None
         answer: dict[str, Any]
         with _holding_session(transport), anyio.CancelScope() as call:
-            self.running[key] = call
+            if key is not None:
+                self.running[key] = call
             try:
                 answer = {"jsonrpc": "2.0", "id": request_id, "result": await self.serve(ctx, _no_sdk_path)}
             except MCPError as err:
                 answer = {"jsonrpc": "2.0", "id": request_id, "error": _wire(err.error)}
             finally:
-                del self.running[key]
+                if key is not None:
+                    del self.running[key]
         if call.cancelled_caught:
             answer = _error_answer(request_id, REQUEST_CANCELLED, "Request cancelled")
-        await _plain_answer(200, _to_json(answer), session)(send)
+        return _to_json(answer)
+
+
+def _may_ask_during_a_call(connection: Any) -> bool:
+    """Whether a backend may ask the client of `connection` something during a call that the call's own stream
+    must carry (sampling, elicitation). A stateless request's client (None) can be asked nothing."""
+    capabilities = connection.client_capabilities if connection is not None else None
+    return capabilities is not None and (capabilities.sampling is not None or capabilities.elicitation is not None)
 
 
 async def _no_sdk_path(ctx: Any) -> Any:
     raise AssertionError("the router's fast path answers every tools/call DirectCalls takes")
 
 
-def _plain_answer(status: int, body: bytes, session: bytes) -> Callable[[Any], Awaitable[None]]:
+def _plain_answer(status: int, body: bytes, session: bytes | None) -> Callable[[Any], Awaitable[None]]:
     """An HTTP answer as the SDK gives it in JSON mode (an empty `body`: none, as for 202 Accepted)."""
-    headers = [(b"mcp-session-id", session), (b"content-length", b"%d" % len(body))]
+    headers = [(b"content-length", b"%d" % len(body))]
+    if session is not None:
+        headers.append((b"mcp-session-id", session))
     if body:
         headers.append((b"content-type", b"application/json"))
 
@@ -6841,8 +6857,8 @@ def _plain_answer(status: int, body: bytes, session: bytes) -> Callable[[Any], A
 
 @contextlib.contextmanager
 def _holding_session(transport: Any) -> Iterator[None]:
-    """Hold an SDK session against its idle expiry while a request runs, as the SDK's handle_request does."""
-    idle, timeout = transport.idle_scope, transport._idle_timeout
+    """Hold an SDK session (if any) against its idle expiry while a request runs, as the SDK's handle_request does."""
+    idle, timeout = (transport.idle_scope, transport._idle_timeout) if transport is not None else (None, None)
     if idle is None or timeout is None:
         yield
         return

@@ -4947,6 +4947,18 @@ async def test_bad_host_and_origin_are_refused_whatever_the_bind_address(host: s
         ] == "svc:echo:hi"
 
 
+async def test_a_stateless_router_answers_a_call_with_no_session_and_checks_it_as_every_request() -> None:
+    async with served(FakeBackend("svc"), server={"stateless": True}) as (http, _, _):
+        echo = rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "hi"}})
+        answer = await http.post("/mcp", json=echo)
+        assert answer.status_code == 200 and "mcp-session-id" not in answer.headers
+        assert answer.json()["id"] == 2 and answer.json()["result"]["content"][0]["text"] == "svc:echo:hi"
+        assert (await http.post("/mcp", json=echo, headers={"origin": "http://evil.example"})).status_code == 403
+        assert (await http.post("/mcp", json=echo, headers={"accept": "text/event-stream"})).status_code == 406
+        unknown = await http.post("/mcp", json=rpc(3, "tools/call", {"name": "nope", "arguments": {}}))
+        assert unknown.json()["error"]["code"] == types.INVALID_PARAMS and "nope" in unknown.json()["error"]["message"]
+
+
 async def test_a_session_serves_only_the_token_that_opened_it(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("token-of-ada\ntoken-of-bob\n")
