@@ -2939,7 +2939,6 @@ async def test_an_http_backend_that_forgot_our_session_is_reconnected_and_the_ca
 
 
 async def test_an_http_backends_streamed_answers_leave_its_connection_open_for_the_next_call() -> None:
-    import uvicorn
 
     fake = FakeBackend("web")
     app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")  # answers with SSE streams
@@ -2950,18 +2949,12 @@ async def test_an_http_backends_streamed_answers_leave_its_connection_open_for_t
             connections.add(scope["client"][1])  # one client port per TCP connection
         await app(scope, receive, send)
 
-    port = free_port()
-    web = uvicorn.Server(uvicorn.Config(seen, host="127.0.0.1", port=port, log_level="warning"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
-        router = mr.Router(config_for("web", url=f"http://127.0.0.1:{port}/mcp"))
+    async with uvicorn_serving(seen) as base:
+        router = mr.Router(config_for("web", url=f"{base}/mcp"))
         with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
             async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
                 for i in range(10):
                     assert text_of(await call(client, "web__echo", {"text": str(i)})) == f"web:echo:{i}"
-        web.should_exit = True
     assert fake.calls.count("echo") == 10 and len(connections) < 4
 
 
@@ -2987,7 +2980,6 @@ ODD_ANSWERS: Final = {
 async def test_a_2026_http_backends_answers_are_read_as_the_sdk_reads_them_and_a_timeout_cancels_the_call() -> None:
     """Each way a streamable HTTP backend may answer a call in the 2026 era: a real SDK server, whose answers to
     `echo` with an ODD_ANSWERS text are replaced by that answer."""
-    import uvicorn
 
     fake = FakeBackend("web")
     app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
@@ -3010,13 +3002,9 @@ async def test_a_2026_http_backends_answers_are_read_as_the_sdk_reads_them_and_a
             return await send({"type": "http.response.body", "body": answer})
         await app(scope, mr._replaying(body, receive), send)
 
-    listening = mr.bind("127.0.0.1", 0)
-    port = listening.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(odd, log_level="warning"))
-    router = mr.Router(config_for("web", url=f"http://127.0.0.1:{port}/mcp", transport="http", timeout=0.5))
-    with listening, anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: web.serve(sockets=[listening]))
+    async with uvicorn_serving(odd) as base:
+        router = mr.Router(config_for("web", url=f"{base}/mcp", transport="http", timeout=0.5))
+        with anyio.fail_after(20):
             async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
                 await router.wait_ready()
                 assert router.backends["web"].status()["era"] == "2026"
@@ -3031,7 +3019,6 @@ async def test_a_2026_http_backends_answers_are_read_as_the_sdk_reads_them_and_a
                     await call(client, "web__hang")
                 await fake.cancelled.wait()  # the router gave up on it: its stream closed
                 assert text_of(await call(client, "web__echo", {"text": "after"})) == "web:echo:after"
-            web.should_exit = True
     assert info.value.code == types.REQUEST_TIMEOUT
     invalid = "backend 'web' sent an invalid answer"
     assert failures == {
@@ -3087,121 +3074,48 @@ async def test_http_backends_are_reached_through_the_proxy_the_environment_names
 
 
 async def test_http_answers_are_plain_json_unless_the_call_streams() -> None:
-    import uvicorn
+    async with served(FakeBackend("svc")) as (http, _, _):
+        session = await open_session(http)
+        echo = {"name": "svc__echo", "arguments": {"text": "hi"}}
+        plain = await http.post("/mcp", json=rpc(2, "tools/call", echo), headers=session)
+        assert plain.headers["content-type"] == "application/json"
+        assert plain.json()["id"] == 2 and plain.json()["result"]["content"][0]["text"] == "svc:echo:hi"
+        unknown = await http.post("/mcp", json=rpc(3, "tools/call", {"name": "nope", "arguments": {}}), headers=session)
+        assert unknown.headers["content-type"] == "application/json" and unknown.json()["id"] == 3
 
-    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
-    port = free_port()
-    web = uvicorn.Server(
-        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    accept = {"accept": "application/json, text/event-stream"}
-
-    def rpc(request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-
-    async with router.running(), anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=accept) as http:
-                hello = {
-                    "protocolVersion": "2025-11-25",
-                    "capabilities": {},
-                    "clientInfo": {"name": "raw", "version": "1"},
-                }
-                opened = await http.post("/mcp", json=rpc(1, "initialize", hello))
-                session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
-                await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
-
-                plain = await http.post(
-                    "/mcp",
-                    json=rpc(2, "tools/call", {"name": "svc__echo", "arguments": {"text": "hi"}}),
-                    headers=session,
-                )
-                assert plain.headers["content-type"] == "application/json"
-                assert plain.json()["id"] == 2 and plain.json()["result"]["content"][0]["text"] == "svc:echo:hi"
-                unknown = await http.post(
-                    "/mcp", json=rpc(3, "tools/call", {"name": "nope", "arguments": {}}), headers=session
-                )
-                assert unknown.headers["content-type"] == "application/json" and unknown.json()["id"] == 3
-
-                progress = {"name": "svc__progress", "arguments": {}, "_meta": {"progressToken": "t"}}
-                streamed = await http.post("/mcp", json=rpc(4, "tools/call", progress), headers=session)
-                assert streamed.headers["content-type"].startswith("text/event-stream")
-                events = [
-                    json.loads(line[len("data: ") :])
-                    for line in streamed.text.splitlines()
-                    if line.startswith("data: ")
-                ]
-                assert [e.get("method") for e in events] == ["notifications/progress"] * 3 + [None] and events[-1][
-                    "id"
-                ] == 4
-        web.should_exit = True
+        progress = {"name": "svc__progress", "arguments": {}, "_meta": {"progressToken": "t"}}
+        streamed = await http.post("/mcp", json=rpc(4, "tools/call", progress), headers=session)
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert [e.get("method") for e in events] == ["notifications/progress"] * 3 + [None] and events[-1]["id"] == 4
 
 
 async def test_http_requests_whose_id_is_no_id_are_refused_not_taken_for_notifications() -> None:
-    import uvicorn
-
-    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
-    port = free_port()
-    web = uvicorn.Server(
-        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-    initialize = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
-    async with router.running(), anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
-                opened = await http.post(
-                    "/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": initialize}
-                )
-                http.headers["mcp-session-id"] = opened.headers["mcp-session-id"]
-                http.headers["mcp-protocol-version"] = "2025-06-18"
-                assert (
-                    await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
-                ).status_code == 202
-                refusals = []
-                for bad_id in (None, 1.5, True, {"a": 1}):
-                    response = await http.post("/mcp", json={"jsonrpc": "2.0", "id": bad_id, "method": "ping"})
-                    refusals.append((response.status_code, response.json()))
-                assert (await http.post("/mcp", json={"jsonrpc": "2.0", "id": 2, "method": "ping"})).status_code == 200
-        web.should_exit = True
+    async with served(FakeBackend("svc")) as (http, _, _):
+        session = await open_session(http)
+        refusals = []
+        for bad_id in (None, 1.5, True, {"a": 1}):
+            response = await http.post("/mcp", json={"jsonrpc": "2.0", "id": bad_id, "method": "ping"}, headers=session)
+            refusals.append((response.status_code, response.json()))
+        assert (await http.post("/mcp", json=rpc(2, "ping"), headers=session)).status_code == 200
     error = {"code": types.INVALID_REQUEST, "message": "Invalid request: the id must be a string or an integer"}
     assert refusals == [(400, {"jsonrpc": "2.0", "id": None, "error": error})] * 4
 
 
 async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_text() -> None:
-    import uvicorn
-
-    router = mr.Router(config_for("svc"), connectors={"svc": InProcess(FakeBackend("svc"))})
-    port = free_port()
-    web = uvicorn.Server(
-        uvicorn.Config(mr.http_app(router, mr.build_server(router)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-    async with router.running(), anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
-        with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
-            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
-                answers = []
-                for body in (
-                    b"not json",
-                    b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}',
-                    nested_request(6, 975),
-                ):
-                    response = await http.post("/mcp", content=body)
-                    assert response.status_code == 400 and "pydantic" not in response.text
-                    assert int(response.headers["content-length"]) == len(response.content)
-                    answers.append(
-                        (response.json()["id"], response.json()["error"]["code"], response.json()["error"]["message"])
-                    )
-        web.should_exit = True
+    async with served(FakeBackend("svc")) as (http, _, _):
+        answers = []
+        for body in (
+            b"not json",
+            b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}',
+            nested_request(6, 975),
+        ):
+            response = await http.post("/mcp", content=body)
+            assert response.status_code == 400 and "pydantic" not in response.text
+            assert int(response.headers["content-length"]) == len(response.content)
+            answers.append(
+                (response.json()["id"], response.json()["error"]["code"], response.json()["error"]["message"])
+            )
     assert answers == [
         (None, types.PARSE_ERROR, "Parse error: not JSON"),
         (5, types.INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message"),
@@ -3358,7 +3272,6 @@ async def test_a_2026_call_over_http_is_checked_against_its_tool_without_listing
 async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> None:
     """By default a backend serving 2026-07-28 over HTTP gets that era's envelope and mirrored headers, with its own
     un-prefixed tool name; a 1.x-style backend (no server/discover) keeps the handshake; list_backends shows both."""
-    import uvicorn
 
     seen: list[dict[str, str]] = []
     modern = FakeBackend("new").server()
@@ -3370,22 +3283,16 @@ async def test_each_backend_is_spoken_to_in_its_newest_era_in_one_router() -> No
         await app(scope, receive, send)
 
     old = HandshakeOnly(FakeBackend("old"))
-    port = free_port()
-    web = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    raw = {"backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp"}, {"name": "old", "command": "unused"}]}
-    router = mr.Router(mr.parse_config(raw, {}), connectors={"old": old})
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
+    async with uvicorn_serving(recording) as base:
+        raw = {"backends": [{"name": "new", "url": f"{base}/mcp"}, {"name": "old", "command": "unused"}]}
+        router = mr.Router(mr.parse_config(raw, {}), connectors={"old": old})
         with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
             async with router.running():
                 await router.wait_ready()
                 async with Client(mr.build_server(router), mode="legacy", cache=None) as client:
                     assert text_of(await client.call_tool("new__echo", {"text": "a"})) == "new:echo:a"
                     assert text_of(await client.call_tool("old__echo", {"text": "b"})) == "old:echo:b"
                     rows = (await client.call_tool("list_backends")).structured_content or {}
-        web.should_exit = True
     eras = {row["name"]: (row["era"], row["protocol_version"]) for row in rows["backends"]}
     assert eras == {"new": ("2026", "2026-07-28"), "old": ("handshake", "2025-11-25")}
     call = next(h for h in seen if h.get("mcp-method") == "tools/call")
@@ -3425,7 +3332,6 @@ async def test_an_http_backend_failing_its_era_probe_is_asked_again_not_taken_fo
 ) -> None:
     """A 5xx or an auth failure to `server/discover` says nothing of the backend's era: that connection attempt
     fails, and the next one probes again, so a 2026-era backend that was briefly down is still spoken to in 2026."""
-    import uvicorn
 
     app = FakeBackend("new").server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
     refused: list[int] = []
@@ -3449,23 +3355,15 @@ async def test_an_http_backend_failing_its_era_probe_is_asked_again_not_taken_fo
 
         await app(scope, replay, send)
 
-    port = free_port()
-    web = uvicorn.Server(
-        uvicorn.Config(first_probe_fails, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    raw = {"backends": [{"name": "new", "url": f"http://127.0.0.1:{port}/mcp", "transport": "http", **QUIET}]}
-    router = mr.Router(mr.parse_config({**raw, **no_refresh()}, {}), clock=FakeClock(autojump=True).clock())
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(web.serve)
+    async with uvicorn_serving(first_probe_fails) as base:
+        raw = {"backends": [{"name": "new", "url": f"{base}/mcp", "transport": "http", **QUIET}]}
+        router = mr.Router(mr.parse_config({**raw, **no_refresh()}, {}), clock=FakeClock(autojump=True).clock())
         with anyio.fail_after(20):
-            while not web.started:
-                await anyio.sleep(0.01)
             async with router.running():
                 backend = router.backends["new"]
                 while backend.state != "ready":
                     await router.changed.wait()
                 status_now = backend.status()
-        web.should_exit = True
     assert refused == [status]
     assert (status_now["era"], status_now["protocol_version"]) == ("2026", "2026-07-28")
 
@@ -4782,28 +4680,15 @@ def rpc(request_id: int, method: str, params: dict[str, Any] | None = None) -> d
 async def served(
     *fakes: FakeBackend, server: dict[str, Any] | None = None, **backend_keys: Any
 ) -> AsyncIterator[tuple[httpx2.AsyncClient, mr.Router, dict[str, InProcess]]]:
-    """The router's HTTP app over in-process fakes, served by uvicorn on 127.0.0.1, and an HTTP client for it.
-
-    The socket listens before uvicorn starts, so requests wait in its backlog: nothing to poll for.
-    """
-    import uvicorn
-
+    """The router's HTTP app over in-process fakes, served by uvicorn on 127.0.0.1, and an HTTP client for it."""
     connectors = {f.name: InProcess(f) for f in fakes}
     router = mr.Router(
         config_for(*connectors, settings={"server": server or {}}, **backend_keys), connectors=connectors
     )
-    listening = mr.bind("127.0.0.1", 0)
-    port = listening.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(mr.http_app(router, mr.build_server(router)), log_level="warning"))
-    with listening:
-        async with router.running(), anyio.create_task_group() as tg:
-            tg.start_soon(lambda: web.serve(sockets=[listening]))
-            await router.wait_ready()
-            try:
-                async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=MCP_ACCEPT) as http:
-                    yield http, router, connectors
-            finally:
-                web.should_exit = True
+    async with router.running(), uvicorn_serving(mr.http_app(router, mr.build_server(router))) as base:
+        await router.wait_ready()
+        async with httpx2.AsyncClient(base_url=base, headers=MCP_ACCEPT) as http:
+            yield http, router, connectors
 
 
 async def open_session(http: httpx2.AsyncClient, **headers: str) -> dict[str, str]:
@@ -5237,11 +5122,26 @@ class Received:
 
 
 @asynccontextmanager
+async def uvicorn_serving(app: Any) -> AsyncIterator[str]:
+    """`app` served by uvicorn on 127.0.0.1 in this process; yields its base URL. The socket listens before uvicorn
+    starts, so requests wait in its backlog: nothing to poll for."""
+    import uvicorn
+
+    listening = mr.bind("127.0.0.1", 0)
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    with listening:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: web.serve(sockets=[listening]))
+            try:
+                yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+            finally:
+                web.should_exit = True
+
+
+@asynccontextmanager
 async def http_backend(fake: FakeBackend) -> AsyncIterator[tuple[str, list[Received]]]:
     """`fake` as a real streamable HTTP server on 127.0.0.1 in this process; yields its URL, and every request it
     receives (headers and body) as they arrive."""
-    import uvicorn
-
     app = fake.server().streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
     received: list[Received] = []
 
@@ -5258,15 +5158,8 @@ async def http_backend(fake: FakeBackend) -> AsyncIterator[tuple[str, list[Recei
 
         await app(scope, reading, send)
 
-    listening = mr.bind("127.0.0.1", 0)
-    web = uvicorn.Server(uvicorn.Config(recording, log_level="warning"))
-    with listening:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: web.serve(sockets=[listening]))
-            try:
-                yield f"http://127.0.0.1:{listening.getsockname()[1]}/mcp", received
-            finally:
-                web.should_exit = True
+    async with uvicorn_serving(recording) as base:
+        yield f"{base}/mcp", received
 
 
 async def test_sigterm_drains_a_streamed_call_and_delivers_its_result(tmp_path: Path) -> None:
