@@ -141,6 +141,7 @@ class FakeBackend:
     calls: list[str] = field(default_factory=list)
     subscribed: list[str] = field(default_factory=list)
     roots_changes: int = 0
+    roots_changed: anyio.Event = field(default_factory=anyio.Event)
     forget_session: bool = False
     tool_lists: int = 0
     crashes: int = 0
@@ -326,6 +327,7 @@ class FakeBackend:
 
         async def roots_changed(ctx: Any, params: Any) -> None:
             self.roots_changes += 1
+            self.roots_changed.set()
 
         async def no_ping(ctx: Any, params: Any) -> types.EmptyResult:
             self.pings += 1
@@ -1532,11 +1534,14 @@ async def test_a_backends_new_tool_reaches_a_connected_client() -> None:
 async def test_resource_updates_reach_only_subscribed_clients() -> None:
     fake = rich_backend("res")
     updates: dict[str, list[str]] = {"a": [], "b": []}
+    a_updated = anyio.Event()
 
     def handler(who: str) -> Any:
         async def on_message(message: Any) -> None:
             if isinstance(message, types.ResourceUpdatedNotification):
                 updates[who].append(str(message.params.uri))
+                if who == "a":
+                    a_updated.set()
 
         return on_message
 
@@ -1552,8 +1557,7 @@ async def test_resource_updates_reach_only_subscribed_clients() -> None:
             assert fake.subscribed == ["file:///a.txt"]
             await call(b, "res__touch", {"text": "file:///a.txt"})
             with anyio.fail_after(1):
-                while not updates["a"]:
-                    await anyio.sleep(0.01)
+                await a_updated.wait()
             await a.unsubscribe_resource("file:///a.txt")
             assert fake.subscribed == []
     assert updates == {"a": ["file:///a.txt"], "b": []}
@@ -1719,8 +1723,7 @@ async def test_roots_changes_of_a_client_reach_the_backends() -> None:
     ):
         await client.send_roots_list_changed()
         with anyio.fail_after(1):
-            while not fake.roots_changes:
-                await anyio.sleep(0.01)
+            await fake.roots_changed.wait()
 
 
 def native_asking_server(name: str) -> Server[Any]:
@@ -3053,9 +3056,11 @@ async def test_http_backends_are_reached_through_the_proxy_the_environment_names
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     requests: list[bytes] = []
+    reached = anyio.Event()
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         requests.append(await reader.readline())
+        reached.set()
         writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         writer.close()
 
@@ -3068,8 +3073,7 @@ async def test_http_backends_are_reached_through_the_proxy_the_environment_names
         router = mr.Router(config_for("remote", url="http://mcp.example.invalid/mcp", transport="http"))
         async with router.running():
             with anyio.fail_after(10):
-                while not requests:
-                    await anyio.sleep(0.01)
+                await reached.wait()
     assert requests[0].startswith(b"POST http://mcp.example.invalid/mcp HTTP/1.1")
 
 
@@ -3544,11 +3548,11 @@ async def test_a_2026_backend_is_health_checked_with_server_discover_and_no_list
 
 async def test_backends_are_added_restarted_and_removed_while_serving() -> None:
     first, second = FakeBackend("first"), FakeBackend("second")
-    changes: list[Any] = []
+    changed = anyio.Event()
 
     async def on_message(message: Any) -> None:
         if isinstance(message, types.ToolListChangedNotification):
-            changes.append(message)
+            changed.set()
 
     async with (
         routed(first) as (_, router, connectors),
@@ -3560,8 +3564,7 @@ async def test_backends_are_added_restarted_and_removed_while_serving() -> None:
             mr.parse_config({"backends": [{"name": "second", "command": "x"}]}, {}).backends[0], connector
         )
         with anyio.fail_after(2):
-            while not changes:
-                await anyio.sleep(0.01)
+            await changed.wait()
         assert text_of(await call(client, "second__echo", {"text": "hi"})) == "second:echo:hi"
 
         router.restart_backend("first")
@@ -4625,17 +4628,18 @@ def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
 async def test_http_connections_are_served_without_nagle_delays() -> None:
     """With Nagle on, an answer written in two parts waits for the client's delayed ACK: 40 ms a call."""
     accepted: list[asyncio.BaseTransport] = []
+    connected = anyio.Event()
 
     class Remember(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             accepted.append(transport)
+            connected.set()
 
     listening = mr.bind("127.0.0.1", 0)
     async with await asyncio.get_running_loop().create_server(Remember, sock=listening):  # as uvicorn serves it
         with socket.create_connection(listening.getsockname()):
             with anyio.fail_after(5):
-                while not accepted:
-                    await anyio.sleep(0.01)
+                await connected.wait()
             assert accepted[0].get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
