@@ -52,6 +52,9 @@ The path of one tools/call (handshake era, stdio):
     STRATEGIES[plan.strategy] -> Decision -> Backend.request -> the backend's pipe; the answer comes
     back through _WatchedDispatcher, is checked and stamped with the serving backend, and is written
     by LineWriter. A failure goes to the next candidate only where may_send_elsewhere() allows.
+    Over HTTP: uvicorn -> SessionLimits -> DirectCalls (the call on an open session, or stateless)
+    -> _RouterMiddleware -> ... -> Backend.request -> DirectPosts (a 2026-era HTTP backend) or the
+    SDK's client session; everything DirectCalls passes over takes the SDK's StreamableHTTP path.
 
 Where the router bypasses the SDK for speed (each guarded by the test named):
     LineReader/LineWriter read and write pipes on the event loop, no thread or memory-stream hop (a
@@ -65,6 +68,11 @@ Where the router bypasses the SDK for speed (each guarded by the test named):
     _DrainedOnClose: an answered SSE stream from a backend is read to its end, so its connection is
         reused (test_an_http_backends_streamed_answers_leave_its_connection_open_for_the_next_call)
     bind(): a TCP socket, so asyncio turns Nagle off (test_http_connections_are_served_without_nagle_delays)
+    DirectCalls: a handshake-era tools/call over HTTP answered past the SDK's per-request streams
+        (test_bad_host_and_origin_are_refused_whatever_the_bind_address, test_a_session_serves_only_
+        the_token_that_opened_it, test_closing_a_calls_http_stream_cancels_the_call_at_the_backend)
+    DirectPosts: a 2026-era HTTP backend's request as one POST past the SDK's client transport
+        (test_a_2026_http_backends_answers_are_read_as_the_sdk_reads_them_and_a_timeout_cancels_the_call)
 
 SPDX-License-Identifier: MIT
 """
@@ -3228,6 +3236,10 @@ class DirectPosts:
                     answer = await self._answer(response)
             except (httpx2.ConnectError, httpx2.ConnectTimeout) as err:
                 raise NotSent(f"cannot reach the backend: {describe_error(err)}") from None
+            except httpx2.SSEError:
+                raise MCPError(INTERNAL_ERROR, f"the backend's answer is over {MAX_ANSWER_BYTES} bytes") from None
+            except (httpx2.ReadError, httpx2.WriteError, httpx2.RemoteProtocolError) as err:
+                raise PostBroken(describe_error(err)) from None
         if waited.cancelled_caught:
             raise MCPError(REQUEST_TIMEOUT, f"Request {method!r} timed out")
         return _result_of(answer, request_id, self.backend)
@@ -3245,27 +3257,32 @@ class DirectPosts:
             raise MCPError(INVALID_REQUEST, f"the backend answered HTTP {status} {response.reason_phrase}".strip())
         if not content_type.startswith("text/event-stream"):
             raise MCPError(INVALID_REQUEST, f"the backend answered with content type {content_type!r}")
-        data: list[str] = []
-        size = 0
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-                size += len(line)
-                if size > MAX_ANSWER_BYTES:
-                    raise MCPError(INTERNAL_ERROR, f"the backend's answer is over {MAX_ANSWER_BYTES} bytes")
-            elif not line and data:  # an event's end: is it the answer, or a notification?
-                event = _parsed("\n".join(data).encode())
-                data, size = [], 0
-                if not (isinstance(event, dict) and "method" in event):
-                    return event
-        raise httpx2.ReadError("the backend ended the answer's stream before answering")
+        async for event in httpx2.EventSource(response, max_event_size=MAX_ANSWER_BYTES):
+            if event.event == "message" and event.data:  # not a ping, nor a resumption point's empty event
+                message = _parsed(event.data.encode())
+                if not (isinstance(message, dict) and "method" in message):  # the answer, not a notification
+                    return message
+        raise PostBroken("the backend ended the answer's stream before answering")
+
+
+class PostBroken(MCPError):
+    """A backend's POST whose connection broke before its answer was in: reads as the SDK reads a lost connection
+    (so the breaker is fed once, for the connection, not for each call it cut)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(CONNECTION_CLOSED, "Connection closed")
+        self.detail = detail
 
 
 def _result_of(answer: Any, request_id: int, backend: str) -> dict[str, Any]:
     """The result of a would-be answer to request `request_id`; MCPError with its error, or for an invalid one."""
     if isinstance(answer, dict) and "method" not in answer:
         answered = answer.get("id")
-        ours = type(answered) is int and answered == request_id
+        ours = (
+            isinstance(answered, int | str)
+            and not isinstance(answered, bool)
+            and coerce_request_id(answered) == request_id  # "7" answers 7, as the SDK reads it
+        )
         if ours and isinstance(result := answer.get("result"), dict):
             return result
         error = answer.get("error")
@@ -4168,6 +4185,8 @@ class Backend:
                 REQUEST_TIMEOUT, f"Request timed out: the backend is not reading (after {timeout:g}s)"
             ) from None
         except MCPError as err:
+            if isinstance(err, PostBroken) and posts is not None and self._posts is posts:  # not cut by a restart
+                self.restart(f"its HTTP connection broke ({err.detail}); reconnecting")
             if (
                 self.config.transport != "stdio"
                 and err.code in (INVALID_REQUEST, REQUEST_TIMEOUT)
@@ -6712,7 +6731,7 @@ class DirectCalls:
         from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
         from mcp.server.connection import Connection
         from mcp.server.context import ServerRequestContext
-        from mcp.server.streamable_http import check_accept_headers
+        from mcp.server.streamable_http import GET_STREAM_KEY, check_accept_headers
         from mcp.server.transport_security import TransportSecurityMiddleware
         from starlette.requests import Request
 
@@ -6721,8 +6740,10 @@ class DirectCalls:
         self.guard = TransportSecurityMiddleware(security)
         self._user_type, self._principal, self._accepts = AuthenticatedUser, authorization_context, check_accept_headers
         self._request, self._context, self._connection = Request, ServerRequestContext, Connection.from_envelope
-        self.running: dict[tuple[str, Any], anyio.CancelScope] = {}
-        """The calls answered here on a session, by session id and request id, for notifications/cancelled."""
+        self._get_stream = GET_STREAM_KEY
+        self.running: dict[str, dict[Any, anyio.CancelScope]] = {}
+        """The calls answered here on a session, by session id and request id: for notifications/cancelled, and
+        to end them with their session."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -6731,44 +6752,48 @@ class DirectCalls:
         session, era = headers.get(b"mcp-session-id"), headers.get(b"mcp-protocol-version")
         transport = self.manager._server_instances.get(session.decode("latin-1")) if session is not None else None
         request = self._request(scope)
-        if (transport is None and not (session is None and self.manager.stateless)) or not self._admits(
-            request, era, transport
-        ):
-            return await self.app(scope, receive, send)  # an opening request, or the SDK says how it is refused
-        try:
-            body = await _whole_body(receive, self.router.settings.max_body_bytes)
-        except _BodyTooLarge:
-            return await _too_large(self.router.settings)(scope, receive, send)
-        if body is None:  # the client went away
-            return
-        message = self._direct_message(body)
-        key = transport.mcp_session_id if transport is not None else None
-        if message is not None and message["method"] == "notifications/cancelled":
-            call = self.running.get((key, message["params"].get("requestId"))) if key is not None else None
-            if call is not None:
-                call.cancel()
-                return await _plain_answer(202, b"", session)(send)
-            message = None  # not one of ours: the SDK's
-        connection = self.router.clients.of_session(key) if key is not None else None
         if (
-            message is None
-            or (key is not None and (connection is None or (key, message["id"]) in self.running))
-            or _may_ask_during_a_call(connection)
+            (transport is None and not (session is None and self.manager.stateless))  # an opening request, or
+            or not self._admits(request, era, transport)  # one the SDK refuses, saying why
             or await self.guard.validate_request(request, is_post=True) is not None
         ):
-            return await self.app(scope, _replaying(body, receive), send)
-        if connection is None:  # stateless: as the SDK's, born ready with no channel back and nothing declared
-            connection = self._connection(era.decode("latin-1") if era else DEFAULT_NEGOTIATED_VERSION, None, None)
-        ctx = self._context(
-            session=cast(Any, _DirectSession(connection, self.router.settings.request_timeout)),
-            lifespan_context=None,
-            protocol_version=connection.protocol_version,
-            method="tools/call",
-            params=message["params"],
-            request_id=message["id"],
-            request=request,
-        )
-        await _plain_answer(200, await self._answer(ctx, transport), session)(send)
+            return await self.app(scope, receive, send)
+        with _holding_session(transport):  # from its body's first byte, as the SDK holds a session for a request
+            try:
+                body = await _whole_body(receive, self.router.settings.max_body_bytes)
+            except _BodyTooLarge:
+                return await _too_large(self.router.settings)(scope, receive, send)
+            if body is None:  # the client went away
+                return
+            message = self._direct_message(body)
+            key = transport.mcp_session_id if transport is not None else None
+            calls = self.running.get(key, {}) if key is not None else {}
+            if message is not None and message["method"] == "notifications/cancelled":
+                call = calls.get(message["params"]["requestId"])
+                if call is not None:
+                    call.cancel()
+                    return await _plain_answer(202, b"", session)(send)
+                message = None  # not one of ours: the SDK's
+            connection = self.router.clients.of_session(key) if key is not None else None
+            if (
+                message is None
+                or (transport is not None and (connection is None or message["id"] in calls or transport.is_terminated))
+                or self._may_ask_during_a_call(connection, transport)
+            ):
+                return await self.app(scope, _replaying(body, receive), send)
+            if connection is None:  # stateless: as the SDK's, born ready with no channel back and nothing declared
+                connection = self._connection(era.decode("latin-1") if era else DEFAULT_NEGOTIATED_VERSION, None, None)
+            ctx = self._context(
+                session=cast(Any, _DirectSession(connection, self.router.settings.request_timeout)),
+                lifespan_context=None,
+                protocol_version=connection.protocol_version,
+                method="tools/call",
+                params=message["params"],
+                request_id=message["id"],
+                request=request,
+            )
+            answer = await self._answer(ctx, key, connection)
+        await _plain_answer(200, answer, session)(send)
 
     def _admits(self, request: Any, era: bytes | None, transport: Any) -> bool:
         """Whether the request may be answered here as far as its headers and its session tell."""
@@ -6799,7 +6824,8 @@ class DirectCalls:
             return None
         method, request_id = message.get("method"), message.get("id")
         if method == "notifications/cancelled" and "id" not in message:
-            return message
+            cancelled = params.get("requestId")
+            return message if type(cancelled) in (int, str) else None
         if method != "tools/call" or type(request_id) not in (int, str):
             return None
         meta = params.get("_meta")
@@ -6809,31 +6835,43 @@ class DirectCalls:
             return None
         return message
 
-    async def _answer(self, ctx: Any, transport: Any) -> bytes:
-        """The JSON-RPC answer to the call: its result, its error, or (cancelled by its client) REQUEST_CANCELLED."""
+    async def _answer(self, ctx: Any, session: str | None, connection: Any) -> bytes:
+        """The JSON-RPC answer to the call: its result, its error, or (cancelled by its client, or its session
+        ended) REQUEST_CANCELLED."""
         request_id = ctx.request_id
-        key = (transport.mcp_session_id, request_id) if transport is not None else None
+        calls: dict[Any, anyio.CancelScope] = {}  # stateless: no notification can reach the call
+        if session is not None:
+            if session not in self.running:
+                connection.exit_stack.callback(self._session_ended, session)
+            calls = self.running.setdefault(session, calls)
         answer: dict[str, Any]
-        with _holding_session(transport), anyio.CancelScope() as call:
-            if key is not None:
-                self.running[key] = call
+        with anyio.CancelScope() as call:
+            calls[request_id] = call
             try:
                 answer = {"jsonrpc": "2.0", "id": request_id, "result": await self.serve(ctx, _no_sdk_path)}
             except MCPError as err:
                 answer = {"jsonrpc": "2.0", "id": request_id, "error": _wire(err.error)}
             finally:
-                if key is not None:
-                    del self.running[key]
+                del calls[request_id]
         if call.cancelled_caught:
             answer = _error_answer(request_id, REQUEST_CANCELLED, "Request cancelled")
         return _to_json(answer)
 
+    def _session_ended(self, session: str) -> None:
+        """A session ended (DELETE, idle expiry): its calls end too, as the SDK ends a session's requests."""
+        for call in self.running.pop(session, {}).values():
+            call.cancel()
 
-def _may_ask_during_a_call(connection: Any) -> bool:
-    """Whether a backend may ask the client of `connection` something during a call that the call's own stream
-    must carry (sampling, elicitation). A stateless request's client (None) can be asked nothing."""
-    capabilities = connection.client_capabilities if connection is not None else None
-    return capabilities is not None and (capabilities.sampling is not None or capabilities.elicitation is not None)
+    def _may_ask_during_a_call(self, connection: Any, transport: Any) -> bool:
+        """Whether a backend may ask the client something during a call that only the call's own stream can carry:
+        sampling or elicitation, or roots while the client has no GET stream open (the one way to reach it
+        outside a call). A stateless request's client (no connection) can be asked nothing."""
+        capabilities = connection.client_capabilities if connection is not None else None
+        if capabilities is None:
+            return False
+        if capabilities.sampling is not None or capabilities.elicitation is not None:
+            return True
+        return capabilities.roots is not None and self._get_stream not in transport._request_streams
 
 
 async def _no_sdk_path(ctx: Any) -> Any:

@@ -2974,8 +2974,10 @@ ODD_ANSWERS: Final = {
     "streamed": (
         200,
         "text/event-stream",
+        b"id: 1\r\ndata:\r\n\r\n"  # a resumption point's empty event
+        b"event: ping\r\ndata: {}\r\n\r\n"  # an event of another kind
         b'event: message\r\ndata: {"jsonrpc": "2.0", "method": "notifications/message", "params": {}}\r\n\r\n'
-        b'event: message\r\ndata: {"jsonrpc": "2.0", "id": %(id)s,\r\ndata: "result": {"content": []}}\r\n\r\n',
+        b'event: message\r\ndata: {"jsonrpc": "2.0", "id": "%(id)s",\r\ndata: "result": {"content": []}}\r\n\r\n',
     ),
 }
 
@@ -3031,6 +3033,34 @@ async def test_a_2026_http_backends_answers_are_read_as_the_sdk_reads_them_and_a
         "stranger": (types.INTERNAL_ERROR, f"{invalid}: an answer to another request"),
         "garbage": (types.INTERNAL_ERROR, f"{invalid}: not a JSON object"),
     }
+
+
+async def test_restarting_a_2026_http_backend_fails_its_calls_in_flight_without_feeding_its_breaker() -> None:
+    """The restart cut them, not the backend: as over the SDK's transport, the lost connection is no failure of
+    each call's, so a healthy backend's breaker does not open when one restart cuts several calls."""
+    fake = FakeBackend("svc")
+    async with http_backend(fake) as (url, _):
+        router = mr.Router(config_for("svc", url=url, transport="http", health_check={"enabled": False}))
+        with anyio.fail_after(20):
+            async with router.running(), Client(mr.build_server(router), mode="legacy", cache=None) as client:
+                await router.wait_ready()
+                failures = []
+                async with anyio.create_task_group() as tg:
+
+                    async def hang() -> None:
+                        with pytest.raises(MCPError) as info:
+                            await client.call_tool("svc__hang", {})
+                        failures.append(info.value.message)
+
+                    for _ in range(6):  # one at a time, each running at the backend before the next
+                        fake.hang_started = anyio.Event()
+                        tg.start_soon(hang)
+                        await fake.hang_started.wait()
+                    router.restart_backend("svc")
+                assert text_of(await call(client, "svc__echo", {"text": "after"})) == "svc:echo:after"
+                breaker = router.backends["svc"].breaker
+    assert len(failures) == 6 and all("Connection closed" in f for f in failures), failures
+    assert (breaker.state, breaker.failures) == ("closed", 0)
 
 
 async def test_an_answered_sse_stream_that_breaks_while_drained_is_just_closed() -> None:
@@ -4846,6 +4876,50 @@ async def test_a_stateless_router_answers_a_call_with_no_session_and_checks_it_a
         assert (await http.post("/mcp", json=echo, headers={"accept": "text/event-stream"})).status_code == 406
         unknown = await http.post("/mcp", json=rpc(3, "tools/call", {"name": "nope", "arguments": {}}))
         assert unknown.json()["error"]["code"] == types.INVALID_PARAMS and "nope" in unknown.json()["error"]["message"]
+
+
+async def test_a_call_ends_with_its_session_and_only_a_checked_cancel_reaches_it() -> None:
+    fake = FakeBackend("svc")
+    async with served(fake) as (http, _, _):
+        session = await open_session(http)
+        answers: list[httpx2.Response] = []
+
+        async def hang() -> None:
+            answers.append(await http.post("/mcp", json=rpc(2, "tools/call", {"name": "svc__hang"}), headers=session))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hang)
+            await fake.hang_started.wait()
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 2}}
+            rebound = await http.post("/mcp", json=cancel, headers={**session, "host": "evil.example"})
+            assert rebound.status_code == 421  # refused as every request from a rebound name is
+            unhashable = {**cancel, "params": {"requestId": [2]}}
+            assert (await http.post("/mcp", json=unhashable, headers=session)).status_code < 500
+            assert not fake.cancelled.is_set()
+            assert (await http.delete("/mcp", headers=session)).status_code == 200
+            await fake.cancelled.wait()  # the session's end ends its call at the backend
+        assert answers[0].json()["error"]["code"] == mr.REQUEST_CANCELLED
+
+
+async def test_a_backends_roots_request_during_a_call_reaches_a_client_with_no_get_stream() -> None:
+    """Outside the call's own stream the client could be reached only on a GET stream, which this one never opens."""
+    fake = FakeBackend("svc")
+    hello = {**HELLO, "params": {**HELLO["params"], "capabilities": {"roots": {"listChanged": True}}}}
+    async with served(fake, era="handshake") as (http, _, _):
+        opened = await http.post("/mcp", json=hello)
+        session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+        await http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+        with anyio.fail_after(10):
+            call = rpc(5, "tools/call", {"name": "svc__roots", "arguments": {}})
+            async with http.stream("POST", "/mcp", json=call, headers=session) as streamed:
+                async for line in streamed.aiter_lines():
+                    message = json.loads(line[len("data:") :]) if line.startswith("data:") else {}
+                    if message.get("method") == "roots/list":
+                        roots = {"jsonrpc": "2.0", "id": message["id"], "result": {"roots": [{"uri": "file:///x"}]}}
+                        await http.post("/mcp", json=roots, headers=session)
+                    elif message.get("id") == 5:
+                        break
+    assert message["result"]["content"][0]["text"] == "roots:file:///x"
 
 
 async def test_a_session_serves_only_the_token_that_opened_it(tmp_path: Path) -> None:
