@@ -6814,8 +6814,8 @@ class DirectCalls:
     def _direct_message(body: bytes) -> dict[str, Any] | None:
         """The body, if it is a tools/call request this class may answer or a notifications/cancelled; else None."""
         try:
-            message = json.loads(body)
-        except (ValueError, RecursionError):
+            message = pydantic_core.from_json(body)  # as deep as the SDK's parser goes: it refuses a deeper one
+        except ValueError:
             return None
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
             return None

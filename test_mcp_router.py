@@ -3138,13 +3138,15 @@ async def test_http_requests_whose_id_is_no_id_are_refused_not_taken_for_notific
 
 async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_text() -> None:
     async with served(FakeBackend("svc")) as (http, _, _):
+        session = await open_session(http)
         answers = []
-        for body in (
-            b"not json",
-            b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}',
-            nested_request(6, 975),
+        for body, headers in (
+            (b"not json", {}),
+            (b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": [1]}', {}),
+            (nested_request(6, 975), {}),
+            (nested_request(7, 300), session),  # a call on an open session too
         ):
-            response = await http.post("/mcp", content=body)
+            response = await http.post("/mcp", content=body, headers=headers)
             assert response.status_code == 400 and "pydantic" not in response.text
             assert int(response.headers["content-length"]) == len(response.content)
             answers.append(
@@ -3154,6 +3156,7 @@ async def test_http_refusals_of_bad_bodies_say_what_stdio_says_without_pydantic_
         (None, types.PARSE_ERROR, "Parse error: not JSON"),
         (5, types.INVALID_REQUEST, "Invalid request: not a valid JSON-RPC message"),
         (6, types.INVALID_REQUEST, "Invalid request: nested more than 201 levels deep"),
+        (7, types.INVALID_REQUEST, "Invalid request: nested more than 201 levels deep"),
     ]
 
 
