@@ -366,7 +366,7 @@ class Settings:
     max_requests_per_session: int = 64
     session_idle_seconds: float = 600.0
     header_timeout_seconds: float = 10.0
-    keep_alive_seconds: float = 5.0
+    keep_alive_seconds: float = 15.0  # past the 5 s after which httpx clients (the SDK's) drop an idle connection
 
     @property
     def authenticated(self) -> bool:
@@ -461,7 +461,8 @@ SETTINGS: Final = (
     Setting("header_timeout_seconds", "server.limits.header_timeout_seconds", "MCP_HEADER_TIMEOUT_SECONDS", None, float,
             "seconds a new connection has to send its request headers"),
     Setting("keep_alive_seconds", "server.limits.keep_alive_seconds", "MCP_KEEP_ALIVE_SECONDS", None, float,
-            "seconds an idle keep-alive connection stays open"),
+            "seconds an idle keep-alive connection stays open (longer than clients keep one: a connection closed "
+            "just as a client reuses it fails that request)"),
 )
 # fmt: on
 
@@ -3322,6 +3323,12 @@ class HttpStreams(tuple[Any, Any]):
     posts: DirectPosts
 
 
+BACKEND_POOL: Final = httpx2.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=2.0)
+"""Connections to one HTTP backend: as many kept as may be open (httpx keeps 20, so 32 callers reconnect all the
+time), each dropped after 2 s idle, before the 5 s after which uvicorn and most servers close one: a connection
+the server closes just as a request reuses it fails that request."""
+
+
 def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | None = None) -> Connector:
     """The transport context manager that opens a connection to `config`'s backend (the first to a stdio
     backend takes the process `launched` at start-up, if any)."""
@@ -3342,7 +3349,11 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
         hooks = {"response": [_era_probe_verdicts(), _reuse_after_sse_answers, _name_error_statuses]}
         async with (
             httpx2.AsyncClient(
-                headers=dict(config.headers), timeout=timeout, verify=_tls_context(), event_hooks=hooks
+                headers=dict(config.headers),
+                timeout=timeout,
+                verify=_tls_context(),
+                event_hooks=hooks,
+                limits=BACKEND_POOL,
             ) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,
         ):
