@@ -3322,6 +3322,11 @@ class HttpStreams(tuple[Any, Any]):
 
     posts: DirectPosts
 
+    def __new__(cls, streams: Streams, posts: DirectPosts) -> HttpStreams:
+        connection = super().__new__(cls, streams)
+        connection.posts = posts
+        return connection
+
 
 BACKEND_POOL: Final = httpx2.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=2.0)
 """Connections to one HTTP backend: as many kept as may be open (httpx keeps 20, so 32 callers reconnect all the
@@ -3357,9 +3362,7 @@ def _connector_for(config: BackendConfig, launched: subprocess.Popen[bytes] | No
             ) as client,
             streamable_http_client(config.url or "", http_client=client) as streams,
         ):
-            with_posts = HttpStreams(streams)
-            with_posts.posts = DirectPosts(client, config.url or "", config.name)
-            yield with_posts
+            yield HttpStreams(streams, DirectPosts(client, config.url or "", config.name))
 
     return _http_or_sse(config, http) if config.fallback_to_sse else http
 
@@ -4496,6 +4499,12 @@ class ClientHub:
         return {"connected": len(self._outboxes), "dropped_log_messages": self.dropped, "queue_bound": self.bound}
 
 
+async def ask_outside_a_call(connection: Any, request: Any, result_type: type[Any], timeout: float) -> Any:
+    """A request to a client outside any of its requests (its GET stream carries it), the answer checked."""
+    params = request.params.model_dump(by_alias=True, mode="json", exclude_none=True) if request.params else None
+    return result_type.model_validate(await connection.send_raw_request(request.method, params, {"timeout": timeout}))
+
+
 served_by: contextvars.ContextVar[str | None] = contextvars.ContextVar("served_by", default=None)
 """The backend that the request being served went to last (Router.forward sets it): the metrics' backend label.
 Set in the request's own task, so the server middleware around it reads it once the request is answered."""
@@ -4805,10 +4814,7 @@ class Router:
         try:
             if ctx is None:
                 assert connection is not None
-                answer = await connection.send_raw_request(
-                    request.method, None, {"timeout": self.settings.request_timeout}
-                )
-                return result_type.model_validate(answer)
+                return await ask_outside_a_call(connection, request, result_type, self.settings.request_timeout)
             return await ctx.session.send_request(
                 request, result_type, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
             )
@@ -6933,9 +6939,7 @@ class _DirectSession:
         return self._connection.client_capabilities
 
     async def send_request(self, request: Any, result_type: type[Any], metadata: Any = None) -> Any:
-        params = request.params.model_dump(by_alias=True, mode="json", exclude_none=True) if request.params else None
-        answer = await self._connection.send_raw_request(request.method, params, {"timeout": self._timeout})
-        return result_type.model_validate(answer)
+        return await ask_outside_a_call(self._connection, request, result_type, self._timeout)
 
 
 class LongStreams:
